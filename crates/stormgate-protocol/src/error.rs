@@ -1,0 +1,236 @@
+//! Why a line or a connection was rejected.
+//!
+//! Every rejection has a stable, snake_case [`ErrorCode`]: it is what the station reads in its
+//! error line, what the per-code counter is named after, and what logs carry. New codes may be
+//! added; existing ones never change meaning.
+
+use std::fmt;
+
+/// The closed set of reasons Stormgate rejects a line or a connection.
+///
+/// The discriminant doubles as an index into per-code counters (see [`ErrorCode::ALL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ErrorCode {
+    /// The line is not valid UTF-8.
+    InvalidUtf8,
+    /// The line is not well-formed JSON.
+    MalformedJson,
+    /// The line is JSON but not an object.
+    ExpectedObject,
+    /// The object has no `type` field.
+    MissingType,
+    /// `type` is not a known message type.
+    UnknownType,
+    /// A required field is absent.
+    MissingField,
+    /// A field has the wrong JSON type (e.g. a number where a string belongs).
+    WrongFieldType,
+    /// An identify carried an empty zipcode.
+    EmptyZipcode,
+    /// A metrics line arrived before the connection identified itself.
+    MetricsBeforeIdentify,
+    /// A metric is not `name=number` (text form) or `"name": number` (object form).
+    InvalidMetric,
+    /// A metric value is NaN or infinite, or overflows to infinity.
+    NonFiniteValue,
+    /// The same metric name appears twice in one line.
+    DuplicateMetric,
+    /// A metrics line carries no metrics.
+    EmptyMetrics,
+    /// The line is longer than the configured maximum; it was skipped up to the next newline.
+    LineTooLong,
+    /// The server is at its connection limit; the connection is closed after this line.
+    TooManyConnections,
+}
+
+impl ErrorCode {
+    /// Every code, in discriminant order: `ALL[code as usize] == code`.
+    pub const ALL: [ErrorCode; 15] = [
+        ErrorCode::InvalidUtf8,
+        ErrorCode::MalformedJson,
+        ErrorCode::ExpectedObject,
+        ErrorCode::MissingType,
+        ErrorCode::UnknownType,
+        ErrorCode::MissingField,
+        ErrorCode::WrongFieldType,
+        ErrorCode::EmptyZipcode,
+        ErrorCode::MetricsBeforeIdentify,
+        ErrorCode::InvalidMetric,
+        ErrorCode::NonFiniteValue,
+        ErrorCode::DuplicateMetric,
+        ErrorCode::EmptyMetrics,
+        ErrorCode::LineTooLong,
+        ErrorCode::TooManyConnections,
+    ];
+
+    /// Number of codes; the size of a per-code counter array.
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// The stable snake_case name sent to stations and used in metrics and logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidUtf8 => "invalid_utf8",
+            ErrorCode::MalformedJson => "malformed_json",
+            ErrorCode::ExpectedObject => "expected_object",
+            ErrorCode::MissingType => "missing_type",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::MissingField => "missing_field",
+            ErrorCode::WrongFieldType => "wrong_field_type",
+            ErrorCode::EmptyZipcode => "empty_zipcode",
+            ErrorCode::MetricsBeforeIdentify => "metrics_before_identify",
+            ErrorCode::InvalidMetric => "invalid_metric",
+            ErrorCode::NonFiniteValue => "non_finite_value",
+            ErrorCode::DuplicateMetric => "duplicate_metric",
+            ErrorCode::EmptyMetrics => "empty_metrics",
+            ErrorCode::LineTooLong => "line_too_long",
+            ErrorCode::TooManyConnections => "too_many_connections",
+        }
+    }
+
+    /// A human explanation, written for the person debugging a station.
+    pub const fn message(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidUtf8 => "line is not valid UTF-8",
+            ErrorCode::MalformedJson => "line is not valid JSON",
+            ErrorCode::ExpectedObject => "line must be a JSON object",
+            ErrorCode::MissingType => "object has no \"type\" field",
+            ErrorCode::UnknownType => "\"type\" must be \"identify\" or \"metrics\"",
+            ErrorCode::MissingField => "identify needs \"zipcode\"; metrics needs \"data\"",
+            ErrorCode::WrongFieldType => {
+                "a field has the wrong type: type, zipcode and city are strings, seq is an unsigned integer, data is a string or an object"
+            }
+            ErrorCode::EmptyZipcode => "zipcode must not be empty",
+            ErrorCode::MetricsBeforeIdentify => "send identify before metrics",
+            ErrorCode::InvalidMetric => {
+                "each metric must be name=number (e.g. temperature=25.5) or \"name\": number"
+            }
+            ErrorCode::NonFiniteValue => "metric values must be finite numbers",
+            ErrorCode::DuplicateMetric => "a metric name appears twice in one line",
+            ErrorCode::EmptyMetrics => "data holds no metrics",
+            ErrorCode::LineTooLong => "line exceeds the maximum length and was skipped",
+            ErrorCode::TooManyConnections => "server is at its connection limit; try again later",
+        }
+    }
+
+    /// The complete error line sent to the station, newline included.
+    ///
+    /// Built at compile time per code, so answering bad input never allocates.
+    pub const fn error_line(self) -> &'static str {
+        macro_rules! line {
+            ($code:literal, $msg:literal) => {
+                concat!(
+                    "{\"type\":\"error\",\"code\":\"",
+                    $code,
+                    "\",\"message\":\"",
+                    $msg,
+                    "\"}\n"
+                )
+            };
+        }
+        match self {
+            ErrorCode::InvalidUtf8 => line!("invalid_utf8", "line is not valid UTF-8"),
+            ErrorCode::MalformedJson => line!("malformed_json", "line is not valid JSON"),
+            ErrorCode::ExpectedObject => line!("expected_object", "line must be a JSON object"),
+            ErrorCode::MissingType => line!("missing_type", "object has no \\\"type\\\" field"),
+            ErrorCode::UnknownType => line!(
+                "unknown_type",
+                "\\\"type\\\" must be \\\"identify\\\" or \\\"metrics\\\""
+            ),
+            ErrorCode::MissingField => line!(
+                "missing_field",
+                "identify needs \\\"zipcode\\\"; metrics needs \\\"data\\\""
+            ),
+            ErrorCode::WrongFieldType => line!(
+                "wrong_field_type",
+                "a field has the wrong type: type, zipcode and city are strings, seq is an unsigned integer, data is a string or an object"
+            ),
+            ErrorCode::EmptyZipcode => line!("empty_zipcode", "zipcode must not be empty"),
+            ErrorCode::MetricsBeforeIdentify => {
+                line!("metrics_before_identify", "send identify before metrics")
+            }
+            ErrorCode::InvalidMetric => line!(
+                "invalid_metric",
+                "each metric must be name=number (e.g. temperature=25.5) or \\\"name\\\": number"
+            ),
+            ErrorCode::NonFiniteValue => {
+                line!("non_finite_value", "metric values must be finite numbers")
+            }
+            ErrorCode::DuplicateMetric => {
+                line!(
+                    "duplicate_metric",
+                    "a metric name appears twice in one line"
+                )
+            }
+            ErrorCode::EmptyMetrics => line!("empty_metrics", "data holds no metrics"),
+            ErrorCode::LineTooLong => line!(
+                "line_too_long",
+                "line exceeds the maximum length and was skipped"
+            ),
+            ErrorCode::TooManyConnections => line!(
+                "too_many_connections",
+                "server is at its connection limit; try again later"
+            ),
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A line that could not be applied. Carries only its code: the hot path never formats or
+/// allocates an error (see [`ErrorCode::error_line`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {}", code.message())]
+pub struct ParseLineError {
+    /// Why the line was rejected.
+    pub code: ErrorCode,
+}
+
+impl From<ErrorCode> for ParseLineError {
+    fn from(code: ErrorCode) -> Self {
+        ParseLineError { code }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_discriminant_order() {
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(*code as usize, i, "{code}");
+        }
+    }
+
+    #[test]
+    fn error_lines_are_json_matching_code_and_message() {
+        for code in ErrorCode::ALL {
+            let line = code.error_line();
+            assert!(line.ends_with('\n'));
+            let v: serde_json::Value = serde_json::from_str(line).expect(line);
+            assert_eq!(v["type"], "error");
+            assert_eq!(v["code"], code.as_str());
+            assert_eq!(v["message"], code.message());
+            assert_eq!(v.as_object().unwrap().len(), 3);
+        }
+    }
+
+    #[test]
+    fn codes_are_snake_case_and_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            let s = code.as_str();
+            assert!(
+                s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{s}"
+            );
+            assert!(seen.insert(s), "duplicate {s}");
+        }
+    }
+}

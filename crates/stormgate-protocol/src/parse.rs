@@ -1,0 +1,536 @@
+//! Parsing one line and applying it to its connection's [`Session`].
+//!
+//! [`LineParser`] is shard-local and shared by every connection on the shard: it owns
+//! simd-json's scratch buffers and tape so that, once warm, parsing a line allocates nothing.
+//! The line is parsed in place in the connection's buffer (strings are unescaped there), and
+//! a metrics line is encoded straight into the caller's output buffer.
+
+use std::ops::Range;
+
+use simd_json::prelude::*;
+use simd_json::{Buffers, ErrorType, Tape};
+
+use crate::record::{self, Station};
+use crate::{ErrorCode, PARSE_PADDING, ParseLineError};
+
+/// One connection's protocol state: its id and the station it identified as.
+///
+/// Shard-local, owned by the connection task.
+#[derive(Debug)]
+pub struct Session {
+    connection_id: Box<str>,
+    station: Option<Station>,
+}
+
+impl Session {
+    /// A session for a freshly accepted connection; `connection_id` goes into every record.
+    pub fn new(connection_id: &str) -> Session {
+        Session {
+            connection_id: connection_id.into(),
+            station: None,
+        }
+    }
+
+    /// The connection's id, as it appears in records.
+    pub fn connection_id(&self) -> &str {
+        &self.connection_id
+    }
+
+    /// The station this connection identified as, if it has.
+    pub fn station(&self) -> Option<&Station> {
+        self.station.as_ref()
+    }
+}
+
+/// What a successfully applied line did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parsed {
+    /// An identify: the session now speaks for a (new) station.
+    Identified,
+    /// A metrics line: the output buffer holds the record value; its key is the session's
+    /// station key.
+    Record {
+        /// The station's sequence number for this line, if it sent one.
+        seq: Option<u64>,
+    },
+}
+
+/// Parses lines with simd-json and applies them to sessions.
+///
+/// Shard-local and reused for every line on the shard: it keeps simd-json's buffers and tape
+/// warm, so steady-state parsing does not allocate.
+pub struct LineParser {
+    buffers: Buffers,
+    /// Always empty between calls; kept for its allocation.
+    tape: Option<Tape<'static>>,
+    /// Used only when a caller's buffer lacks [`PARSE_PADDING`] after the line.
+    padded: Vec<u8>,
+    /// Where each metric name of the current record sits in the output, for the duplicate check.
+    names: Vec<(usize, usize)>,
+}
+
+impl Default for LineParser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for LineParser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LineParser").finish_non_exhaustive()
+    }
+}
+
+impl LineParser {
+    /// A parser with buffers sized for typical station lines; they grow on demand.
+    pub fn new() -> LineParser {
+        LineParser {
+            buffers: Buffers::new(512),
+            tape: Some(Tape(Vec::with_capacity(32))),
+            padded: Vec::new(),
+            names: Vec::with_capacity(8),
+        }
+    }
+
+    /// Parses `buf[line]` and applies it to `session`.
+    ///
+    /// For a metrics line, `out` receives the record value (it is cleared first); on error its
+    /// contents are unspecified. The line is parsed in place and may be modified. It is
+    /// parsed without a copy when `buf` holds at least [`PARSE_PADDING`] bytes after it.
+    pub fn parse_line(
+        &mut self,
+        session: &mut Session,
+        buf: &mut [u8],
+        line: Range<usize>,
+        received_at_ms: i64,
+        out: &mut Vec<u8>,
+    ) -> Result<Parsed, ParseLineError> {
+        let len = line.len();
+        let input: &mut [u8] = if buf.len() - line.end >= PARSE_PADDING {
+            &mut buf[line.start..]
+        } else {
+            self.padded.clear();
+            self.padded.extend_from_slice(&buf[line]);
+            self.padded.resize(len + PARSE_PADDING, b' ');
+            &mut self.padded
+        };
+        let mut tape = self.tape.take().unwrap_or_else(|| Tape(Vec::new())).reset();
+        let result = match simd_json::fill_tape_padded(input, len, &mut self.buffers, &mut tape) {
+            Ok(()) => apply(&tape, session, received_at_ms, out, &mut self.names),
+            Err(e) => Err(match e.error() {
+                ErrorType::InvalidUtf8 => ErrorCode::InvalidUtf8,
+                _ => ErrorCode::MalformedJson,
+            }),
+        };
+        self.tape = Some(tape.reset());
+        result.map_err(ParseLineError::from)
+    }
+}
+
+fn apply(
+    tape: &Tape<'_>,
+    session: &mut Session,
+    received_at_ms: i64,
+    out: &mut Vec<u8>,
+    names: &mut Vec<(usize, usize)>,
+) -> Result<Parsed, ErrorCode> {
+    let root = tape.as_value();
+    let obj = root.as_object().ok_or(ErrorCode::ExpectedObject)?;
+    let kind = obj.get("type").ok_or(ErrorCode::MissingType)?;
+    match kind.into_string().ok_or(ErrorCode::WrongFieldType)? {
+        "identify" => {
+            let zipcode = obj.get("zipcode").ok_or(ErrorCode::MissingField)?;
+            let zipcode = zipcode.into_string().ok_or(ErrorCode::WrongFieldType)?;
+            if zipcode.trim().is_empty() {
+                return Err(ErrorCode::EmptyZipcode);
+            }
+            let city = match obj.get("city") {
+                None => "",
+                Some(v) if v.is_null() => "",
+                Some(v) => v.into_string().ok_or(ErrorCode::WrongFieldType)?,
+            };
+            session.station = Some(Station::new(&session.connection_id, zipcode, city));
+            Ok(Parsed::Identified)
+        }
+        "metrics" => {
+            let station = session
+                .station
+                .as_ref()
+                .ok_or(ErrorCode::MetricsBeforeIdentify)?;
+            let seq = match obj.get("seq") {
+                None => None,
+                Some(v) if v.is_null() => None,
+                Some(v) => Some(v.as_u64().ok_or(ErrorCode::WrongFieldType)?),
+            };
+            let data = obj.get("data").ok_or(ErrorCode::MissingField)?;
+            station.begin_record(out, received_at_ms, seq);
+            names.clear();
+            if let Some(text) = data.into_string() {
+                encode_pairs(text, out, names)?;
+            } else if let Some(map) = data.as_object() {
+                for (name, value) in map.iter() {
+                    let value = match value.value_type() {
+                        ValueType::I64 | ValueType::U64 | ValueType::F64 => value.cast_f64(),
+                        _ => None,
+                    };
+                    let value = value.ok_or(ErrorCode::InvalidMetric)?;
+                    push(out, names, name, value)?;
+                }
+            } else {
+                return Err(ErrorCode::WrongFieldType);
+            }
+            if names.is_empty() {
+                return Err(ErrorCode::EmptyMetrics);
+            }
+            check_unique(out, names)?;
+            record::end_record(out);
+            Ok(Parsed::Record { seq })
+        }
+        _ => Err(ErrorCode::UnknownType),
+    }
+}
+
+/// Encodes the text form, `name=value,name=value`. Whitespace around names and values is
+/// ignored; an empty or whitespace-only string holds no metrics.
+fn encode_pairs(
+    text: &str,
+    out: &mut Vec<u8>,
+    names: &mut Vec<(usize, usize)>,
+) -> Result<(), ErrorCode> {
+    if text.trim().is_empty() {
+        return Ok(());
+    }
+    for pair in text.split(',') {
+        let (name, value) = pair.split_once('=').ok_or(ErrorCode::InvalidMetric)?;
+        let value: f64 = value.trim().parse().map_err(|_| ErrorCode::InvalidMetric)?;
+        push(out, names, name.trim(), value)?;
+    }
+    Ok(())
+}
+
+fn push(
+    out: &mut Vec<u8>,
+    names: &mut Vec<(usize, usize)>,
+    name: &str,
+    value: f64,
+) -> Result<(), ErrorCode> {
+    if name.is_empty() {
+        return Err(ErrorCode::InvalidMetric);
+    }
+    if !value.is_finite() {
+        return Err(ErrorCode::NonFiniteValue);
+    }
+    names.push(record::push_metric(out, names.is_empty(), name, value));
+    Ok(())
+}
+
+/// Rejects a record whose metrics repeat a name. Sorting the name spans keeps this
+/// O(n log n), so a long line of tiny metrics cannot make it quadratic.
+fn check_unique(out: &[u8], names: &mut [(usize, usize)]) -> Result<(), ErrorCode> {
+    if names.len() < 2 {
+        return Ok(());
+    }
+    names.sort_unstable_by(|a, b| out[a.0..a.1].cmp(&out[b.0..b.1]));
+    if names
+        .windows(2)
+        .any(|w| out[w[0].0..w[0].1] == out[w[1].0..w[1].1])
+    {
+        return Err(ErrorCode::DuplicateMetric);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONN: &str = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b";
+    const AT: i64 = 1_700_000_000_123;
+
+    /// Applies `lines` in order to one session and renders each outcome: `identified`, the
+    /// record value, or the error code.
+    fn run(lines: &[&[u8]]) -> Vec<String> {
+        let mut parser = LineParser::new();
+        let mut session = Session::new(CONN);
+        let mut out = Vec::new();
+        lines
+            .iter()
+            .map(|line| {
+                let mut buf = line.to_vec();
+                buf.resize(line.len() + PARSE_PADDING, b'x');
+                match parser.parse_line(&mut session, &mut buf, 0..line.len(), AT, &mut out) {
+                    Ok(Parsed::Identified) => "identified".to_owned(),
+                    Ok(Parsed::Record { .. }) => String::from_utf8(out.clone()).unwrap(),
+                    Err(e) => e.code.as_str().to_owned(),
+                }
+            })
+            .collect()
+    }
+
+    const ID: &[u8] = br#"{"type":"identify","zipcode":"12345","city":"TestCity"}"#;
+
+    fn record(metrics: &str) -> String {
+        format!(
+            r#"{{"connection_id":"{CONN}","zipcode":"12345","city":"TestCity","received_at_ms":{AT},"metrics":{{{metrics}}}}}"#
+        )
+    }
+
+    /// Checks one line sent after a standard identify.
+    fn check(line: &str, expect: &str) {
+        let got = run(&[ID, line.as_bytes()]);
+        assert_eq!(got[0], "identified");
+        assert_eq!(got[1], expect, "line {line}");
+    }
+
+    #[test]
+    fn metrics_text_form() {
+        let want = record(r#""temperature":25.5,"humidity":60.0"#);
+        check(
+            r#"{"type":"metrics","data":"temperature=25.5,humidity=60.0"}"#,
+            &want,
+        );
+        check(
+            r#"{"type":"metrics","data":" temperature = 25.5 , humidity=60 "}"#,
+            &want,
+        );
+        check(
+            r#"{"type":"metrics","data":"t=-1e3"}"#,
+            &record(r#""t":-1000.0"#),
+        );
+    }
+
+    #[test]
+    fn metrics_object_form() {
+        let want = record(r#""temperature":25.5,"humidity":60.0"#);
+        check(
+            r#"{"type":"metrics","data":{"temperature":25.5,"humidity":60}}"#,
+            &want,
+        );
+        check(
+            r#"{"data":{"t":-3},"type":"metrics","extra":[1,{"x":null}]}"#,
+            &record(r#""t":-3.0"#),
+        );
+    }
+
+    #[test]
+    fn seq_is_carried_into_the_record() {
+        let want = record(r#""t":1.0"#).replace(r#","metrics""#, r#","seq":42,"metrics""#);
+        check(r#"{"type":"metrics","seq":42,"data":"t=1"}"#, &want);
+        check(
+            r#"{"type":"metrics","seq":null,"data":"t=1"}"#,
+            &record(r#""t":1.0"#),
+        );
+    }
+
+    #[test]
+    fn every_error_code_a_parser_can_return() {
+        let cases: &[(&[u8], ErrorCode)] = &[
+            (
+                b"{\"type\":\"identify\",\"zipcode\":\"1\xff\"}",
+                ErrorCode::InvalidUtf8,
+            ),
+            (b"{\"type\":\"metrics\"", ErrorCode::MalformedJson),
+            (b"not json", ErrorCode::MalformedJson),
+            (b"[1,2]", ErrorCode::ExpectedObject),
+            (b"42", ErrorCode::ExpectedObject),
+            (b"{\"data\":\"t=1\"}", ErrorCode::MissingType),
+            (b"{\"type\":\"hello\"}", ErrorCode::UnknownType),
+            (b"{\"type\":7}", ErrorCode::WrongFieldType),
+            (
+                b"{\"type\":\"identify\",\"city\":\"x\"}",
+                ErrorCode::MissingField,
+            ),
+            (
+                b"{\"type\":\"identify\",\"zipcode\":12345}",
+                ErrorCode::WrongFieldType,
+            ),
+            (
+                b"{\"type\":\"identify\",\"zipcode\":\"1\",\"city\":5}",
+                ErrorCode::WrongFieldType,
+            ),
+            (
+                b"{\"type\":\"identify\",\"zipcode\":\" \"}",
+                ErrorCode::EmptyZipcode,
+            ),
+            (b"{\"type\":\"metrics\"}", ErrorCode::MissingField),
+            (
+                b"{\"type\":\"metrics\",\"data\":5}",
+                ErrorCode::WrongFieldType,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":\"t=1\",\"seq\":-1}",
+                ErrorCode::WrongFieldType,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":\"t=1\",\"seq\":1.5}",
+                ErrorCode::WrongFieldType,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":\"temperature\"}",
+                ErrorCode::InvalidMetric,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":\"t=warm\"}",
+                ErrorCode::InvalidMetric,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":\"=1\"}",
+                ErrorCode::InvalidMetric,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":\"t=1,\"}",
+                ErrorCode::InvalidMetric,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":{\"t\":\"1\"}}",
+                ErrorCode::InvalidMetric,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":{\"\":1}}",
+                ErrorCode::InvalidMetric,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":\"t=NaN\"}",
+                ErrorCode::NonFiniteValue,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":\"t=inf\"}",
+                ErrorCode::NonFiniteValue,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":\"t=-infinity\"}",
+                ErrorCode::NonFiniteValue,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":\"t=1e999\"}",
+                ErrorCode::NonFiniteValue,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":\"t=1,u=2,t=3\"}",
+                ErrorCode::DuplicateMetric,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":{\"t\":1,\"t\":2}}",
+                ErrorCode::DuplicateMetric,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":\"\"}",
+                ErrorCode::EmptyMetrics,
+            ),
+            (
+                b"{\"type\":\"metrics\",\"data\":{}}",
+                ErrorCode::EmptyMetrics,
+            ),
+        ];
+        for (line, code) in cases {
+            let got = run(&[ID, line]);
+            assert_eq!(
+                got[1],
+                code.as_str(),
+                "line {}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        let got = run(&[br#"{"type":"metrics","data":"t=1"}"#]);
+        assert_eq!(got, ["metrics_before_identify"]);
+    }
+
+    #[test]
+    fn errors_leave_the_session_usable() {
+        let got = run(&[
+            br#"{"type":"metrics","data":"t=1"}"#,
+            ID,
+            b"garbage",
+            br#"{"type":"metrics","data":"t=1"}"#,
+            br#"{"type":"identify","zipcode":""}"#,
+            br#"{"type":"metrics","data":"t=2"}"#,
+        ]);
+        assert_eq!(
+            got,
+            [
+                "metrics_before_identify".to_owned(),
+                "identified".to_owned(),
+                "malformed_json".to_owned(),
+                record(r#""t":1.0"#),
+                "empty_zipcode".to_owned(),
+                record(r#""t":2.0"#),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_later_identify_replaces_the_station() {
+        let got = run(&[
+            ID,
+            br#"{"type":"identify","zipcode":"99999","city":"Other"}"#,
+            br#"{"type":"metrics","data":"t=1"}"#,
+        ]);
+        assert_eq!(
+            got[2],
+            record(r#""t":1.0"#)
+                .replace("12345", "99999")
+                .replace("TestCity", "Other")
+        );
+    }
+
+    #[test]
+    fn utf8_and_escapes_survive_into_the_record() {
+        let got = run(&[
+            r#"{"type":"identify","zipcode":"01310","city":"São Paulo \"Centro\" 東京"}"#
+                .as_bytes(),
+            r#"{"type":"metrics","data":{"temp\u00e9rature":1}}"#.as_bytes(),
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&got[1]).unwrap();
+        assert_eq!(v["city"], "São Paulo \"Centro\" 東京");
+        assert_eq!(v["zipcode"], "01310");
+        assert_eq!(v["metrics"]["température"], 1.0);
+    }
+
+    #[test]
+    fn identify_without_city_has_an_empty_one() {
+        let got = run(&[
+            br#"{"type":"identify","zipcode":"1"}"#,
+            br#"{"type":"metrics","data":"t=1"}"#,
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&got[1]).unwrap();
+        assert_eq!(v["city"], "");
+    }
+
+    #[test]
+    fn a_line_without_padding_is_copied_not_rejected() {
+        let mut parser = LineParser::new();
+        let mut session = Session::new(CONN);
+        let mut out = Vec::new();
+        let mut buf = ID.to_vec();
+        let len = buf.len();
+        let parsed = parser.parse_line(&mut session, &mut buf, 0..len, AT, &mut out);
+        assert_eq!(parsed, Ok(Parsed::Identified));
+        assert_eq!(session.station().unwrap().zipcode(), "12345");
+    }
+
+    #[test]
+    fn parsing_in_place_leaves_the_following_bytes_alone() {
+        // Two lines back to back in one buffer: parsing the first must not disturb the second.
+        let first = br#"{"type":"identify","zipcode":"1\"2","city":"a\nb"}"#;
+        let second = br#"{"type":"metrics","data":"t=1"}"#;
+        let mut buf = [&first[..], b"\n", &second[..], b"\n"].concat();
+        let second_at = first.len() + 1;
+        buf.resize(buf.len() + PARSE_PADDING, 0);
+        let mut parser = LineParser::new();
+        let mut session = Session::new(CONN);
+        let mut out = Vec::new();
+        parser
+            .parse_line(&mut session, &mut buf, 0..first.len(), AT, &mut out)
+            .unwrap();
+        assert_eq!(&buf[second_at..second_at + second.len()], second);
+        let parsed = parser.parse_line(
+            &mut session,
+            &mut buf,
+            second_at..second_at + second.len(),
+            AT,
+            &mut out,
+        );
+        assert_eq!(parsed, Ok(Parsed::Record { seq: None }));
+        assert_eq!(session.station().unwrap().zipcode(), "1\"2");
+    }
+}

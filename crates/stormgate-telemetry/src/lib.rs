@@ -1,0 +1,20 @@
+//! Telemetry primitives that cost the hot path almost nothing.
+//!
+//! Every shard owns its [`ShardMetrics`] and is the only thread that writes them; any thread
+//! may read them (the stats logger, the metrics endpoint, the shutdown summary) and sums
+//! across shards when it does. A single writer makes an increment a plain load and store on a
+//! cache line no other shard touches: no lock, no `lock`-prefixed instruction.
+//!
+//! - [`Counter`] and [`Gauge`]: single-writer atomics.
+//! - [`LatencyHistogram`]: log-linear buckets in microseconds with ~6% precision, mergeable
+//!   across shards, from which percentiles and Prometheus buckets are derived.
+//! - [`LogLimiter`]: lets one log line through per interval and counts the ones it held back.
+//! - [`ShardMetrics`]: the full set one shard keeps, and [`Totals`], their sum.
+
+mod histogram;
+mod limiter;
+mod metrics;
+
+pub use histogram::{HistogramSnapshot, LatencyHistogram};
+pub use limiter::LogLimiter;
+pub use metrics::{Counter, Gauge, ShardMetrics, Totals};
