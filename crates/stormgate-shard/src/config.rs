@@ -1,0 +1,71 @@
+//! Settings of the shard runtime, with their defaults.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Where stations connect (`TCP_LISTEN`).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Listen backlog per shard (`TCP_BACKLOG`). glommio's own `bind` fixes 1024; a reconnect
+/// storm of tens of thousands of stations needs more. The kernel caps it at
+/// `net.core.somaxconn` (4096 by default since Linux 5.4).
+pub const DEFAULT_BACKLOG: u32 = 4096;
+/// Records a shard may hold between its connections and its sink (`TCP_JOB_QUEUE_SIZE`).
+/// 8192 records of ~200 bytes is under 2 MiB per shard: enough to ride out a producer that
+/// pauses for a poll interval at several hundred thousand lines per second, small enough that
+/// backpressure reaches the sockets quickly when the broker stalls.
+pub const DEFAULT_QUEUE_SIZE: usize = 8192;
+/// Longest accepted line (`TCP_MAX_LINE_BYTES`), line ending not counted.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024;
+/// How long a shutdown may take to deliver what was read (`SHUTDOWN_TIMEOUT`).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Size of each shard's read buffer. One read can carry ~1000 typical lines; the buffer is
+/// shared by all connections of the shard, so its size does not multiply by connections.
+pub const DEFAULT_READ_BUFFER_BYTES: usize = 64 * 1024;
+/// File descriptors kept free for everything that is not a station connection (broker
+/// sockets, librdkafka's internal pipes, /proc reads, the spill file) when the connection
+/// limit is derived from `RLIMIT_NOFILE`.
+pub const FD_HEADROOM: usize = 256;
+
+/// Settings of the shard runtime.
+///
+/// Every field's default is the `DEFAULT_*` constant of the same name in this module.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Address every shard listens on (SO_REUSEPORT). Port 0 picks one port for all shards.
+    pub listen: SocketAddr,
+    /// Number of shards; 0 means one per core in the process's affinity mask.
+    pub shards: usize,
+    /// Listen backlog of each shard's socket.
+    pub backlog: u32,
+    /// Most station connections open at once, all shards together; 0 derives it from the
+    /// open-files limit minus [`FD_HEADROOM`].
+    pub max_connections: usize,
+    /// Capacity of each shard's record queue.
+    pub queue_size: usize,
+    /// Longest accepted line in bytes.
+    pub max_line_bytes: usize,
+    /// Records one connection may have in flight (queued or awaiting delivery) before it
+    /// stops reading; 0 means no per-connection limit. 1 makes every line wait for its
+    /// delivery report before the next is read (`KAFKA_ASYNC=false`).
+    pub max_in_flight_per_connection: u32,
+    /// Time allowed, once shutdown starts, to deliver what was already read.
+    pub shutdown_timeout: Duration,
+    /// Size of each shard's read buffer.
+    pub read_buffer_bytes: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            shards: 0,
+            backlog: DEFAULT_BACKLOG,
+            max_connections: 0,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            max_in_flight_per_connection: 0,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
+        }
+    }
+}

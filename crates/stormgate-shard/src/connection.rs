@@ -1,0 +1,343 @@
+//! One station connection: read, frame, parse, enqueue, reply.
+//!
+//! The task reads into its shard's read buffer and handles every complete line there, in
+//! place, without awaiting. It awaits only to read, to write error lines back, and when it is
+//! *blocked*: the shard queue is full, or the connection has as many records in flight as it
+//! may. Before it awaits, whatever it has not finished moves into its own backlog, and it does
+//! not read again until that backlog holds no complete line. That is the TCP backpressure: a
+//! blocked connection leaves its bytes in the kernel, the kernel's receive window closes, and
+//! the station's sends slow down. Nothing is dropped.
+
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use futures_lite::{AsyncRead, AsyncWriteExt};
+use glommio::channels::local_channel::LocalSender;
+use glommio::net::TcpStream;
+use glommio::{GlommioError, ResourceType};
+use stormgate_protocol::{ErrorCode, Frame, LineFramer, Parsed, Session};
+
+use crate::buffers::Backlog;
+use crate::events::{CloseReason, ConnectionClosed, LineRejected};
+use crate::shard::ShardCore;
+use crate::sink::{ConnFlow, DeliveryFailure, Outcome, Record};
+
+/// How much a read into a connection's own backlog asks for.
+const BACKLOG_READ: usize = 16 * 1024;
+/// Reply buffers larger than this are freed after each flush rather than kept.
+const REPLY_KEEP: usize = 1024;
+
+/// Serves one accepted connection until the station leaves or the shard shuts down.
+pub(crate) async fn serve(
+    core: Rc<ShardCore>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    queue: Rc<LocalSender<Record>>,
+) {
+    let mut id = uuid::Uuid::encode_buffer();
+    let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut id);
+    let flow = match core.config.max_in_flight_per_connection {
+        0 => None,
+        cap => Some(Rc::new(ConnFlow::new(cap))),
+    };
+    let _registration = core.register(stream.as_raw_fd());
+    let mut conn = Connection {
+        framer: LineFramer::new(core.config.max_line_bytes),
+        session: Session::new(id),
+        core,
+        stream,
+        peer,
+        queue,
+        flow,
+        backlog: Backlog::default(),
+        replies: Vec::new(),
+        payload: Vec::new(),
+        stamp: ReadStamp::now(),
+        blocked: None,
+        sink_gone: false,
+    };
+    let reason = conn.run().await;
+    conn.backlog.release(&conn.core.backlogs);
+    ConnectionClosed {
+        connection_id: conn.session.connection_id(),
+        peer,
+        reason,
+    }
+    .emit(&conn.core.metrics);
+    conn.core.limits.release();
+}
+
+struct Connection {
+    core: Rc<ShardCore>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    queue: Rc<LocalSender<Record>>,
+    /// The connection's in-flight count, when it has a cap.
+    flow: Option<Rc<ConnFlow>>,
+    session: Session,
+    framer: LineFramer,
+    /// Received bytes not yet handled: a partial line, or lines behind a block.
+    backlog: Backlog,
+    /// Error lines waiting to be written to the station.
+    replies: Vec<u8>,
+    /// The value buffer the next record is encoded into.
+    payload: Vec<u8>,
+    /// When the bytes being handled were read.
+    stamp: ReadStamp,
+    blocked: Option<Blocked>,
+    /// The shard's sink stopped taking records; the connection must end.
+    sink_gone: bool,
+}
+
+/// Why the connection stopped handling lines before the end of its bytes.
+enum Blocked {
+    /// The shard queue was full; this record goes in first once there is room.
+    Queue(Record),
+    /// The connection reached its in-flight cap.
+    Flow,
+}
+
+#[derive(Clone, Copy)]
+struct ReadStamp {
+    unix_ms: i64,
+    at: Instant,
+}
+
+impl ReadStamp {
+    fn now() -> ReadStamp {
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        ReadStamp {
+            unix_ms,
+            at: Instant::now(),
+        }
+    }
+}
+
+impl Connection {
+    async fn run(&mut self) -> CloseReason {
+        loop {
+            if self.core.draining.is_fired() {
+                return CloseReason::Shutdown;
+            }
+            let n = match self.read_and_handle().await {
+                Ok(n) => n,
+                Err(e) => return CloseReason::Io(e),
+            };
+            if n == 0 && !self.core.draining.is_fired() && !self.backlog.is_empty() {
+                // The station closed without a final newline: its last line is complete.
+                self.backlog.push(b"\n", &self.core.backlogs);
+                self.handle_backlog();
+            }
+            self.drain_blocks().await;
+            if self.sink_gone {
+                return CloseReason::SinkStopped;
+            }
+            if let Err(e) = self.flush_replies().await {
+                return CloseReason::Io(e);
+            }
+            if n == 0 {
+                return if self.core.draining.is_fired() {
+                    CloseReason::Shutdown
+                } else {
+                    CloseReason::PeerClosed
+                };
+            }
+        }
+    }
+
+    /// Reads once and handles every complete line read. Returns the bytes read (0 at EOF).
+    async fn read_and_handle(&mut self) -> io::Result<usize> {
+        let core = Rc::clone(&self.core);
+        if self.backlog.is_empty() {
+            let n = poll_fn(|cx| {
+                let mut buf = core.read_buf.borrow_mut();
+                Pin::new(&mut self.stream).poll_read(cx, buf.read_area())
+            })
+            .await?;
+            if n > 0 {
+                // No await since the read completed: the shard buffer still holds our bytes.
+                self.stamp = ReadStamp::now();
+                let mut buf = core.read_buf.borrow_mut();
+                let buf = buf.as_mut();
+                let done = self.handle(buf, 0, n);
+                if done < n {
+                    self.backlog.push(&buf[done..n], &core.backlogs);
+                }
+            }
+            self.count_read(n);
+            Ok(n)
+        } else {
+            let area = self.backlog.read_area(BACKLOG_READ, &core.backlogs);
+            let stream = &mut self.stream;
+            let n = poll_fn(|cx| Pin::new(&mut *stream).poll_read(cx, area)).await?;
+            self.backlog.commit(n);
+            if n > 0 {
+                self.stamp = ReadStamp::now();
+                self.handle_backlog();
+            }
+            self.count_read(n);
+            Ok(n)
+        }
+    }
+
+    fn count_read(&self, n: usize) {
+        self.core.metrics.bytes_received.add(n as u64);
+    }
+
+    /// Waits out every block, handling the backlog after each, until nothing blocks.
+    async fn drain_blocks(&mut self) {
+        while let Some(blocked) = self.blocked.take() {
+            self.core.metrics.backpressure_waits.incr();
+            match blocked {
+                Blocked::Flow => {
+                    let flow = self.flow.clone().expect("flow blocks need a flow");
+                    flow.room().await;
+                }
+                Blocked::Queue(record) => {
+                    if let Err(e) = self.queue.send(record).await {
+                        self.lost_sink(e);
+                        return;
+                    }
+                }
+            }
+            self.handle_backlog();
+        }
+    }
+
+    fn handle_backlog(&mut self) {
+        let mut backlog = std::mem::take(&mut self.backlog);
+        let (buf, range) = backlog.parts();
+        let done = self.handle(buf, range.start, range.end);
+        backlog.consume_to(done, &self.core.backlogs);
+        self.backlog = backlog;
+    }
+
+    /// Handles the complete lines in `buf[pos..end]` and returns where it stopped: at `end`'s
+    /// partial line, or earlier if it became blocked (then `self.blocked` says why).
+    ///
+    /// `buf` must extend at least `PARSE_PADDING` bytes past `end`.
+    fn handle(&mut self, buf: &mut [u8], mut pos: usize, end: usize) -> usize {
+        let core = Rc::clone(&self.core);
+        let mut parser = core.parser.borrow_mut();
+        let (mut lines, mut records) = (0u64, 0u64);
+        while !self.sink_gone {
+            if self.flow.as_ref().is_some_and(|f| f.is_full()) {
+                self.blocked = Some(Blocked::Flow);
+                break;
+            }
+            let Some(frame) = self.framer.next_frame(&buf[..end], &mut pos) else {
+                break;
+            };
+            let line = match frame {
+                Frame::Line(line) => line,
+                Frame::TooLong => {
+                    self.reject(ErrorCode::LineTooLong);
+                    continue;
+                }
+            };
+            lines += 1;
+            match parser.parse_line(
+                &mut self.session,
+                buf,
+                line,
+                self.stamp.unix_ms,
+                &mut self.payload,
+            ) {
+                Ok(Parsed::Identified) => {}
+                Ok(Parsed::Record { .. }) => {
+                    records += 1;
+                    let record = self.take_record();
+                    match self.queue.try_send(record) {
+                        Ok(()) => {}
+                        Err(GlommioError::WouldBlock(ResourceType::Channel(record))) => {
+                            self.blocked = Some(Blocked::Queue(record));
+                            break;
+                        }
+                        Err(e) => {
+                            self.lost_sink(e);
+                            break;
+                        }
+                    }
+                }
+                Err(e) => self.reject(e.code),
+            }
+        }
+        core.metrics.lines_received.add(lines);
+        core.metrics.records_enqueued.add(records);
+        pos
+    }
+
+    /// Moves the encoded payload into a record and opens its ledger entry.
+    fn take_record(&mut self) -> Record {
+        let value = std::mem::replace(&mut self.payload, self.core.ledger.payloads.take());
+        let key = Rc::clone(
+            self.session
+                .station()
+                .expect("records need a station")
+                .key(),
+        );
+        let ticket = self.core.ledger.open(self.stamp.at, self.flow.as_ref());
+        Record {
+            key,
+            value,
+            timestamp_ms: self.stamp.unix_ms,
+            ticket,
+        }
+    }
+
+    /// The queue's receiver is gone (the sink ended early): settle the record we hold as
+    /// failed and make the connection stop.
+    fn lost_sink(&mut self, e: GlommioError<Record>) {
+        if let GlommioError::Closed(ResourceType::Channel(record)) = e {
+            let failure = DeliveryFailure::Rejected {
+                reason: "shard sink stopped".to_owned(),
+            };
+            self.core
+                .ledger
+                .settle(record.ticket, Outcome::Failed(failure));
+        }
+        self.sink_gone = true;
+    }
+
+    fn reject(&mut self, code: ErrorCode) {
+        self.replies.extend_from_slice(code.error_line().as_bytes());
+        LineRejected {
+            code,
+            connection_id: self.session.connection_id(),
+            peer: self.peer,
+        }
+        .emit(&self.core.metrics, &self.core.logs.line_rejected);
+    }
+
+    async fn flush_replies(&mut self) -> io::Result<()> {
+        if self.replies.is_empty() {
+            return Ok(());
+        }
+        self.stream.write_all(&self.replies).await?;
+        if self.replies.capacity() > REPLY_KEEP {
+            self.replies = Vec::new();
+        } else {
+            self.replies.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a connection over the limit: one error line, then close. Bounded in time so a
+/// client that never reads cannot pin the task.
+pub(crate) async fn refuse(mut stream: TcpStream) {
+    let line = ErrorCode::TooManyConnections.error_line().as_bytes();
+    let _ = glommio::timer::timeout(std::time::Duration::from_secs(1), async move {
+        stream.write_all(line).await?;
+        stream.close().await?;
+        Ok(())
+    })
+    .await;
+}

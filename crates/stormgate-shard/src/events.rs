@@ -1,0 +1,115 @@
+//! Internal events of the shard runtime. Each one's `emit` counts it and logs it, at a rate
+//! limit where it can repeat per line, so logs and metrics cannot drift apart.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use stormgate_protocol::ErrorCode;
+use stormgate_telemetry::{LogLimiter, ShardMetrics};
+use tracing::{debug, error, warn};
+
+use crate::sink::DeliveryFailure;
+
+/// A line was rejected and the station was told why.
+pub(crate) struct LineRejected<'a> {
+    pub code: ErrorCode,
+    pub connection_id: &'a str,
+    pub peer: SocketAddr,
+}
+
+impl LineRejected<'_> {
+    pub(crate) fn emit(&self, metrics: &ShardMetrics, limiter: &LogLimiter) {
+        metrics.line_error(self.code);
+        if let Some(suppressed) = limiter.allow(Instant::now()) {
+            warn!(
+                code = self.code.as_str(),
+                connection_id = self.connection_id,
+                peer = %self.peer,
+                suppressed,
+                "rejected line: {}",
+                self.code.message()
+            );
+        }
+    }
+}
+
+/// A connection was refused because the server is at its connection limit.
+pub(crate) struct ConnectionRejected {
+    pub peer: Option<SocketAddr>,
+    pub limit: usize,
+}
+
+impl ConnectionRejected {
+    pub(crate) fn emit(&self, metrics: &ShardMetrics, limiter: &LogLimiter) {
+        metrics.connections_rejected.incr();
+        if let Some(suppressed) = limiter.allow(Instant::now()) {
+            warn!(peer = ?self.peer, limit = self.limit, suppressed, "connection limit reached; refusing connection");
+        }
+    }
+}
+
+/// `accept` failed (typically EMFILE: out of file descriptors).
+pub(crate) struct AcceptFailed<'a> {
+    pub error: &'a io::Error,
+}
+
+impl AcceptFailed<'_> {
+    pub(crate) fn emit(&self, limiter: &LogLimiter) {
+        if let Some(suppressed) = limiter.allow(Instant::now()) {
+            error!(error = %self.error, suppressed, "accept failed");
+        }
+    }
+}
+
+/// A connection ended.
+pub(crate) struct ConnectionClosed<'a> {
+    pub connection_id: &'a str,
+    pub peer: SocketAddr,
+    pub reason: CloseReason,
+}
+
+/// Why a connection ended.
+pub(crate) enum CloseReason {
+    /// The station closed its side.
+    PeerClosed,
+    /// The shard is shutting down.
+    Shutdown,
+    /// Reading or writing the socket failed.
+    Io(io::Error),
+    /// The shard's sink stopped taking records.
+    SinkStopped,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::PeerClosed => f.write_str("peer closed"),
+            CloseReason::Shutdown => f.write_str("shutdown"),
+            CloseReason::Io(e) => write!(f, "i/o error: {e}"),
+            CloseReason::SinkStopped => f.write_str("sink stopped"),
+        }
+    }
+}
+
+impl ConnectionClosed<'_> {
+    pub(crate) fn emit(&self, metrics: &ShardMetrics) {
+        metrics.connections_closed.incr();
+        metrics.connections_active.add(-1);
+        debug!(connection_id = self.connection_id, peer = %self.peer, reason = %self.reason, "connection closed");
+    }
+}
+
+/// A record will not be delivered.
+pub(crate) struct DeliveryFailed<'a> {
+    pub failure: &'a DeliveryFailure,
+}
+
+impl DeliveryFailed<'_> {
+    /// The failed-record counter is the ledger's; this only logs.
+    pub(crate) fn emit(&self, limiter: &LogLimiter) {
+        if let Some(suppressed) = limiter.allow(Instant::now()) {
+            error!(error = %self.failure, suppressed, "record not delivered");
+        }
+    }
+}

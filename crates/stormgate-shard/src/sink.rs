@@ -1,0 +1,281 @@
+//! The contract between a shard and where its records go.
+//!
+//! Connection tasks turn metrics lines into [`Record`]s and push them into the shard's bounded
+//! queue. The shard's [`Sink`] takes them from the [`RecordReceiver`], delivers them, and
+//! reports each one's fate with [`SinkContext::settle`], exactly once per record. Until then
+//! the record is *in flight*: the shard's ledger remembers when its line was read (for the
+//! latency histogram) and which connection is waiting on it (for per-connection limits).
+//!
+//! Backpressure is the queue's bound: when the sink stops taking records, the queue fills,
+//! connection tasks wait to push, and they stop reading their sockets. Nothing is dropped.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Instant;
+
+use glommio::channels::local_channel::LocalReceiver;
+use slab::Slab;
+use stormgate_telemetry::{LogLimiter, ShardMetrics};
+
+use crate::buffers::BufPool;
+use crate::server::ShardInfo;
+
+/// One output record, owned by its shard from the line that made it to its settlement.
+#[derive(Debug)]
+pub struct Record {
+    /// The station's zipcode: the Kafka key. Shared with the connection's session.
+    pub key: Rc<str>,
+    /// The record value (JSON). Give it back with [`SinkContext::recycle`] once copied out.
+    pub value: Vec<u8>,
+    /// Unix milliseconds when the shard read the line.
+    pub timestamp_ms: i64,
+    /// Settle with this ticket, exactly once.
+    pub ticket: Ticket,
+}
+
+/// Identifies an in-flight record within its shard. Meaningless on any other shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket(usize);
+
+impl Ticket {
+    /// The ticket as a plain integer, e.g. to pass through a C library as an opaque value.
+    pub fn into_raw(self) -> usize {
+        self.0
+    }
+
+    /// Rebuilds a ticket from [`Ticket::into_raw`].
+    pub fn from_raw(raw: usize) -> Ticket {
+        Ticket(raw)
+    }
+}
+
+/// What finally happened to a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The destination acknowledged it as configured (e.g. Kafka acks).
+    Delivered,
+    /// It will not be delivered.
+    Failed(DeliveryFailure),
+}
+
+/// Why a record was not delivered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryFailure {
+    /// The destination refused it or retries ran out; `reason` names the sink's error.
+    #[error("delivery failed: {reason}")]
+    Rejected {
+        /// The sink's error, e.g. librdkafka's error name.
+        reason: String,
+    },
+    /// Shutdown's deadline passed before it was delivered.
+    #[error("shutdown deadline passed before delivery")]
+    ShutdownDeadline,
+}
+
+/// Builds one sink per shard.
+///
+/// `build` runs on the shard's own thread, after its executor exists and before it accepts
+/// connections, so the sink never leaves that thread.
+pub trait SinkFactory: Send + Sync + 'static {
+    /// The per-shard sink.
+    type Sink: Sink;
+
+    /// Builds shard `shard`'s sink. An error stops the server from starting.
+    fn build(
+        &self,
+        shard: &ShardInfo,
+    ) -> Result<Self::Sink, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// Delivers one shard's records. Lives and runs on that shard only.
+pub trait Sink: 'static {
+    /// Takes records until the queue closes (every connection has finished), settles every
+    /// record it took, then returns. After [`SinkContext::deadline`] it must stop waiting on
+    /// its destination and settle what is left as failed.
+    fn run(self, records: RecordReceiver, ctx: SinkContext) -> impl Future<Output = ()> + 'static;
+}
+
+/// The receiving end of a shard's record queue.
+pub struct RecordReceiver {
+    rx: LocalReceiver<Record>,
+}
+
+impl RecordReceiver {
+    pub(crate) fn new(rx: LocalReceiver<Record>) -> RecordReceiver {
+        RecordReceiver { rx }
+    }
+
+    /// The next record, or `None` once the queue is closed and empty.
+    pub async fn recv(&self) -> Option<Record> {
+        self.rx.recv().await
+    }
+}
+
+/// A sink's handle on its shard: settle records, recycle buffers, read the deadline.
+#[derive(Clone)]
+pub struct SinkContext {
+    ledger: Rc<Ledger>,
+}
+
+impl SinkContext {
+    pub(crate) fn new(ledger: Rc<Ledger>) -> SinkContext {
+        SinkContext { ledger }
+    }
+
+    /// Reports a record's fate. Call exactly once per ticket.
+    pub fn settle(&self, ticket: Ticket, outcome: Outcome) {
+        self.ledger.settle(ticket, outcome);
+    }
+
+    /// Gives a record's value buffer back to the shard once its bytes were copied out.
+    pub fn recycle(&self, buf: Vec<u8>) {
+        self.ledger.payloads.give(buf);
+    }
+
+    /// When delivery must stop being attempted: set once shutdown begins.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.ledger.deadline.get()
+    }
+
+    /// This shard's metrics.
+    pub fn metrics(&self) -> &Arc<ShardMetrics> {
+        &self.ledger.metrics
+    }
+
+    /// Records taken from the queue or still in it, not yet settled.
+    pub fn in_flight(&self) -> usize {
+        self.ledger.pending.borrow().len()
+    }
+}
+
+/// A shard's book of in-flight records. Shard-local.
+pub(crate) struct Ledger {
+    pending: RefCell<Slab<Pending>>,
+    pub(crate) payloads: BufPool,
+    pub(crate) metrics: Arc<ShardMetrics>,
+    pub(crate) deadline: Cell<Option<Instant>>,
+    failure_log: LogLimiter,
+}
+
+struct Pending {
+    read_at: Instant,
+    flow: Option<Rc<ConnFlow>>,
+}
+
+impl Ledger {
+    pub(crate) fn new(metrics: Arc<ShardMetrics>, payloads: BufPool) -> Ledger {
+        Ledger {
+            pending: RefCell::new(Slab::with_capacity(1024)),
+            payloads,
+            metrics,
+            deadline: Cell::new(None),
+            failure_log: LogLimiter::default(),
+        }
+    }
+
+    /// Opens a record's entry; the returned ticket travels with the record.
+    pub(crate) fn open(&self, read_at: Instant, flow: Option<&Rc<ConnFlow>>) -> Ticket {
+        if let Some(flow) = flow {
+            flow.in_flight.set(flow.in_flight.get() + 1);
+        }
+        Ticket(self.pending.borrow_mut().insert(Pending {
+            read_at,
+            flow: flow.cloned(),
+        }))
+    }
+
+    pub(crate) fn settle(&self, ticket: Ticket, outcome: Outcome) {
+        let Some(p) = self.pending.borrow_mut().try_remove(ticket.0) else {
+            debug_assert!(false, "settled twice or unknown ticket {ticket:?}");
+            return;
+        };
+        self.metrics.delivery_latency.record(p.read_at.elapsed());
+        match outcome {
+            Outcome::Delivered => self.metrics.records_delivered.incr(),
+            Outcome::Failed(failure) => {
+                self.metrics.records_failed.incr();
+                crate::events::DeliveryFailed { failure: &failure }.emit(&self.failure_log);
+            }
+        }
+        if let Some(flow) = p.flow {
+            flow.release();
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.pending.borrow().len()
+    }
+}
+
+/// One connection's in-flight count, shared between the connection task and the ledger
+/// entries of its records. Shard-local.
+pub(crate) struct ConnFlow {
+    cap: u32,
+    in_flight: Cell<u32>,
+    waiter: Cell<Option<Waker>>,
+}
+
+impl ConnFlow {
+    pub(crate) fn new(cap: u32) -> ConnFlow {
+        ConnFlow {
+            cap,
+            in_flight: Cell::new(0),
+            waiter: Cell::new(None),
+        }
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.in_flight.get() >= self.cap
+    }
+
+    fn release(&self) {
+        self.in_flight.set(self.in_flight.get() - 1);
+        if !self.is_full()
+            && let Some(w) = self.waiter.take()
+        {
+            w.wake();
+        }
+    }
+
+    /// Completes when the connection may put another record in flight.
+    pub(crate) async fn room(&self) {
+        std::future::poll_fn(|cx| {
+            if self.is_full() {
+                self.waiter.set(Some(cx.waker().clone()));
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+    }
+}
+
+/// A sink that settles every record as delivered the moment it takes it: parsing and
+/// networking measured without a broker (`--sink null`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullSink;
+
+impl Sink for NullSink {
+    async fn run(self, records: RecordReceiver, ctx: SinkContext) {
+        while let Some(record) = records.recv().await {
+            ctx.recycle(record.value);
+            ctx.settle(record.ticket, Outcome::Delivered);
+        }
+    }
+}
+
+/// Builds a [`NullSink`] per shard.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullSinkFactory;
+
+impl SinkFactory for NullSinkFactory {
+    type Sink = NullSink;
+
+    fn build(&self, _: &ShardInfo) -> Result<NullSink, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(NullSink)
+    }
+}

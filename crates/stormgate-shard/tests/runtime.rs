@@ -1,0 +1,348 @@
+//! Black-box tests of the shard runtime: a real server on 127.0.0.1:0 with two shards, real TCP
+//! clients, and sinks that stand in for Kafka.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use stormgate_protocol::ErrorCode;
+use stormgate_shard::{
+    NullSinkFactory, Outcome, RecordReceiver, RuntimeConfig, Server, ServerHandle, ShardInfo, Sink,
+    SinkContext, SinkFactory,
+};
+
+fn config() -> RuntimeConfig {
+    RuntimeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 2,
+        ..RuntimeConfig::default()
+    }
+}
+
+/// Polls `cond` until it holds or 10 s pass.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+struct Station {
+    stream: TcpStream,
+    replies: BufReader<TcpStream>,
+}
+
+impl Station {
+    fn connect(addr: SocketAddr) -> Station {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let replies = BufReader::new(stream.try_clone().unwrap());
+        Station { stream, replies }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    fn identify(&mut self, zipcode: &str) {
+        self.send(
+            format!("{{\"type\":\"identify\",\"zipcode\":\"{zipcode}\",\"city\":\"Town\"}}\n")
+                .as_bytes(),
+        );
+    }
+
+    fn metrics(&mut self, n: usize) {
+        let mut batch = String::new();
+        for i in 0..n {
+            batch.push_str(&format!(
+                "{{\"type\":\"metrics\",\"data\":\"temperature={i}.5,humidity=60\"}}\n"
+            ));
+        }
+        self.send(batch.as_bytes());
+    }
+
+    fn reply(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        self.replies.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
+    }
+
+    /// Reads until the server closes the connection; returns what it sent.
+    fn read_to_close(&mut self) -> String {
+        let mut rest = String::new();
+        self.replies.read_to_string(&mut rest).unwrap();
+        rest
+    }
+}
+
+fn start_null(config: RuntimeConfig) -> ServerHandle {
+    Server::start(config, NullSinkFactory).unwrap()
+}
+
+#[test]
+fn lines_from_many_connections_all_become_records() {
+    let server = start_null(config());
+    let mut stations: Vec<Station> = (0..20)
+        .map(|_| Station::connect(server.local_addr()))
+        .collect();
+    for (i, s) in stations.iter_mut().enumerate() {
+        s.identify(&format!("{i:05}"));
+        s.metrics(100);
+    }
+    wait_for("2000 records", || server.totals().records_delivered == 2000);
+    let t = server.totals();
+    assert_eq!(t.lines_received, 20 * 101);
+    assert_eq!(t.line_errors_total(), 0);
+    assert_eq!(t.connections_active, 20);
+    assert_eq!(t.delivery_latency.count(), 2000);
+}
+
+#[test]
+fn both_shards_accept_connections() {
+    let server = start_null(config());
+    assert_eq!(server.shards().len(), 2);
+    assert_ne!(server.shards()[0].core, usize::MAX);
+    let _stations: Vec<Station> = (0..64)
+        .map(|_| Station::connect(server.local_addr()))
+        .collect();
+    wait_for("64 accepted", || server.totals().connections_accepted == 64);
+    for (id, m) in server.metrics().iter().enumerate() {
+        let accepted = m.connections_accepted.get();
+        assert!(accepted > 0, "shard {id} accepted none of 64 connections");
+    }
+}
+
+#[test]
+fn bad_lines_are_answered_counted_and_do_not_disturb_good_ones() {
+    let server = start_null(config());
+    let mut s = Station::connect(server.local_addr());
+    s.send(b"{\"type\":\"metrics\",\"data\":\"t=1\"}\n");
+    assert_eq!(s.reply()["code"], "metrics_before_identify");
+    s.identify("12345");
+    s.metrics(1);
+    s.send(b"this is not json\n");
+    let r = s.reply();
+    assert_eq!(r["type"], "error");
+    assert_eq!(r["code"], "malformed_json");
+    assert!(r["message"].as_str().unwrap().contains("JSON"));
+    s.send(b"{\"type\":\"metrics\",\"data\":\"t=NaN\"}\n{\"type\":\"metrics\",\"data\":\"t=1\"}\n");
+    assert_eq!(s.reply()["code"], "non_finite_value");
+    wait_for("2 records", || server.totals().records_delivered == 2);
+    let t = server.totals();
+    assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify), 1);
+    assert_eq!(t.line_error(ErrorCode::MalformedJson), 1);
+    assert_eq!(t.line_error(ErrorCode::NonFiniteValue), 1);
+    assert_eq!(t.connections_active, 1, "the connection stays open");
+}
+
+#[test]
+fn oversized_lines_are_skipped_without_buffering_them() {
+    let server = start_null(RuntimeConfig {
+        max_line_bytes: 1024,
+        ..config()
+    });
+    let mut s = Station::connect(server.local_addr());
+    s.identify("1");
+    let long = vec![b'x'; 1 << 20];
+    s.send(&long);
+    s.send(b"\n");
+    assert_eq!(s.reply()["code"], "line_too_long");
+    s.metrics(3);
+    wait_for("3 records", || server.totals().records_delivered == 3);
+    assert_eq!(server.totals().line_error(ErrorCode::LineTooLong), 1);
+}
+
+#[test]
+fn a_line_split_into_single_bytes_arrives_whole() {
+    let server = start_null(config());
+    let mut s = Station::connect(server.local_addr());
+    s.stream.set_nodelay(true).unwrap();
+    let text =
+        b"{\"type\":\"identify\",\"zipcode\":\"1\"}\r\n{\"type\":\"metrics\",\"data\":\"t=1\"}\r\n";
+    for b in text {
+        s.send(&[*b]);
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    wait_for("1 record", || server.totals().records_delivered == 1);
+    assert_eq!(server.totals().line_errors_total(), 0);
+}
+
+#[test]
+fn a_final_line_without_newline_counts_when_the_station_closes() {
+    let server = start_null(config());
+    let mut s = Station::connect(server.local_addr());
+    s.identify("1");
+    s.send(b"{\"type\":\"metrics\",\"data\":\"t=1\"}");
+    s.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(s.read_to_close(), "");
+    wait_for("1 record", || server.totals().records_delivered == 1);
+    wait_for("closed", || server.totals().connections_closed == 1);
+}
+
+#[test]
+fn connections_over_the_limit_are_told_and_closed() {
+    let server = start_null(RuntimeConfig {
+        max_connections: 2,
+        ..config()
+    });
+    let _a = Station::connect(server.local_addr());
+    let _b = Station::connect(server.local_addr());
+    wait_for("2 accepted", || server.totals().connections_accepted == 2);
+    let mut c = Station::connect(server.local_addr());
+    let rest = c.read_to_close();
+    let v: serde_json::Value = serde_json::from_str(rest.trim()).unwrap();
+    assert_eq!(v["code"], "too_many_connections");
+    assert_eq!(server.totals().connections_rejected, 1);
+}
+
+/// A sink that takes nothing until released, then settles everything as delivered.
+struct GatedSink {
+    open: Arc<AtomicBool>,
+    max_in_flight: Arc<AtomicUsize>,
+    hold: Duration,
+}
+
+impl Sink for GatedSink {
+    async fn run(self, records: RecordReceiver, ctx: SinkContext) {
+        while !self.open.load(Ordering::Relaxed) {
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+        }
+        while let Some(r) = records.recv().await {
+            self.max_in_flight
+                .fetch_max(ctx.in_flight(), Ordering::Relaxed);
+            if !self.hold.is_zero() {
+                glommio::timer::sleep(self.hold).await;
+            }
+            ctx.recycle(r.value);
+            ctx.settle(r.ticket, Outcome::Delivered);
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+struct GatedFactory {
+    open: Arc<AtomicBool>,
+    max_in_flight: Arc<AtomicUsize>,
+    hold: Duration,
+}
+
+impl SinkFactory for GatedFactory {
+    type Sink = GatedSink;
+    fn build(&self, _: &ShardInfo) -> Result<GatedSink, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(GatedSink {
+            open: self.open.clone(),
+            max_in_flight: self.max_in_flight.clone(),
+            hold: self.hold,
+        })
+    }
+}
+
+#[test]
+fn a_full_queue_stops_reading_instead_of_dropping() {
+    let factory = GatedFactory::default();
+    let server = Server::start(
+        RuntimeConfig {
+            queue_size: 64,
+            shards: 1,
+            ..config()
+        },
+        factory.clone(),
+    )
+    .unwrap();
+    let mut s = Station::connect(server.local_addr());
+    s.identify("1");
+    // Far more than the queue holds; the writer thread blocks once the socket buffers fill.
+    let lines = 200_000;
+    let writer = {
+        let mut stream = s.stream.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let line = b"{\"type\":\"metrics\",\"data\":\"t=1\"}\n";
+            for _ in 0..lines {
+                stream.write_all(line).unwrap();
+            }
+        })
+    };
+    wait_for("a blocked connection", || {
+        server.totals().backpressure_waits > 0
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let t = server.totals();
+    assert!(
+        t.records_enqueued <= 64 + 1,
+        "queue bound exceeded: {}",
+        t.records_enqueued
+    );
+    assert!(t.records_enqueued < lines, "nothing was held back");
+    factory.open.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    wait_for("every record", || {
+        server.totals().records_delivered == lines
+    });
+    assert_eq!(server.totals().records_failed, 0);
+}
+
+#[test]
+fn in_flight_cap_of_one_makes_each_line_wait_for_its_delivery() {
+    for (cap, expect_serial) in [(1, true), (0, false)] {
+        let factory = GatedFactory {
+            hold: Duration::from_millis(2),
+            ..GatedFactory::default()
+        };
+        factory.open.store(true, Ordering::Relaxed);
+        let cfg = RuntimeConfig {
+            max_in_flight_per_connection: cap,
+            shards: 1,
+            ..config()
+        };
+        let server = Server::start(cfg, factory.clone()).unwrap();
+        let mut s = Station::connect(server.local_addr());
+        s.identify("1");
+        s.metrics(50);
+        wait_for("50 records", || server.totals().records_delivered == 50);
+        let max = factory.max_in_flight.load(Ordering::Relaxed);
+        if expect_serial {
+            assert_eq!(max, 1, "cap 1 let {max} records be in flight");
+        } else {
+            assert!(max > 1, "without a cap records should pile up, saw {max}");
+        }
+    }
+}
+
+#[test]
+fn shutdown_delivers_what_was_read_and_refuses_new_connections() {
+    let server = start_null(config());
+    let addr = server.local_addr();
+    let mut stations: Vec<Station> = (0..10).map(|_| Station::connect(addr)).collect();
+    for (i, s) in stations.iter_mut().enumerate() {
+        s.identify(&i.to_string());
+        s.metrics(500);
+    }
+    wait_for("all lines read", || {
+        server.totals().lines_received == 10 * 501
+    });
+    server.shutdown();
+    let totals_before = server.totals();
+    let metrics: Vec<_> = server.metrics().to_vec();
+    server.join().unwrap();
+    let t = stormgate_telemetry::Totals::sum(metrics.iter().map(|m| &**m));
+    assert_eq!(
+        t.records_delivered, 5000,
+        "before shutdown: {totals_before:?}"
+    );
+    assert_eq!(t.connections_active, 0);
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "listener still open after shutdown"
+    );
+    for s in &mut stations {
+        assert_eq!(s.read_to_close(), "");
+    }
+}
