@@ -1,0 +1,294 @@
+//! Producer settings and their librdkafka properties.
+//!
+//! | setting | librdkafka property | seed default | Stormgate default | why |
+//! |---|---|---|---|---|
+//! | `KAFKA_BATCH_SIZE` | `batch.num.messages` | 100 | 10000 | librdkafka's default; 100 caps a batch at ~20 KB and multiplies requests |
+//! | `KAFKA_BATCH_TIMEOUT` | `linger.ms` | 100ms | 5ms | librdkafka's default; batches still fill under load, and a quiet station's line waits 5 ms, not 100 |
+//! | `KAFKA_COMPRESSION` | `compression.codec` | snappy | lz4 | as fast as snappy with a better ratio on JSON; broker-side decompression is cheap |
+//! | `KAFKA_REQUIRED_ACKS` | `acks` | 1 | all (-1) | librdkafka's default; a leader failure with acks=1 loses acknowledged records |
+//! | `KAFKA_MAX_ATTEMPTS` | `retries` = attempts − 1 | 3 | 0 = no limit | retries stop at `KAFKA_DELIVERY_TIMEOUT`, so a broker restart does not exhaust them |
+//! | `KAFKA_IDEMPOTENCE` | `enable.idempotence` | — | true | retries cannot duplicate or reorder a station's records |
+//! | `KAFKA_ASYNC` | per-connection in-flight cap of 1 when false | true | true | false is the seed's old behaviour, kept for comparison |
+//!
+//! Always set: `partitioner=murmur2_random` (the Java client's, so a zipcode lands on the same
+//! partition whoever produces it) and `client.id=stormgate-shard-N`. Any other property passes
+//! through unchanged (`KAFKA_PROP_<NAME>` or `--kafka-prop name=value`) and wins over the
+//! settings above.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+
+/// Topic records go to when none is configured.
+pub const DEFAULT_TOPIC: &str = "weather.metrics";
+/// See the module table.
+pub const DEFAULT_BATCH_SIZE: u32 = 10_000;
+/// See the module table.
+pub const DEFAULT_BATCH_TIMEOUT: Duration = Duration::from_millis(5);
+/// See the module table.
+pub const DEFAULT_COMPRESSION: Compression = Compression::Lz4;
+/// See the module table.
+pub const DEFAULT_ACKS: Acks = Acks::All;
+/// How long librdkafka keeps retrying a record (`message.timeout.ms`); librdkafka's default.
+/// Long enough to ride out a broker restart; a record older than this is a failed delivery.
+pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Record compression (`compression.codec`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// No compression.
+    None,
+    /// gzip (zlib).
+    Gzip,
+    /// Snappy.
+    Snappy,
+    /// LZ4.
+    Lz4,
+    /// Zstandard.
+    Zstd,
+}
+
+impl Compression {
+    /// Every codec, for tests and benchmarks that cover all of them.
+    pub const ALL: [Compression; 5] = [
+        Compression::None,
+        Compression::Gzip,
+        Compression::Snappy,
+        Compression::Lz4,
+        Compression::Zstd,
+    ];
+
+    /// The librdkafka name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Compression {
+    type Err = ParseSettingError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Compression::ALL
+            .into_iter()
+            .find(|c| c.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                ParseSettingError::new("compression", s, "none, gzip, snappy, lz4 or zstd")
+            })
+    }
+}
+
+/// Broker acknowledgements a record needs before it counts as delivered (`acks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acks {
+    /// 0: none; the record counts as delivered once sent.
+    None,
+    /// 1: the partition leader wrote it.
+    Leader,
+    /// -1 / all: every in-sync replica wrote it.
+    All,
+}
+
+impl Acks {
+    /// The librdkafka value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Acks::None => "0",
+            Acks::Leader => "1",
+            Acks::All => "all",
+        }
+    }
+}
+
+impl fmt::Display for Acks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Acks {
+    type Err = ParseSettingError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "0" | "none" => Ok(Acks::None),
+            "1" | "leader" => Ok(Acks::Leader),
+            "-1" | "all" => Ok(Acks::All),
+            _ => Err(ParseSettingError::new("acks", s, "0, 1, -1 or all")),
+        }
+    }
+}
+
+/// A setting's value could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {setting} {value:?}: expected {expected}")]
+pub struct ParseSettingError {
+    setting: &'static str,
+    value: String,
+    expected: &'static str,
+}
+
+impl ParseSettingError {
+    fn new(setting: &'static str, value: &str, expected: &'static str) -> Self {
+        ParseSettingError {
+            setting,
+            value: value.to_owned(),
+            expected,
+        }
+    }
+}
+
+/// Everything that shapes the per-shard producers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Topic every record goes to.
+    pub topic: String,
+    /// `batch.num.messages`.
+    pub batch_size: u32,
+    /// `linger.ms`.
+    pub batch_timeout: Duration,
+    /// `compression.codec`.
+    pub compression: Compression,
+    /// `acks`.
+    pub acks: Acks,
+    /// Total attempts per record (`retries` = attempts − 1); 0 means retry until the delivery
+    /// timeout.
+    pub max_attempts: u32,
+    /// `enable.idempotence`.
+    pub idempotence: bool,
+    /// `message.timeout.ms`.
+    pub delivery_timeout: Duration,
+    /// Extra librdkafka properties, applied last (they override everything above).
+    pub properties: Vec<(String, String)>,
+}
+
+impl KafkaSettings {
+    /// Defaults for everything but the brokers.
+    pub fn new(brokers: impl Into<String>) -> KafkaSettings {
+        KafkaSettings {
+            brokers: brokers.into(),
+            topic: DEFAULT_TOPIC.to_owned(),
+            batch_size: DEFAULT_BATCH_SIZE,
+            batch_timeout: DEFAULT_BATCH_TIMEOUT,
+            compression: DEFAULT_COMPRESSION,
+            acks: DEFAULT_ACKS,
+            max_attempts: 0,
+            idempotence: true,
+            delivery_timeout: DEFAULT_DELIVERY_TIMEOUT,
+            properties: Vec::new(),
+        }
+    }
+
+    /// The librdkafka properties of a producer, in the order they are applied.
+    pub fn producer_properties(&self) -> Vec<(String, String)> {
+        let mut props: Vec<(String, String)> = vec![
+            ("bootstrap.servers".into(), self.brokers.clone()),
+            ("batch.num.messages".into(), self.batch_size.to_string()),
+            ("linger.ms".into(), millis(self.batch_timeout)),
+            ("compression.codec".into(), self.compression.as_str().into()),
+            ("acks".into(), self.acks.as_str().into()),
+            ("enable.idempotence".into(), self.idempotence.to_string()),
+            ("message.timeout.ms".into(), millis(self.delivery_timeout)),
+            ("partitioner".into(), "murmur2_random".into()),
+        ];
+        if self.max_attempts > 0 {
+            props.push(("retries".into(), (self.max_attempts - 1).to_string()));
+        }
+        props.extend(self.properties.iter().cloned());
+        props
+    }
+
+    /// The client configuration of shard `shard_id`'s producer.
+    pub(crate) fn client_config(&self, shard_id: usize) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("client.id", format!("stormgate-shard-{shard_id}"));
+        for (k, v) in self.producer_properties() {
+            config.set(k, v);
+        }
+        config
+    }
+}
+
+fn millis(d: Duration) -> String {
+    d.as_millis().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prop<'a>(props: &'a [(String, String)], key: &str) -> Option<&'a str> {
+        props
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn settings_map_to_librdkafka_properties() {
+        let mut s = KafkaSettings::new("b:9092");
+        s.batch_size = 100;
+        s.batch_timeout = Duration::from_millis(100);
+        s.compression = Compression::Snappy;
+        s.acks = Acks::Leader;
+        s.max_attempts = 3;
+        let p = s.producer_properties();
+        assert_eq!(prop(&p, "bootstrap.servers"), Some("b:9092"));
+        assert_eq!(prop(&p, "batch.num.messages"), Some("100"));
+        assert_eq!(prop(&p, "linger.ms"), Some("100"));
+        assert_eq!(prop(&p, "compression.codec"), Some("snappy"));
+        assert_eq!(prop(&p, "acks"), Some("1"));
+        assert_eq!(prop(&p, "retries"), Some("2"));
+        assert_eq!(prop(&p, "partitioner"), Some("murmur2_random"));
+    }
+
+    #[test]
+    fn unlimited_attempts_leave_retries_to_librdkafka() {
+        let p = KafkaSettings::new("b").producer_properties();
+        assert_eq!(prop(&p, "retries"), None);
+        assert_eq!(prop(&p, "message.timeout.ms"), Some("300000"));
+    }
+
+    #[test]
+    fn pass_through_properties_win() {
+        let mut s = KafkaSettings::new("b");
+        s.properties.push(("linger.ms".into(), "0".into()));
+        s.properties
+            .push(("socket.keepalive.enable".into(), "true".into()));
+        let p = s.producer_properties();
+        assert_eq!(prop(&p, "linger.ms"), Some("0"));
+        assert_eq!(prop(&p, "socket.keepalive.enable"), Some("true"));
+    }
+
+    #[test]
+    fn parse_codecs_and_acks() {
+        for c in Compression::ALL {
+            assert_eq!(c.as_str().parse::<Compression>(), Ok(c));
+        }
+        assert_eq!("LZ4".parse::<Compression>(), Ok(Compression::Lz4));
+        assert!("brotli".parse::<Compression>().is_err());
+        assert_eq!("-1".parse::<Acks>(), Ok(Acks::All));
+        assert_eq!("all".parse::<Acks>(), Ok(Acks::All));
+        assert_eq!("0".parse::<Acks>(), Ok(Acks::None));
+        assert_eq!("1".parse::<Acks>(), Ok(Acks::Leader));
+        let err = "2".parse::<Acks>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid acks \"2\": expected 0, 1, -1 or all"
+        );
+    }
+}

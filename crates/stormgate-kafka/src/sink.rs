@@ -1,0 +1,284 @@
+//! One non-blocking Kafka producer per shard.
+//!
+//! The shard's records arrive through its queue; the sink hands each to librdkafka with
+//! `BaseProducer::send`, which never blocks: it copies the record into librdkafka's queue or
+//! fails at once. `QueueFull` means librdkafka already buffers as much as it may, so the sink
+//! polls, waits a millisecond and tries again, and meanwhile takes nothing from the shard
+//! queue: that is how backpressure travels from the broker to the sockets.
+//!
+//! A shard-local poller task calls `poll(0)` every millisecond while records are in flight
+//! (and sleeps until woken when none are), turning delivery reports into settlements on the
+//! shard's own thread.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use futures_lite::future;
+use glommio::timer::sleep;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, PurgeConfig};
+use rdkafka::types::RDKafkaErrorCode;
+use stormgate_shard::{
+    DeliveryFailure, Outcome, Record, RecordReceiver, ShardInfo, Sink, SinkContext, SinkFactory,
+    Ticket,
+};
+use tracing::info;
+
+use crate::config::KafkaSettings;
+use crate::context::{Report, ShardContext};
+
+/// How often delivery reports are polled while records are in flight. It bounds the delay
+/// between the broker's acknowledgement and the shard learning of it.
+const POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// How often an idle producer is polled anyway (librdkafka error events).
+const IDLE_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Upper bound on `poll(0)` calls per drain: each serves one event (a log line, an error, or
+/// a batch of delivery reports), and the drain stops early once the queue is empty.
+const MAX_POLLS_PER_DRAIN: usize = 64;
+/// Flush budget if the queue closed without a shutdown deadline (not expected: queues close
+/// only during shutdown).
+const FLUSH_WITHOUT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Builds one [`KafkaSink`] per shard from shared settings.
+#[derive(Debug, Clone)]
+pub struct KafkaSinkFactory {
+    settings: KafkaSettings,
+}
+
+impl KafkaSinkFactory {
+    /// A factory for producers with these settings.
+    pub fn new(settings: KafkaSettings) -> KafkaSinkFactory {
+        KafkaSinkFactory { settings }
+    }
+
+    /// The settings every producer gets.
+    pub fn settings(&self) -> &KafkaSettings {
+        &self.settings
+    }
+}
+
+impl SinkFactory for KafkaSinkFactory {
+    type Sink = KafkaSink;
+
+    fn build(
+        &self,
+        shard: &ShardInfo,
+    ) -> Result<KafkaSink, Box<dyn std::error::Error + Send + Sync>> {
+        let producer: BaseProducer<ShardContext> = self
+            .settings
+            .client_config(shard.id)
+            .create_with_context(ShardContext::new(shard.id))?;
+        Ok(KafkaSink {
+            producer,
+            topic: self.settings.topic.clone(),
+            shard_id: shard.id,
+        })
+    }
+}
+
+/// A shard's Kafka producer. Lives on its shard only.
+pub struct KafkaSink {
+    producer: BaseProducer<ShardContext>,
+    topic: String,
+    shard_id: usize,
+}
+
+impl Sink for KafkaSink {
+    async fn run(self, records: RecordReceiver, ctx: SinkContext) {
+        let shard_id = self.shard_id;
+        let sink = Rc::new(Running {
+            producer: Arc::new(self.producer),
+            topic: self.topic,
+            ctx,
+            reports: RefCell::new(Vec::with_capacity(1024)),
+            wake: Notify::default(),
+            done: Cell::new(false),
+        });
+        let poller = glommio::spawn_local(poll_loop(Rc::clone(&sink)));
+        while let Some(record) = records.recv().await {
+            sink.produce(record).await;
+        }
+        sink.flush().await;
+        sink.done.set(true);
+        sink.wake.notify();
+        poller.await;
+        info!(shard = shard_id, "producer flushed");
+    }
+}
+
+struct Running {
+    /// Shared only with the helper thread of [`Running::flush`].
+    producer: Arc<BaseProducer<ShardContext>>,
+    topic: String,
+    ctx: SinkContext,
+    /// Reused buffer for reports taken from the context.
+    reports: RefCell<Vec<Report>>,
+    /// Wakes the poller when records go in flight after it went idle.
+    wake: Notify,
+    done: Cell<bool>,
+}
+
+impl Running {
+    async fn produce(&self, record: Record) {
+        loop {
+            let r = BaseRecord::<str, [u8], usize>::with_opaque_to(
+                &self.topic,
+                record.ticket.into_raw(),
+            )
+            .key(&record.key)
+            .payload(&record.value)
+            .timestamp(record.timestamp_ms);
+            match self.producer.send(r) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    if self.past_deadline() {
+                        self.ctx.settle(
+                            record.ticket,
+                            Outcome::Failed(DeliveryFailure::ShutdownDeadline),
+                        );
+                        break;
+                    }
+                    self.drain_reports();
+                    sleep(POLL_INTERVAL).await;
+                }
+                Err((e, _)) => {
+                    let failure = DeliveryFailure::Rejected {
+                        reason: e.to_string(),
+                    };
+                    self.ctx.settle(record.ticket, Outcome::Failed(failure));
+                    break;
+                }
+            }
+        }
+        self.ctx.recycle(record.value);
+        self.wake.notify();
+    }
+
+    /// Polls librdkafka until it has no more events ready and settles every delivery report.
+    fn drain_reports(&self) {
+        let context = self.producer.context();
+        for _ in 0..MAX_POLLS_PER_DRAIN {
+            let before = context.callbacks();
+            self.producer.poll(Duration::ZERO);
+            if context.callbacks() == before {
+                break;
+            }
+        }
+        let mut reports = self.reports.borrow_mut();
+        context.take_reports(&mut reports);
+        for report in reports.drain(..) {
+            self.ctx
+                .settle(Ticket::from_raw(report.ticket), outcome(report.result));
+        }
+    }
+
+    /// Delivers what librdkafka still holds, within the shutdown deadline; then purges the
+    /// rest, which librdkafka reports as failed deliveries.
+    ///
+    /// librdkafka sends without waiting out `linger.ms` only while some thread is inside
+    /// `rd_kafka_flush` (`rk_flushing` > 0). rdkafka's `Producer::flush` calls it with a zero
+    /// timeout between polls, which leaves that window too short for the broker threads to
+    /// notice (a record lingering for a minute stays there). So a short-lived helper thread
+    /// sits in `rd_kafka_flush` for the remaining time, while the shard keeps polling and
+    /// settling delivery reports, which is what lets that flush return.
+    async fn flush(&self) {
+        self.drain_reports();
+        if self.producer.in_flight_count() == 0 {
+            return;
+        }
+        let remaining = self.ctx.deadline().map_or(FLUSH_WITHOUT_DEADLINE, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        let producer = Arc::clone(&self.producer);
+        let timeout_ms = i32::try_from(remaining.as_millis()).unwrap_or(i32::MAX);
+        let helper = std::thread::Builder::new()
+            .name("stormgate-flush".into())
+            .spawn(move || {
+                // SAFETY: the handle stays valid while this thread holds `producer`.
+                unsafe {
+                    rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), timeout_ms)
+                };
+            });
+        while self.producer.in_flight_count() > 0 && !self.past_deadline() {
+            sleep(POLL_INTERVAL).await;
+            self.drain_reports();
+        }
+        if self.producer.in_flight_count() > 0 {
+            self.producer
+                .purge(PurgeConfig::default().queue().inflight());
+            for _ in 0..1000 {
+                self.drain_reports();
+                if self.producer.in_flight_count() == 0 {
+                    break;
+                }
+                sleep(POLL_INTERVAL).await;
+            }
+        }
+        // Returns at once: nothing is left to wait for (or its timeout, the deadline, passed).
+        if let Ok(helper) = helper {
+            let _ = helper.join();
+        }
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.ctx.deadline().is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+fn outcome(result: Result<(), RDKafkaErrorCode>) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Delivered,
+        Err(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => {
+            Outcome::Failed(DeliveryFailure::ShutdownDeadline)
+        }
+        Err(code) => Outcome::Failed(DeliveryFailure::Rejected {
+            reason: format!("{code:?}: {code}"),
+        }),
+    }
+}
+
+async fn poll_loop(sink: Rc<Running>) {
+    loop {
+        sink.drain_reports();
+        if sink.done.get() && sink.producer.in_flight_count() == 0 {
+            return;
+        }
+        if sink.producer.in_flight_count() > 0 {
+            sleep(POLL_INTERVAL).await;
+        } else {
+            future::or(sink.wake.notified(), sleep(IDLE_POLL_INTERVAL)).await;
+        }
+    }
+}
+
+/// Wakes one waiting task; remembers a notification nobody waited for. Shard-local.
+#[derive(Default)]
+struct Notify {
+    notified: Cell<bool>,
+    waiter: Cell<Option<Waker>>,
+}
+
+impl Notify {
+    fn notify(&self) {
+        self.notified.set(true);
+        if let Some(w) = self.waiter.take() {
+            w.wake();
+        }
+    }
+
+    async fn notified(&self) {
+        poll_fn(|cx| {
+            if self.notified.replace(false) {
+                Poll::Ready(())
+            } else {
+                self.waiter.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+}
