@@ -1,0 +1,193 @@
+//! Wiring: choose the sink, start the shards, wait for a signal, drain, report.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use stormgate_kafka::{EmbeddedCluster, KafkaSink, KafkaSinkFactory};
+use stormgate_shard::{
+    NullSink, NullSinkFactory, RecordReceiver, Server, ServerHandle, ShardInfo, Sink, SinkContext,
+    SinkFactory,
+};
+use stormgate_telemetry::Totals;
+use tracing::{info, warn};
+
+use crate::cli::{Cli, SinkKind};
+
+/// Partitions of the topic the embedded mock cluster creates.
+const EMBEDDED_PARTITIONS: i32 = 6;
+
+/// A running Stormgate: the shards, and the embedded cluster when there is one.
+pub struct App {
+    server: ServerHandle,
+    brokers: Option<String>,
+    /// Kept alive for as long as the producers use it; dropped last.
+    _embedded: Option<EmbeddedCluster>,
+}
+
+impl App {
+    /// Where stations connect.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// The Kafka bootstrap servers records go to (`None` with the null sink).
+    pub fn brokers(&self) -> Option<&str> {
+        self.brokers.as_deref()
+    }
+
+    /// The running shards.
+    pub fn server(&self) -> &ServerHandle {
+        &self.server
+    }
+
+    /// Stops accepting, drains every shard within the shutdown timeout, logs a per-shard
+    /// summary, and returns the final totals.
+    pub fn stop(self) -> anyhow::Result<Totals> {
+        info!("shutting down: no new connections; delivering what was read");
+        self.server.shutdown();
+        let metrics = self.server.metrics().to_vec();
+        let shards = self.server.shards().to_vec();
+        let joined = self.server.join();
+        for (info, m) in shards.iter().zip(&metrics) {
+            let t = Totals::sum([&**m]);
+            info!(
+                shard = info.id,
+                core = info.core,
+                connections = t.connections_accepted,
+                lines = t.lines_received,
+                rejected = t.line_errors_total(),
+                delivered = t.records_delivered,
+                failed = t.records_failed,
+                latency_p50_us = t.delivery_latency.quantile_micros(0.50),
+                latency_p99_us = t.delivery_latency.quantile_micros(0.99),
+                latency_p999_us = t.delivery_latency.quantile_micros(0.999),
+                "shard summary"
+            );
+        }
+        let totals = Totals::sum(metrics.iter().map(|m| &**m));
+        if totals.records_failed > 0 {
+            warn!(
+                failed = totals.records_failed,
+                "some records were not delivered"
+            );
+        }
+        joined.map_err(anyhow::Error::msg)?;
+        info!(delivered = totals.records_delivered, "stopped");
+        Ok(totals)
+    }
+}
+
+/// Starts Stormgate as `cli` describes and returns once every shard is listening.
+pub fn start(cli: &Cli) -> anyhow::Result<App> {
+    let runtime = cli.runtime_config();
+    let (factory, brokers, embedded) = match cli.sink {
+        SinkKind::Null => {
+            info!("sink: null (records are counted and dropped)");
+            (AnyFactory::Null(NullSinkFactory), None, None)
+        }
+        SinkKind::Kafka => {
+            let (brokers, embedded) = match &cli.kafka_brokers {
+                Some(b) if !b.trim().is_empty() => (b.clone(), None),
+                _ => {
+                    let cluster = EmbeddedCluster::start(&cli.kafka_topic, EMBEDDED_PARTITIONS)
+                        .context("starting the embedded Kafka mock cluster")?;
+                    let bootstrap = cluster.bootstrap_servers();
+                    info!(
+                        bootstrap = %bootstrap,
+                        topic = %cli.kafka_topic,
+                        "KAFKA_BROKERS unset: embedded Kafka mock cluster started (in memory, gone at exit); \
+                         read it with: kcat -b {bootstrap} -C -t {}",
+                        cli.kafka_topic
+                    );
+                    (bootstrap, Some(cluster))
+                }
+            };
+            let settings = cli.kafka_settings(&brokers)?;
+            info!(
+                brokers = %settings.brokers,
+                topic = %settings.topic,
+                batch_size = settings.batch_size,
+                batch_timeout = ?settings.batch_timeout,
+                compression = %settings.compression,
+                r#async = cli.kafka_async,
+                max_attempts = settings.max_attempts,
+                acks = %settings.acks,
+                idempotence = settings.idempotence,
+                delivery_timeout = ?settings.delivery_timeout,
+                extra_properties = ?settings.properties,
+                "kafka producer settings (one producer per shard)"
+            );
+            (
+                AnyFactory::Kafka(KafkaSinkFactory::new(settings)),
+                Some(brokers),
+                embedded,
+            )
+        }
+    };
+    let server = Server::start(runtime, factory).context("starting the shards")?;
+    let cores: Vec<usize> = server.shards().iter().map(|s| s.core).collect();
+    info!(
+        addr = %server.local_addr(),
+        shards = server.shards().len(),
+        cores = ?cores,
+        max_connections = server.max_connections(),
+        "listening"
+    );
+    Ok(App {
+        server,
+        brokers,
+        _embedded: embedded,
+    })
+}
+
+/// Runs until SIGINT or SIGTERM, then drains and exits. A second signal exits at once.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
+    let app = start(&cli)?;
+    if let Some(sig) = signals.forever().next() {
+        info!(signal = sig, "signal received");
+    }
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            warn!(signal = sig, "second signal: exiting without draining");
+            std::process::exit(130);
+        }
+    });
+    app.stop().map(drop)
+}
+
+/// The configured sink, chosen at startup.
+enum AnyFactory {
+    Kafka(KafkaSinkFactory),
+    Null(NullSinkFactory),
+}
+
+enum AnySink {
+    Kafka(KafkaSink),
+    Null(NullSink),
+}
+
+impl SinkFactory for AnyFactory {
+    type Sink = AnySink;
+
+    fn build(
+        &self,
+        shard: &ShardInfo,
+    ) -> Result<AnySink, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(match self {
+            AnyFactory::Kafka(f) => AnySink::Kafka(f.build(shard)?),
+            AnyFactory::Null(f) => AnySink::Null(f.build(shard)?),
+        })
+    }
+}
+
+impl Sink for AnySink {
+    async fn run(self, records: RecordReceiver, ctx: SinkContext) {
+        match self {
+            AnySink::Kafka(s) => s.run(records, ctx).await,
+            AnySink::Null(s) => s.run(records, ctx).await,
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Command line and environment.
+//!
+//! Every setting is a flag and an environment variable with the same meaning; a flag wins
+//! over the variable, the variable over the default. `stormgate --help` lists each with its
+//! default. Extra librdkafka properties come from `KAFKA_PROP_<NAME>` variables (`_` becomes
+//! `.`, lowercased: `KAFKA_PROP_SOCKET_KEEPALIVE_ENABLE=true`) and repeatable
+//! `--kafka-prop name=value` flags, flags last.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Parser, ValueEnum};
+use stormgate_kafka::{Acks, Compression, KafkaSettings};
+use stormgate_shard::RuntimeConfig;
+use stormgate_shard::config as rt;
+
+use crate::logging::LogFormat;
+
+/// Prefix of environment variables passed through to librdkafka.
+pub const KAFKA_PROP_ENV_PREFIX: &str = "KAFKA_PROP_";
+
+/// Where records go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SinkKind {
+    /// Kafka: KAFKA_BROKERS, or the embedded mock cluster when unset.
+    Kafka,
+    /// Nowhere: records are settled as delivered when taken (measures parsing and networking).
+    Null,
+}
+
+/// Stormgate: accepts station connections on every core and publishes each metrics line to
+/// Kafka.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "stormgate", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Address stations connect to; every shard listens on it (SO_REUSEPORT).
+    #[arg(long, env = "TCP_LISTEN", default_value = rt::DEFAULT_LISTEN, help_heading = "Stations")]
+    pub listen: SocketAddr,
+
+    /// Shards (pinned executors); 0 = one per core in the process's affinity mask.
+    #[arg(
+        long,
+        env = "TCP_SHARDS",
+        default_value_t = 0,
+        help_heading = "Stations"
+    )]
+    pub shards: usize,
+
+    /// Listen backlog of each shard's socket (capped by net.core.somaxconn).
+    #[arg(long, env = "TCP_BACKLOG", default_value_t = rt::DEFAULT_BACKLOG, help_heading = "Stations")]
+    pub backlog: u32,
+
+    /// Most connections open at once, all shards together; 0 = open-files limit minus 256.
+    #[arg(
+        long,
+        env = "TCP_MAX_CONNECTIONS",
+        default_value_t = 0,
+        help_heading = "Stations"
+    )]
+    pub max_connections: usize,
+
+    /// Records each shard may queue between its connections and its producer; when full,
+    /// connections stop reading (TCP backpressure).
+    #[arg(long, env = "TCP_JOB_QUEUE_SIZE", default_value_t = rt::DEFAULT_QUEUE_SIZE, help_heading = "Stations")]
+    pub queue_size: usize,
+
+    /// Longest accepted line in bytes; longer lines are answered with line_too_long and skipped.
+    #[arg(long, env = "TCP_MAX_LINE_BYTES", default_value_t = rt::DEFAULT_MAX_LINE_BYTES, help_heading = "Stations")]
+    pub max_line_bytes: usize,
+
+    /// Time allowed on SIGTERM/SIGINT to deliver what was already read.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration, help_heading = "Stations")]
+    pub shutdown_timeout: Duration,
+
+    /// Where records go.
+    #[arg(long, env = "SINK", value_enum, default_value_t = SinkKind::Kafka, help_heading = "Kafka")]
+    pub sink: SinkKind,
+
+    /// Kafka bootstrap servers; unset = start an embedded in-process mock cluster.
+    #[arg(long, env = "KAFKA_BROKERS", help_heading = "Kafka")]
+    pub kafka_brokers: Option<String>,
+
+    /// Topic every record goes to.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = stormgate_kafka::config::DEFAULT_TOPIC, help_heading = "Kafka")]
+    pub kafka_topic: String,
+
+    /// Records per batch (batch.num.messages).
+    #[arg(long, env = "KAFKA_BATCH_SIZE", default_value_t = stormgate_kafka::config::DEFAULT_BATCH_SIZE, help_heading = "Kafka")]
+    pub kafka_batch_size: u32,
+
+    /// How long a batch may wait to fill (linger.ms), e.g. 5ms, 100ms.
+    #[arg(long, env = "KAFKA_BATCH_TIMEOUT", default_value = "5ms", value_parser = parse_duration, help_heading = "Kafka")]
+    pub kafka_batch_timeout: Duration,
+
+    /// Compression codec.
+    #[arg(long, env = "KAFKA_COMPRESSION", default_value = "lz4", value_parser = parse_compression, help_heading = "Kafka")]
+    pub kafka_compression: Compression,
+
+    /// false = every line waits for its delivery report before its connection reads on (the
+    /// old server's behaviour, for comparison).
+    #[arg(long, env = "KAFKA_ASYNC", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set, help_heading = "Kafka")]
+    pub kafka_async: bool,
+
+    /// Delivery attempts per record (retries + 1); 0 = retry until the delivery timeout.
+    #[arg(
+        long,
+        env = "KAFKA_MAX_ATTEMPTS",
+        default_value_t = 0,
+        help_heading = "Kafka"
+    )]
+    pub kafka_max_attempts: u32,
+
+    /// Acknowledgements per record: 0, 1, or -1/all.
+    #[arg(long, env = "KAFKA_REQUIRED_ACKS", default_value = "all", value_parser = parse_acks, allow_hyphen_values = true, help_heading = "Kafka")]
+    pub kafka_required_acks: Acks,
+
+    /// Idempotent producer (enable.idempotence): retries cannot duplicate or reorder.
+    #[arg(long, env = "KAFKA_IDEMPOTENCE", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set, help_heading = "Kafka")]
+    pub kafka_idempotence: bool,
+
+    /// How long librdkafka keeps trying to deliver a record (message.timeout.ms).
+    #[arg(long, env = "KAFKA_DELIVERY_TIMEOUT", default_value = "300s", value_parser = parse_duration, help_heading = "Kafka")]
+    pub kafka_delivery_timeout: Duration,
+
+    /// Extra librdkafka property NAME=VALUE (repeatable); also KAFKA_PROP_<NAME> variables.
+    #[arg(long = "kafka-prop", value_name = "NAME=VALUE", value_parser = parse_prop, help_heading = "Kafka")]
+    pub kafka_props: Vec<(String, String)>,
+
+    /// Log format on stderr; filter with RUST_LOG (default info).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Cli {
+    /// The shard runtime's settings.
+    pub fn runtime_config(&self) -> RuntimeConfig {
+        RuntimeConfig {
+            listen: self.listen,
+            shards: self.shards,
+            backlog: self.backlog,
+            max_connections: self.max_connections,
+            queue_size: self.queue_size,
+            max_line_bytes: self.max_line_bytes,
+            max_in_flight_per_connection: if self.kafka_async { 0 } else { 1 },
+            shutdown_timeout: self.shutdown_timeout,
+            ..RuntimeConfig::default()
+        }
+    }
+
+    /// The Kafka producers' settings, given the brokers to use.
+    pub fn kafka_settings(&self, brokers: &str) -> anyhow::Result<KafkaSettings> {
+        let mut props = env_props(std::env::vars())?;
+        props.extend(self.kafka_props.iter().cloned());
+        Ok(KafkaSettings {
+            topic: self.kafka_topic.clone(),
+            batch_size: self.kafka_batch_size,
+            batch_timeout: self.kafka_batch_timeout,
+            compression: self.kafka_compression,
+            acks: self.kafka_required_acks,
+            max_attempts: self.kafka_max_attempts,
+            idempotence: self.kafka_idempotence,
+            delivery_timeout: self.kafka_delivery_timeout,
+            properties: props,
+            ..KafkaSettings::new(brokers)
+        })
+    }
+}
+
+/// librdkafka properties from `KAFKA_PROP_<NAME>` variables, sorted by name.
+pub fn env_props(
+    vars: impl Iterator<Item = (String, String)>,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut props: Vec<(String, String)> = vars
+        .filter_map(|(k, v)| {
+            let name = k.strip_prefix(KAFKA_PROP_ENV_PREFIX)?;
+            Some((name.to_ascii_lowercase().replace('_', "."), v))
+        })
+        .collect();
+    if let Some((k, _)) = props.iter().find(|(k, _)| k.is_empty()) {
+        bail!("empty property name in {KAFKA_PROP_ENV_PREFIX}{k}");
+    }
+    props.sort();
+    Ok(props)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 5ms, 100ms, 30s)"))
+}
+
+fn parse_compression(s: &str) -> Result<Compression, String> {
+    s.parse()
+        .map_err(|e: stormgate_kafka::ParseSettingError| e.to_string())
+}
+
+fn parse_acks(s: &str) -> Result<Acks, String> {
+    s.parse()
+        .map_err(|e: stormgate_kafka::ParseSettingError| e.to_string())
+}
+
+fn parse_prop(s: &str) -> anyhow::Result<(String, String)> {
+    let (k, v) = s.split_once('=').context("expected NAME=VALUE")?;
+    if k.trim().is_empty() {
+        bail!("empty property name");
+    }
+    Ok((k.trim().to_owned(), v.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("stormgate").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let cli = parse(&[]);
+        let rt = cli.runtime_config();
+        assert_eq!(rt.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(rt.shards, 0);
+        assert_eq!(rt.backlog, 4096);
+        assert_eq!(rt.max_in_flight_per_connection, 0);
+        assert_eq!(cli.kafka_topic, "weather.metrics");
+        assert_eq!(cli.kafka_compression, Compression::Lz4);
+        assert_eq!(cli.kafka_required_acks, Acks::All);
+        assert!(cli.kafka_brokers.is_none());
+    }
+
+    #[test]
+    fn flags_map_to_settings() {
+        let cli = parse(&[
+            "--kafka-batch-size=100",
+            "--kafka-batch-timeout=100ms",
+            "--kafka-compression=snappy",
+            "--kafka-async=false",
+            "--kafka-max-attempts=3",
+            "--kafka-required-acks=-1",
+            "--kafka-prop",
+            "socket.keepalive.enable=true",
+        ]);
+        assert_eq!(cli.runtime_config().max_in_flight_per_connection, 1);
+        let k = cli.kafka_settings("b:1").unwrap();
+        assert_eq!(k.batch_size, 100);
+        assert_eq!(k.batch_timeout, Duration::from_millis(100));
+        assert_eq!(k.compression, Compression::Snappy);
+        assert_eq!(k.acks, Acks::All);
+        assert_eq!(k.max_attempts, 3);
+        assert!(
+            k.properties
+                .contains(&("socket.keepalive.enable".into(), "true".into()))
+        );
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_reason() {
+        let err = Cli::try_parse_from(["stormgate", "--kafka-compression=brotli"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("none, gzip, snappy, lz4 or zstd"), "{err}");
+        let err = Cli::try_parse_from(["stormgate", "--kafka-batch-timeout=soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("5ms"), "{err}");
+        assert!(Cli::try_parse_from(["stormgate", "--kafka-prop=novalue"]).is_err());
+    }
+
+    #[test]
+    fn kafka_prop_variables_become_properties() {
+        let vars = [
+            (
+                "KAFKA_PROP_SOCKET_KEEPALIVE_ENABLE".to_owned(),
+                "true".to_owned(),
+            ),
+            (
+                "KAFKA_PROP_STATISTICS_INTERVAL_MS".to_owned(),
+                "1000".to_owned(),
+            ),
+            ("KAFKA_TOPIC".to_owned(), "x".to_owned()),
+        ];
+        let props = env_props(vars.into_iter()).unwrap();
+        assert_eq!(
+            props,
+            [
+                ("socket.keepalive.enable".to_owned(), "true".to_owned()),
+                ("statistics.interval.ms".to_owned(), "1000".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn help_shows_every_default_and_variable() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        for needle in [
+            "[env: TCP_LISTEN=]",
+            "[default: 0.0.0.0:8080]",
+            "[env: TCP_SHARDS=]",
+            "[env: TCP_JOB_QUEUE_SIZE=]",
+            "[env: KAFKA_BROKERS=]",
+            "[default: weather.metrics]",
+            "[default: 5ms]",
+            "[default: lz4]",
+            "[env: KAFKA_ASYNC=]",
+            "[env: KAFKA_REQUIRED_ACKS=]",
+        ] {
+            assert!(help.contains(needle), "--help lacks {needle}");
+        }
+    }
+}

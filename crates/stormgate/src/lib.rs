@@ -1,0 +1,13 @@
+//! The `stormgate` binary: command line, configuration and wiring.
+//!
+//! - [`cli`]: the flags and environment variables, each with its default, and how they turn
+//!   into the runtime's and the Kafka sink's settings.
+//! - [`app`]: starts the embedded Kafka mock when no brokers are configured, starts the shards
+//!   with one sink per shard, waits for SIGINT/SIGTERM, drains and reports.
+//! - [`logging`]: `RUST_LOG` filtering, text or JSON output on stderr.
+//!
+//! This is the only crate that uses `anyhow`; libraries below it return typed errors.
+
+pub mod app;
+pub mod cli;
+pub mod logging;

@@ -1,0 +1,208 @@
+//! End to end against a real Kafka-protocol broker: stations → Stormgate → broker → consumer.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use stormgate_kafka::Compression;
+use stormgate_protocol::ErrorCode;
+use stormgate_station::Station;
+use support::*;
+
+const STATIONS: usize = 200;
+const LINES: usize = 50;
+/// Every `BAD_EVERY`th line is malformed; it must be answered, counted, and not published.
+const BAD_EVERY: usize = 10;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn zipcode(i: usize) -> String {
+    format!("{:05}", 10_000 + i)
+}
+
+fn city(i: usize) -> String {
+    if i.is_multiple_of(7) {
+        format!("São Paulo {i}")
+    } else {
+        format!("City {i}")
+    }
+}
+
+/// 200 stations × 50 lines through two shards into the broker with `codec`; every record
+/// arrives exactly once, in order per station, with the right key and fields.
+fn stations_to_topic(codec: Compression) {
+    let brokers = broker();
+    let topic = fresh_topic(&brokers, &format!("e2e-{codec}"));
+    let started_ms = now_ms();
+    let app = start(&[
+        "--kafka-brokers",
+        &brokers,
+        "--kafka-topic",
+        &topic,
+        "--kafka-compression",
+        codec.as_str(),
+    ]);
+    let mut stations = Vec::with_capacity(STATIONS);
+    for i in 0..STATIONS {
+        let mut s = Station::connect(app.local_addr()).expect("connect");
+        s.identify(&zipcode(i), &city(i)).unwrap();
+        let mut batch = String::new();
+        for line in 0..LINES {
+            if line % BAD_EVERY == BAD_EVERY - 1 {
+                batch.push_str("{\"type\":\"metrics\",\"data\":\"temperature=warm\"}\n");
+            } else {
+                batch.push_str(&format!(
+                    "{{\"type\":\"metrics\",\"data\":\"temperature={line}.5,humidity={i}\"}}\n"
+                ));
+            }
+        }
+        s.send(batch.as_bytes()).unwrap();
+        stations.push(s);
+    }
+    let good_per_station = LINES - LINES / BAD_EVERY;
+    let expected = STATIONS * good_per_station;
+    for s in &mut stations {
+        for _ in 0..LINES / BAD_EVERY {
+            match s.reply().unwrap() {
+                stormgate_station::Reply::Error { code, .. } => assert_eq!(code, "invalid_metric"),
+            }
+        }
+    }
+    wait_for("every record delivered", Duration::from_secs(60), || {
+        app.server().totals().records_delivered == expected as u64
+    });
+    let per_shard: Vec<u64> = app
+        .server()
+        .metrics()
+        .iter()
+        .map(|m| m.connections_accepted.get())
+        .collect();
+    assert!(
+        per_shard.iter().all(|&n| n > 0),
+        "a shard accepted no connection: {per_shard:?}"
+    );
+    let totals = app.stop().unwrap();
+    assert_eq!(totals.records_failed, 0);
+    assert_eq!(
+        totals.line_error(ErrorCode::InvalidMetric),
+        (STATIONS * LINES / BAD_EVERY) as u64
+    );
+    drop(stations);
+
+    let records = consume(&brokers, &topic, expected);
+    assert_eq!(records.len(), expected, "record count");
+    let groups = by_key(&records);
+    assert_eq!(groups.len(), STATIONS, "one key per station");
+    let mut connection_ids = HashSet::new();
+    for i in 0..STATIONS {
+        let zip = zipcode(i);
+        let recs = &groups[&zip];
+        assert_eq!(recs.len(), good_per_station, "records of {zip}");
+        let conn = recs[0].value["connection_id"].as_str().unwrap().to_owned();
+        let uuid = uuid::Uuid::parse_str(&conn).expect("connection_id is a UUID");
+        assert_eq!(uuid.get_version_num(), 7, "connection_id is a v7 UUID");
+        assert!(
+            connection_ids.insert(conn.clone()),
+            "connection_id shared by two stations"
+        );
+        let partition = recs[0].partition;
+        let mut temperatures = Vec::new();
+        for r in recs {
+            let v = &r.value;
+            assert_eq!(r.partition, partition, "{zip} spread over partitions");
+            assert_eq!(v["zipcode"], zip.as_str());
+            assert_eq!(v["city"], city(i).as_str());
+            assert_eq!(v["connection_id"], conn.as_str());
+            let at = v["received_at_ms"].as_i64().unwrap();
+            assert!(
+                at >= started_ms && at <= now_ms(),
+                "received_at_ms {at} out of range"
+            );
+            assert_eq!(
+                r.timestamp_ms,
+                Some(at),
+                "record timestamp is the read time"
+            );
+            assert_eq!(v["metrics"]["humidity"], i as f64);
+            assert_eq!(v["metrics"].as_object().unwrap().len(), 2);
+            assert_eq!(v.as_object().unwrap().len(), 5, "unexpected fields in {v}");
+            temperatures.push(v["metrics"]["temperature"].as_f64().unwrap());
+        }
+        let expected_temps: Vec<f64> = (0..LINES)
+            .filter(|l| l % BAD_EVERY != BAD_EVERY - 1)
+            .map(|l| l as f64 + 0.5)
+            .collect();
+        assert_eq!(
+            temperatures, expected_temps,
+            "{zip}: every line once, in order"
+        );
+    }
+}
+
+#[test]
+fn stations_to_topic_uncompressed() {
+    stations_to_topic(Compression::None);
+}
+
+#[test]
+fn stations_to_topic_gzip() {
+    stations_to_topic(Compression::Gzip);
+}
+
+#[test]
+fn stations_to_topic_snappy() {
+    stations_to_topic(Compression::Snappy);
+}
+
+#[test]
+fn stations_to_topic_lz4() {
+    stations_to_topic(Compression::Lz4);
+}
+
+#[test]
+fn stations_to_topic_zstd() {
+    stations_to_topic(Compression::Zstd);
+}
+
+/// KAFKA_ASYNC=false: each line waits for its delivery report; everything still arrives.
+#[test]
+fn synchronous_mode_delivers_every_line() {
+    let brokers = broker();
+    let topic = fresh_topic(&brokers, "e2e-sync");
+    let app = start(&[
+        "--kafka-brokers",
+        &brokers,
+        "--kafka-topic",
+        &topic,
+        "--kafka-async",
+        "false",
+    ]);
+    let mut stations: Vec<Station> = (0..10)
+        .map(|_| Station::connect(app.local_addr()).unwrap())
+        .collect();
+    for (i, s) in stations.iter_mut().enumerate() {
+        s.identify(&zipcode(i), "Sync").unwrap();
+        for line in 0..20 {
+            s.metrics(&[("temperature", line as f64)]).unwrap();
+        }
+    }
+    wait_for("200 records", Duration::from_secs(60), || {
+        app.server().totals().records_delivered == 200
+    });
+    app.stop().unwrap();
+    let records = consume(&brokers, &topic, 200);
+    assert_eq!(records.len(), 200);
+    for (zip, recs) in by_key(&records) {
+        let temps: Vec<f64> = recs
+            .iter()
+            .map(|r| r.value["metrics"]["temperature"].as_f64().unwrap())
+            .collect();
+        assert_eq!(temps, (0..20).map(f64::from).collect::<Vec<_>>(), "{zip}");
+    }
+}

@@ -1,0 +1,201 @@
+//! The `stormgate` binary as users run it: environment configuration, the embedded default,
+//! signals and exit status.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use stormgate_station::Station;
+use support::*;
+
+/// A running `stormgate` process whose JSON log lines are collected.
+struct Process {
+    child: Child,
+    logs: mpsc::Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+}
+
+impl Process {
+    fn spawn(env: &[(&str, &str)]) -> Process {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stormgate"));
+        cmd.env_remove("KAFKA_BROKERS")
+            .env("TCP_LISTEN", "127.0.0.1:0")
+            .env("TCP_SHARDS", "2")
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn stormgate");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, logs) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let v = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({"raw": line}));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        Process {
+            child,
+            logs,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line whose message contains `needle` and returns it.
+    fn log_line(&mut self, needle: &str) -> serde_json::Value {
+        if let Some(v) = self
+            .seen
+            .iter()
+            .find(|v| v["message"].as_str().is_some_and(|m| m.contains(needle)))
+        {
+            return v.clone();
+        }
+        loop {
+            let v = self
+                .logs
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no log line {needle:?}"));
+            self.seen.push(v.clone());
+            if v["message"].as_str().is_some_and(|m| m.contains(needle)) {
+                return v;
+            }
+        }
+    }
+
+    fn addr(&mut self) -> SocketAddr {
+        self.log_line("listening")["addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as libc::pid_t, sig) },
+            0
+        );
+    }
+
+    /// Waits for the process to exit and collects the rest of its log.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(v) = self.logs.recv_timeout(Duration::from_secs(5)) {
+                    self.seen.push(v);
+                }
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        panic!("stormgate did not exit within 60 s");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn send_lines(addr: SocketAddr, stations: usize, lines: usize) -> Vec<Station> {
+    (0..stations)
+        .map(|i| {
+            let mut s = Station::connect(addr).unwrap();
+            s.identify(&format!("{i:05}"), "Embedded").unwrap();
+            for l in 0..lines {
+                s.metrics(&[("temperature", l as f64), ("humidity", 50.0)])
+                    .unwrap();
+            }
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn embedded_default_serves_records_that_a_kafka_client_can_read() {
+    let mut p = Process::spawn(&[]);
+    let bootstrap = p.log_line("embedded Kafka mock cluster")["bootstrap"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let addr = p.addr();
+    let _stations = send_lines(addr, 20, 10);
+    let records = consume(&bootstrap, "weather.metrics", 200);
+    assert_eq!(records.len(), 200);
+    assert_eq!(by_key(&records).len(), 20);
+    assert!(records.iter().all(|r| r.value["city"] == "Embedded"));
+    p.signal(libc::SIGTERM);
+    assert!(p.wait_exit().success(), "exit status after SIGTERM");
+    let summaries = p
+        .seen
+        .iter()
+        .filter(|v| v["message"] == "shard summary")
+        .count();
+    assert_eq!(summaries, 2, "one summary per shard");
+}
+
+#[test]
+fn sigterm_flushes_records_still_lingering_in_the_producer() {
+    let brokers = broker();
+    let topic = fresh_topic(&brokers, "sigterm");
+    // A 60 s linger keeps records in librdkafka's queue until the flush at shutdown sends them.
+    let mut p = Process::spawn(&[
+        ("KAFKA_BROKERS", &brokers),
+        ("KAFKA_TOPIC", &topic),
+        ("KAFKA_BATCH_TIMEOUT", "60s"),
+    ]);
+    let addr = p.addr();
+    let mut stations = send_lines(addr, 10, 100);
+    // Every station sees the answer to a bad line only after its earlier lines were read.
+    for s in &mut stations {
+        s.send(b"not json\n").unwrap();
+        assert!(matches!(
+            s.reply().unwrap(),
+            stormgate_station::Reply::Error { .. }
+        ));
+    }
+    p.signal(libc::SIGTERM);
+    assert!(p.wait_exit().success(), "exit status after SIGTERM");
+    for s in &mut stations {
+        assert_eq!(
+            s.read_to_close().unwrap(),
+            "",
+            "connection closed by the server"
+        );
+    }
+    let records = consume(&brokers, &topic, 1000);
+    assert_eq!(records.len(), 1000);
+    let delivered: u64 = p
+        .seen
+        .iter()
+        .filter(|v| v["message"] == "shard summary")
+        .map(|v| v["delivered"].as_u64().unwrap())
+        .sum();
+    assert_eq!(delivered, 1000);
+}
+
+#[test]
+fn a_taken_port_is_reported_and_exits_non_zero() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut p = Process::spawn(&[("TCP_LISTEN", &addr), ("SINK", "null")]);
+    let status = p.wait_exit();
+    assert!(!status.success());
+    let err = p.log_line("cannot listen");
+    assert!(err["message"].as_str().unwrap().contains(&addr), "{err}");
+}

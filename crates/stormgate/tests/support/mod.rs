@@ -1,0 +1,87 @@
+//! Helpers shared by the end-to-end tests.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use stormgate::app::App;
+use stormgate::cli::Cli;
+
+/// The real Kafka-protocol broker the tests talk to, from `STORMGATE_TEST_KAFKA`
+/// (`deploy/test.sh` starts one and sets it).
+pub fn broker() -> String {
+    std::env::var("STORMGATE_TEST_KAFKA").expect(
+        "STORMGATE_TEST_KAFKA is not set: run the suite with deploy/test.sh, which starts a broker, \
+         or point it at one (e.g. `deploy/kafka/tansu.sh start` prints the address)",
+    )
+}
+
+/// A topic name no other test uses, created with 6 partitions.
+pub fn fresh_topic(brokers: &str, prefix: &str) -> String {
+    let topic = format!("{prefix}-{}", uuid::Uuid::now_v7().simple());
+    stormgate_kafka::verify::create_topic(brokers, &topic, 6).expect("create topic");
+    topic
+}
+
+/// Starts Stormgate in this process on 127.0.0.1:0 with two shards and the given extra flags.
+pub fn start(extra: &[&str]) -> App {
+    let mut args = vec!["stormgate", "--listen", "127.0.0.1:0", "--shards", "2"];
+    args.extend_from_slice(extra);
+    let cli = Cli::try_parse_from(args).expect("valid flags");
+    stormgate::app::start(&cli).expect("server starts")
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A consumed record, parsed.
+#[derive(Debug, Clone)]
+pub struct Out {
+    pub partition: i32,
+    pub key: String,
+    pub value: serde_json::Value,
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Reads every record of `topic`, expecting `expected` of them.
+pub fn consume(brokers: &str, topic: &str, expected: usize) -> Vec<Out> {
+    let t0 = Instant::now();
+    let records =
+        stormgate_kafka::verify::read_topic(brokers, topic, expected, Duration::from_secs(60))
+            .expect("read topic");
+    eprintln!(
+        "consumed {} of {expected} records from {topic} in {:?}",
+        records.len(),
+        t0.elapsed()
+    );
+    records
+        .into_iter()
+        .map(|r| Out {
+            partition: r.partition,
+            key: String::from_utf8(r.key.expect("every record has a key")).expect("utf-8 key"),
+            value: serde_json::from_slice(&r.value.expect("every record has a value"))
+                .expect("JSON value"),
+            timestamp_ms: r.timestamp_ms,
+        })
+        .collect()
+}
+
+/// Groups records by key, in consumption order (which is offset order within a partition).
+pub fn by_key(records: &[Out]) -> BTreeMap<String, Vec<&Out>> {
+    let mut map: BTreeMap<String, Vec<&Out>> = BTreeMap::new();
+    for r in records {
+        map.entry(r.key.clone()).or_default().push(r);
+    }
+    map
+}
