@@ -309,4 +309,37 @@ mod tests {
             assert!(help.contains(needle), "--help lacks {needle}");
         }
     }
+
+    /// README's configuration table is what operators read: every variable and flag the
+    /// binary accepts is in it, with the default `--help` shows.
+    #[test]
+    fn readme_documents_every_setting() {
+        use clap::CommandFactory;
+        let readme = include_str!("../../../README.md");
+        let cmd = Cli::command();
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" || long == "version" {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            let row = readme
+                .lines()
+                .find(|l| l.contains(&format!("`--{long}")))
+                .unwrap_or_else(|| panic!("README lacks a row for --{long}"));
+            if let Some(env) = env {
+                assert!(
+                    row.contains(&format!("`{env}`")),
+                    "README row for --{long} lacks {env}"
+                );
+            }
+            for default in arg.get_default_values() {
+                let default = default.to_string_lossy();
+                assert!(
+                    row.contains(&format!("`{default}`")),
+                    "README row for --{long} does not show its default {default}"
+                );
+            }
+        }
+    }
 }
