@@ -14,6 +14,7 @@ use stormgate_telemetry::Totals;
 use tracing::{info, warn};
 
 use crate::cli::{Cli, SinkKind};
+use crate::report::{Report, ShardReport};
 
 /// Partitions of the topic the embedded mock cluster creates.
 const EMBEDDED_PARTITIONS: i32 = 6;
@@ -43,39 +44,34 @@ impl App {
     }
 
     /// Stops accepting, drains every shard within the shutdown timeout, logs a per-shard
-    /// summary, and returns the final totals.
-    pub fn stop(self) -> anyhow::Result<Totals> {
+    /// summary, and returns the final report.
+    pub fn stop(self) -> anyhow::Result<Report> {
         info!("shutting down: no new connections; delivering what was read");
         self.server.shutdown();
         let metrics = self.server.metrics().to_vec();
         let shards = self.server.shards().to_vec();
         let joined = self.server.join();
-        for (info, m) in shards.iter().zip(&metrics) {
-            let t = Totals::sum([&**m]);
-            info!(
-                shard = info.id,
-                core = info.core,
-                connections = t.connections_accepted,
-                lines = t.lines_received,
-                rejected = t.line_errors_total(),
-                delivered = t.records_delivered,
-                failed = t.records_failed,
-                latency_p50_us = t.delivery_latency.quantile_micros(0.50),
-                latency_p99_us = t.delivery_latency.quantile_micros(0.99),
-                latency_p999_us = t.delivery_latency.quantile_micros(0.999),
-                "shard summary"
-            );
-        }
-        let totals = Totals::sum(metrics.iter().map(|m| &**m));
-        if totals.records_failed > 0 {
+        let report = Report {
+            shards: shards
+                .iter()
+                .zip(&metrics)
+                .map(|(info, m)| ShardReport {
+                    info: *info,
+                    totals: Totals::sum([&**m]),
+                })
+                .collect(),
+            totals: Totals::sum(metrics.iter().map(|m| &**m)),
+        };
+        report.log();
+        if report.totals.records_failed > 0 {
             warn!(
-                failed = totals.records_failed,
+                failed = report.totals.records_failed,
                 "some records were not delivered"
             );
         }
         joined.map_err(anyhow::Error::msg)?;
-        info!(delivered = totals.records_delivered, "stopped");
-        Ok(totals)
+        info!(delivered = report.totals.records_delivered, "stopped");
+        Ok(report)
     }
 }
 
@@ -155,7 +151,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             std::process::exit(130);
         }
     });
-    app.stop().map(drop)
+    let report = app.stop()?;
+    if let Some(path) = &cli.stats_file {
+        report.write(path)?;
+        info!(path = %path.display(), "statistics written");
+    }
+    Ok(())
 }
 
 /// The configured sink, chosen at startup.

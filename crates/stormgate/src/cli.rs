@@ -128,6 +128,11 @@ pub struct Cli {
     #[arg(long = "kafka-prop", value_name = "NAME=VALUE", value_parser = parse_prop, help_heading = "Kafka")]
     pub kafka_props: Vec<(String, String)>,
 
+    /// Write the final per-shard statistics (counters, delivery latency) to this file as JSON
+    /// at exit; used by the benchmark harness.
+    #[arg(long, env = "STATS_FILE", value_name = "PATH")]
+    pub stats_file: Option<std::path::PathBuf>,
+
     /// Log format on stderr; filter with RUST_LOG (default info).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -5,9 +5,11 @@
 //! - [`app`]: starts the embedded Kafka mock when no brokers are configured, starts the shards
 //!   with one sink per shard, waits for SIGINT/SIGTERM, drains and reports.
 //! - [`logging`]: `RUST_LOG` filtering, text or JSON output on stderr.
+//! - [`report`]: the per-shard summary at shutdown, logged and written as JSON.
 //!
 //! This is the only crate that uses `anyhow`; libraries below it return typed errors.
 
 pub mod app;
 pub mod cli;
 pub mod logging;
+pub mod report;

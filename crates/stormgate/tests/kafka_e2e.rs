@@ -87,7 +87,7 @@ fn stations_to_topic(codec: Compression) {
         per_shard.iter().all(|&n| n > 0),
         "a shard accepted no connection: {per_shard:?}"
     );
-    let totals = app.stop().unwrap();
+    let totals = app.stop().unwrap().totals;
     assert_eq!(totals.records_failed, 0);
     assert_eq!(
         totals.line_error(ErrorCode::InvalidMetric),

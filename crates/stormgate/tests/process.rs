@@ -153,11 +153,16 @@ fn embedded_default_serves_records_that_a_kafka_client_can_read() {
 fn sigterm_flushes_records_still_lingering_in_the_producer() {
     let brokers = broker();
     let topic = fresh_topic(&brokers, "sigterm");
+    let stats_dir = std::env::temp_dir().join(format!("stormgate-stats-{}", std::process::id()));
+    std::fs::create_dir_all(&stats_dir).unwrap();
+    let stats_file = stats_dir.join("stats.json");
+    let stats_path = stats_file.to_str().unwrap();
     // A 60 s linger keeps records in librdkafka's queue until the flush at shutdown sends them.
     let mut p = Process::spawn(&[
         ("KAFKA_BROKERS", &brokers),
         ("KAFKA_TOPIC", &topic),
         ("KAFKA_BATCH_TIMEOUT", "60s"),
+        ("STATS_FILE", stats_path),
     ]);
     let addr = p.addr();
     let mut stations = send_lines(addr, 10, 100);
@@ -187,6 +192,14 @@ fn sigterm_flushes_records_still_lingering_in_the_producer() {
         .map(|v| v["delivered"].as_u64().unwrap())
         .sum();
     assert_eq!(delivered, 1000);
+    // The statistics file the benchmark harness reads says the same.
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&stats_file).unwrap()).unwrap();
+    assert_eq!(stats["totals"]["records_delivered"], 1000);
+    assert_eq!(stats["totals"]["line_errors"]["malformed_json"], 10);
+    assert_eq!(stats["totals"]["delivery_latency_us"]["count"], 1000);
+    assert_eq!(stats["shards"].as_array().unwrap().len(), 2);
+    std::fs::remove_dir_all(&stats_dir).unwrap();
 }
 
 #[test]
