@@ -16,6 +16,7 @@
 //! producer): the one exception to "a shard is one thread". They never call into Stormgate
 //! code except through the delivery-report queue, which only the owning shard polls.
 
+pub mod ceiling;
 pub mod config;
 pub mod embedded;
 pub mod sink;

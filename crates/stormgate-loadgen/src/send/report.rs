@@ -1,0 +1,267 @@
+//! The send summary and progress snapshots, and how they add up across threads and processes.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::worker::WorkerReport;
+use crate::output::grouped;
+
+/// The JSON summary of a send run (one line on stdout).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SendSummary {
+    /// Always `"send"`.
+    pub mode: String,
+    /// Connections asked for.
+    pub connections: u64,
+    /// Connections established.
+    pub connected: u64,
+    /// Connections that could not be established.
+    pub connect_errors: u64,
+    /// Processes that held connections.
+    pub processes: u64,
+    /// Sending threads per process.
+    pub threads: u64,
+    /// Open-files soft limit in force.
+    pub fd_limit: u64,
+    /// `--idle`.
+    pub idle: bool,
+    /// `--rate` (lines/s per connection; 0 = unlimited).
+    pub rate: f64,
+    /// Metrics lines fully written.
+    pub lines_sent: u64,
+    /// Bytes written, identify lines included.
+    pub bytes_sent: u64,
+    /// From when every connection was open to the last line written (the longest process).
+    pub duration_s: f64,
+    /// `lines_sent / duration_s`.
+    pub lines_per_s: f64,
+    /// `bytes_sent / duration_s`, in MB (10^6 bytes) per second.
+    pub mb_per_s: f64,
+    /// `lines_sent / (duration_s + drain_s)`. Kernel socket buffers hold many megabytes per
+    /// connection, so `lines_per_s` can run ahead of the server; when `drain_timeouts` is 0
+    /// the server had read every line by the end of the drain, and this is a lower bound on
+    /// its read rate.
+    pub lines_per_s_incl_drain: f64,
+    /// Time to open the connections (the longest process).
+    pub connect_s: f64,
+    /// Time from the last line to the server closing every connection (the longest process).
+    pub drain_s: f64,
+    /// Writes that found the socket full (the server's backpressure).
+    pub blocked_writes: u64,
+    /// Error lines from the server, by code.
+    pub error_replies: BTreeMap<String, u64>,
+    /// The first error seen, if any.
+    pub first_error: Option<String>,
+    /// Connections the server closed while we were still sending.
+    pub closed_by_server: u64,
+    /// Connections lost to a read or write error.
+    pub io_errors: u64,
+    /// Connections the server had not closed when the drain timed out.
+    pub drain_timeouts: u64,
+}
+
+impl SendSummary {
+    /// The summary of one process's threads, which started at `start`.
+    pub fn from_workers(start: Instant, reports: &[WorkerReport]) -> SendSummary {
+        let mut s = SendSummary {
+            mode: "send".into(),
+            processes: 1,
+            threads: reports.len() as u64,
+            ..SendSummary::default()
+        };
+        for r in reports {
+            s.connected += r.connected;
+            s.connect_errors += r.connect_errors;
+            s.lines_sent += r.lines_sent;
+            s.bytes_sent += r.bytes_sent;
+            s.blocked_writes += r.blocked_writes;
+            s.closed_by_server += r.closed_by_server;
+            s.io_errors += r.io_errors;
+            s.drain_timeouts += r.drain_timeouts;
+            for (code, n) in &r.error_replies {
+                *s.error_replies.entry(code.clone()).or_default() += n;
+            }
+            if s.first_error.is_none() {
+                s.first_error.clone_from(&r.first_error);
+            }
+        }
+        let started = reports.iter().filter_map(|r| r.started).min();
+        let finished = reports.iter().filter_map(|r| r.finished).max();
+        let ended = reports.iter().filter_map(|r| r.ended).max();
+        let secs = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+            (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
+            _ => 0.0,
+        };
+        s.connect_s = secs(Some(start), started);
+        s.duration_s = secs(started, finished);
+        s.drain_s = secs(finished, ended);
+        s.rates();
+        s
+    }
+
+    /// Adds up the summaries of child processes (they ran side by side: times are maxima).
+    pub fn merge(children: &[SendSummary]) -> SendSummary {
+        let mut s = SendSummary {
+            mode: "send".into(),
+            processes: children.len() as u64,
+            ..SendSummary::default()
+        };
+        for c in children {
+            s.connections += c.connections;
+            s.connected += c.connected;
+            s.connect_errors += c.connect_errors;
+            s.threads = s.threads.max(c.threads);
+            s.lines_sent += c.lines_sent;
+            s.bytes_sent += c.bytes_sent;
+            s.duration_s = s.duration_s.max(c.duration_s);
+            s.connect_s = s.connect_s.max(c.connect_s);
+            s.drain_s = s.drain_s.max(c.drain_s);
+            s.blocked_writes += c.blocked_writes;
+            s.closed_by_server += c.closed_by_server;
+            s.io_errors += c.io_errors;
+            s.drain_timeouts += c.drain_timeouts;
+            for (code, n) in &c.error_replies {
+                *s.error_replies.entry(code.clone()).or_default() += n;
+            }
+            if s.first_error.is_none() {
+                s.first_error.clone_from(&c.first_error);
+            }
+        }
+        s.rates();
+        s
+    }
+
+    fn rates(&mut self) {
+        if self.duration_s > 0.0 {
+            self.lines_per_s = self.lines_sent as f64 / self.duration_s;
+            self.mb_per_s = self.bytes_sent as f64 / self.duration_s / 1e6;
+            self.lines_per_s_incl_drain = self.lines_sent as f64 / (self.duration_s + self.drain_s);
+        }
+    }
+}
+
+/// Cumulative counters of a process at one moment; children print one per second.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Connections established so far.
+    pub connected: u64,
+    /// Connections open now.
+    pub open: u64,
+    /// Metrics lines built into writes.
+    pub lines: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Writes that found the socket full.
+    pub blocked: u64,
+    /// Error lines received.
+    pub errors: u64,
+}
+
+impl std::ops::Add for Progress {
+    type Output = Progress;
+    fn add(self, o: Progress) -> Progress {
+        Progress {
+            connected: self.connected + o.connected,
+            open: self.open + o.open,
+            lines: self.lines + o.lines,
+            bytes: self.bytes + o.bytes,
+            blocked: self.blocked + o.blocked,
+            errors: self.errors + o.errors,
+        }
+    }
+}
+
+/// Prints one human progress line per call, with rates over the time since the last.
+#[derive(Debug)]
+pub struct ProgressPrinter {
+    start: Instant,
+    last: (Instant, Progress),
+}
+
+impl ProgressPrinter {
+    /// A printer whose elapsed time counts from `start`.
+    pub fn new(start: Instant) -> ProgressPrinter {
+        ProgressPrinter {
+            start,
+            last: (start, Progress::default()),
+        }
+    }
+
+    /// The line for `now`'s counters.
+    pub fn line(&mut self, now: Instant, p: Progress) -> String {
+        let (then, prev) = std::mem::replace(&mut self.last, (now, p));
+        let dt = now
+            .saturating_duration_since(then)
+            .max(Duration::from_millis(1));
+        let per_s = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt.as_secs_f64();
+        format!(
+            "[{:>7.1}s] open {:>6} | lines {:>14} | {:>11} lines/s | {:>7.1} MB/s | blocked {} | errors {}",
+            now.saturating_duration_since(self.start).as_secs_f64(),
+            p.open,
+            grouped(p.lines),
+            grouped(per_s(p.lines, prev.lines) as u64),
+            per_s(p.bytes, prev.bytes) / 1e6,
+            grouped(p.blocked),
+            grouped(p.errors),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn children_add_up() {
+        let child = |lines: u64, secs: f64, code: &str| SendSummary {
+            mode: "send".into(),
+            connections: 10,
+            connected: 9,
+            connect_errors: 1,
+            processes: 1,
+            threads: 1,
+            lines_sent: lines,
+            bytes_sent: lines * 100,
+            duration_s: secs,
+            error_replies: [(code.to_owned(), 2)].into(),
+            first_error: (code == "b").then(|| "boom".to_owned()),
+            ..SendSummary::default()
+        };
+        let s = SendSummary::merge(&[child(100, 1.0, "a"), child(300, 2.0, "b")]);
+        assert_eq!((s.processes, s.connections, s.connected), (2, 20, 18));
+        assert_eq!((s.connect_errors, s.lines_sent), (2, 400));
+        assert_eq!(s.duration_s, 2.0);
+        assert_eq!(s.lines_per_s, 200.0);
+        assert_eq!(s.mb_per_s, 0.02);
+        assert_eq!(s.error_replies, [("a".into(), 2), ("b".into(), 2)].into());
+        assert_eq!(s.first_error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn workers_add_up_with_times_from_the_earliest_start_to_the_latest_end() {
+        let t0 = Instant::now();
+        let at = |ms: u64| Some(t0 + Duration::from_millis(ms));
+        let w = |lines, started, finished, ended| WorkerReport {
+            connected: 5,
+            lines_sent: lines,
+            started,
+            finished,
+            ended,
+            ..WorkerReport::default()
+        };
+        let s = SendSummary::from_workers(
+            t0,
+            &[
+                w(1000, at(100), at(1100), at(1200)),
+                w(3000, at(200), at(2100), at(2500)),
+            ],
+        );
+        assert_eq!((s.threads, s.connected, s.lines_sent), (2, 10, 4000));
+        assert_eq!(s.connect_s, 0.1);
+        assert_eq!(s.duration_s, 2.0);
+        assert_eq!(s.drain_s, 0.4);
+        assert_eq!(s.lines_per_s, 2000.0);
+    }
+}
