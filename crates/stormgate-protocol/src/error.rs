@@ -42,11 +42,18 @@ pub enum ErrorCode {
     LineTooLong,
     /// The server is at its connection limit; the connection is closed after this line.
     TooManyConnections,
+    /// The connection sent too many bad lines in a row; it is closed after this line.
+    TooManyErrors,
+    /// Nothing arrived within the idle timeout; the connection is closed after this line.
+    IdleTimeout,
+    /// A line stayed incomplete for longer than the line timeout (a sender trickling bytes);
+    /// the connection is closed after this line.
+    LineTimeout,
 }
 
 impl ErrorCode {
     /// Every code, in discriminant order: `ALL[code as usize] == code`.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::InvalidUtf8,
         ErrorCode::MalformedJson,
         ErrorCode::ExpectedObject,
@@ -62,6 +69,9 @@ impl ErrorCode {
         ErrorCode::EmptyMetrics,
         ErrorCode::LineTooLong,
         ErrorCode::TooManyConnections,
+        ErrorCode::TooManyErrors,
+        ErrorCode::IdleTimeout,
+        ErrorCode::LineTimeout,
     ];
 
     /// Number of codes; the size of a per-code counter array.
@@ -85,6 +95,9 @@ impl ErrorCode {
             ErrorCode::EmptyMetrics => "empty_metrics",
             ErrorCode::LineTooLong => "line_too_long",
             ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::TooManyErrors => "too_many_errors",
+            ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::LineTimeout => "line_timeout",
         }
     }
 
@@ -110,6 +123,13 @@ impl ErrorCode {
             ErrorCode::EmptyMetrics => "data holds no metrics",
             ErrorCode::LineTooLong => "line exceeds the maximum length and was skipped",
             ErrorCode::TooManyConnections => "server is at its connection limit; try again later",
+            ErrorCode::TooManyErrors => "too many bad lines in a row; closing the connection",
+            ErrorCode::IdleTimeout => {
+                "nothing received within the idle timeout; closing the connection"
+            }
+            ErrorCode::LineTimeout => {
+                "a line stayed incomplete past the line timeout; closing the connection"
+            }
         }
     }
 
@@ -170,6 +190,18 @@ impl ErrorCode {
             ErrorCode::TooManyConnections => line!(
                 "too_many_connections",
                 "server is at its connection limit; try again later"
+            ),
+            ErrorCode::TooManyErrors => line!(
+                "too_many_errors",
+                "too many bad lines in a row; closing the connection"
+            ),
+            ErrorCode::IdleTimeout => line!(
+                "idle_timeout",
+                "nothing received within the idle timeout; closing the connection"
+            ),
+            ErrorCode::LineTimeout => line!(
+                "line_timeout",
+                "a line stayed incomplete past the line timeout; closing the connection"
             ),
         }
     }

@@ -21,6 +21,24 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Size of each shard's read buffer. One read can carry ~1000 typical lines; the buffer is
 /// shared by all connections of the shard, so its size does not multiply by connections.
 pub const DEFAULT_READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Consecutive rejected lines after which a connection is closed (`TCP_MAX_ERRORS_PER_CONN`).
+/// A station with a firmware bug that makes every line bad gets 100 error lines, enough to
+/// debug it, and then stops costing a parse and a reply per line.
+pub const DEFAULT_MAX_ERRORS_PER_CONNECTION: u32 = 100;
+/// How long a connection may send nothing before it is closed (`TCP_IDLE_TIMEOUT`). Stations
+/// report every few seconds to minutes; ten minutes of silence means a dead peer whose FIN
+/// never arrived (NAT timeout, power loss), and its descriptor is better used by a live one.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long one line may take to arrive, from its first byte to its newline
+/// (`TCP_LINE_TIMEOUT`). Real lines arrive in one segment; this bounds how long a sender that
+/// trickles bytes can hold a partial line and its buffer.
+pub const DEFAULT_LINE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Kernel receive buffer of each station socket (`TCP_RECV_BUFFER`; 0 = kernel autotuning).
+/// 256 KiB holds ~2500 typical lines, far more than a station sends between two reads, and
+/// keeps what a stalled shard can have waiting in the kernel to 256 KiB per busy connection
+/// (autotuning would let each grow to `tcp_rmem`'s maximum). An idle connection costs nothing
+/// of it: the kernel allocates receive memory only for data it holds.
+pub const DEFAULT_RECV_BUFFER_BYTES: usize = 256 * 1024;
 /// File descriptors kept free for everything that is not a station connection (broker
 /// sockets, librdkafka's internal pipes, /proc reads, the spill file) when the connection
 /// limit is derived from `RLIMIT_NOFILE`.
@@ -52,6 +70,14 @@ pub struct RuntimeConfig {
     pub shutdown_timeout: Duration,
     /// Size of each shard's read buffer.
     pub read_buffer_bytes: usize,
+    /// Kernel receive buffer of each station socket in bytes; 0 leaves autotuning on.
+    pub recv_buffer_bytes: usize,
+    /// Consecutive rejected lines after which the connection is closed; 0 = never.
+    pub max_errors_per_connection: u32,
+    /// Silence after which a connection is closed; `None` = never.
+    pub idle_timeout: Option<Duration>,
+    /// Longest time from a line's first byte to its newline; `None` = unbounded.
+    pub line_timeout: Option<Duration>,
 }
 
 impl Default for RuntimeConfig {
@@ -66,6 +92,10 @@ impl Default for RuntimeConfig {
             max_in_flight_per_connection: 0,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
+            recv_buffer_bytes: DEFAULT_RECV_BUFFER_BYTES,
+            max_errors_per_connection: DEFAULT_MAX_ERRORS_PER_CONNECTION,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            line_timeout: Some(DEFAULT_LINE_TIMEOUT),
         }
     }
 }

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_lite::{AsyncRead, AsyncWriteExt};
 use glommio::channels::local_channel::LocalSender;
@@ -31,6 +31,8 @@ use crate::sink::{ConnFlow, DeliveryFailure, Outcome, Record};
 const BACKLOG_READ: usize = 16 * 1024;
 /// Reply buffers larger than this are freed after each flush rather than kept.
 const REPLY_KEEP: usize = 1024;
+/// How long the final error line of a connection the server closes may take to write.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one accepted connection until the station leaves or the shard shuts down.
 pub(crate) async fn serve(
@@ -46,6 +48,8 @@ pub(crate) async fn serve(
         cap => Some(Rc::new(ConnFlow::new(cap))),
     };
     let _registration = core.register(stream.as_raw_fd());
+    // A write blocked for the idle timeout is a station that stopped reading its replies.
+    let _ = stream.set_write_timeout(core.config.idle_timeout.filter(|d| !d.is_zero()));
     let mut conn = Connection {
         framer: LineFramer::new(core.config.max_line_bytes),
         session: Session::new(id),
@@ -60,6 +64,10 @@ pub(crate) async fn serve(
         stamp: ReadStamp::now(),
         blocked: None,
         sink_gone: false,
+        consecutive_errors: 0,
+        closing: None,
+        partial_since: None,
+        completed_line: false,
     };
     let reason = conn.run().await;
     conn.backlog.release(&conn.core.backlogs);
@@ -92,6 +100,14 @@ struct Connection {
     blocked: Option<Blocked>,
     /// The shard's sink stopped taking records; the connection must end.
     sink_gone: bool,
+    /// Rejected lines since the last accepted one.
+    consecutive_errors: u32,
+    /// The server decided to close the connection; handle no more lines.
+    closing: Option<CloseReason>,
+    /// When the partial line now in the backlog began to arrive.
+    partial_since: Option<Instant>,
+    /// The last `handle` completed at least one line.
+    completed_line: bool,
 }
 
 /// Why the connection stopped handling lines before the end of its bytes.
@@ -126,8 +142,22 @@ impl Connection {
             if self.core.draining.is_fired() {
                 return CloseReason::Shutdown;
             }
+            let timeout = match self.read_timeout() {
+                Ok(timeout) => timeout,
+                Err(code) => return self.close_with(code).await,
+            };
+            // Only fails for a zero duration, which `read_timeout` never returns.
+            let _ = self.stream.set_read_timeout(timeout);
             let n = match self.read_and_handle().await {
                 Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    let code = if self.partial_since.is_some() {
+                        ErrorCode::LineTimeout
+                    } else {
+                        ErrorCode::IdleTimeout
+                    };
+                    return self.close_with(code).await;
+                }
                 Err(e) => return CloseReason::Io(e),
             };
             if n == 0 && !self.core.draining.is_fired() && !self.backlog.is_empty() {
@@ -139,9 +169,17 @@ impl Connection {
             if self.sink_gone {
                 return CloseReason::SinkStopped;
             }
+            if let Some(reason) = self.closing.take() {
+                let _ = glommio::timer::timeout(FAREWELL_TIMEOUT, async {
+                    self.flush_replies().await.map_err(Into::into)
+                })
+                .await;
+                return reason;
+            }
             if let Err(e) = self.flush_replies().await {
                 return CloseReason::Io(e);
             }
+            self.track_partial_line();
             if n == 0 {
                 return if self.core.draining.is_fired() {
                     CloseReason::Shutdown
@@ -149,6 +187,48 @@ impl Connection {
                     CloseReason::PeerClosed
                 };
             }
+        }
+    }
+
+    /// The read timeout for the next read: the idle timeout, shortened to what is left of the
+    /// line timeout while a partial line waits for its newline. `Err` when that is used up.
+    fn read_timeout(&self) -> Result<Option<Duration>, ErrorCode> {
+        let config = &self.core.config;
+        let idle = config.idle_timeout.filter(|d| !d.is_zero());
+        let line = config.line_timeout.filter(|d| !d.is_zero());
+        let (Some(since), Some(line)) = (self.partial_since, line) else {
+            return Ok(idle);
+        };
+        let left = line.saturating_sub(since.elapsed());
+        if left.is_zero() {
+            return Err(ErrorCode::LineTimeout);
+        }
+        Ok(Some(idle.map_or(left, |idle| idle.min(left))))
+    }
+
+    /// After the backlog was handled and nothing blocks, whatever it still holds is a partial
+    /// line; remember when that line began.
+    fn track_partial_line(&mut self) {
+        if self.backlog.is_empty() {
+            self.partial_since = None;
+        } else if self.completed_line || self.partial_since.is_none() {
+            // The partial line began after the last newline, which arrived in this read.
+            self.partial_since = Some(self.stamp.at);
+        }
+        self.completed_line = false;
+    }
+
+    /// Sends `code`'s error line (best effort, bounded in time) and ends the connection.
+    async fn close_with(&mut self, code: ErrorCode) -> CloseReason {
+        self.send_error(code);
+        let _ = glommio::timer::timeout(FAREWELL_TIMEOUT, async {
+            self.flush_replies().await.map_err(Into::into)
+        })
+        .await;
+        match code {
+            ErrorCode::IdleTimeout => CloseReason::IdleTimeout,
+            ErrorCode::LineTimeout => CloseReason::LineTimeout,
+            _ => CloseReason::TooManyErrors,
         }
     }
 
@@ -227,7 +307,7 @@ impl Connection {
         let core = Rc::clone(&self.core);
         let mut parser = core.parser.borrow_mut();
         let (mut lines, mut records) = (0u64, 0u64);
-        while !self.sink_gone {
+        while !self.sink_gone && self.closing.is_none() {
             if self.flow.as_ref().is_some_and(|f| f.is_full()) {
                 self.blocked = Some(Blocked::Flow);
                 break;
@@ -235,6 +315,7 @@ impl Connection {
             let Some(frame) = self.framer.next_frame(&buf[..end], &mut pos) else {
                 break;
             };
+            self.completed_line = true;
             let line = match frame {
                 Frame::Line(line) => line,
                 Frame::TooLong => {
@@ -250,8 +331,9 @@ impl Connection {
                 self.stamp.unix_ms,
                 &mut self.payload,
             ) {
-                Ok(Parsed::Identified) => {}
+                Ok(Parsed::Identified) => self.consecutive_errors = 0,
                 Ok(Parsed::Record { .. }) => {
+                    self.consecutive_errors = 0;
                     records += 1;
                     let record = self.take_record();
                     match self.queue.try_send(record) {
@@ -306,7 +388,19 @@ impl Connection {
         self.sink_gone = true;
     }
 
+    /// Answers a bad line; closes the connection after too many in a row.
     fn reject(&mut self, code: ErrorCode) {
+        self.send_error(code);
+        self.consecutive_errors += 1;
+        let max = self.core.config.max_errors_per_connection;
+        if max > 0 && self.consecutive_errors >= max {
+            self.send_error(ErrorCode::TooManyErrors);
+            self.closing = Some(CloseReason::TooManyErrors);
+        }
+    }
+
+    /// Queues `code`'s error line for the station, counts it and logs it (rate limited).
+    fn send_error(&mut self, code: ErrorCode) {
         self.replies.extend_from_slice(code.error_line().as_bytes());
         LineRejected {
             code,

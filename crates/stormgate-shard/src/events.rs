@@ -79,6 +79,12 @@ pub(crate) enum CloseReason {
     Io(io::Error),
     /// The shard's sink stopped taking records.
     SinkStopped,
+    /// The station sent too many bad lines in a row.
+    TooManyErrors,
+    /// The station sent nothing for the idle timeout.
+    IdleTimeout,
+    /// A line stayed incomplete past the line timeout.
+    LineTimeout,
 }
 
 impl std::fmt::Display for CloseReason {
@@ -88,6 +94,9 @@ impl std::fmt::Display for CloseReason {
             CloseReason::Shutdown => f.write_str("shutdown"),
             CloseReason::Io(e) => write!(f, "i/o error: {e}"),
             CloseReason::SinkStopped => f.write_str("sink stopped"),
+            CloseReason::TooManyErrors => f.write_str("too many bad lines in a row"),
+            CloseReason::IdleTimeout => f.write_str("idle timeout"),
+            CloseReason::LineTimeout => f.write_str("line timeout"),
         }
     }
 }

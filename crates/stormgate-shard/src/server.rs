@@ -88,13 +88,16 @@ impl Server {
             0 => (nofile as usize).saturating_sub(FD_HEADROOM).max(1),
             n => n,
         };
-        let (sockets, local_addr) =
-            crate::listener::bind_group(config.listen, nr_shards, config.backlog).map_err(
-                |source| StartServerError::Bind {
-                    addr: config.listen,
-                    source,
-                },
-            )?;
+        let (sockets, local_addr) = crate::listener::bind_group(
+            config.listen,
+            nr_shards,
+            config.backlog,
+            config.recv_buffer_bytes,
+        )
+        .map_err(|source| StartServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let io_memory = placement::io_memory_per_shard(nr_shards, placement::memlock_limit());
         info!(
             %local_addr, nr_shards, cores = ?cores, io_memory, max_connections, open_files_limit = nofile,

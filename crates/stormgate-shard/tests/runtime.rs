@@ -346,3 +346,89 @@ fn shutdown_delivers_what_was_read_and_refuses_new_connections() {
         assert_eq!(s.read_to_close(), "");
     }
 }
+
+#[test]
+fn a_connection_with_too_many_bad_lines_in_a_row_is_closed() {
+    let server = start_null(RuntimeConfig {
+        max_errors_per_connection: 3,
+        ..config()
+    });
+    let mut s = Station::connect(server.local_addr());
+    s.identify("00001");
+    // Good lines reset the count: two bad, one good, two bad is still under the limit.
+    s.send(b"x\nx\n");
+    s.metrics(1);
+    s.send(b"x\nx\n");
+    for _ in 0..4 {
+        assert_eq!(s.reply()["code"], "malformed_json");
+    }
+    s.metrics(1);
+    // Now three in a row: the third is answered, then the connection is closed, and the good
+    // line behind them is not read.
+    s.send(b"x\nx\nx\n");
+    s.metrics(1);
+    for _ in 0..3 {
+        assert_eq!(s.reply()["code"], "malformed_json");
+    }
+    assert_eq!(s.reply()["code"], "too_many_errors");
+    assert_eq!(s.read_to_close(), "");
+    wait_for("connection closed", || {
+        server.totals().connections_closed == 1
+    });
+    let t = server.totals();
+    assert_eq!(t.records_delivered, 2);
+    assert_eq!(t.line_error(ErrorCode::MalformedJson), 7);
+    assert_eq!(t.line_error(ErrorCode::TooManyErrors), 1);
+}
+
+#[test]
+fn a_silent_connection_is_closed_at_the_idle_timeout() {
+    let server = start_null(RuntimeConfig {
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..config()
+    });
+    let mut quiet = Station::connect(server.local_addr());
+    let mut busy = Station::connect(server.local_addr());
+    quiet.identify("00001");
+    busy.identify("00002");
+    let started = Instant::now();
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(100));
+        busy.metrics(1);
+    }
+    assert_eq!(quiet.reply()["code"], "idle_timeout");
+    assert_eq!(quiet.read_to_close(), "");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // The connection that kept sending is still open and served.
+    busy.metrics(1);
+    wait_for("7 records", || server.totals().records_delivered == 7);
+    assert_eq!(server.totals().connections_active, 1);
+    assert_eq!(server.totals().line_error(ErrorCode::IdleTimeout), 1);
+}
+
+#[test]
+fn a_line_trickled_byte_by_byte_is_cut_off_at_the_line_timeout() {
+    let server = start_null(RuntimeConfig {
+        line_timeout: Some(Duration::from_millis(400)),
+        ..config()
+    });
+    let mut s = Station::connect(server.local_addr());
+    s.identify("00001");
+    s.metrics(1);
+    // A slowloris sender: one byte every 50 ms never reaches the idle timeout, but its line
+    // takes longer than the line timeout.
+    let line = b"{\"type\":\"metrics\",\"data\":\"temperature=1\"}";
+    let mut sent = 0;
+    for &b in line.iter() {
+        if s.stream.write_all(&[b]).is_err() {
+            break;
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(sent < line.len(), "the whole line was accepted");
+    assert_eq!(s.reply()["code"], "line_timeout");
+    assert_eq!(s.read_to_close(), "");
+    assert_eq!(server.totals().records_delivered, 1);
+    assert_eq!(server.totals().line_error(ErrorCode::LineTimeout), 1);
+}

@@ -70,6 +70,24 @@ pub struct Cli {
     #[arg(long, env = "TCP_MAX_LINE_BYTES", default_value_t = rt::DEFAULT_MAX_LINE_BYTES, help_heading = "Stations")]
     pub max_line_bytes: usize,
 
+    /// Kernel receive buffer of each station socket in bytes (0 = kernel autotuning); bounds
+    /// what can wait in the kernel behind a busy shard.
+    #[arg(long, env = "TCP_RECV_BUFFER", default_value_t = rt::DEFAULT_RECV_BUFFER_BYTES, help_heading = "Stations")]
+    pub recv_buffer: usize,
+
+    /// Bad lines in a row after which a connection gets too_many_errors and is closed (0 = never).
+    #[arg(long, env = "TCP_MAX_ERRORS_PER_CONN", default_value_t = rt::DEFAULT_MAX_ERRORS_PER_CONNECTION, help_heading = "Stations")]
+    pub max_errors_per_conn: u32,
+
+    /// Silence after which a connection gets idle_timeout and is closed (0s = never).
+    #[arg(long, env = "TCP_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration, help_heading = "Stations")]
+    pub idle_timeout: Duration,
+
+    /// Longest time from a line's first byte to its newline before line_timeout closes the
+    /// connection (0s = unbounded).
+    #[arg(long, env = "TCP_LINE_TIMEOUT", default_value = "30s", value_parser = parse_duration, help_heading = "Stations")]
+    pub line_timeout: Duration,
+
     /// Time allowed on SIGTERM/SIGINT to deliver what was already read.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration, help_heading = "Stations")]
     pub shutdown_timeout: Duration,
@@ -150,6 +168,10 @@ impl Cli {
             max_line_bytes: self.max_line_bytes,
             max_in_flight_per_connection: if self.kafka_async { 0 } else { 1 },
             shutdown_timeout: self.shutdown_timeout,
+            recv_buffer_bytes: self.recv_buffer,
+            max_errors_per_connection: self.max_errors_per_conn,
+            idle_timeout: Some(self.idle_timeout).filter(|d| !d.is_zero()),
+            line_timeout: Some(self.line_timeout).filter(|d| !d.is_zero()),
             ..RuntimeConfig::default()
         }
     }
