@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs Stormgate's whole test suite from a clean checkout: installs and starts a real
 # Kafka-protocol broker (Tansu, see deploy/kafka/tansu.sh), then checks formatting and lints
-# and runs every test against that broker. This is the test command README.md documents and
+# and runs every test against that broker, then every benchmark scenario in smoke mode so the
+# harness cannot rot. This is the test command README.md documents and
 # .ci/run calls.
 #
 # Everything builds in the release profile: librdkafka is compiled once (build scripts run
@@ -31,5 +32,8 @@ cargo clippy --release --workspace --all-targets --locked -- -D warnings
 
 step "cargo test (release)"
 cargo test --release --workspace --locked
+
+step "benchmark harness, smoke mode (every scenario for a second or two; see benches/)"
+benches/run.sh all --smoke
 
 step "all tests passed"

@@ -1,0 +1,204 @@
+"""Tables and plots from benches/results/*.json (standard library only: the SVG is written
+by hand so the harness needs nothing installed).
+
+    benches/run.sh report
+
+writes benches/results/summary.md (the tables docs/PERFORMANCE.md quotes) and
+docs/img/parse-throughput.svg, docs/img/latency-cdf.svg.
+"""
+
+import json
+import math
+from pathlib import Path
+
+
+def load(results):
+    out = {}
+    for path in sorted(results.glob("*.json")):
+        doc = json.loads(path.read_text())
+        out[doc["scenario"]] = doc
+    return out
+
+
+def fmt(n):
+    return "—" if n is None else f"{n:,}"
+
+
+def summary(docs):
+    lines = []
+    add = lines.append
+    any_doc = next(iter(docs.values()), None)
+    if any_doc:
+        m = any_doc["machine"]
+        add(f"Machine: {m['cpu']}, {m['usable_cpus']} usable CPUs, {m['memory_gib']} GiB, "
+            f"Linux {m['kernel']}; open files {m['open_files_limit']}, "
+            f"memlock {m['memlock_limit']}.\n")
+    if "parse-only" in docs:
+        d = docs["parse-only"]
+        add(f"### parse-only (`--sink null`), {d['started_at']}, {d['git']}\n")
+        add("| connections | lines/s | CPU-s per M lines | RSS MiB | peak RSS MiB |")
+        add("|---|---|---|---|---|")
+        for r in d["result"]["runs"]:
+            add(f"| {fmt(r['connections'])} | {fmt(r['lines_per_s'])} | "
+                f"{r['cpu_s_per_million_lines']} | {r['server_rss_mib']} | "
+                f"{r['server_rss_peak_mib']} |")
+        add("")
+    if "e2e" in docs:
+        d = docs["e2e"]
+        add(f"### end to end by codec, {d['started_at']}, {d['git']}\n")
+        add("| codec | records/s | CPU-s per M | p50 µs | p99 µs | verified |")
+        add("|---|---|---|---|---|---|")
+        for r in d["result"]["runs"]:
+            add(f"| {r['label'].removeprefix('e2e-')} | {fmt(r['records_per_s'])} | "
+                f"{r['cpu_s_per_million_records']} | {fmt(r['latency_us']['p50'])} | "
+                f"{fmt(r['latency_us']['p99'])} | {verified(r)} |")
+        add("")
+    if "ceiling" in docs:
+        d = docs["ceiling"]["result"]
+        add(f"### ceiling, {docs['ceiling']['started_at']}\n")
+        add(f"plain producer {fmt(round(d['plain_producer']['records_per_s']))} records/s; "
+            f"stormgate {fmt(d['stormgate']['records_per_s'])} records/s "
+            f"({verified(d['stormgate'])}): **{d['stormgate_share_of_ceiling']:.0%}** "
+            "of the ceiling.\n")
+    if "before" in docs:
+        d = docs["before"]["result"]
+        add(f"### before vs defaults, {docs['before']['started_at']}\n")
+        add(f"before (sync, batch 1): {fmt(d['before']['records_per_s'])} records/s; "
+            f"defaults: {fmt(d['defaults']['records_per_s'])} records/s: **{d['ratio']}×**.\n")
+    if "shards" in docs:
+        d = docs["shards"]
+        add(f"### shard scaling (`--sink null`), {d['started_at']}\n")
+        add("| shards | connections | lines/s | CPU-s per M lines |")
+        add("|---|---|---|---|")
+        for r in d["result"]["runs"]:
+            add(f"| {r['shards']} | {fmt(r['connections'])} | {fmt(r['lines_per_s'])} | "
+                f"{r['cpu_s_per_million_lines']} |")
+        add("")
+    if "connections" in docs:
+        r = docs["connections"]["result"]
+        add(f"### idle connections, {docs['connections']['started_at']}\n")
+        add(f"{fmt(r['idle_connections'])} idle connections (open-files limit "
+            f"{r['open_files_limit']['hard']}) accepted in {r['connect_s']} s "
+            f"({fmt(r['accepts_per_s'])}/s); server RSS {r['server_rss_before_mib']} → "
+            f"{r['server_rss_idle_mib']} MiB: **{fmt(r['rss_bytes_per_idle_connection'])} bytes "
+            f"per idle connection**. 100 active connections beside them: p50 "
+            f"{fmt(r['active_latency_us']['p50'])} µs, p99 {fmt(r['active_latency_us']['p99'])} µs "
+            "line → delivery report.\n")
+    if "latency" in docs:
+        d = docs["latency"]["result"]
+        add(f"### latency, {docs['latency']['started_at']}\n")
+        add("| load | records/s | p50 µs | p99 µs | p99.9 µs |")
+        add("|---|---|---|---|---|")
+        for key in ("peak", "half", "quarter"):
+            r = d[key]
+            lat = r["latency_us"]
+            add(f"| {key} | {fmt(r['records_per_s'])} | {fmt(lat['p50'])} | {fmt(lat['p99'])} | "
+                f"{fmt(lat['p999'])} |")
+        add("")
+    return "\n".join(lines) + "\n"
+
+
+def verified(r):
+    v = r.get("verified")
+    if not v:
+        return "not checked"
+    return "yes" if v["ok"] else f"NO ({v['records']} read, {v['duplicates']} dup, {v['missing']} missing)"
+
+
+# --- SVG -------------------------------------------------------------------------------------
+
+W, H, PAD = 640, 360, 60
+
+
+def svg(title, xlabel, ylabel, series, xlog=False, xticks=None):
+    """A line chart: series = [(name, colour, [(x, y), ...])]."""
+    pts = [p for _, _, s in series for p in s]
+    if not pts:
+        return None
+    fx = (lambda x: math.log10(x)) if xlog else (lambda x: x)
+    xs = [fx(x) for x, _ in pts]
+    x0, x1 = min(xs), max(xs)
+    if x0 == x1:
+        x1 = x0 + 1
+    y1 = max(y for _, y in pts) * 1.1 or 1
+
+    def px(x):
+        return PAD + (fx(x) - x0) / (x1 - x0) * (W - 2 * PAD)
+
+    def py(y):
+        return H - PAD - y / y1 * (H - 2 * PAD)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W/2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
+           f'<line x1="{PAD}" y1="{H-PAD}" x2="{W-PAD}" y2="{H-PAD}" stroke="black"/>',
+           f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H-PAD}" stroke="black"/>',
+           f'<text x="{W/2}" y="{H-15}" text-anchor="middle">{xlabel}</text>',
+           f'<text x="15" y="{H/2}" text-anchor="middle" transform="rotate(-90 15 {H/2})">'
+           f'{ylabel}</text>']
+    for i in range(5):
+        y = y1 * i / 4
+        out.append(f'<text x="{PAD-5}" y="{py(y)+4:.1f}" text-anchor="end">{short(y)}</text>')
+        out.append(f'<line x1="{PAD}" y1="{py(y):.1f}" x2="{W-PAD}" y2="{py(y):.1f}" '
+                   'stroke="#ddd"/>')
+    for x, label in (xticks or sorted({(x, short(x)) for x, _ in pts})):
+        out.append(f'<text x="{px(x):.1f}" y="{H-PAD+16}" text-anchor="middle">{label}</text>')
+    for n, (name, colour, s) in enumerate(series):
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in s)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for x, y in s:
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{colour}"/>')
+        out.append(f'<text x="{W-PAD-150}" y="{PAD+16*n}" fill="{colour}">{name}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def short(v):
+    for div, unit in ((1e6, "M"), (1e3, "K")):
+        if abs(v) >= div:
+            return f"{v/div:.3g}{unit}"
+    return f"{v:.3g}"
+
+
+def plots(docs):
+    out = {}
+    if "parse-only" in docs:
+        runs = docs["parse-only"]["result"]["runs"]
+        out["parse-throughput.svg"] = svg(
+            "parse-only (--sink null): lines/s vs connections", "connections (log scale)",
+            "lines per second",
+            [("stormgate, 2 shards", "#1f77b4",
+              [(r["connections"], r["lines_per_s"]) for r in runs])],
+            xlog=True)
+    if "latency" in docs:
+        d = docs["latency"]["result"]
+        colours = {"peak": "#d62728", "half": "#1f77b4", "quarter": "#2ca02c"}
+        series = []
+        ticks = [(q, f"p{q*100:g}") for q in (0.5, 0.9, 0.99, 0.999, 0.9999)]
+        for key, colour in colours.items():
+            cdf = d[key]["latency_us"].get("cdf", [])
+            series.append((f"{key}: {d[key]['records_per_s']:,}/s", colour,
+                           [(q, us / 1000) for q, us in cdf if q >= 0.5]))
+        # Quantiles on a log scale of 1/(1-q), the usual latency-percentile axis.
+        series = [(n, c, [(1 / (1 - q), y) for q, y in s]) for n, c, s in series]
+        ticks = [(1 / (1 - q), label) for q, label in ticks]
+        out["latency-cdf.svg"] = svg(
+            "line read → delivery report latency by percentile", "percentile",
+            "milliseconds", series, xlog=True, xticks=ticks)
+        del math
+    return out
+
+
+def main(results, img_dir):
+    docs = load(results)
+    if not docs:
+        raise SystemExit(f"no results in {results}; run a scenario first")
+    text = summary(docs)
+    (results / "summary.md").write_text(text)
+    print(text)
+    img_dir.mkdir(parents=True, exist_ok=True)
+    for name, body in plots(docs).items():
+        if body:
+            (img_dir / name).write_text(body)
+            print(f"wrote {img_dir / name}")

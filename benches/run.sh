@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs one benchmark scenario (or all of them) and writes its JSON result to benches/results/.
+#
+#   benches/run.sh parse-only|e2e|ceiling|before|shards|connections|latency|all [--smoke]
+#   benches/run.sh report      # benches/results/summary.md and docs/img/*.svg from the results
+#
+# Builds the release binaries first; the harness (benches/harness.py, standard-library Python)
+# starts its own broker, server and load generator. See docs/PERFORMANCE.md.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [[ ${1:-} != report ]]; then
+  cargo build --release --locked -p stormgate -p stormgate-loadgen >&2
+  deploy/kafka/tansu.sh install >/dev/null
+fi
+exec python3 benches/harness.py "$@"
