@@ -56,10 +56,12 @@ def summary(docs):
     if "ceiling" in docs:
         d = docs["ceiling"]["result"]
         add(f"### ceiling, {docs['ceiling']['started_at']}\n")
-        add(f"plain producer {fmt(round(d['plain_producer']['records_per_s']))} records/s; "
+        par = d["plain_producers_parallel"]
+        add(f"one plain producer {fmt(round(d['plain_producer']['records_per_s']))} records/s; "
+            f"{par['producers']} in parallel {fmt(par['records_per_s'])} records/s (the ceiling); "
             f"stormgate {fmt(d['stormgate']['records_per_s'])} records/s "
-            f"({verified(d['stormgate'])}): **{d['stormgate_share_of_ceiling']:.0%}** "
-            "of the ceiling.\n")
+            f"(verified: {verified(d['stormgate'])}): **{d['stormgate_share_of_ceiling']:.0%}** "
+            f"of the ceiling, {d['stormgate_share_of_single_producer']:.0%} of one producer.\n")
     if "before" in docs:
         d = docs["before"]["result"]
         add(f"### before vs defaults, {docs['before']['started_at']}\n")

@@ -94,9 +94,13 @@ impl Backlog {
         self.head == self.tail
     }
 
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.tail - self.head
+    }
+
+    /// The unfinished bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.buf[self.head..self.tail]
     }
 
     /// Appends `data`.

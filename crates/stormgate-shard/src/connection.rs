@@ -29,6 +29,9 @@ use crate::sink::{ConnFlow, DeliveryFailure, Outcome, Record};
 
 /// How much a read into a connection's own backlog asks for.
 const BACKLOG_READ: usize = 16 * 1024;
+/// Longest partial line carried into the shard's read buffer; longer ones are read onto in
+/// the connection's backlog (see `Connection::read_and_handle`).
+const CARRY_MAX: usize = 4 * 1024;
 /// Reply buffers larger than this are freed after each flush rather than kept.
 const REPLY_KEEP: usize = 1024;
 /// How long the final error line of a connection the server closes may take to write.
@@ -233,12 +236,20 @@ impl Connection {
     }
 
     /// Reads once and handles every complete line read. Returns the bytes read (0 at EOF).
+    ///
+    /// Normally the read goes into the shard's read buffer, behind room for the partial line
+    /// the connection carries from its previous read (a few hundred bytes at most, usually):
+    /// once the read completes, the partial line moves in front of the new bytes and
+    /// everything is handled in place. So a busy connection holds only its partial line
+    /// between reads, and an idle one nothing. Only an unusually long partial line (over
+    /// [`CARRY_MAX`]) is read onto in the connection's own backlog.
     async fn read_and_handle(&mut self) -> io::Result<usize> {
         let core = Rc::clone(&self.core);
-        if self.backlog.is_empty() {
+        let carry = self.backlog.len();
+        if carry <= CARRY_MAX.min(core.config.read_buffer_bytes / 2) {
             let n = poll_fn(|cx| {
                 let mut buf = core.read_buf.borrow_mut();
-                Pin::new(&mut self.stream).poll_read(cx, buf.read_area())
+                Pin::new(&mut self.stream).poll_read(cx, &mut buf.read_area()[carry..])
             })
             .await?;
             if n > 0 {
@@ -246,9 +257,14 @@ impl Connection {
                 self.stamp = ReadStamp::now();
                 let mut buf = core.read_buf.borrow_mut();
                 let buf = buf.as_mut();
-                let done = self.handle(buf, 0, n);
-                if done < n {
-                    self.backlog.push(&buf[done..n], &core.backlogs);
+                let end = carry + n;
+                if carry > 0 {
+                    buf[..carry].copy_from_slice(self.backlog.bytes());
+                    self.backlog.release(&core.backlogs);
+                }
+                let done = self.handle(buf, 0, end);
+                if done < end {
+                    self.backlog.push(&buf[done..end], &core.backlogs);
                 }
             }
             self.count_read(n);

@@ -432,3 +432,24 @@ fn a_line_trickled_byte_by_byte_is_cut_off_at_the_line_timeout() {
     assert_eq!(server.totals().records_delivered, 1);
     assert_eq!(server.totals().line_error(ErrorCode::LineTimeout), 1);
 }
+
+#[test]
+fn a_long_line_arriving_in_pieces_is_read_onto_the_backlog_and_arrives_whole() {
+    let server = start_null(config());
+    let mut s = Station::connect(server.local_addr());
+    s.identify("00001");
+    // ~20 KB: longer than what is carried into the shard buffer, so the later pieces are
+    // read into the connection's own backlog.
+    let data: Vec<String> = (0..1500).map(|i| format!("m{i}={i}.5")).collect();
+    let line = format!(
+        "{{\"type\":\"metrics\",\"data\":\"{}\"}}\nshort\n",
+        data.join(",")
+    );
+    for piece in line.as_bytes().chunks(1000) {
+        s.send(piece);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(s.reply()["code"], "malformed_json", "the line after it");
+    wait_for("1 record", || server.totals().records_delivered == 1);
+    assert_eq!(server.totals().line_errors_total(), 1);
+}
