@@ -8,7 +8,7 @@
 //! blocked connection leaves its bytes in the kernel, the kernel's receive window closes, and
 //! the station's sends slow down. Nothing is dropped.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -24,7 +24,7 @@ use stormgate_protocol::{ErrorCode, Frame, LineFramer, Parsed, Session};
 
 use crate::buffers::Backlog;
 use crate::events::{CloseReason, ConnectionClosed, LineRejected};
-use crate::shard::ShardCore;
+use crate::shard::{Registration, ShardCore};
 use crate::sink::{ConnFlow, DeliveryFailure, Outcome, Record};
 
 /// How much a read into a connection's own backlog asks for.
@@ -38,19 +38,23 @@ const REPLY_KEEP: usize = 1024;
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one accepted connection until the station leaves or the shard shuts down.
-pub(crate) async fn serve(
+///
+/// The connection's state is built before the future, which then owns nothing else: an idle
+/// connection costs the size of this future (plus its session's heap strings), so it is kept
+/// small (see `Connection::run`).
+pub(crate) fn serve(
     core: Rc<ShardCore>,
     stream: TcpStream,
     peer: SocketAddr,
     queue: Rc<LocalSender<Record>>,
-) {
+) -> impl Future<Output = ()> + 'static {
     let mut id = uuid::Uuid::encode_buffer();
     let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut id);
     let flow = match core.config.max_in_flight_per_connection {
         0 => None,
         cap => Some(Rc::new(ConnFlow::new(cap))),
     };
-    let _registration = core.register(stream.as_raw_fd());
+    let registration = core.register(stream.as_raw_fd());
     // A write blocked for the idle timeout is a station that stopped reading its replies.
     let _ = stream.set_write_timeout(core.config.idle_timeout.filter(|d| !d.is_zero()));
     let mut conn = Connection {
@@ -58,6 +62,7 @@ pub(crate) async fn serve(
         session: Session::new(id),
         core,
         stream,
+        _registration: registration,
         peer,
         queue,
         flow,
@@ -72,20 +77,24 @@ pub(crate) async fn serve(
         partial_since: None,
         completed_line: false,
     };
-    let reason = conn.run().await;
-    conn.backlog.release(&conn.core.backlogs);
-    ConnectionClosed {
-        connection_id: conn.session.connection_id(),
-        peer,
-        reason,
+    async move {
+        let reason = conn.run().await;
+        conn.backlog.release(&conn.core.backlogs);
+        ConnectionClosed {
+            connection_id: conn.session.connection_id(),
+            peer: conn.peer,
+            reason,
+        }
+        .emit(&conn.core.metrics);
+        conn.core.limits.release();
     }
-    .emit(&conn.core.metrics);
-    conn.core.limits.release();
 }
 
 struct Connection {
     core: Rc<ShardCore>,
     stream: TcpStream,
+    /// Keeps the socket in the shard's list for shutdown; removed on drop.
+    _registration: Registration,
     peer: SocketAddr,
     queue: Rc<LocalSender<Record>>,
     /// The connection's in-flight count, when it has a cap.
@@ -140,14 +149,23 @@ impl ReadStamp {
 }
 
 impl Connection {
+    /// The connection's life. Rare paths (blocks, replies, closing) are boxed futures: an
+    /// idle connection's task is this future's size, so only the common states may be large.
     async fn run(&mut self) -> CloseReason {
         loop {
             if self.core.draining.is_fired() {
                 return CloseReason::Shutdown;
             }
+            if self.core.gate.is_full() {
+                // Wait for room before reading, holding nothing (see `gate`).
+                self.core.metrics.backpressure_waits.incr();
+                let gate = Rc::clone(&self.core.gate);
+                gate.wait().await;
+                continue;
+            }
             let timeout = match self.read_timeout() {
                 Ok(timeout) => timeout,
-                Err(code) => return self.close_with(code).await,
+                Err(code) => return Box::pin(self.close_with(code)).await,
             };
             // Only fails for a zero duration, which `read_timeout` never returns.
             let _ = self.stream.set_read_timeout(timeout);
@@ -159,7 +177,7 @@ impl Connection {
                     } else {
                         ErrorCode::IdleTimeout
                     };
-                    return self.close_with(code).await;
+                    return Box::pin(self.close_with(code)).await;
                 }
                 Err(e) => return CloseReason::Io(e),
             };
@@ -168,18 +186,19 @@ impl Connection {
                 self.backlog.push(b"\n", &self.core.backlogs);
                 self.handle_backlog();
             }
-            self.drain_blocks().await;
+            if self.blocked.is_some() {
+                Box::pin(self.drain_blocks()).await;
+            }
             if self.sink_gone {
                 return CloseReason::SinkStopped;
             }
             if let Some(reason) = self.closing.take() {
-                let _ = glommio::timer::timeout(FAREWELL_TIMEOUT, async {
-                    self.flush_replies().await.map_err(Into::into)
-                })
-                .await;
+                Box::pin(self.farewell()).await;
                 return reason;
             }
-            if let Err(e) = self.flush_replies().await {
+            if !self.replies.is_empty()
+                && let Err(e) = Box::pin(self.flush_replies()).await
+            {
                 return CloseReason::Io(e);
             }
             self.track_partial_line();
@@ -224,15 +243,21 @@ impl Connection {
     /// Sends `code`'s error line (best effort, bounded in time) and ends the connection.
     async fn close_with(&mut self, code: ErrorCode) -> CloseReason {
         self.send_error(code);
-        let _ = glommio::timer::timeout(FAREWELL_TIMEOUT, async {
-            self.flush_replies().await.map_err(Into::into)
-        })
-        .await;
+        self.farewell().await;
         match code {
             ErrorCode::IdleTimeout => CloseReason::IdleTimeout,
             ErrorCode::LineTimeout => CloseReason::LineTimeout,
             _ => CloseReason::TooManyErrors,
         }
+    }
+
+    /// Writes the pending error lines of a connection the server is closing, giving up after
+    /// [`FAREWELL_TIMEOUT`] (the station may not be reading).
+    async fn farewell(&mut self) {
+        let _ = glommio::timer::timeout(FAREWELL_TIMEOUT, async {
+            self.flush_replies().await.map_err(Into::into)
+        })
+        .await;
     }
 
     /// Reads once and handles every complete line read. Returns the bytes read (0 at EOF).
@@ -301,6 +326,7 @@ impl Connection {
                         self.lost_sink(e);
                         return;
                     }
+                    self.core.gate.enqueued();
                 }
             }
             self.handle_backlog();
@@ -353,7 +379,7 @@ impl Connection {
                     records += 1;
                     let record = self.take_record();
                     match self.queue.try_send(record) {
-                        Ok(()) => {}
+                        Ok(()) => core.gate.enqueued(),
                         Err(GlommioError::WouldBlock(ResourceType::Channel(record))) => {
                             self.blocked = Some(Blocked::Queue(record));
                             break;

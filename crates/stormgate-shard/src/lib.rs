@@ -24,6 +24,7 @@
 //! - `connection`: one connection's task: read, frame, parse, enqueue, reply.
 //! - [`sink`]: the [`Sink`] contract, [`Record`]s and their settlement, and [`NullSink`].
 //! - `buffers`: the shard-local read buffer and the pools that keep idle connections small.
+//! - `gate`: parks connections before they read while the record queue is full.
 //! - `placement`, `listener`: cores and sockets.
 
 pub mod config;
@@ -33,6 +34,7 @@ pub mod sink;
 mod buffers;
 mod connection;
 mod events;
+mod gate;
 mod listener;
 mod placement;
 mod shard;

@@ -23,6 +23,7 @@ use crate::buffers::{BufPool, ReadBuf};
 use crate::config::RuntimeConfig;
 use crate::connection;
 use crate::events::{AcceptFailed, ConnectionRejected};
+use crate::gate::ReadGate;
 use crate::server::{ShardInfo, StartServerError};
 use crate::signal::Signal;
 use crate::sink::{Ledger, Record, RecordReceiver, Sink, SinkContext, SinkFactory};
@@ -49,6 +50,8 @@ pub(crate) struct ShardCore {
     pub(crate) logs: Logs,
     /// Fired when shutdown begins: stop accepting, stop reading.
     pub(crate) draining: Signal,
+    /// Parks connections before they read while the record queue is full.
+    pub(crate) gate: Rc<ReadGate>,
     /// Sockets of open connections, so shutdown can wake and end them.
     sockets: RefCell<Slab<RawFd>>,
 }
@@ -172,6 +175,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         backlogs: BufPool::new(BACKLOG_POOL.0, BACKLOG_POOL.1, BACKLOG_POOL.2),
         logs: Logs::default(),
         draining: Signal::default(),
+        gate: Rc::new(ReadGate::new(config.queue_size)),
         sockets: RefCell::new(Slab::new()),
         ledger: Rc::clone(&ledger),
         config,
@@ -180,8 +184,10 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
     });
     let (tx, rx) = local_channel::new_bounded(core.config.queue_size);
     let queue = Rc::new(tx);
-    let sink_task =
-        glommio::spawn_local(sink.run(RecordReceiver::new(rx), SinkContext::new(ledger)));
+    let sink_task = glommio::spawn_local(sink.run(
+        RecordReceiver::new(rx, Rc::clone(&core.gate)),
+        SinkContext::new(ledger),
+    ));
     glommio::spawn_local(housekeeping(Rc::clone(&core), stop, Rc::downgrade(&queue))).detach();
     info!(shard = info.id, core = info.core, "shard ready");
     let _ = ready.send(Ok(info));
@@ -302,6 +308,7 @@ async fn housekeeping(
                 .deadline
                 .set(Some(Instant::now() + core.config.shutdown_timeout));
             core.draining.fire();
+            core.gate.close();
         }
     }
 }

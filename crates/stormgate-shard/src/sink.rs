@@ -17,6 +17,8 @@ use std::task::{Poll, Waker};
 use std::time::Instant;
 
 use glommio::channels::local_channel::LocalReceiver;
+
+use crate::gate::ReadGate;
 use slab::Slab;
 use stormgate_telemetry::{LogLimiter, ShardMetrics};
 
@@ -101,16 +103,28 @@ pub trait Sink: 'static {
 /// The receiving end of a shard's record queue.
 pub struct RecordReceiver {
     rx: LocalReceiver<Record>,
+    gate: Rc<ReadGate>,
 }
 
 impl RecordReceiver {
-    pub(crate) fn new(rx: LocalReceiver<Record>) -> RecordReceiver {
-        RecordReceiver { rx }
+    pub(crate) fn new(rx: LocalReceiver<Record>, gate: Rc<ReadGate>) -> RecordReceiver {
+        RecordReceiver { rx, gate }
     }
 
     /// The next record, or `None` once the queue is closed and empty.
     pub async fn recv(&self) -> Option<Record> {
-        self.rx.recv().await
+        let record = self.rx.recv().await;
+        if record.is_some() {
+            self.gate.dequeued();
+        }
+        record
+    }
+}
+
+impl Drop for RecordReceiver {
+    /// No sink will take records any more: parked connections must not wait for it.
+    fn drop(&mut self) {
+        self.gate.close();
     }
 }
 
