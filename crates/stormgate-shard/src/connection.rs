@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_lite::{AsyncRead, AsyncWriteExt};
@@ -156,13 +157,6 @@ impl Connection {
             if self.core.draining.is_fired() {
                 return CloseReason::Shutdown;
             }
-            if self.core.gate.is_full() {
-                // Wait for room before reading, holding nothing (see `gate`).
-                self.core.metrics.backpressure_waits.incr();
-                let gate = Rc::clone(&self.core.gate);
-                gate.wait().await;
-                continue;
-            }
             let timeout = match self.read_timeout() {
                 Ok(timeout) => timeout,
                 Err(code) => return Box::pin(self.close_with(code)).await,
@@ -272,7 +266,11 @@ impl Connection {
         let core = Rc::clone(&self.core);
         let carry = self.backlog.len();
         if carry <= CARRY_MAX.min(core.config.read_buffer_bytes / 2) {
+            let mut ticket = None;
             let n = poll_fn(|cx| {
+                if gate_closed_to(&core, &mut ticket, cx) {
+                    return Poll::Pending;
+                }
                 let mut buf = core.read_buf.borrow_mut();
                 Pin::new(&mut self.stream).poll_read(cx, &mut buf.read_area()[carry..])
             })
@@ -297,7 +295,14 @@ impl Connection {
         } else {
             let area = self.backlog.read_area(BACKLOG_READ, &core.backlogs);
             let stream = &mut self.stream;
-            let n = poll_fn(|cx| Pin::new(&mut *stream).poll_read(cx, area)).await?;
+            let mut ticket = None;
+            let n = poll_fn(|cx| {
+                if gate_closed_to(&core, &mut ticket, cx) {
+                    return Poll::Pending;
+                }
+                Pin::new(&mut *stream).poll_read(cx, area)
+            })
+            .await?;
             self.backlog.commit(n);
             if n > 0 {
                 self.stamp = ReadStamp::now();
@@ -464,6 +469,24 @@ impl Connection {
         }
         Ok(())
     }
+}
+
+/// Whether a read must not take its bytes yet: the shard's queue is half full (see `gate`).
+/// Checked at every poll of the read, because the socket may turn readable long after the
+/// read began, when the queue has filled meanwhile. `ticket` is this read's place in the
+/// gate's line, so that a wake-up by the socket does not queue the task twice.
+fn gate_closed_to(core: &ShardCore, ticket: &mut Option<u64>, cx: &Context<'_>) -> bool {
+    if let Some(t) = *ticket
+        && core.gate.is_queued(t)
+    {
+        return true;
+    }
+    if core.gate.is_full() {
+        core.metrics.backpressure_waits.incr();
+        *ticket = Some(core.gate.park(cx.waker()));
+        return true;
+    }
+    false
 }
 
 /// Refuses a connection over the limit: one error line, then close. Bounded in time so a

@@ -32,10 +32,11 @@ use crate::sink::{Ledger, Record, RecordReceiver, Sink, SinkContext, SinkFactory
 const TICK: Duration = Duration::from_millis(20);
 /// Record value buffers kept for reuse per shard, and the largest one kept.
 const PAYLOAD_POOL: (usize, usize, usize) = (256, 4096, 4096);
-/// Backlog buffers: 1 KiB to start (a partial line plus parse padding; they grow when a
-/// connection is blocked with a read's worth of lines), at most 1024 kept per shard, none
-/// larger than 128 KiB.
-const BACKLOG_POOL: (usize, usize, usize) = (1024, 128 * 1024, 1024);
+/// Backlog buffers: 1 KiB to start (a partial line plus parse padding), at most 1024 kept
+/// per shard. One that grew past 4 KiB (a blocked connection keeping a read's worth of lines)
+/// is freed when emptied, not pooled: a pooled 64 KiB buffer would later hold some busy
+/// connection's 100-byte partial line, and 10,000 of those are 640 MiB.
+const BACKLOG_POOL: (usize, usize, usize) = (1024, 4 * 1024, 1024);
 
 /// State shared by every task of one shard. Shard-local: lives in an `Rc`, never crosses
 /// threads; `RefCell`s are only borrowed between awaits.
