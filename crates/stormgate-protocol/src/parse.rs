@@ -202,10 +202,40 @@ fn encode_pairs(
     }
     for pair in text.split(',') {
         let (name, value) = pair.split_once('=').ok_or(ErrorCode::InvalidMetric)?;
-        let value: f64 = value.trim().parse().map_err(|_| ErrorCode::InvalidMetric)?;
-        push(out, names, name.trim(), value)?;
+        let (name, value) = (name.trim(), value.trim());
+        if is_plain_decimal(value) {
+            // The common case, copied as sent: no float parse, no float formatting (together
+            // a quarter of a shard's time in profiles when done per value).
+            if name.is_empty() {
+                return Err(ErrorCode::InvalidMetric);
+            }
+            names.push(record::push_metric_text(out, names.is_empty(), name, value));
+        } else {
+            let value: f64 = value.parse().map_err(|_| ErrorCode::InvalidMetric)?;
+            push(out, names, name, value)?;
+        }
     }
     Ok(())
+}
+
+/// Longest plain decimal copied as sent. Shorter than 309 integer digits, so it is always a
+/// finite `f64`.
+const PLAIN_DECIMAL_MAX: usize = 40;
+
+/// `-?(0|[1-9][0-9]*)(\.[0-9]+)?`, at most [`PLAIN_DECIMAL_MAX`] bytes: a valid JSON number
+/// that is finite as an `f64`, so it can go into the record unchanged.
+fn is_plain_decimal(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.is_empty() || b.len() > PLAIN_DECIMAL_MAX {
+        return false;
+    }
+    let digits = b.strip_prefix(b"-").unwrap_or(b);
+    let (int, frac) = match memchr::memchr(b'.', digits) {
+        Some(dot) => (&digits[..dot], Some(&digits[dot + 1..])),
+        None => (digits, None),
+    };
+    let all_digits = |d: &[u8]| !d.is_empty() && d.iter().all(u8::is_ascii_digit);
+    all_digits(int) && (int.len() == 1 || int[0] != b'0') && frac.is_none_or(all_digits)
 }
 
 fn push(
@@ -297,6 +327,30 @@ mod tests {
             r#"{"type":"metrics","data":"t=-1e3"}"#,
             &record(r#""t":-1000.0"#),
         );
+    }
+
+    #[test]
+    fn plain_decimals_are_copied_and_others_normalised() {
+        check(
+            r#"{"type":"metrics","data":"a=25.50,b=-0.125,c=7,d=0"}"#,
+            &record(r#""a":25.50,"b":-0.125,"c":7.0,"d":0.0"#),
+        );
+        // Not plain decimals: parsed and written in shortest round-trip form, or rejected.
+        check(
+            r#"{"type":"metrics","data":"a=+1,b=.5,c=1.,d=007,e=1E2"}"#,
+            &record(r#""a":1.0,"b":0.5,"c":1.0,"d":7.0,"e":100.0"#),
+        );
+        let long = format!("1{}", "0".repeat(60));
+        check(
+            &format!(r#"{{"type":"metrics","data":"a={long}"}}"#),
+            &record(r#""a":1e60"#),
+        );
+        for bad in ["a=-", "a=1.2.3", "a=1-2", "=1.5"] {
+            check(
+                &format!(r#"{{"type":"metrics","data":"{bad}"}}"#),
+                "invalid_metric",
+            );
+        }
     }
 
     #[test]

@@ -89,6 +89,29 @@ pub(crate) fn push_metric(
     (start, end)
 }
 
+/// Like [`push_metric`], for a value already known to be a plain decimal JSON number
+/// (see `parse::is_plain_decimal`): copied as is, with `.0` added to an integer so that
+/// every value reads as a float, as [`push_metric`] writes them.
+pub(crate) fn push_metric_text(
+    out: &mut Vec<u8>,
+    first: bool,
+    name: &str,
+    value: &str,
+) -> (usize, usize) {
+    if !first {
+        out.push(b',');
+    }
+    let start = out.len();
+    json::write_str(out, name);
+    let end = out.len();
+    out.push(b':');
+    out.extend_from_slice(value.as_bytes());
+    if !value.contains('.') {
+        out.extend_from_slice(b".0");
+    }
+    (start, end)
+}
+
 /// Closes a record begun with [`Station::begin_record`].
 pub(crate) fn end_record(out: &mut Vec<u8>) {
     out.extend_from_slice(b"}}");
