@@ -47,6 +47,7 @@ pub fn run(args: &ProduceArgs) -> Result<ExitCode, LoadgenError> {
         mode: "produce".into(),
         records: report.records,
         delivered: report.delivered,
+        warmup_records: report.warmup,
         failed: report.failed,
         duration_s: report.duration.as_secs_f64(),
         records_per_s: report.records_per_s(),
@@ -76,6 +77,9 @@ pub struct ProduceSummary {
     pub records: u64,
     /// Records acknowledged.
     pub delivered: u64,
+    /// Records sent before timing started (a warm-up so the producer id wait is not timed);
+    /// they are in the topic in addition to `delivered`.
+    pub warmup_records: u64,
     /// Records not delivered.
     pub failed: u64,
     /// First send to the end of the flush.

@@ -71,6 +71,7 @@ fn produced_records_are_all_consumed_and_checked() {
     assert_eq!(produced["records"], 20_000);
     assert_eq!(produced["delivered"], 20_000);
     assert_eq!(produced["failed"], 0);
+    assert_eq!(produced["warmup_records"], 1);
     assert_eq!(produced["compression"], "lz4");
     assert_eq!(produced["acks"], "all");
     assert!(produced["records_per_s"].as_f64().unwrap() > 0.0);
@@ -81,26 +82,29 @@ fn produced_records_are_all_consumed_and_checked() {
         &b.brokers,
         "--topic",
         &b.topic,
-        "--expect=20000",
+        "--expect=20001",
         "--timeout=60s",
         "--quiet-progress",
     ]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(consumed["mode"], "consume");
-    assert_eq!(consumed["records"], 20_000);
+    assert_eq!(
+        consumed["records"], 20_001,
+        "20,000 plus the warm-up record"
+    );
     assert_eq!(consumed["keys"], 100);
     assert_eq!(consumed["partitions"], PARTITIONS);
     assert_eq!(consumed["end"], "complete");
     assert_eq!(consumed["bad_records"], 0);
     assert_eq!(consumed["key_mismatches"], 0);
     // The ceiling's records carry no seq, but every one has sent_us.
-    assert_eq!(consumed["without_seq"], 20_000);
+    assert_eq!(consumed["without_seq"], 20_001);
     assert_eq!(
         (&consumed["duplicates"], &consumed["missing"]),
         (&0.into(), &0.into())
     );
-    assert_eq!(consumed["consume_latency_us"]["count"], 20_000);
-    assert_eq!(consumed["ingest_latency_us"]["count"], 20_000);
+    assert_eq!(consumed["consume_latency_us"]["count"], 20_001);
+    assert_eq!(consumed["ingest_latency_us"]["count"], 20_001);
 
     // Asking for more than there is ends at the timeout, and fails.
     let (out, short) = loadgen(&[
@@ -109,11 +113,11 @@ fn produced_records_are_all_consumed_and_checked() {
         &b.brokers,
         "--topic",
         &b.topic,
-        "--expect=20001",
+        "--expect=20002",
         "--timeout=3s",
         "--quiet-progress",
     ]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert_eq!(short["records"], 20_000);
+    assert_eq!(short["records"], 20_001);
     assert_eq!(short["end"], "timeout");
 }
