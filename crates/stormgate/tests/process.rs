@@ -212,3 +212,97 @@ fn a_taken_port_is_reported_and_exits_non_zero() {
     let err = p.log_line("cannot listen");
     assert!(err["message"].as_str().unwrap().contains(&addr), "{err}");
 }
+
+/// Open files and resident memory of a process.
+fn fds_and_rss(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap();
+    (fds, rss_kib * 1024)
+}
+
+/// `n` short-lived stations from `threads` client threads, each thread on its own source
+/// address (127.0.0.2, .3, ...) so that the ephemeral ports of one address are not exhausted:
+/// connect, identify, one metrics line, close the sending side, wait for the server to close.
+fn churn(addr: SocketAddr, n: usize, threads: usize) {
+    use std::io::{Read, Write};
+    let per_thread = n / threads;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let source: SocketAddr = format!("127.0.0.{}:0", 2 + t).parse().unwrap();
+                for i in 0..per_thread {
+                    let socket = socket2::Socket::new(
+                        socket2::Domain::IPV4,
+                        socket2::Type::STREAM,
+                        None,
+                    )
+                    .unwrap();
+                    socket.bind(&source.into()).unwrap();
+                    socket.connect(&addr.into()).unwrap();
+                    let mut s: std::net::TcpStream = socket.into();
+                    let line = format!(
+                        "{{\"type\":\"identify\",\"zipcode\":\"{t}{i:06}\"}}\n{{\"type\":\"metrics\",\"data\":\"t=1\"}}\n"
+                    );
+                    s.write_all(line.as_bytes()).unwrap();
+                    s.shutdown(std::net::Shutdown::Write).unwrap();
+                    let mut rest = Vec::new();
+                    s.read_to_end(&mut rest).unwrap();
+                    assert!(rest.is_empty(), "unexpected reply {rest:?}");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+/// 100,000 connections opened and closed: the server's open files and resident memory come
+/// back to where they were after a warm-up, and every line was handled.
+#[test]
+fn connection_churn_returns_fds_and_memory_to_baseline() {
+    const WARMUP: usize = 4_000;
+    const CHURN: usize = 100_000;
+    let dir = std::env::temp_dir().join(format!("stormgate-churn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stats_file = dir.join("stats.json");
+    let mut p = Process::spawn(&[
+        ("SINK", "null"),
+        ("STATS_FILE", stats_file.to_str().unwrap()),
+    ]);
+    let addr = p.addr();
+    let pid = p.child.id();
+    churn(addr, WARMUP, 4);
+    std::thread::sleep(Duration::from_millis(500));
+    let (fds0, rss0) = fds_and_rss(pid);
+    churn(addr, CHURN, 4);
+    std::thread::sleep(Duration::from_millis(500));
+    let (fds1, rss1) = fds_and_rss(pid);
+    println!(
+        "churn: {CHURN} connections; open files {fds0} -> {fds1}; RSS {:.1} -> {:.1} MiB",
+        rss0 as f64 / 1048576.0,
+        rss1 as f64 / 1048576.0
+    );
+    assert_eq!(fds1, fds0, "open files after churn");
+    assert!(
+        rss1 <= rss0 + (4 << 20),
+        "RSS grew from {rss0} to {rss1} bytes over {CHURN} connections"
+    );
+    p.signal(libc::SIGTERM);
+    assert!(p.wait_exit().success());
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&stats_file).unwrap()).unwrap();
+    let total = (WARMUP + CHURN) as u64;
+    assert_eq!(stats["totals"]["connections_accepted"], total);
+    assert_eq!(stats["totals"]["connections_closed"], total);
+    assert_eq!(stats["totals"]["records_delivered"], total);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
