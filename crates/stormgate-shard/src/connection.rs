@@ -12,12 +12,13 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_lite::{AsyncRead, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncWriteExt, FutureExt};
 use glommio::channels::local_channel::LocalSender;
 use glommio::net::TcpStream;
 use glommio::{GlommioError, ResourceType};
@@ -79,7 +80,14 @@ pub(crate) fn serve(
         completed_line: false,
     };
     async move {
-        let reason = conn.run().await;
+        // A bug that panics while serving one connection ends that connection, not the shard:
+        // the panic is caught here, logged and counted, and the connection's resources are
+        // released as for any close. Shard-wide state it may have held borrowed (the read
+        // buffer, the parser) is released by unwinding and is valid for the next user.
+        let reason = match AssertUnwindSafe(conn.run()).catch_unwind().await {
+            Ok(reason) => reason,
+            Err(panic) => CloseReason::Panicked(panic_message(&*panic)),
+        };
         conn.backlog.release(&conn.core.backlogs);
         ConnectionClosed {
             connection_id: conn.session.connection_id(),
@@ -364,6 +372,10 @@ impl Connection {
             };
             self.completed_line = true;
             let line = match frame {
+                #[cfg(test)]
+                Frame::Line(line) if buf[line.clone()] == *tests::PANIC_LINE => {
+                    panic!("injected fault")
+                }
                 Frame::Line(line) => line,
                 Frame::TooLong => {
                     self.reject(ErrorCode::LineTooLong);
@@ -471,6 +483,15 @@ impl Connection {
     }
 }
 
+/// The text of a caught panic's payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
+
 /// Whether a read must not take its bytes yet: the shard's queue is half full (see `gate`).
 /// Checked at every poll of the read, because the socket may turn readable long after the
 /// read began, when the queue has filled meanwhile. `ticket` is this read's place in the
@@ -499,4 +520,60 @@ pub(crate) async fn refuse(mut stream: TcpStream) {
         Ok(())
     })
     .await;
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::time::{Duration, Instant};
+
+    use crate::{NullSinkFactory, RuntimeConfig, Server};
+
+    /// In test builds, a connection that receives this line panics while handling it.
+    pub(crate) const PANIC_LINE: &[u8] = b"{\"type\":\"__injected_panic__\"}";
+
+    #[test]
+    fn a_panicking_connection_ends_alone_and_the_shard_serves_on() {
+        let server = Server::start(
+            RuntimeConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                shards: 1,
+                ..RuntimeConfig::default()
+            },
+            NullSinkFactory,
+        )
+        .unwrap();
+        let connect = || {
+            let s = std::net::TcpStream::connect(server.local_addr()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        };
+        let identify = b"{\"type\":\"identify\",\"zipcode\":\"1\"}\n";
+        let metrics = b"{\"type\":\"metrics\",\"data\":\"t=1\"}\n";
+        let mut good = connect();
+        good.write_all(identify).unwrap();
+        good.write_all(metrics).unwrap();
+        let mut bad = connect();
+        bad.write_all(identify).unwrap();
+        bad.write_all(metrics).unwrap();
+        bad.write_all(PANIC_LINE).unwrap();
+        bad.write_all(b"\n").unwrap();
+        let mut rest = String::new();
+        let _ = BufReader::new(bad).read_line(&mut rest);
+        assert_eq!(rest, "", "the panicking connection is closed");
+        // The same shard (only one) goes on serving the other connection and new ones.
+        good.write_all(metrics).unwrap();
+        let mut late = connect();
+        late.write_all(identify).unwrap();
+        late.write_all(metrics).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.totals().records_delivered < 4 {
+            assert!(Instant::now() < deadline, "{:?}", server.totals());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t = server.totals();
+        assert_eq!(t.connection_panics, 1);
+        assert_eq!(t.connections_active, 2);
+        assert_eq!(t.records_delivered, 4);
+    }
 }

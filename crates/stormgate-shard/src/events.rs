@@ -85,6 +85,8 @@ pub(crate) enum CloseReason {
     IdleTimeout,
     /// A line stayed incomplete past the line timeout.
     LineTimeout,
+    /// Serving the connection panicked (a bug); the shard goes on.
+    Panicked(String),
 }
 
 impl std::fmt::Display for CloseReason {
@@ -97,6 +99,7 @@ impl std::fmt::Display for CloseReason {
             CloseReason::TooManyErrors => f.write_str("too many bad lines in a row"),
             CloseReason::IdleTimeout => f.write_str("idle timeout"),
             CloseReason::LineTimeout => f.write_str("line timeout"),
+            CloseReason::Panicked(msg) => write!(f, "panicked: {msg}"),
         }
     }
 }
@@ -105,6 +108,12 @@ impl ConnectionClosed<'_> {
     pub(crate) fn emit(&self, metrics: &ShardMetrics) {
         metrics.connections_closed.incr();
         metrics.connections_active.add(-1);
+        if let CloseReason::Panicked(msg) = &self.reason {
+            // Not rate limited: each one is a bug to fix, and each ends a connection.
+            metrics.connection_panics.incr();
+            error!(connection_id = self.connection_id, peer = %self.peer, panic = %msg, "connection task panicked; connection closed, shard unaffected");
+            return;
+        }
         debug!(connection_id = self.connection_id, peer = %self.peer, reason = %self.reason, "connection closed");
     }
 }

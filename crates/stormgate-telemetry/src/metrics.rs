@@ -69,6 +69,8 @@ pub struct ShardMetrics {
     pub connections_rejected: Counter,
     /// Connections open now.
     pub connections_active: Gauge,
+    /// Connection tasks that panicked (bugs); each closed its connection only.
+    pub connection_panics: Counter,
     /// Non-blank lines read.
     pub lines_received: Counter,
     /// Bytes read from station sockets.
@@ -110,6 +112,8 @@ pub struct Totals {
     pub connections_rejected: u64,
     /// See [`ShardMetrics::connections_active`].
     pub connections_active: i64,
+    /// See [`ShardMetrics::connection_panics`].
+    pub connection_panics: u64,
     /// See [`ShardMetrics::lines_received`].
     pub lines_received: u64,
     /// See [`ShardMetrics::bytes_received`].
@@ -147,6 +151,7 @@ impl Totals {
         self.connections_closed += m.connections_closed.get();
         self.connections_rejected += m.connections_rejected.get();
         self.connections_active += m.connections_active.get();
+        self.connection_panics += m.connection_panics.get();
         self.lines_received += m.lines_received.get();
         self.bytes_received += m.bytes_received.get();
         for (t, c) in self.line_errors.iter_mut().zip(&m.line_errors) {

@@ -84,6 +84,7 @@ fn totals_json(t: &Totals) -> Value {
         "connections_accepted": t.connections_accepted,
         "connections_closed": t.connections_closed,
         "connections_rejected": t.connections_rejected,
+        "connection_panics": t.connection_panics,
         "lines_received": t.lines_received,
         "bytes_received": t.bytes_received,
         "line_errors": errors,
