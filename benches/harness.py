@@ -265,7 +265,10 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
             WARMUP_LINES, "--zip-base", 99000, quiet=True)
     time.sleep(1.5)
     cpu0 = server.cpu()
-    bcpu0 = cpu_seconds(broker.pid())
+    broker_pid = broker.pid()
+    if broker_pid is None:
+        raise RuntimeError(f"broker on port {KAFKA_PORT} is not running")
+    bcpu0 = cpu_seconds(broker_pid)
     t0 = time.time()
     limit = (["--lines-per-conn", lines_per_conn] if lines_per_conn
              else ["--duration", f"{duration}s"])
@@ -275,7 +278,7 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
     )
     cpu_load = server.cpu() - cpu0
     rss, hwm = server.memory()
-    bcpu = cpu_seconds(broker.pid()) - bcpu0
+    bcpu = cpu_seconds(broker_pid) - bcpu0
     # The server's CPU is sampled before SIGTERM; the drain's share is small and excluded.
     stats = server.stop()
     elapsed = time.time() - t0
