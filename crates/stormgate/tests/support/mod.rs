@@ -65,6 +65,15 @@ pub fn consume(brokers: &str, topic: &str, expected: usize) -> Vec<Out> {
         records.len(),
         t0.elapsed()
     );
+    if records.len() != expected {
+        // For diagnosing a short read: per partition, how many records and which offsets.
+        let mut parts: BTreeMap<i32, (usize, i64, i64)> = BTreeMap::new();
+        for r in &records {
+            let e = parts.entry(r.partition).or_insert((0, i64::MAX, -1));
+            *e = (e.0 + 1, e.1.min(r.offset), e.2.max(r.offset));
+        }
+        eprintln!("per partition (count, first offset, last offset): {parts:?}");
+    }
     records
         .into_iter()
         .map(|r| Out {
