@@ -246,6 +246,8 @@ def parse_only_run(connections, duration, shards=0, threads=1):
 
 
 WARMUP_LINES = 2
+# Lines per second per connection in smoke mode.
+SMOKE_RATE = 2000
 
 
 def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, verify=True,
@@ -272,6 +274,10 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
     t0 = time.time()
     limit = (["--lines-per-conn", lines_per_conn] if lines_per_conn
              else ["--duration", f"{duration}s"])
+    if SMOKE and not rate:
+        # Smoke runs prove the harness works, not speed: a paced trickle keeps them short and
+        # light on the test broker (flat out, one smoke second is ~1.5M records).
+        rate = SMOKE_RATE
     sent = loadgen(
         "send", "--target", server.target, "--connections", connections, *limit,
         "--rate", rate, "--seq", "--timestamps", "--drain-timeout", "120s", quiet=SMOKE,
