@@ -78,15 +78,9 @@ pub(crate) fn push_metric(
     name: &str,
     value: f64,
 ) -> (usize, usize) {
-    if !first {
-        out.push(b',');
-    }
-    let start = out.len();
-    json::write_str(out, name);
-    let end = out.len();
-    out.push(b':');
+    let span = push_name(out, first, name);
     json::write_f64(out, value);
-    (start, end)
+    span
 }
 
 /// Like [`push_metric`], for a value already known to be a plain decimal JSON number
@@ -98,6 +92,16 @@ pub(crate) fn push_metric_text(
     name: &str,
     value: &str,
 ) -> (usize, usize) {
+    let span = push_name(out, first, name);
+    out.extend_from_slice(value.as_bytes());
+    if !value.contains('.') {
+        out.extend_from_slice(b".0");
+    }
+    span
+}
+
+/// Appends a member's separator, `"name"` and `:`; returns where the encoded name sits.
+fn push_name(out: &mut Vec<u8>, first: bool, name: &str) -> (usize, usize) {
     if !first {
         out.push(b',');
     }
@@ -105,10 +109,6 @@ pub(crate) fn push_metric_text(
     json::write_str(out, name);
     let end = out.len();
     out.push(b':');
-    out.extend_from_slice(value.as_bytes());
-    if !value.contains('.') {
-        out.extend_from_slice(b".0");
-    }
     (start, end)
 }
 
