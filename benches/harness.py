@@ -162,13 +162,23 @@ class Server:
         return json.loads(self.stats_path.read_text())
 
 
-def loadgen(*args, quiet=False):
-    """Runs the load generator and returns its JSON summary."""
+def loadgen(*args, quiet=False, allow_failure=False):
+    """Runs the load generator and returns its JSON summary.
+
+    `quiet` keeps its progress lines out of the log, but they are printed if it fails.
+    `allow_failure` returns the summary of a run that exited non-zero (a consumer that did
+    not reach --expect still says what it read), for the caller to judge."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         summary = Path(f.name)
     cmd = [str(LOADGEN), *map(str, args), "--summary", str(summary)]
-    stderr = subprocess.DEVNULL if quiet else None
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=stderr)
+    stderr = subprocess.PIPE if quiet else None
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    if proc.returncode != 0:
+        if quiet:
+            sys.stderr.write(proc.stderr[-4000:])
+        if not (allow_failure and summary.exists() and summary.stat().st_size > 0):
+            raise subprocess.CalledProcessError(proc.returncode, cmd)
+        log(f"{LOADGEN.name} {args[0]} exited {proc.returncode}")
     result = json.loads(summary.read_text())
     summary.unlink()
     return result
@@ -252,6 +262,36 @@ SMOKE_RATE = 2000
 
 def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, verify=True,
               lines_per_conn=None):
+    """`kafka_run_once`, repeated once if the broker lost records it had acknowledged.
+
+    The test broker (Tansu 0.6.0, memory engine) sometimes serves fewer records than it
+    acknowledged when several producers write one partition at the same time; plain rdkafka
+    producers without Stormgate show it too (deploy/kafka/concurrent-loss.sh). A run whose
+    consumer reads fewer records than Stormgate's delivery reports counted, with no failures
+    and no duplicates, is that case: it is logged, kept in the result and run again."""
+    first = kafka_run_once(label, connections, duration, server_args, env, rate, verify,
+                           lines_per_conn)
+    check = first.get("verified")
+    if not check or check["ok"] or not broker_lost_records(first):
+        return first
+    log(f"{label}: the broker served {check['records']:,} of the records it acknowledged; "
+        "a known defect of the test broker under concurrent producers: running it again")
+    second = kafka_run_once(label, connections, duration, server_args, env, rate, verify,
+                            lines_per_conn)
+    second["earlier_attempt_broker_loss"] = check
+    return second
+
+
+def broker_lost_records(run):
+    """True when the only thing wrong with a verified run is records missing at the broker."""
+    check = run["verified"]
+    return (run["records_failed"] == 0 and check["duplicates"] == 0
+            and check["records"] - WARMUP_LINES < run["records_delivered"]
+            and run["records_delivered"] == run["lines_sent"])
+
+
+def kafka_run_once(label, connections, duration, server_args, env, rate, verify,
+                   lines_per_conn):
     """Stations → stormgate → broker, then consume the topic and check every record.
 
     The rate is delivered records over the time from the first line sent to the end of the
@@ -310,8 +350,9 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
     }
     if verify:
         check = loadgen("consume", "--brokers", broker.brokers, "--topic", topic,
-                        "--expect", delivered + WARMUP_LINES, quiet=True)
-        result["verified"] = {k: check[k] for k in ("records", "duplicates", "missing", "keys")}
+                        "--expect", delivered + WARMUP_LINES, quiet=True, allow_failure=True)
+        result["verified"] = {k: check[k] for k in ("records", "duplicates", "missing", "keys",
+                                                   "offset_holes")}
         ok = (check["records"] - WARMUP_LINES == delivered == sent["lines_sent"]
               and check["duplicates"] == 0 and check["missing"] == 0)
         result["verified"]["ok"] = ok

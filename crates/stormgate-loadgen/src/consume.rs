@@ -42,7 +42,10 @@ pub fn run(args: &ConsumeArgs) -> Result<ExitCode, LoadgenError> {
     let mut check = Checker::new(args.lines_per_conn);
     let mut last = 0u64;
     let stats = scan_topic(&args.brokers, &args.topic, &opts, |event| match event {
-        ScanEvent::Record(r) => check.record(r.key, r.value, unix_micros()),
+        ScanEvent::Record(r) => {
+            check.offset(r.partition, r.offset);
+            check.record(r.key, r.value, unix_micros());
+        }
         ScanEvent::Tick(p) => {
             if !args.quiet_progress {
                 eprintln!(
@@ -170,6 +173,10 @@ pub struct Checker {
     bad_records: u64,
     first_bad: Option<String>,
     key_mismatches: u64,
+    /// Per partition, the offset after the last record read.
+    next_offset: HashMap<i32, i64>,
+    offset_holes: u64,
+    offsets_skipped: u64,
     consume_latency: Latency,
     ingest_latency: Latency,
 }
@@ -186,9 +193,24 @@ impl Checker {
             bad_records: 0,
             first_bad: None,
             key_mismatches: 0,
+            next_offset: HashMap::new(),
+            offset_holes: 0,
+            offsets_skipped: 0,
             consume_latency: Latency::new(),
             ingest_latency: Latency::new(),
         }
+    }
+
+    /// Notes where a record sits in its partition. Without transactions or compaction a
+    /// partition's offsets are dense, so a jump means the broker assigned offsets to records
+    /// it then did not serve: records lost on the broker's side, not before it.
+    pub fn offset(&mut self, partition: i32, offset: i64) {
+        let next = self.next_offset.entry(partition).or_insert(offset);
+        if offset > *next {
+            self.offset_holes += 1;
+            self.offsets_skipped += (offset - *next) as u64;
+        }
+        *next = (*next).max(offset + 1);
     }
 
     /// Checks one record received at `now_us` (Unix microseconds).
@@ -274,6 +296,8 @@ impl Checker {
             bad_records: self.bad_records,
             first_bad: self.first_bad.clone(),
             key_mismatches: self.key_mismatches,
+            offset_holes: self.offset_holes,
+            offsets_skipped: self.offsets_skipped,
             duration_s: secs,
             records_per_s: if secs > 0.0 {
                 self.records as f64 / secs
@@ -315,6 +339,10 @@ pub struct ConsumeReport {
     pub first_bad: Option<String>,
     /// Records whose key is not their value's zipcode.
     pub key_mismatches: u64,
+    /// Jumps in a partition's offsets (see [`Checker::offset`]).
+    pub offset_holes: u64,
+    /// Offsets skipped by those jumps: records the broker acknowledged but did not serve.
+    pub offsets_skipped: u64,
     /// Time spent reading.
     pub duration_s: f64,
     /// `records / duration_s`.
@@ -496,6 +524,28 @@ mod tests {
         // received_at_ms = sent_ms + 2 ms, truncated: 2 ms minus sent's sub-ms part.
         assert_eq!(ingest.max, Some(2_000 - sent % 1000));
         assert_eq!(ingest.negative, 0);
+    }
+
+    #[test]
+    fn offset_jumps_are_counted_per_partition() {
+        let mut c = Checker::new(None);
+        // Partition 0 starts at 5 (earlier records deleted: not a hole), skips 8..10;
+        // partition 1 is dense; a re-read offset is not a hole either.
+        for (p, o) in [
+            (0, 5),
+            (1, 0),
+            (0, 6),
+            (0, 7),
+            (1, 1),
+            (0, 10),
+            (0, 10),
+            (1, 2),
+            (0, 11),
+        ] {
+            c.offset(p, o);
+        }
+        let r = c.report(&stats(0));
+        assert_eq!((r.offset_holes, r.offsets_skipped), (1, 2));
     }
 
     #[test]

@@ -147,32 +147,36 @@ fn stations_to_topic(codec: Compression) {
 
 #[test]
 fn stations_to_topic_uncompressed() {
-    stations_to_topic(Compression::None);
+    retry_if_broker_loses_records(|| stations_to_topic(Compression::None));
 }
 
 #[test]
 fn stations_to_topic_gzip() {
-    stations_to_topic(Compression::Gzip);
+    retry_if_broker_loses_records(|| stations_to_topic(Compression::Gzip));
 }
 
 #[test]
 fn stations_to_topic_snappy() {
-    stations_to_topic(Compression::Snappy);
+    retry_if_broker_loses_records(|| stations_to_topic(Compression::Snappy));
 }
 
 #[test]
 fn stations_to_topic_lz4() {
-    stations_to_topic(Compression::Lz4);
+    retry_if_broker_loses_records(|| stations_to_topic(Compression::Lz4));
 }
 
 #[test]
 fn stations_to_topic_zstd() {
-    stations_to_topic(Compression::Zstd);
+    retry_if_broker_loses_records(|| stations_to_topic(Compression::Zstd));
 }
 
 /// KAFKA_ASYNC=false: each line waits for its delivery report; everything still arrives.
 #[test]
 fn synchronous_mode_delivers_every_line() {
+    retry_if_broker_loses_records(synchronous_mode);
+}
+
+fn synchronous_mode() {
     let brokers = broker();
     let topic = fresh_topic(&brokers, "e2e-sync");
     let app = start(&[
@@ -205,4 +209,51 @@ fn synchronous_mode_delivers_every_line() {
             .collect();
         assert_eq!(temps, (0..20).map(f64::from).collect::<Vec<_>>(), "{zip}");
     }
+}
+
+/// The retry above covers exactly one failure, once: a short read.
+#[test]
+fn only_a_short_read_is_retried_and_only_once() {
+    use std::cell::Cell;
+    use std::panic::{AssertUnwindSafe, catch_unwind, panic_any};
+    let short = || {
+        panic_any(ShortRead {
+            topic: "t".into(),
+            expected: 2,
+            read: 1,
+        })
+    };
+
+    let runs = Cell::new(0);
+    retry_if_broker_loses_records(|| {
+        runs.set(runs.get() + 1);
+        if runs.get() == 1 {
+            short();
+        }
+    });
+    assert_eq!(runs.get(), 2, "a short read, then a pass");
+
+    runs.set(0);
+    let twice = catch_unwind(AssertUnwindSafe(|| {
+        retry_if_broker_loses_records(|| {
+            runs.set(runs.get() + 1);
+            short();
+        })
+    }));
+    assert!(
+        twice.is_err() && runs.get() == 2,
+        "a second short read fails"
+    );
+
+    runs.set(0);
+    let other = catch_unwind(AssertUnwindSafe(|| {
+        retry_if_broker_loses_records(|| {
+            runs.set(runs.get() + 1);
+            panic!("duplicates");
+        })
+    }));
+    assert!(
+        other.is_err() && runs.get() == 1,
+        "any other failure is not retried"
+    );
 }

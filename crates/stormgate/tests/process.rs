@@ -151,6 +151,10 @@ fn embedded_default_serves_records_that_a_kafka_client_can_read() {
 
 #[test]
 fn sigterm_flushes_records_still_lingering_in_the_producer() {
+    retry_if_broker_loses_records(sigterm_flush);
+}
+
+fn sigterm_flush() {
     let brokers = broker();
     let topic = fresh_topic(&brokers, "sigterm");
     let stats_dir = std::env::temp_dir().join(format!("stormgate-stats-{}", std::process::id()));

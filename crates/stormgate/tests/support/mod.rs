@@ -54,7 +54,41 @@ pub struct Out {
     pub timestamp_ms: Option<i64>,
 }
 
-/// Reads every record of `topic`, expecting `expected` of them.
+/// The panic payload of [`consume`] when the broker served fewer records than expected.
+#[derive(Debug)]
+pub struct ShortRead {
+    pub topic: String,
+    pub expected: usize,
+    pub read: usize,
+}
+
+/// Runs `test`; if it fails only because [`consume`] read fewer records than Stormgate's
+/// delivery reports counted, runs it once more.
+///
+/// The test broker (Tansu 0.6.0, memory engine) now and then loses records it acknowledged
+/// when several producers write one partition at once; plain rdkafka producers without
+/// Stormgate show it too (`deploy/kafka/concurrent-loss.sh`, about 1 round in 17). Tests
+/// with two shards have two producers. A second short read fails the test, as does anything
+/// else: duplicates, wrong order, wrong contents.
+pub fn retry_if_broker_loses_records(test: impl Fn()) {
+    let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&test)) else {
+        return;
+    };
+    match payload.downcast::<ShortRead>() {
+        Ok(short) => {
+            eprintln!(
+                "the broker served {} of the {} records acknowledged on {} (a known defect \
+                 of the test broker under concurrent producers): running the test again",
+                short.read, short.expected, short.topic
+            );
+            test();
+        }
+        Err(other) => std::panic::resume_unwind(other),
+    }
+}
+
+/// Reads every record of `topic`, expecting `expected` of them. Reading fewer panics with a
+/// [`ShortRead`] (see [`retry_if_broker_loses_records`]).
 pub fn consume(brokers: &str, topic: &str, expected: usize) -> Vec<Out> {
     let t0 = Instant::now();
     let records =
@@ -73,6 +107,13 @@ pub fn consume(brokers: &str, topic: &str, expected: usize) -> Vec<Out> {
             *e = (e.0 + 1, e.1.min(r.offset), e.2.max(r.offset));
         }
         eprintln!("per partition (count, first offset, last offset): {parts:?}");
+        if records.len() < expected {
+            std::panic::panic_any(ShortRead {
+                topic: topic.to_owned(),
+                expected,
+                read: records.len(),
+            });
+        }
     }
     records
         .into_iter()
