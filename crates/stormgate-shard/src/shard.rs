@@ -204,16 +204,26 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         .deadline
         .get()
         .expect("draining sets the deadline");
-    let closed = future::or(async { connections.close().await.is_ok() }, async {
-        sleep(deadline.saturating_duration_since(Instant::now())).await;
-        false
-    })
+    // One close future, kept until every connection task has left: dropping it half way
+    // would leave glommio's gate closing towards a dropped channel, and the last task to
+    // leave would panic the shard (and a second close() would not wait at all).
+    let mut closing = pin!(connections.close());
+    let in_time = future::or(
+        async {
+            let _ = closing.as_mut().await;
+            true
+        },
+        async {
+            sleep(deadline.saturating_duration_since(Instant::now())).await;
+            false
+        },
+    )
     .await;
-    if !closed {
+    if !in_time {
         // Past the deadline: end connections still blocked writing to a station that does not
         // read; the sink is already failing what it cannot deliver, which unblocks the rest.
         core.shut_down_sockets(libc::SHUT_RDWR);
-        let _ = connections.close().await;
+        let _ = closing.await;
     }
     drop(queue);
     sink_task.await;
