@@ -5,11 +5,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
+use rdkafka::bindings::{rd_kafka_message_status, rd_kafka_msg_status_t};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::{debug, error, info, warn};
+
+use crate::spill::SpillLine;
 
 /// One delivery report, copied out of librdkafka.
 #[derive(Debug)]
@@ -17,6 +21,8 @@ pub(crate) struct Report {
     /// The record's ticket, passed through librdkafka as the delivery opaque.
     pub(crate) ticket: usize,
     pub(crate) result: Result<(), RDKafkaErrorCode>,
+    /// For a failure: the record as it was to be produced, for the spill file.
+    pub(crate) spill: Option<Box<SpillLine>>,
 }
 
 /// The context of one shard's producer.
@@ -109,13 +115,32 @@ impl ProducerContext for ShardContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, ticket: usize) {
         self.count_callback();
-        let result = match result {
-            Ok(_) => Ok(()),
-            Err((e, _)) => Err(e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail)),
+        let (result, spill) = match result {
+            Ok(_) => (Ok(()), None),
+            Err((e, message)) => {
+                let code = e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+                let mut line = SpillLine::new(
+                    format!("{code:?}: {code}"),
+                    Some(self.shard_id),
+                    message.topic(),
+                    message.key(),
+                    message.timestamp().to_millis(),
+                    message.payload(),
+                );
+                // SAFETY: the message is valid for the duration of the callback.
+                let status = unsafe { rd_kafka_message_status(message.ptr()) };
+                line.possibly_delivered =
+                    status != rd_kafka_msg_status_t::RD_KAFKA_MSG_STATUS_NOT_PERSISTED;
+                (Err(code), Some(Box::new(line)))
+            }
         };
         self.reports
             .lock()
             .expect("report buffer poisoned")
-            .push(Report { ticket, result });
+            .push(Report {
+                ticket,
+                result,
+                spill,
+            });
     }
 }

@@ -12,6 +12,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -26,10 +27,12 @@ use stormgate_shard::{
     DeliveryFailure, Outcome, Record, RecordReceiver, ShardInfo, Sink, SinkContext, SinkFactory,
     Ticket,
 };
-use tracing::info;
+use stormgate_telemetry::LogLimiter;
+use tracing::{error, info};
 
 use crate::config::KafkaSettings;
 use crate::context::{Report, ShardContext};
+use crate::spill::{SpillFile, SpillLine};
 
 /// How often delivery reports are polled while records are in flight. It bounds the delay
 /// between the broker's acknowledgement and the shard learning of it.
@@ -43,16 +46,29 @@ const MAX_POLLS_PER_DRAIN: usize = 64;
 /// only during shutdown).
 const FLUSH_WITHOUT_DEADLINE: Duration = Duration::from_secs(30);
 
+/// Where spill files go unless configured (relative to the working directory).
+pub const DEFAULT_SPILL_DIR: &str = "spill";
+
 /// Builds one [`KafkaSink`] per shard from shared settings.
 #[derive(Debug, Clone)]
 pub struct KafkaSinkFactory {
     settings: KafkaSettings,
+    spill_dir: PathBuf,
 }
 
 impl KafkaSinkFactory {
-    /// A factory for producers with these settings.
+    /// A factory for producers with these settings, spilling to [`DEFAULT_SPILL_DIR`].
     pub fn new(settings: KafkaSettings) -> KafkaSinkFactory {
-        KafkaSinkFactory { settings }
+        KafkaSinkFactory {
+            settings,
+            spill_dir: PathBuf::from(DEFAULT_SPILL_DIR),
+        }
+    }
+
+    /// Spill files go to `dir` (see [`crate::spill`]).
+    pub fn spill_dir(mut self, dir: impl Into<PathBuf>) -> KafkaSinkFactory {
+        self.spill_dir = dir.into();
+        self
     }
 
     /// The settings every producer gets.
@@ -76,6 +92,7 @@ impl SinkFactory for KafkaSinkFactory {
             producer,
             topic: self.settings.topic.clone(),
             shard_id: shard.id,
+            spill: SpillFile::new(&self.spill_dir, shard.id),
         })
     }
 }
@@ -85,6 +102,7 @@ pub struct KafkaSink {
     producer: BaseProducer<ShardContext>,
     topic: String,
     shard_id: usize,
+    spill: SpillFile,
 }
 
 impl Sink for KafkaSink {
@@ -93,7 +111,10 @@ impl Sink for KafkaSink {
         let sink = Rc::new(Running {
             producer: Arc::new(self.producer),
             topic: self.topic,
+            shard_id,
             ctx,
+            spill: RefCell::new(self.spill),
+            spill_log: LogLimiter::default(),
             reports: RefCell::new(Vec::with_capacity(1024)),
             wake: Notify::default(),
             done: Cell::new(false),
@@ -114,7 +135,11 @@ struct Running {
     /// Shared only with the helper thread of [`Running::flush`].
     producer: Arc<BaseProducer<ShardContext>>,
     topic: String,
+    shard_id: usize,
     ctx: SinkContext,
+    /// Where finally failed records go.
+    spill: RefCell<SpillFile>,
+    spill_log: LogLimiter,
     /// Reused buffer for reports taken from the context.
     reports: RefCell<Vec<Report>>,
     /// Wakes the poller when records go in flight after it went idle.
@@ -136,10 +161,7 @@ impl Running {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     if self.past_deadline() {
-                        self.ctx.settle(
-                            record.ticket,
-                            Outcome::Failed(DeliveryFailure::ShutdownDeadline),
-                        );
+                        self.fail_unsent(&record, DeliveryFailure::ShutdownDeadline);
                         break;
                     }
                     self.drain_reports();
@@ -149,7 +171,7 @@ impl Running {
                     let failure = DeliveryFailure::Rejected {
                         reason: e.to_string(),
                     };
-                    self.ctx.settle(record.ticket, Outcome::Failed(failure));
+                    self.fail_unsent(&record, failure);
                     break;
                 }
             }
@@ -171,8 +193,54 @@ impl Running {
         let mut reports = self.reports.borrow_mut();
         context.take_reports(&mut reports);
         for report in reports.drain(..) {
+            if let Some(line) = &report.spill {
+                self.spill.borrow_mut().push(line);
+            }
             self.ctx
                 .settle(Ticket::from_raw(report.ticket), outcome(report.result));
+        }
+        self.flush_spill();
+    }
+
+    /// Settles a record librdkafka never took as failed, spilling it first.
+    fn fail_unsent(&self, record: &Record, failure: DeliveryFailure) {
+        let line = SpillLine::new(
+            failure.to_string(),
+            Some(self.shard_id),
+            &self.topic,
+            Some(record.key.as_bytes()),
+            Some(record.timestamp_ms),
+            Some(&record.value),
+        );
+        self.spill.borrow_mut().push(&line);
+        self.flush_spill();
+        self.ctx.settle(record.ticket, Outcome::Failed(failure));
+    }
+
+    /// Writes what was pushed to the spill file and counts it; a write error loses those
+    /// records, which is counted and logged.
+    fn flush_spill(&self) {
+        let mut spill = self.spill.borrow_mut();
+        let pending = spill.pending();
+        if pending == 0 {
+            return;
+        }
+        let metrics = self.ctx.metrics();
+        match spill.flush() {
+            Ok(n) => metrics.records_spilled.add(n),
+            Err(error) => {
+                metrics.spill_failures.add(pending);
+                if let Some(suppressed) = self.spill_log.allow(Instant::now()) {
+                    error!(
+                        shard = self.shard_id,
+                        path = %spill.path().display(),
+                        records = pending,
+                        suppressed,
+                        %error,
+                        "spill file write failed: these failed records are lost"
+                    );
+                }
+            }
         }
     }
 

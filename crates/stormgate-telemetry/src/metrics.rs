@@ -83,6 +83,10 @@ pub struct ShardMetrics {
     pub records_delivered: Counter,
     /// Records whose delivery finally failed.
     pub records_failed: Counter,
+    /// Failed records written to the spill file (a subset of `records_failed`).
+    pub records_spilled: Counter,
+    /// Failed records the spill file could not take either (disk full, permissions): lost.
+    pub spill_failures: Counter,
     /// Records taken but not yet settled (queue plus sink).
     pub records_in_flight: Gauge,
     /// Records waiting in the shard queue.
@@ -126,6 +130,10 @@ pub struct Totals {
     pub records_delivered: u64,
     /// See [`ShardMetrics::records_failed`].
     pub records_failed: u64,
+    /// See [`ShardMetrics::records_spilled`].
+    pub records_spilled: u64,
+    /// See [`ShardMetrics::spill_failures`].
+    pub spill_failures: u64,
     /// See [`ShardMetrics::records_in_flight`].
     pub records_in_flight: i64,
     /// See [`ShardMetrics::queue_depth`].
@@ -160,6 +168,8 @@ impl Totals {
         self.records_enqueued += m.records_enqueued.get();
         self.records_delivered += m.records_delivered.get();
         self.records_failed += m.records_failed.get();
+        self.records_spilled += m.records_spilled.get();
+        self.spill_failures += m.spill_failures.get();
         self.records_in_flight += m.records_in_flight.get();
         self.queue_depth += m.queue_depth.get();
         self.backpressure_waits += m.backpressure_waits.get();

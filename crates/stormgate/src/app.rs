@@ -1,10 +1,13 @@
-//! Wiring: choose the sink, start the shards, wait for a signal, drain, report.
+//! Wiring: choose the sink, start the shards, wait for a signal, drain, report; and the
+//! `replay` command.
 
 use std::net::SocketAddr;
+use std::path::Path;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use stormgate_kafka::spill::{self, ReplayOptions, ReplayReport};
 use stormgate_kafka::{EmbeddedCluster, KafkaSink, KafkaSinkFactory};
 use stormgate_shard::{
     NullSink, NullSinkFactory, RecordReceiver, Server, ServerHandle, ShardInfo, Sink, SinkContext,
@@ -112,11 +115,12 @@ pub fn start(cli: &Cli) -> anyhow::Result<App> {
                 acks = %settings.acks,
                 idempotence = settings.idempotence,
                 delivery_timeout = ?settings.delivery_timeout,
+                spill_dir = %cli.spill_dir.display(),
                 extra_properties = ?settings.properties,
                 "kafka producer settings (one producer per shard)"
             );
             (
-                AnyFactory::Kafka(KafkaSinkFactory::new(settings)),
+                AnyFactory::Kafka(KafkaSinkFactory::new(settings).spill_dir(&cli.spill_dir)),
                 Some(brokers),
                 embedded,
             )
@@ -136,6 +140,39 @@ pub fn start(cli: &Cli) -> anyhow::Result<App> {
         brokers,
         _embedded: embedded,
     })
+}
+
+/// `stormgate replay FILE`: see [`stormgate_kafka::spill::replay`]. Fails if records stay in
+/// the file.
+pub fn replay(cli: &Cli, file: &Path, topic: Option<String>) -> anyhow::Result<ReplayReport> {
+    let Some(brokers) = cli
+        .kafka_brokers
+        .as_deref()
+        .filter(|b| !b.trim().is_empty())
+    else {
+        bail!("replay needs KAFKA_BROKERS (or --kafka-brokers before the command)");
+    };
+    let settings = cli.kafka_settings(brokers)?;
+    let report = spill::replay(file, &settings, &ReplayOptions { topic })?;
+    info!(
+        file = %file.display(),
+        lines = report.lines,
+        delivered = report.delivered,
+        failed = report.failed,
+        unreadable = report.unreadable,
+        "replay finished"
+    );
+    if report.kept() > 0 {
+        bail!(
+            "{} of {} records stay in {} ({} failed again, {} unreadable)",
+            report.kept(),
+            report.lines,
+            file.display(),
+            report.failed,
+            report.unreadable
+        );
+    }
+    Ok(report)
 }
 
 /// Runs until SIGINT or SIGTERM, then drains and exits. A second signal exits at once.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::builder::BoolishValueParser;
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 use stormgate_kafka::{Acks, Compression, KafkaSettings};
 use stormgate_shard::RuntimeConfig;
 use stormgate_shard::config as rt;
@@ -146,6 +146,11 @@ pub struct Cli {
     #[arg(long = "kafka-prop", value_name = "NAME=VALUE", value_parser = parse_prop, help_heading = "Kafka")]
     pub kafka_props: Vec<(String, String)>,
 
+    /// Directory of the spill files, where records that finally fail delivery are written
+    /// (one file per shard, created on the first failure); `stormgate replay` sends them again.
+    #[arg(long, env = "SPILL_DIR", value_name = "DIR", default_value = stormgate_kafka::sink::DEFAULT_SPILL_DIR, help_heading = "Kafka")]
+    pub spill_dir: std::path::PathBuf,
+
     /// Write the final per-shard statistics (counters, delivery latency) to this file as JSON
     /// at exit; used by the benchmark harness.
     #[arg(long, env = "STATS_FILE", value_name = "PATH")]
@@ -154,6 +159,25 @@ pub struct Cli {
     /// Log format on stderr; filter with RUST_LOG (default info).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Without a command: run the server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What `stormgate` does besides serving stations.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Publish the records of a spill file again (with the Kafka settings above: flags before
+    /// the command, or the environment), then remove what was delivered from the file. Exits
+    /// non-zero if some records stay in the file.
+    Replay {
+        /// The spill file, e.g. spill/shard-0.jsonl.
+        file: std::path::PathBuf,
+        /// Publish to this topic instead of each record's own.
+        #[arg(long)]
+        topic: Option<String>,
+    },
 }
 
 impl Cli {

@@ -41,6 +41,8 @@ impl Report {
                 rejected = t.line_errors_total(),
                 delivered = t.records_delivered,
                 failed = t.records_failed,
+                spilled = t.records_spilled,
+                spill_failures = t.spill_failures,
                 backpressure_waits = t.backpressure_waits,
                 latency_p50_us = t.delivery_latency.quantile_micros(0.50),
                 latency_p99_us = t.delivery_latency.quantile_micros(0.99),
@@ -91,6 +93,8 @@ fn totals_json(t: &Totals) -> Value {
         "records_enqueued": t.records_enqueued,
         "records_delivered": t.records_delivered,
         "records_failed": t.records_failed,
+        "records_spilled": t.records_spilled,
+        "spill_failures": t.spill_failures,
         "backpressure_waits": t.backpressure_waits,
         "delivery_latency_us": latency_json(&t.delivery_latency),
     })

@@ -26,9 +26,18 @@ pub fn fresh_topic(brokers: &str, prefix: &str) -> String {
 }
 
 /// Starts Stormgate in this process on 127.0.0.1:0 with two shards and the given extra flags.
+/// Spill files go to a fresh temporary directory unless `extra` names one.
 pub fn start(extra: &[&str]) -> App {
     let mut args = vec!["stormgate", "--listen", "127.0.0.1:0", "--shards", "2"];
     args.extend_from_slice(extra);
+    let spill_dir;
+    if !extra.contains(&"--spill-dir") {
+        spill_dir = std::env::temp_dir()
+            .join(format!("stormgate-test-spill-{}", uuid::Uuid::now_v7()))
+            .to_string_lossy()
+            .into_owned();
+        args.extend_from_slice(&["--spill-dir", &spill_dir]);
+    }
     let cli = Cli::try_parse_from(args).expect("valid flags");
     stormgate::app::start(&cli).expect("server starts")
 }
