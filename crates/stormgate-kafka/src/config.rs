@@ -156,6 +156,8 @@ pub struct KafkaSettings {
     pub brokers: String,
     /// Topic every record goes to.
     pub topic: String,
+    /// Topic of dead-letter records (rejected lines); `None` = no dead letters.
+    pub dlq_topic: Option<String>,
     /// `batch.num.messages`.
     pub batch_size: u32,
     /// `linger.ms`.
@@ -181,6 +183,7 @@ impl KafkaSettings {
         KafkaSettings {
             brokers: brokers.into(),
             topic: DEFAULT_TOPIC.to_owned(),
+            dlq_topic: None,
             batch_size: DEFAULT_BATCH_SIZE,
             batch_timeout: DEFAULT_BATCH_TIMEOUT,
             compression: DEFAULT_COMPRESSION,

@@ -91,6 +91,7 @@ impl SinkFactory for KafkaSinkFactory {
         Ok(KafkaSink {
             producer,
             topic: self.settings.topic.clone(),
+            dlq_topic: self.settings.dlq_topic.clone(),
             shard_id: shard.id,
             spill: SpillFile::new(&self.spill_dir, shard.id),
         })
@@ -101,6 +102,7 @@ impl SinkFactory for KafkaSinkFactory {
 pub struct KafkaSink {
     producer: BaseProducer<ShardContext>,
     topic: String,
+    dlq_topic: Option<String>,
     shard_id: usize,
     spill: SpillFile,
 }
@@ -111,6 +113,7 @@ impl Sink for KafkaSink {
         let sink = Rc::new(Running {
             producer: Arc::new(self.producer),
             topic: self.topic,
+            dlq_topic: self.dlq_topic,
             shard_id,
             ctx,
             spill: RefCell::new(self.spill),
@@ -135,6 +138,8 @@ struct Running {
     /// Shared only with the helper thread of [`Running::flush`].
     producer: Arc<BaseProducer<ShardContext>>,
     topic: String,
+    /// Where dead-letter records go.
+    dlq_topic: Option<String>,
     shard_id: usize,
     ctx: SinkContext,
     /// Where finally failed records go.
@@ -149,19 +154,26 @@ struct Running {
 
 impl Running {
     async fn produce(&self, record: Record) {
+        let topic = match (record.dead_letter, &self.dlq_topic) {
+            (false, _) => &self.topic,
+            (true, Some(dlq)) => dlq,
+            (true, None) => {
+                let reason = "dead-letter record without a dead-letter topic".to_owned();
+                self.fail_unsent(&self.topic, &record, DeliveryFailure::Rejected { reason });
+                self.ctx.recycle(record.value);
+                return;
+            }
+        };
         loop {
-            let r = BaseRecord::<str, [u8], usize>::with_opaque_to(
-                &self.topic,
-                record.ticket.into_raw(),
-            )
-            .key(&record.key)
-            .payload(&record.value)
-            .timestamp(record.timestamp_ms);
+            let r = BaseRecord::<str, [u8], usize>::with_opaque_to(topic, record.ticket.into_raw())
+                .key(&record.key)
+                .payload(&record.value)
+                .timestamp(record.timestamp_ms);
             match self.producer.send(r) {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     if self.past_deadline() {
-                        self.fail_unsent(&record, DeliveryFailure::ShutdownDeadline);
+                        self.fail_unsent(topic, &record, DeliveryFailure::ShutdownDeadline);
                         break;
                     }
                     self.drain_reports();
@@ -171,7 +183,7 @@ impl Running {
                     let failure = DeliveryFailure::Rejected {
                         reason: e.to_string(),
                     };
-                    self.fail_unsent(&record, failure);
+                    self.fail_unsent(topic, &record, failure);
                     break;
                 }
             }
@@ -203,11 +215,11 @@ impl Running {
     }
 
     /// Settles a record librdkafka never took as failed, spilling it first.
-    fn fail_unsent(&self, record: &Record, failure: DeliveryFailure) {
+    fn fail_unsent(&self, topic: &str, record: &Record, failure: DeliveryFailure) {
         let line = SpillLine::new(
             failure.to_string(),
             Some(self.shard_id),
-            &self.topic,
+            topic,
             Some(record.key.as_bytes()),
             Some(record.timestamp_ms),
             Some(&record.value),

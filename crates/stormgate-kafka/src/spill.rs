@@ -32,6 +32,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use rdkafka::ClientContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
@@ -87,7 +89,7 @@ impl SpillLine {
                 .and_then(|s| RawValue::from_string(s.to_owned()).ok())
             {
                 Some(raw) => (Some(raw), None),
-                None => (None, Some(base64(v))),
+                None => (None, Some(BASE64.encode(v))),
             },
         };
         SpillLine {
@@ -107,7 +109,10 @@ impl SpillLine {
     pub fn value_bytes(&self) -> Result<Option<Vec<u8>>, SpillError> {
         match (&self.value, &self.value_base64) {
             (Some(raw), _) => Ok(Some(raw.get().as_bytes().to_vec())),
-            (None, Some(b)) => unbase64(b).map(Some).ok_or(SpillError::BadBase64),
+            (None, Some(b)) => BASE64
+                .decode(b)
+                .map(Some)
+                .map_err(|_| SpillError::BadBase64),
             (None, None) => Ok(None),
         }
     }
@@ -389,74 +394,9 @@ fn unix_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding.
-pub fn base64(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
-            if i <= chunk.len() {
-                out.push(B64[(n >> shift) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Decodes [`base64`]'s output; `None` if it is not that.
-pub fn unbase64(s: &str) -> Option<Vec<u8>> {
-    let s = s.as_bytes();
-    if !s.len().is_multiple_of(4) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    for (ci, chunk) in s.chunks(4).enumerate() {
-        let last = ci == s.len() / 4 - 1;
-        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && !last) {
-            return None;
-        }
-        let mut n = 0u32;
-        for &c in &chunk[..4 - pad] {
-            let v = B64.iter().position(|&b| b == c)? as u32;
-            n = (n << 6) | v;
-        }
-        n <<= 6 * pad as u32;
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_round_trips_and_matches_the_standard() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
-        assert_eq!(base64(&[0xff, 0xfe, 0x00]), "//4A");
-        for len in 0..40 {
-            let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
-            assert_eq!(unbase64(&base64(&bytes)).unwrap(), bytes, "len {len}");
-        }
-        for bad in ["Zg=", "Z===", "Zg==Zg==", "Zm9*"] {
-            assert_eq!(unbase64(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn spill_lines_keep_json_values_as_json_and_others_as_base64() {

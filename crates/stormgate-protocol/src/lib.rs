@@ -17,15 +17,18 @@
 //!   line costs one buffer write and no allocation.
 //! - [`error`]: [`ErrorCode`], the closed set of reasons a line is rejected, and the error
 //!   line sent back to the station.
+//! - [`dead_letter`]: [`DeadLetter`], a rejected line as a record for the dead-letter topic.
 //!
 //! Everything that touches sockets, timers or Kafka lives in other crates.
 
+pub mod dead_letter;
 pub mod error;
 pub mod framing;
 mod json;
 pub mod parse;
 pub mod record;
 
+pub use dead_letter::DeadLetter;
 pub use error::{ErrorCode, ParseLineError};
 pub use framing::{Frame, LineFramer};
 pub use parse::{LineParser, Parsed, Session};

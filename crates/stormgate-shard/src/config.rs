@@ -78,6 +78,10 @@ pub struct RuntimeConfig {
     pub idle_timeout: Option<Duration>,
     /// Longest time from a line's first byte to its newline; `None` = unbounded.
     pub line_timeout: Option<Duration>,
+    /// Turn every rejected line into a dead-letter record as well (see
+    /// `stormgate_protocol::dead_letter`); the sink routes them to its dead-letter topic.
+    /// Costs a copy of every line before it is parsed (simd-json parses in place).
+    pub dead_letters: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -96,6 +100,7 @@ impl Default for RuntimeConfig {
             max_errors_per_connection: DEFAULT_MAX_ERRORS_PER_CONNECTION,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             line_timeout: Some(DEFAULT_LINE_TIMEOUT),
+            dead_letters: false,
         }
     }
 }

@@ -22,7 +22,7 @@ use futures_lite::{AsyncRead, AsyncWriteExt, FutureExt};
 use glommio::channels::local_channel::LocalSender;
 use glommio::net::TcpStream;
 use glommio::{GlommioError, ResourceType};
-use stormgate_protocol::{ErrorCode, Frame, LineFramer, Parsed, Session};
+use stormgate_protocol::{DeadLetter, ErrorCode, Frame, LineFramer, Parsed, Session};
 
 use crate::buffers::Backlog;
 use crate::events::{CloseReason, ConnectionClosed, LineRejected};
@@ -361,6 +361,7 @@ impl Connection {
     fn handle(&mut self, buf: &mut [u8], mut pos: usize, end: usize) -> usize {
         let core = Rc::clone(&self.core);
         let mut parser = core.parser.borrow_mut();
+        let dead_letters = core.config.dead_letters;
         let (mut lines, mut records) = (0u64, 0u64);
         while !self.sink_gone && self.closing.is_none() {
             if self.flow.as_ref().is_some_and(|f| f.is_full()) {
@@ -378,11 +379,19 @@ impl Connection {
                 }
                 Frame::Line(line) => line,
                 Frame::TooLong => {
-                    self.reject(ErrorCode::LineTooLong);
+                    self.reject(ErrorCode::LineTooLong, None);
+                    if self.blocked.is_some() {
+                        break;
+                    }
                     continue;
                 }
             };
             lines += 1;
+            if dead_letters {
+                let mut raw = core.raw_line.borrow_mut();
+                raw.clear();
+                raw.extend_from_slice(&buf[line.clone()]);
+            }
             match parser.parse_line(
                 &mut self.session,
                 buf,
@@ -407,7 +416,16 @@ impl Connection {
                         }
                     }
                 }
-                Err(e) => self.reject(e.code),
+                Err(e) => {
+                    if dead_letters {
+                        self.reject(e.code, Some(&core.raw_line.borrow()));
+                    } else {
+                        self.reject(e.code, None);
+                    }
+                    if self.blocked.is_some() {
+                        break;
+                    }
+                }
             }
         }
         core.metrics.lines_received.add(lines);
@@ -424,12 +442,16 @@ impl Connection {
                 .expect("records need a station")
                 .key(),
         );
-        let ticket = self.core.ledger.open(self.stamp.at, self.flow.as_ref());
+        let ticket = self
+            .core
+            .ledger
+            .open(self.stamp.at, self.flow.as_ref(), false);
         Record {
             key,
             value,
             timestamp_ms: self.stamp.unix_ms,
             ticket,
+            dead_letter: false,
         }
     }
 
@@ -447,14 +469,59 @@ impl Connection {
         self.sink_gone = true;
     }
 
-    /// Answers a bad line; closes the connection after too many in a row.
-    fn reject(&mut self, code: ErrorCode) {
+    /// Answers a bad line, dead-letters it when configured (`raw` is the line, when it was
+    /// buffered); closes the connection after too many in a row.
+    fn reject(&mut self, code: ErrorCode, raw: Option<&[u8]>) {
         self.send_error(code);
+        if self.core.config.dead_letters && !self.sink_gone {
+            self.dead_letter(code, raw);
+        }
         self.consecutive_errors += 1;
         let max = self.core.config.max_errors_per_connection;
         if max > 0 && self.consecutive_errors >= max {
             self.send_error(ErrorCode::TooManyErrors);
             self.closing = Some(CloseReason::TooManyErrors);
+        }
+    }
+
+    /// Queues a dead-letter record for a rejected line; like a metrics record, it waits for
+    /// room in the shard queue (then `self.blocked` says so) and is settled by the sink.
+    #[cold]
+    fn dead_letter(&mut self, code: ErrorCode, raw: Option<&[u8]>) {
+        let mut value = self.core.ledger.payloads.take();
+        let peer = self.peer.to_string();
+        let station = self.session.station();
+        DeadLetter {
+            connection_id: self.session.connection_id(),
+            peer: &peer,
+            zipcode: station.map(|s| s.zipcode()),
+            received_at_ms: self.stamp.unix_ms,
+            code,
+            raw,
+        }
+        .encode(&mut value);
+        let key = match station {
+            Some(s) => Rc::clone(s.key()),
+            None => Rc::from(self.session.connection_id()),
+        };
+        let ticket = self
+            .core
+            .ledger
+            .open(self.stamp.at, self.flow.as_ref(), true);
+        let record = Record {
+            key,
+            value,
+            timestamp_ms: self.stamp.unix_ms,
+            ticket,
+            dead_letter: true,
+        };
+        self.core.metrics.dead_letters_enqueued.incr();
+        match self.queue.try_send(record) {
+            Ok(()) => self.core.gate.enqueued(),
+            Err(GlommioError::WouldBlock(ResourceType::Channel(record))) => {
+                self.blocked = Some(Blocked::Queue(record));
+            }
+            Err(e) => self.lost_sink(e),
         }
     }
 

@@ -55,6 +55,8 @@ pub(crate) struct ShardCore {
     pub(crate) gate: Rc<ReadGate>,
     /// Sockets of open connections, so shutdown can wake and end them.
     sockets: RefCell<Slab<RawFd>>,
+    /// With dead letters on, a copy of the line being parsed (simd-json parses in place).
+    pub(crate) raw_line: RefCell<Vec<u8>>,
 }
 
 /// Per-shard log rate limits, one per event that can repeat at line rate.
@@ -178,6 +180,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         draining: Signal::default(),
         gate: Rc::new(ReadGate::new(config.queue_size)),
         sockets: RefCell::new(Slab::new()),
+        raw_line: RefCell::new(Vec::new()),
         ledger: Rc::clone(&ledger),
         config,
         metrics,

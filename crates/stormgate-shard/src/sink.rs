@@ -36,6 +36,9 @@ pub struct Record {
     pub timestamp_ms: i64,
     /// Settle with this ticket, exactly once.
     pub ticket: Ticket,
+    /// A rejected line for the dead-letter topic (keyed by zipcode, or by connection id before
+    /// identify), not a metrics record.
+    pub dead_letter: bool,
 }
 
 /// Identifies an in-flight record within its shard. Meaningless on any other shard.
@@ -177,6 +180,7 @@ pub(crate) struct Ledger {
 struct Pending {
     read_at: Instant,
     flow: Option<Rc<ConnFlow>>,
+    dead_letter: bool,
 }
 
 impl Ledger {
@@ -191,13 +195,19 @@ impl Ledger {
     }
 
     /// Opens a record's entry; the returned ticket travels with the record.
-    pub(crate) fn open(&self, read_at: Instant, flow: Option<&Rc<ConnFlow>>) -> Ticket {
+    pub(crate) fn open(
+        &self,
+        read_at: Instant,
+        flow: Option<&Rc<ConnFlow>>,
+        dead_letter: bool,
+    ) -> Ticket {
         if let Some(flow) = flow {
             flow.in_flight.set(flow.in_flight.get() + 1);
         }
         Ticket(self.pending.borrow_mut().insert(Pending {
             read_at,
             flow: flow.cloned(),
+            dead_letter,
         }))
     }
 
@@ -206,11 +216,20 @@ impl Ledger {
             debug_assert!(false, "settled twice or unknown ticket {ticket:?}");
             return;
         };
-        self.metrics.delivery_latency.record(p.read_at.elapsed());
-        match outcome {
-            Outcome::Delivered => self.metrics.records_delivered.incr(),
-            Outcome::Failed(failure) => {
-                self.metrics.records_failed.incr();
+        let m = &self.metrics;
+        match (outcome, p.dead_letter) {
+            (Outcome::Delivered, false) => {
+                m.delivery_latency.record(p.read_at.elapsed());
+                m.records_delivered.incr();
+            }
+            (Outcome::Delivered, true) => m.dead_letters_delivered.incr(),
+            (Outcome::Failed(failure), dead_letter) => {
+                if dead_letter {
+                    m.dead_letters_failed.incr();
+                } else {
+                    m.delivery_latency.record(p.read_at.elapsed());
+                    m.records_failed.incr();
+                }
                 crate::events::DeliveryFailed { failure: &failure }.emit(&self.failure_log);
             }
         }

@@ -87,6 +87,12 @@ pub struct ShardMetrics {
     pub records_spilled: Counter,
     /// Failed records the spill file could not take either (disk full, permissions): lost.
     pub spill_failures: Counter,
+    /// Dead-letter records (rejected lines, `KAFKA_DLQ_TOPIC`) handed to the shard queue.
+    pub dead_letters_enqueued: Counter,
+    /// Dead-letter records delivered.
+    pub dead_letters_delivered: Counter,
+    /// Dead-letter records whose delivery finally failed (spilled like any record).
+    pub dead_letters_failed: Counter,
     /// Records taken but not yet settled (queue plus sink).
     pub records_in_flight: Gauge,
     /// Records waiting in the shard queue.
@@ -134,6 +140,12 @@ pub struct Totals {
     pub records_spilled: u64,
     /// See [`ShardMetrics::spill_failures`].
     pub spill_failures: u64,
+    /// See [`ShardMetrics::dead_letters_enqueued`].
+    pub dead_letters_enqueued: u64,
+    /// See [`ShardMetrics::dead_letters_delivered`].
+    pub dead_letters_delivered: u64,
+    /// See [`ShardMetrics::dead_letters_failed`].
+    pub dead_letters_failed: u64,
     /// See [`ShardMetrics::records_in_flight`].
     pub records_in_flight: i64,
     /// See [`ShardMetrics::queue_depth`].
@@ -170,6 +182,9 @@ impl Totals {
         self.records_failed += m.records_failed.get();
         self.records_spilled += m.records_spilled.get();
         self.spill_failures += m.spill_failures.get();
+        self.dead_letters_enqueued += m.dead_letters_enqueued.get();
+        self.dead_letters_delivered += m.dead_letters_delivered.get();
+        self.dead_letters_failed += m.dead_letters_failed.get();
         self.records_in_flight += m.records_in_flight.get();
         self.queue_depth += m.queue_depth.get();
         self.backpressure_waits += m.backpressure_waits.get();

@@ -107,6 +107,7 @@ pub fn start(cli: &Cli) -> anyhow::Result<App> {
             info!(
                 brokers = %settings.brokers,
                 topic = %settings.topic,
+                dlq_topic = settings.dlq_topic.as_deref().unwrap_or("(none)"),
                 batch_size = settings.batch_size,
                 batch_timeout = ?settings.batch_timeout,
                 compression = %settings.compression,

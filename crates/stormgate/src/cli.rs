@@ -104,6 +104,16 @@ pub struct Cli {
     #[arg(long, env = "KAFKA_TOPIC", default_value = stormgate_kafka::config::DEFAULT_TOPIC, help_heading = "Kafka")]
     pub kafka_topic: String,
 
+    /// Dead-letter topic: every rejected line is also published here, with its error code and
+    /// connection id (unset = off).
+    #[arg(
+        long,
+        env = "KAFKA_DLQ_TOPIC",
+        value_name = "TOPIC",
+        help_heading = "Kafka"
+    )]
+    pub kafka_dlq_topic: Option<String>,
+
     /// Records per batch (batch.num.messages).
     #[arg(long, env = "KAFKA_BATCH_SIZE", default_value_t = stormgate_kafka::config::DEFAULT_BATCH_SIZE, help_heading = "Kafka")]
     pub kafka_batch_size: u32,
@@ -196,8 +206,17 @@ impl Cli {
             max_errors_per_connection: self.max_errors_per_conn,
             idle_timeout: Some(self.idle_timeout).filter(|d| !d.is_zero()),
             line_timeout: Some(self.line_timeout).filter(|d| !d.is_zero()),
+            dead_letters: self.sink == SinkKind::Kafka && self.dlq_topic().is_some(),
             ..RuntimeConfig::default()
         }
+    }
+
+    /// The dead-letter topic, if one is set (an empty value means none).
+    pub fn dlq_topic(&self) -> Option<&str> {
+        self.kafka_dlq_topic
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
     }
 
     /// The Kafka producers' settings, given the brokers to use.
@@ -206,6 +225,7 @@ impl Cli {
         props.extend(self.kafka_props.iter().cloned());
         Ok(KafkaSettings {
             topic: self.kafka_topic.clone(),
+            dlq_topic: self.dlq_topic().map(str::to_owned),
             batch_size: self.kafka_batch_size,
             batch_timeout: self.kafka_batch_timeout,
             compression: self.kafka_compression,

@@ -95,6 +95,9 @@ fn totals_json(t: &Totals) -> Value {
         "records_failed": t.records_failed,
         "records_spilled": t.records_spilled,
         "spill_failures": t.spill_failures,
+        "dead_letters_enqueued": t.dead_letters_enqueued,
+        "dead_letters_delivered": t.dead_letters_delivered,
+        "dead_letters_failed": t.dead_letters_failed,
         "backpressure_waits": t.backpressure_waits,
         "delivery_latency_us": latency_json(&t.delivery_latency),
     })

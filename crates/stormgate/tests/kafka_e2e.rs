@@ -257,3 +257,118 @@ fn only_a_short_read_is_retried_and_only_once() {
         "any other failure is not retried"
     );
 }
+
+/// KAFKA_DLQ_TOPIC: every rejected line reaches the dead-letter topic once, as it was sent
+/// (base64 when not UTF-8), with its code and connection; good lines still reach the main
+/// topic and are not dead-lettered.
+#[test]
+fn rejected_lines_reach_the_dead_letter_topic() {
+    retry_if_broker_loses_records(dead_letters);
+}
+
+fn dead_letters() {
+    use base64::Engine as _;
+    let brokers = broker();
+    let topic = fresh_topic(&brokers, "e2e-dlq-main");
+    let dlq = fresh_topic(&brokers, "e2e-dlq");
+    let app = start(&[
+        "--kafka-brokers",
+        &brokers,
+        "--kafka-topic",
+        &topic,
+        "--kafka-dlq-topic",
+        &dlq,
+    ]);
+    let long = format!(
+        "{{\"type\":\"metrics\",\"data\":\"t={}\"}}",
+        "1".repeat(70_000)
+    );
+    // (line as sent, the code it gets); the dead letter carries the line, except an
+    // oversized one, which is never buffered.
+    let bad: Vec<(Vec<u8>, &str)> = vec![
+        (
+            b"{\"type\":\"metrics\",\"data\":\"t=1\"}".to_vec(),
+            "metrics_before_identify",
+        ),
+        (
+            b"{\"type\":\"identify\",\"zipcode\":\" \"}".to_vec(),
+            "empty_zipcode",
+        ),
+        (b"{not json".to_vec(), "malformed_json"),
+        (
+            b"{\"type\":\"metrics\",\"data\":\"t=\xff\xfe\"}".to_vec(),
+            "invalid_utf8",
+        ),
+        (b"{\"type\":\"wave\"}".to_vec(), "unknown_type"),
+        (
+            b"{\"type\":\"metrics\",\"data\":\"t=warm\"}".to_vec(),
+            "invalid_metric",
+        ),
+        (long.into_bytes(), "line_too_long"),
+    ];
+    let mut s = Station::connect(app.local_addr()).unwrap();
+    let mut stream = Vec::new();
+    for (i, (line, _)) in bad.iter().enumerate() {
+        if i == 2 {
+            stream.extend_from_slice(
+                b"{\"type\":\"identify\",\"zipcode\":\"55555\",\"city\":\"D\"}\n",
+            );
+            stream.extend_from_slice(b"{\"type\":\"metrics\",\"data\":\"t=1.5\"}\n");
+        }
+        stream.extend_from_slice(line);
+        stream.extend_from_slice(b"\r\n");
+    }
+    stream.extend_from_slice(b"{\"type\":\"metrics\",\"data\":\"t=2.5\"}\n");
+    s.send(&stream).unwrap();
+    for (_, code) in &bad {
+        match s.reply().unwrap() {
+            stormgate_station::Reply::Error { code: got, .. } => assert_eq!(&got, code),
+        }
+    }
+    wait_for("records and dead letters", Duration::from_secs(60), || {
+        let t = app.server().totals();
+        t.records_delivered == 2 && t.dead_letters_delivered == bad.len() as u64
+    });
+    let totals = app.stop().unwrap().totals;
+    assert_eq!(totals.dead_letters_enqueued, bad.len() as u64);
+    assert_eq!((totals.records_failed, totals.dead_letters_failed), (0, 0));
+
+    let main = consume(&brokers, &topic, 2);
+    assert_eq!(main.len(), 2);
+    let connection_id = main[0].value["connection_id"].as_str().unwrap().to_owned();
+    let letters = consume(&brokers, &dlq, bad.len());
+    assert_eq!(letters.len(), bad.len());
+    // Before identify the key is the connection id; after, the zipcode. Within a key, in order.
+    let mut seen = Vec::new();
+    for key in [connection_id.as_str(), "55555"] {
+        for r in letters.iter().filter(|r| r.key == key) {
+            assert_eq!(r.value["connection_id"], connection_id.as_str());
+            assert!(r.value["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+            let raw = match (r.value.get("raw"), r.value.get("raw_base64")) {
+                (Some(text), None) => Some(text.as_str().unwrap().as_bytes().to_vec()),
+                (None, Some(b)) => Some(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b.as_str().unwrap())
+                        .unwrap(),
+                ),
+                (None, None) => None,
+                _ => panic!("raw and raw_base64 both set: {}", r.value),
+            };
+            let zipcode = r.value.get("zipcode").and_then(|z| z.as_str());
+            seen.push((
+                r.value["code"].as_str().unwrap().to_owned(),
+                raw,
+                zipcode == Some("55555"),
+            ));
+        }
+    }
+    let want: Vec<_> = bad
+        .iter()
+        .enumerate()
+        .map(|(i, (line, code))| {
+            let raw = (*code != "line_too_long").then(|| line.clone());
+            (code.to_string(), raw, i >= 2)
+        })
+        .collect();
+    assert_eq!(seen, want);
+}
