@@ -82,6 +82,13 @@ pub struct RuntimeConfig {
     /// `stormgate_protocol::dead_letter`); the sink routes them to its dead-letter topic.
     /// Costs a copy of every line before it is parsed (simd-json parses in place).
     pub dead_letters: bool,
+    /// Most connections one shard serves at once; 0 = no per-shard limit (only
+    /// `max_connections`). Like the process-wide limit, a connection over it is told
+    /// `too_many_connections` and closed rather than left waiting in the accept queue: with
+    /// SO_REUSEPORT the kernel has already chosen the shard, so a paused shard would strand
+    /// its queued connections while the others have room; a station that retries is hashed
+    /// afresh.
+    pub max_connections_per_shard: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -101,6 +108,7 @@ impl Default for RuntimeConfig {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             line_timeout: Some(DEFAULT_LINE_TIMEOUT),
             dead_letters: false,
+            max_connections_per_shard: 0,
         }
     }
 }

@@ -37,6 +37,8 @@ impl LineRejected<'_> {
 /// A connection was refused because the server is at its connection limit.
 pub(crate) struct ConnectionRejected {
     pub peer: Option<SocketAddr>,
+    /// Which limit: `"process"` or `"shard"`.
+    pub scope: &'static str,
     pub limit: usize,
 }
 
@@ -44,7 +46,7 @@ impl ConnectionRejected {
     pub(crate) fn emit(&self, metrics: &ShardMetrics, limiter: &LogLimiter) {
         metrics.connections_rejected.incr();
         if let Some(suppressed) = limiter.allow(Instant::now()) {
-            warn!(peer = ?self.peer, limit = self.limit, suppressed, "connection limit reached; refusing connection");
+            warn!(peer = ?self.peer, scope = self.scope, limit = self.limit, suppressed, "connection limit reached; refusing connection");
         }
     }
 }

@@ -271,12 +271,17 @@ fn admit(
     queue: &Rc<LocalSender<Record>>,
 ) {
     let peer = stream.peer_addr().ok();
-    if !core.limits.try_acquire() {
-        ConnectionRejected {
-            peer,
-            limit: core.limits.max,
-        }
-        .emit(&core.metrics, &core.logs.connection_rejected);
+    let per_shard = core.config.max_connections_per_shard;
+    let refused = if per_shard > 0 && core.metrics.connections_active.get() >= per_shard as i64 {
+        Some(("shard", per_shard))
+    } else if !core.limits.try_acquire() {
+        Some(("process", core.limits.max))
+    } else {
+        None
+    };
+    if let Some((scope, limit)) = refused {
+        ConnectionRejected { peer, scope, limit }
+            .emit(&core.metrics, &core.logs.connection_rejected);
         glommio::spawn_local(connection::refuse(stream)).detach();
         return;
     }

@@ -203,6 +203,29 @@ fn connections_over_the_limit_are_told_and_closed() {
     assert_eq!(server.totals().connections_rejected, 1);
 }
 
+#[test]
+fn connections_over_the_per_shard_limit_are_told_and_closed() {
+    let server = start_null(RuntimeConfig {
+        shards: 1,
+        max_connections: 100,
+        max_connections_per_shard: 2,
+        ..config()
+    });
+    let a = Station::connect(server.local_addr());
+    let _b = Station::connect(server.local_addr());
+    wait_for("2 accepted", || server.totals().connections_accepted == 2);
+    let mut c = Station::connect(server.local_addr());
+    let v: serde_json::Value = serde_json::from_str(c.read_to_close().trim()).unwrap();
+    assert_eq!(v["code"], "too_many_connections");
+    assert_eq!(server.totals().connections_rejected, 1);
+    // A place freed on the shard is a place for the next station.
+    drop(a);
+    wait_for("1 active", || server.totals().connections_active == 1);
+    let _d = Station::connect(server.local_addr());
+    wait_for("3 accepted", || server.totals().connections_accepted == 3);
+    assert_eq!(server.totals().connections_rejected, 1);
+}
+
 /// A sink that takes nothing until released, then settles everything as delivered.
 struct GatedSink {
     open: Arc<AtomicBool>,

@@ -61,6 +61,16 @@ pub struct Cli {
     )]
     pub max_connections: usize,
 
+    /// Most connections open at once on each shard; 0 = no per-shard limit. Excess
+    /// connections get too_many_connections and are closed.
+    #[arg(
+        long,
+        env = "TCP_MAX_CONNECTIONS_PER_SHARD",
+        default_value_t = 0,
+        help_heading = "Stations"
+    )]
+    pub max_connections_per_shard: usize,
+
     /// Records each shard may queue between its connections and its producer; when full,
     /// connections stop reading (TCP backpressure).
     #[arg(long, env = "TCP_JOB_QUEUE_SIZE", default_value_t = rt::DEFAULT_QUEUE_SIZE, help_heading = "Stations")]
@@ -198,6 +208,7 @@ impl Cli {
             shards: self.shards,
             backlog: self.backlog,
             max_connections: self.max_connections,
+            max_connections_per_shard: self.max_connections_per_shard,
             queue_size: self.queue_size,
             max_line_bytes: self.max_line_bytes,
             max_in_flight_per_connection: if self.kafka_async { 0 } else { 1 },
