@@ -9,6 +9,8 @@
 //! | `KAFKA_MAX_ATTEMPTS` | `retries` = attempts − 1 | 3 | 0 = no limit | retries stop at `KAFKA_DELIVERY_TIMEOUT`, so a broker restart does not exhaust them |
 //! | `KAFKA_IDEMPOTENCE` | `enable.idempotence` | — | true | retries cannot duplicate or reorder a station's records |
 //! | `KAFKA_ASYNC` | per-connection in-flight cap of 1 when false | true | true | false is the seed's old behaviour, kept for comparison |
+//! | `KAFKA_QUEUE_MAX_RECORDS` | `queue.buffering.max.messages` | — | 100000 | librdkafka's default; bounds what a broker outage buffers |
+//! | `KAFKA_QUEUE_MAX_BYTES` | `queue.buffering.max.kbytes` | — | 64 MiB | librdkafka's 1 GiB per shard is no bound with 64 KiB lines |
 //!
 //! Always set: `partitioner=murmur2_random` (the Java client's, so a zipcode lands on the same
 //! partition whoever produces it) and `client.id=stormgate-shard-N`. Any other property passes
@@ -31,6 +33,11 @@ pub const DEFAULT_BATCH_TIMEOUT: Duration = Duration::from_millis(5);
 pub const DEFAULT_COMPRESSION: Compression = Compression::Lz4;
 /// See the module table.
 pub const DEFAULT_ACKS: Acks = Acks::All;
+/// Records one producer may hold (`queue.buffering.max.messages`); librdkafka's default.
+pub const DEFAULT_QUEUE_MAX_RECORDS: u32 = 100_000;
+/// Bytes one producer may hold (`queue.buffering.max.kbytes`), 64 MiB instead of librdkafka's
+/// 1 GiB: with 64 KiB lines the record bound alone would allow gigabytes per shard.
+pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 64 << 20;
 /// How long librdkafka keeps retrying a record (`message.timeout.ms`); librdkafka's default.
 /// Long enough to ride out a broker restart; a record older than this is a failed delivery.
 pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(300);
@@ -173,6 +180,11 @@ pub struct KafkaSettings {
     pub idempotence: bool,
     /// `message.timeout.ms`.
     pub delivery_timeout: Duration,
+    /// `queue.buffering.max.messages`: records the producer holds before `send` reports
+    /// QueueFull (and connections stop reading).
+    pub queue_max_records: u32,
+    /// `queue.buffering.max.kbytes` (rounded up to whole KiB): the same bound in bytes.
+    pub queue_max_bytes: u64,
     /// Extra librdkafka properties, applied last (they override everything above).
     pub properties: Vec<(String, String)>,
 }
@@ -191,6 +203,8 @@ impl KafkaSettings {
             max_attempts: 0,
             idempotence: true,
             delivery_timeout: DEFAULT_DELIVERY_TIMEOUT,
+            queue_max_records: DEFAULT_QUEUE_MAX_RECORDS,
+            queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
             properties: Vec::new(),
         }
     }
@@ -206,6 +220,14 @@ impl KafkaSettings {
             ("enable.idempotence".into(), self.idempotence.to_string()),
             ("message.timeout.ms".into(), millis(self.delivery_timeout)),
             ("partitioner".into(), "murmur2_random".into()),
+            (
+                "queue.buffering.max.messages".into(),
+                self.queue_max_records.to_string(),
+            ),
+            (
+                "queue.buffering.max.kbytes".into(),
+                self.queue_max_bytes.div_ceil(1024).to_string(),
+            ),
         ];
         if self.max_attempts > 0 {
             props.push(("retries".into(), (self.max_attempts - 1).to_string()));

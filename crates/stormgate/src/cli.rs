@@ -162,6 +162,15 @@ pub struct Cli {
     #[arg(long, env = "KAFKA_DELIVERY_TIMEOUT", default_value = "300s", value_parser = parse_duration, help_heading = "Kafka")]
     pub kafka_delivery_timeout: Duration,
 
+    /// Records each shard's producer may hold (queue.buffering.max.messages); when full,
+    /// connections stop reading.
+    #[arg(long, env = "KAFKA_QUEUE_MAX_RECORDS", default_value_t = stormgate_kafka::config::DEFAULT_QUEUE_MAX_RECORDS, help_heading = "Kafka")]
+    pub kafka_queue_max_records: u32,
+
+    /// Bytes each shard's producer may hold (queue.buffering.max.kbytes), e.g. 64MiB.
+    #[arg(long, env = "KAFKA_QUEUE_MAX_BYTES", default_value = "64MiB", value_parser = parse_bytes, help_heading = "Kafka")]
+    pub kafka_queue_max_bytes: u64,
+
     /// Extra librdkafka property NAME=VALUE (repeatable); also KAFKA_PROP_<NAME> variables.
     #[arg(long = "kafka-prop", value_name = "NAME=VALUE", value_parser = parse_prop, help_heading = "Kafka")]
     pub kafka_props: Vec<(String, String)>,
@@ -244,6 +253,8 @@ impl Cli {
             max_attempts: self.kafka_max_attempts,
             idempotence: self.kafka_idempotence,
             delivery_timeout: self.kafka_delivery_timeout,
+            queue_max_records: self.kafka_queue_max_records,
+            queue_max_bytes: self.kafka_queue_max_bytes,
             properties: props,
             ..KafkaSettings::new(brokers)
         })
@@ -269,6 +280,30 @@ pub fn env_props(
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 5ms, 100ms, 30s)"))
+}
+
+/// A byte size: a number with an optional KiB/MiB/GiB (or K/M/G, or B) suffix.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 65536, 512KiB, 64MiB, 1GiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use B, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn parse_compression(s: &str) -> Result<Compression, String> {
@@ -347,6 +382,38 @@ mod tests {
             .to_string();
         assert!(err.contains("5ms"), "{err}");
         assert!(Cli::try_parse_from(["stormgate", "--kafka-prop=novalue"]).is_err());
+        for bad in ["lots", "12 parsecs", "99999999999GiB"] {
+            let err = Cli::try_parse_from(["stormgate", "--kafka-queue-max-bytes", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(bad.split(' ').next().unwrap()), "{err}");
+        }
+    }
+
+    #[test]
+    fn sizes_take_binary_units() {
+        for (s, v) in [
+            ("65536", 65536),
+            ("512KiB", 512 << 10),
+            ("64MiB", 64 << 20),
+            ("64 mib", 64 << 20),
+            ("2G", 2 << 30),
+            ("7B", 7),
+        ] {
+            assert_eq!(parse_bytes(s), Ok(v), "{s}");
+        }
+        let s = parse(&[
+            "--kafka-queue-max-bytes",
+            "8MiB",
+            "--kafka-queue-max-records",
+            "5000",
+        ])
+        .kafka_settings("b:9092")
+        .unwrap();
+        let props = s.producer_properties();
+        let get = |k: &str| props.iter().rev().find(|(n, _)| n == k).unwrap().1.clone();
+        assert_eq!(get("queue.buffering.max.kbytes"), "8192");
+        assert_eq!(get("queue.buffering.max.messages"), "5000");
     }
 
     #[test]
