@@ -127,6 +127,7 @@ class Server:
             str(STORMGATE),
             "--listen", f"127.0.0.1:{self.port}",
             "--stats-file", str(self.stats_path),
+            "--metrics-addr", "off",
             "--log-format", "json",
             *map(str, args),
         ]

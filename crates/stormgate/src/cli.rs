@@ -185,6 +185,16 @@ pub struct Cli {
     #[arg(long, env = "STATS_FILE", value_name = "PATH")]
     pub stats_file: Option<std::path::PathBuf>,
 
+    /// Address of the HTTP endpoint for /metrics (Prometheus), /healthz and /readyz; `off`
+    /// disables it.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9090", value_parser = parse_metrics_addr, help_heading = "Operations")]
+    pub metrics_addr: MetricsAddr,
+
+    /// How often a statistics block is logged (connections, unique zipcodes, rates, queue
+    /// depth per shard); 0s = never.
+    #[arg(long, env = "STATS_INTERVAL", default_value = "30s", value_parser = parse_duration, help_heading = "Operations")]
+    pub stats_interval: Duration,
+
     /// Log format on stderr; filter with RUST_LOG (default info).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -280,6 +290,20 @@ pub fn env_props(
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 5ms, 100ms, 30s)"))
+}
+
+/// Where the metrics endpoint listens, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    match s.trim() {
+        "off" | "" => Ok(MetricsAddr(None)),
+        a => a
+            .parse()
+            .map(|a| MetricsAddr(Some(a)))
+            .map_err(|e| format!("{e} (expected IP:PORT, e.g. 127.0.0.1:9090, or off)")),
+    }
 }
 
 /// A byte size: a number with an optional KiB/MiB/GiB (or K/M/G, or B) suffix.

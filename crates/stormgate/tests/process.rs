@@ -28,6 +28,7 @@ impl Process {
             .env("TCP_SHARDS", "2")
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
+            .env("METRICS_ADDR", "127.0.0.1:0")
             .env(
                 "SPILL_DIR",
                 std::env::temp_dir().join(format!("stormgate-test-spill-{}", uuid::Uuid::now_v7())),
