@@ -9,6 +9,7 @@
 //!   reports with a zero timeout so the reactor never blocks.
 //! - [`embedded`]: librdkafka's in-process mock cluster, the default destination when no
 //!   brokers are configured.
+//! - [`spill`]: the per-shard spill file of records that finally failed, and `replay`.
 //! - [`verify`]: reading a topic back to the end and creating topics, for tests, benchmarks
 //!   and the load generator's consumer mode.
 //!
@@ -28,3 +29,12 @@ mod context;
 pub use config::{Acks, Compression, KafkaSettings, ParseSettingError};
 pub use embedded::EmbeddedCluster;
 pub use sink::{KafkaSink, KafkaSinkFactory};
+
+/// Checks that librdkafka accepts `settings` (property names and values, including the
+/// pass-through ones) by creating, and at once dropping, a producer with them. It contacts no
+/// broker.
+pub fn check_settings(settings: &KafkaSettings) -> rdkafka::error::KafkaResult<()> {
+    let producer: rdkafka::producer::BaseProducer = settings.client_config(0).create()?;
+    drop(producer);
+    Ok(())
+}

@@ -199,6 +199,21 @@ pub struct Cli {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// TOML config file; its values rank below flags and environment variables (see
+    /// docs/CONFIGURATION.md).
+    #[arg(
+        long,
+        env = "STORMGATE_CONFIG",
+        value_name = "FILE",
+        help_heading = "Operations"
+    )]
+    pub config: Option<std::path::PathBuf>,
+
+    /// librdkafka properties from the config file's `[kafka.properties]` (set by
+    /// [`crate::settings::load`]).
+    #[arg(skip)]
+    pub file_props: Vec<(String, String)>,
+
     /// Without a command: run the server.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -217,6 +232,12 @@ pub enum Command {
         #[arg(long)]
         topic: Option<String>,
     },
+    /// Print every setting's effective value and where it came from (flag, env, file,
+    /// default); exit non-zero if the configuration is invalid.
+    CheckConfig,
+    /// Print docs/CONFIGURATION.md, generated from the settings.
+    #[command(hide = true)]
+    ConfigDoc,
 }
 
 impl Cli {
@@ -249,10 +270,45 @@ impl Cli {
             .filter(|t| !t.is_empty())
     }
 
+    /// Checks what clap cannot: values that parse but make no sense, and librdkafka's view of
+    /// the producer properties.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("TCP_JOB_QUEUE_SIZE", self.queue_size as u64),
+            ("TCP_MAX_LINE_BYTES", self.max_line_bytes as u64),
+            ("KAFKA_BATCH_SIZE", u64::from(self.kafka_batch_size)),
+            (
+                "KAFKA_QUEUE_MAX_RECORDS",
+                u64::from(self.kafka_queue_max_records),
+            ),
+            ("KAFKA_QUEUE_MAX_BYTES", self.kafka_queue_max_bytes),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if self.sink == SinkKind::Kafka {
+            let brokers = self.kafka_brokers.as_deref().unwrap_or("localhost:9092");
+            let settings = self.kafka_settings(brokers)?;
+            stormgate_kafka::check_settings(&settings)
+                .map_err(|e| anyhow::anyhow!("Kafka producer settings: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// librdkafka pass-through properties in the order they apply (later wins): the config
+    /// file's, then `KAFKA_PROP_*` variables, then `--kafka-prop` flags.
+    pub fn all_kafka_props(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut props = self.file_props.clone();
+        props.extend(env_props(std::env::vars())?);
+        props.extend(self.kafka_props.iter().cloned());
+        Ok(props)
+    }
+
     /// The Kafka producers' settings, given the brokers to use.
     pub fn kafka_settings(&self, brokers: &str) -> anyhow::Result<KafkaSettings> {
-        let mut props = env_props(std::env::vars())?;
-        props.extend(self.kafka_props.iter().cloned());
+        let props = self.all_kafka_props()?;
         Ok(KafkaSettings {
             topic: self.kafka_topic.clone(),
             dlq_topic: self.dlq_topic().map(str::to_owned),

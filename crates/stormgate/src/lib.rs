@@ -13,3 +13,4 @@ pub mod app;
 pub mod cli;
 pub mod logging;
 pub mod report;
+pub mod settings;

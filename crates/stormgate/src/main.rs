@@ -1,22 +1,63 @@
 //! The `stormgate` command: see `stormgate --help`.
 
-use clap::Parser;
+use std::process::ExitCode;
+
 use stormgate::app;
 use stormgate::cli::Command;
+use stormgate::settings::{self, Loaded};
 
-fn main() -> std::process::ExitCode {
-    let cli = stormgate::cli::Cli::parse();
-    stormgate::logging::init(cli.log_format);
-    let result = match cli.command.clone() {
-        Some(Command::Replay { file, topic }) => app::replay(&cli, &file, topic).map(drop),
-        None => app::run(cli),
+fn main() -> ExitCode {
+    let loaded = match settings::load(std::env::args_os()) {
+        Ok(loaded) => loaded,
+        Err(e) => match e.downcast::<clap::Error>() {
+            Ok(clap_error) => clap_error.exit(),
+            Err(e) => return fail(&e),
+        },
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("stormgate: {e:#}");
-            std::process::ExitCode::FAILURE
+    match loaded.cli.command.clone() {
+        Some(Command::ConfigDoc) => {
+            print!("{}", settings::config_doc());
+            ExitCode::SUCCESS
+        }
+        Some(Command::CheckConfig) => check_config(&loaded),
+        Some(Command::Replay { file, topic }) => {
+            stormgate::logging::init(loaded.cli.log_format);
+            outcome(app::replay(&loaded.cli, &file, topic).map(drop))
+        }
+        None => {
+            let cli = loaded.cli;
+            stormgate::logging::init(cli.log_format);
+            if let Err(e) = cli.validate() {
+                return outcome(Err(e));
+            }
+            outcome(app::run(cli))
         }
     }
+}
+
+/// `stormgate check-config`: the report on stdout; problems on stderr and a failing status.
+fn check_config(loaded: &Loaded) -> ExitCode {
+    print!("{}", loaded.report());
+    match loaded.cli.validate() {
+        Ok(()) => {
+            println!("configuration is valid");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn outcome(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            fail(&e)
+        }
+    }
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    eprintln!("stormgate: {e:#}");
+    ExitCode::FAILURE
 }

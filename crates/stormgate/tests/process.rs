@@ -6,6 +6,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -449,5 +450,65 @@ fn sigterm_under_load() {
             "{zip}: a gap among the accepted lines"
         );
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `stormgate check-config`: flags beat variables, variables beat the file, the file beats
+/// defaults, each value reported with its source; a bad value, whether clap's or librdkafka's
+/// to judge, fails it.
+#[test]
+fn check_config_reports_each_source_and_fails_on_invalid_settings() {
+    let dir = std::env::temp_dir().join(format!("stormgate-check-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "[tcp]\njob_queue_size = 512\nbacklog = 100\n").unwrap();
+    let run = |config: &Path, env: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stormgate"));
+        cmd.env_remove("KAFKA_BROKERS")
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .arg("check-config");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let (ok, report, err) = run(
+        &good,
+        &[("TCP_BACKLOG", "300")],
+        &["--max-line-bytes", "1000"],
+    );
+    assert!(ok, "{err}");
+    let line = |key: &str| {
+        report
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(key))
+            .unwrap_or_else(|| panic!("no {key} in {report}"))
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(line("tcp.job_queue_size"), "512 (file)");
+    assert_eq!(line("tcp.backlog"), "300 (env)");
+    assert_eq!(line("tcp.max_line_bytes"), "1000 (flag)");
+    assert_eq!(line("tcp.recv_buffer"), "262144 (default)");
+    assert!(report.contains("configuration is valid"));
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[kafka]\ncompression = \"brotli\"\n").unwrap();
+    let (ok, _, err) = run(&bad, &[], &[]);
+    assert!(!ok);
+    assert!(err.contains("`kafka.compression` = \"brotli\""), "{err}");
+
+    let (ok, _, err) = run(&good, &[("KAFKA_PROP_NO_SUCH_PROPERTY", "1")], &[]);
+    assert!(!ok);
+    assert!(err.contains("no.such.property"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
