@@ -13,9 +13,10 @@
 //! | `KAFKA_QUEUE_MAX_BYTES` | `queue.buffering.max.kbytes` | — | 64 MiB | librdkafka's 1 GiB per shard is no bound with 64 KiB lines |
 //!
 //! Always set: `partitioner=murmur2_random` (the Java client's, so a zipcode lands on the same
-//! partition whoever produces it) and `client.id=stormgate-shard-N`. Any other property passes
-//! through unchanged (`KAFKA_PROP_<NAME>` or `--kafka-prop name=value`) and wins over the
-//! settings above.
+//! partition whoever produces it) and `client.id=stormgate-shard-N`. The shards' producers
+//! also report statistics every second (`statistics.interval.ms=1000`, see
+//! [`DEFAULT_STATISTICS_INTERVAL`]). Any other property passes through unchanged
+//! (`KAFKA_PROP_<NAME>` or `--kafka-prop name=value`) and wins over the settings above.
 
 use std::fmt;
 use std::str::FromStr;
@@ -41,6 +42,13 @@ pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 64 << 20;
 /// How long librdkafka keeps retrying a record (`message.timeout.ms`); librdkafka's default.
 /// Long enough to ride out a broker restart; a record older than this is a failed delivery.
 pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How often each shard's producer reports librdkafka statistics (`statistics.interval.ms`;
+/// librdkafka's default is 0, none). They feed the operations endpoint: broker state for
+/// `/readyz`, round-trip time, bytes sent, retries, queue length. Only the shards' producers
+/// set it: `stormgate replay` and the ceiling benchmark do not read statistics. A
+/// pass-through `statistics.interval.ms` wins; 0 turns them off.
+pub const DEFAULT_STATISTICS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Record compression (`compression.codec`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,10 +244,36 @@ impl KafkaSettings {
         props
     }
 
-    /// The client configuration of shard `shard_id`'s producer.
+    /// A producer's client configuration (`client.id=stormgate-shard-N`), without
+    /// statistics: for the one-off producers of `replay` and [`crate::check_settings`].
     pub(crate) fn client_config(&self, shard_id: usize) -> ClientConfig {
+        self.config_with(shard_id, &[])
+    }
+
+    /// The client configuration of shard `shard_id`'s producer: [`Self::client_config`] plus
+    /// `statistics.interval.ms` (a pass-through value wins).
+    pub(crate) fn shard_client_config(&self, shard_id: usize) -> ClientConfig {
+        let stats = millis(DEFAULT_STATISTICS_INTERVAL);
+        self.config_with(shard_id, &[("statistics.interval.ms", &stats)])
+    }
+
+    /// The effective `statistics.interval.ms` of the shards' producers; zero = none.
+    pub fn statistics_interval(&self) -> Duration {
+        self.properties
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "statistics.interval.ms")
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .map_or(DEFAULT_STATISTICS_INTERVAL, Duration::from_millis)
+    }
+
+    /// `defaults` first, then every producer property, so that pass-through ones win.
+    fn config_with(&self, shard_id: usize, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("client.id", format!("stormgate-shard-{shard_id}"));
+        for (k, v) in defaults {
+            config.set(*k, *v);
+        }
         for (k, v) in self.producer_properties() {
             config.set(k, v);
         }
@@ -297,6 +331,29 @@ mod tests {
         let p = s.producer_properties();
         assert_eq!(prop(&p, "linger.ms"), Some("0"));
         assert_eq!(prop(&p, "socket.keepalive.enable"), Some("true"));
+    }
+
+    #[test]
+    fn shard_producers_report_statistics_every_second() {
+        let s = KafkaSettings::new("b");
+        assert_eq!(
+            s.shard_client_config(3).get("statistics.interval.ms"),
+            Some("1000")
+        );
+        assert_eq!(
+            s.shard_client_config(3).get("client.id"),
+            Some("stormgate-shard-3")
+        );
+        assert_eq!(s.client_config(0).get("statistics.interval.ms"), None);
+        assert_eq!(s.statistics_interval(), Duration::from_secs(1));
+        let mut off = KafkaSettings::new("b");
+        off.properties
+            .push(("statistics.interval.ms".into(), "0".into()));
+        assert_eq!(
+            off.shard_client_config(0).get("statistics.interval.ms"),
+            Some("0")
+        );
+        assert_eq!(off.statistics_interval(), Duration::ZERO);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,7 @@ use stormgate_telemetry::LogLimiter;
 use tracing::{error, info};
 
 use crate::config::KafkaSettings;
+pub use crate::context::{ProducerStats, ProducerStatsSnapshot};
 use crate::context::{Report, ShardContext};
 use crate::spill::{SpillFile, SpillLine};
 
@@ -54,6 +55,33 @@ pub const DEFAULT_SPILL_DIR: &str = "spill";
 pub struct KafkaSinkFactory {
     settings: KafkaSettings,
     spill_dir: PathBuf,
+    stats: ProducerStatsByShard,
+}
+
+/// Every shard's [`ProducerStats`], added as the factory builds each shard's producer.
+///
+/// Cloning shares the set. The lock is taken once per shard at startup and by readers; a
+/// shard never takes it afterwards (it writes its own `ProducerStats`, through atomics).
+#[derive(Debug, Clone, Default)]
+pub struct ProducerStatsByShard(Arc<Mutex<Vec<Arc<ProducerStats>>>>);
+
+impl ProducerStatsByShard {
+    /// The producers built so far, by shard id.
+    pub fn shards(&self) -> Vec<Arc<ProducerStats>> {
+        let mut v = match self.0.lock() {
+            Ok(v) => v.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        v.sort_by_key(|s| s.shard_id());
+        v
+    }
+
+    fn add(&self, stats: Arc<ProducerStats>) {
+        match self.0.lock() {
+            Ok(mut v) => v.push(stats),
+            Err(poisoned) => poisoned.into_inner().push(stats),
+        }
+    }
 }
 
 impl KafkaSinkFactory {
@@ -62,6 +90,7 @@ impl KafkaSinkFactory {
         KafkaSinkFactory {
             settings,
             spill_dir: PathBuf::from(DEFAULT_SPILL_DIR),
+            stats: ProducerStatsByShard::default(),
         }
     }
 
@@ -75,6 +104,12 @@ impl KafkaSinkFactory {
     pub fn settings(&self) -> &KafkaSettings {
         &self.settings
     }
+
+    /// The statistics of the producers this factory (or a clone of it) builds: keep this
+    /// before handing the factory to the server, and read it once the shards run.
+    pub fn producer_stats(&self) -> ProducerStatsByShard {
+        self.stats.clone()
+    }
 }
 
 impl SinkFactory for KafkaSinkFactory {
@@ -84,10 +119,16 @@ impl SinkFactory for KafkaSinkFactory {
         &self,
         shard: &ShardInfo,
     ) -> Result<KafkaSink, Box<dyn std::error::Error + Send + Sync>> {
+        let stats = Arc::new(ProducerStats::new(
+            shard.id,
+            self.settings.idempotence,
+            self.settings.statistics_interval(),
+        ));
         let producer: BaseProducer<ShardContext> = self
             .settings
-            .client_config(shard.id)
-            .create_with_context(ShardContext::new(shard.id))?;
+            .shard_client_config(shard.id)
+            .create_with_context(ShardContext::new(shard.id, Arc::clone(&stats)))?;
+        self.stats.add(stats);
         Ok(KafkaSink {
             producer,
             topic: self.settings.topic.clone(),
@@ -170,7 +211,12 @@ impl Running {
                 .payload(&record.value)
                 .timestamp(record.timestamp_ms);
             match self.producer.send(r) {
-                Ok(()) => break,
+                Ok(()) => {
+                    if !record.dead_letter {
+                        self.ctx.metrics().records_produced.incr();
+                    }
+                    break;
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     if self.past_deadline() {
                         self.fail_unsent(topic, &record, DeliveryFailure::ShutdownDeadline);

@@ -110,11 +110,16 @@ impl ConnectionClosed<'_> {
     pub(crate) fn emit(&self, metrics: &ShardMetrics) {
         metrics.connections_closed.incr();
         metrics.connections_active.add(-1);
-        if let CloseReason::Panicked(msg) = &self.reason {
-            // Not rate limited: each one is a bug to fix, and each ends a connection.
-            metrics.connection_panics.incr();
-            error!(connection_id = self.connection_id, peer = %self.peer, panic = %msg, "connection task panicked; connection closed, shard unaffected");
-            return;
+        match &self.reason {
+            CloseReason::IdleTimeout => metrics.idle_timeouts.incr(),
+            CloseReason::LineTimeout => metrics.line_timeouts.incr(),
+            CloseReason::Panicked(msg) => {
+                // Not rate limited: each one is a bug to fix, and each ends a connection.
+                metrics.connection_panics.incr();
+                error!(connection_id = self.connection_id, peer = %self.peer, panic = %msg, "connection task panicked; connection closed, shard unaffected");
+                return;
+            }
+            _ => {}
         }
         debug!(connection_id = self.connection_id, peer = %self.peer, reason = %self.reason, "connection closed");
     }

@@ -3,6 +3,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use stormgate_protocol::ErrorCode;
 
 use crate::histogram::{HistogramSnapshot, LatencyHistogram};
+use crate::hll::{DistinctCounter, DistinctSnapshot};
 
 /// A monotonically increasing count, written by one thread and read by any.
 ///
@@ -71,6 +72,10 @@ pub struct ShardMetrics {
     pub connections_active: Gauge,
     /// Connection tasks that panicked (bugs); each closed its connection only.
     pub connection_panics: Counter,
+    /// Connections closed because the station sent nothing for the idle timeout.
+    pub idle_timeouts: Counter,
+    /// Connections closed because a line stayed incomplete past the line timeout.
+    pub line_timeouts: Counter,
     /// Non-blank lines read.
     pub lines_received: Counter,
     /// Bytes read from station sockets.
@@ -79,6 +84,9 @@ pub struct ShardMetrics {
     pub line_errors: [Counter; ErrorCode::COUNT],
     /// Records handed to the shard queue.
     pub records_enqueued: Counter,
+    /// Records the sink handed to its destination (for Kafka: `send` succeeded, so the
+    /// producer holds them until their delivery report). Dead letters are not counted here.
+    pub records_produced: Counter,
     /// Records whose delivery the sink confirmed.
     pub records_delivered: Counter,
     /// Records whose delivery finally failed.
@@ -101,6 +109,9 @@ pub struct ShardMetrics {
     pub backpressure_waits: Counter,
     /// Line read → delivery report, in microseconds.
     pub delivery_latency: LatencyHistogram,
+    /// Zipcodes of the stations that identified on this shard, as a HyperLogLog sketch;
+    /// merged across shards when read (see [`DistinctCounter`]).
+    pub zipcodes: DistinctCounter,
 }
 
 impl ShardMetrics {
@@ -124,6 +135,10 @@ pub struct Totals {
     pub connections_active: i64,
     /// See [`ShardMetrics::connection_panics`].
     pub connection_panics: u64,
+    /// See [`ShardMetrics::idle_timeouts`].
+    pub idle_timeouts: u64,
+    /// See [`ShardMetrics::line_timeouts`].
+    pub line_timeouts: u64,
     /// See [`ShardMetrics::lines_received`].
     pub lines_received: u64,
     /// See [`ShardMetrics::bytes_received`].
@@ -132,6 +147,8 @@ pub struct Totals {
     pub line_errors: [u64; ErrorCode::COUNT],
     /// See [`ShardMetrics::records_enqueued`].
     pub records_enqueued: u64,
+    /// See [`ShardMetrics::records_produced`].
+    pub records_produced: u64,
     /// See [`ShardMetrics::records_delivered`].
     pub records_delivered: u64,
     /// See [`ShardMetrics::records_failed`].
@@ -154,6 +171,8 @@ pub struct Totals {
     pub backpressure_waits: u64,
     /// See [`ShardMetrics::delivery_latency`].
     pub delivery_latency: HistogramSnapshot,
+    /// See [`ShardMetrics::zipcodes`]: the shards' sketches merged (their union).
+    pub zipcodes: DistinctSnapshot,
 }
 
 impl Totals {
@@ -172,12 +191,15 @@ impl Totals {
         self.connections_rejected += m.connections_rejected.get();
         self.connections_active += m.connections_active.get();
         self.connection_panics += m.connection_panics.get();
+        self.idle_timeouts += m.idle_timeouts.get();
+        self.line_timeouts += m.line_timeouts.get();
         self.lines_received += m.lines_received.get();
         self.bytes_received += m.bytes_received.get();
         for (t, c) in self.line_errors.iter_mut().zip(&m.line_errors) {
             *t += c.get();
         }
         self.records_enqueued += m.records_enqueued.get();
+        self.records_produced += m.records_produced.get();
         self.records_delivered += m.records_delivered.get();
         self.records_failed += m.records_failed.get();
         self.records_spilled += m.records_spilled.get();
@@ -189,6 +211,13 @@ impl Totals {
         self.queue_depth += m.queue_depth.get();
         self.backpressure_waits += m.backpressure_waits.get();
         self.delivery_latency.merge(&m.delivery_latency.snapshot());
+        self.zipcodes.merge_counter(&m.zipcodes);
+    }
+
+    /// The estimated number of distinct zipcodes that identified, on any shard (within about
+    /// 1.6%; see [`DistinctCounter`]).
+    pub fn unique_zipcodes(&self) -> u64 {
+        self.zipcodes.estimate()
     }
 
     /// Rejected lines across all codes.
@@ -225,6 +254,19 @@ mod tests {
         assert_eq!(t.line_error(ErrorCode::MalformedJson), 2);
         assert_eq!(t.line_errors_total(), 3);
         assert_eq!(t.delivery_latency.count(), 2);
+    }
+
+    #[test]
+    fn totals_count_zipcodes_seen_on_several_shards_once() {
+        let a = ShardMetrics::default();
+        let b = ShardMetrics::default();
+        a.zipcodes.insert(b"12345");
+        a.zipcodes.insert(b"23456");
+        b.zipcodes.insert(b"12345");
+        b.zipcodes.insert(b"34567");
+        assert_eq!(Totals::sum([&a, &b]).unique_zipcodes(), 3);
+        assert_eq!(Totals::sum([&b]).unique_zipcodes(), 2);
+        assert_eq!(Totals::default().unique_zipcodes(), 0);
     }
 
     #[test]

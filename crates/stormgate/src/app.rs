@@ -1,5 +1,5 @@
-//! Wiring: choose the sink, start the shards, wait for a signal, drain, report; and the
-//! `replay` command.
+//! Wiring: choose the sink, start the shards and the operations threads, wait for a signal,
+//! drain, report; and the `replay` command.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use stormgate_kafka::sink::ProducerStatsByShard;
 use stormgate_kafka::spill::{self, ReplayOptions, ReplayReport};
 use stormgate_kafka::{EmbeddedCluster, KafkaSink, KafkaSinkFactory};
 use stormgate_shard::{
@@ -17,13 +18,17 @@ use stormgate_telemetry::Totals;
 use tracing::{info, warn};
 
 use crate::cli::{Cli, SinkKind};
+use crate::ops::{Ops, OpsState};
 use crate::report::{Report, ShardReport};
 
 /// Partitions of the topic the embedded mock cluster creates.
 const EMBEDDED_PARTITIONS: i32 = 6;
 
-/// A running Stormgate: the shards, and the embedded cluster when there is one.
+/// A running Stormgate: the shards, the operations threads, and the embedded cluster when
+/// there is one.
 pub struct App {
+    /// Declared first so that, on drop, it stops before the shards it reads.
+    ops: Ops,
     server: ServerHandle,
     brokers: Option<String>,
     /// Kept alive for as long as the producers use it; dropped last.
@@ -46,10 +51,18 @@ impl App {
         &self.server
     }
 
+    /// Where the operations endpoint (`/metrics`, `/healthz`, `/readyz`) listens: the bound
+    /// address, so the actual port when `METRICS_ADDR` asked for port 0; `None` when off.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.ops.local_addr()
+    }
+
     /// Stops accepting, drains every shard within the shutdown timeout, logs a per-shard
     /// summary, and returns the final report.
     pub fn stop(self) -> anyhow::Result<Report> {
         info!("shutting down: no new connections; delivering what was read");
+        // The endpoint keeps serving during the drain (with /readyz 503) and stops last.
+        self.ops.state().set_draining();
         self.server.shutdown();
         let metrics = self.server.metrics().to_vec();
         let shards = self.server.shards().to_vec();
@@ -72,15 +85,27 @@ impl App {
                 "some records were not delivered"
             );
         }
+        self.ops.stop();
         joined.map_err(anyhow::Error::msg)?;
         info!(delivered = report.totals.records_delivered, "stopped");
         Ok(report)
     }
 }
 
-/// Starts Stormgate as `cli` describes and returns once every shard is listening.
+/// Starts Stormgate as `cli` describes and returns once every shard is listening (and the
+/// operations endpoint, unless it is off).
 pub fn start(cli: &Cli) -> anyhow::Result<App> {
     let runtime = cli.runtime_config();
+    // Bound first: a taken port fails startup before any shard runs.
+    let ops_listener = cli
+        .metrics_addr
+        .0
+        .map(|addr| {
+            Ops::bind(addr).with_context(|| {
+                format!("cannot listen on {addr} (METRICS_ADDR; `off` disables it)")
+            })
+        })
+        .transpose()?;
     let (factory, brokers, embedded) = match cli.sink {
         SinkKind::Null => {
             info!("sink: null (records are counted and dropped)");
@@ -127,6 +152,11 @@ pub fn start(cli: &Cli) -> anyhow::Result<App> {
             )
         }
     };
+    let producer_stats = match &factory {
+        AnyFactory::Kafka(f) => Some(f.producer_stats()),
+        AnyFactory::Null(_) => None,
+    };
+    let timers_per_connection = runtime.idle_timeout.is_some() || runtime.line_timeout.is_some();
     let server = Server::start(runtime, factory).context("starting the shards")?;
     let cores: Vec<usize> = server.shards().iter().map(|s| s.core).collect();
     info!(
@@ -136,7 +166,20 @@ pub fn start(cli: &Cli) -> anyhow::Result<App> {
         max_connections = server.max_connections(),
         "listening"
     );
+    let ops_state = OpsState::new(
+        server.shards().to_vec(),
+        server.metrics().to_vec(),
+        producer_stats
+            .as_ref()
+            .map_or_else(Vec::new, ProducerStatsByShard::shards),
+        producer_stats.is_some(),
+        server.max_connections(),
+        timers_per_connection,
+    );
+    let ops = Ops::start(ops_state, ops_listener, cli.stats_interval)
+        .context("starting the operations threads")?;
     Ok(App {
+        ops,
         server,
         brokers,
         _embedded: embedded,

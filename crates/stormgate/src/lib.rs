@@ -5,6 +5,8 @@
 //! - [`app`]: starts the embedded Kafka mock when no brokers are configured, starts the shards
 //!   with one sink per shard, waits for SIGINT/SIGTERM, drains and reports.
 //! - [`logging`]: `RUST_LOG` filtering, text or JSON output on stderr.
+//! - [`ops`]: the operations endpoint (`/metrics`, `/healthz`, `/readyz`) and the periodic
+//!   statistics block, on their own threads, reading the shards' metrics.
 //! - [`report`]: the per-shard summary at shutdown, logged and written as JSON.
 //!
 //! This is the only crate that uses `anyhow`; libraries below it return typed errors.
@@ -12,5 +14,6 @@
 pub mod app;
 pub mod cli;
 pub mod logging;
+pub mod ops;
 pub mod report;
 pub mod settings;
