@@ -262,7 +262,7 @@ SMOKE_RATE = 2000
 
 
 def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, verify=True,
-              lines_per_conn=None):
+              lines_per_conn=None, send_args=()):
     """`kafka_run_once`, repeated once if the broker lost records it had acknowledged.
 
     The test broker (Tansu 0.6.0, memory engine) sometimes serves fewer records than it
@@ -271,14 +271,14 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
     consumer reads fewer records than Stormgate's delivery reports counted, with no failures
     and no duplicates, is that case: it is logged, kept in the result and run again."""
     first = kafka_run_once(label, connections, duration, server_args, env, rate, verify,
-                           lines_per_conn)
+                           lines_per_conn, send_args)
     check = first.get("verified")
     if not check or check["ok"] or not broker_lost_records(first):
         return first
     log(f"{label}: the broker served {check['records']:,} of the records it acknowledged; "
         "a known defect of the test broker under concurrent producers: running it again")
     second = kafka_run_once(label, connections, duration, server_args, env, rate, verify,
-                            lines_per_conn)
+                            lines_per_conn, send_args)
     second["earlier_attempt_broker_loss"] = check
     return second
 
@@ -292,7 +292,7 @@ def broker_lost_records(run):
 
 
 def kafka_run_once(label, connections, duration, server_args, env, rate, verify,
-                   lines_per_conn):
+                   lines_per_conn, send_args=()):
     """Stations → stormgate → broker, then consume the topic and check every record.
 
     The rate is delivered records over the time from the first line sent to the end of the
@@ -321,7 +321,8 @@ def kafka_run_once(label, connections, duration, server_args, env, rate, verify,
         rate = SMOKE_RATE
     sent = loadgen(
         "send", "--target", server.target, "--connections", connections, *limit,
-        "--rate", rate, "--seq", "--timestamps", "--drain-timeout", "120s", quiet=SMOKE,
+        "--rate", rate, "--seq", "--timestamps", "--drain-timeout", "120s", *send_args,
+        quiet=SMOKE,
     )
     cpu_load = server.cpu() - cpu0
     rss, hwm = server.memory()
@@ -348,6 +349,8 @@ def kafka_run_once(label, connections, duration, server_args, env, rate, verify,
         # Includes the warm-up lines' latency: 2 records among the run's.
         "latency_us": totals["delivery_latency_us"],
         "backpressure_waits": totals["backpressure_waits"],
+        "acked_lines": sent.get("acked_lines", 0),
+        "nacks": sent.get("nacks", 0),
     }
     if verify:
         check = loadgen("consume", "--brokers", broker.brokers, "--topic", topic,
@@ -544,6 +547,88 @@ def scenario_latency():
             "half_rate_total": half_rate * conns}
 
 
+def scenario_acks():
+    """Acknowledgements off and on, same load, same run: what answering every line costs."""
+    conns = 10 if SMOKE else 100
+    duration = 1 if SMOKE else 10
+    off = kafka_run("acks-off", conns, duration)
+    on = kafka_run("acks-on", conns, duration, send_args=["--acks"])
+    if on["acked_lines"] != on["lines_sent"]:
+        log(f"ACKS MISSING: {on['acked_lines']:,} of {on['lines_sent']:,} lines acknowledged")
+        on.setdefault("verified", {})["ok"] = False
+    return {"off": off, "on": on,
+            "throughput_ratio": round(on["records_per_s"] / max(off["records_per_s"], 1), 2),
+            "p99_ratio": round(on["latency_us"]["p99"] / max(off["latency_us"]["p99"], 1), 2)}
+
+
+def fairness_run(label, normal, rate, duration, flood):
+    """`normal` paced stations (with send timestamps) and, if `flood`, one more connection
+    sending flat out (without timestamps), into the real broker. A consumer follows the topic
+    during the run, so its latency (send → consumed) covers the paced stations only."""
+    broker = Broker().restart()
+    topic = broker.topic(f"bench-{label}")
+    # One shard: the flooder and the paced stations share it.
+    server = Server("--kafka-brokers", broker.brokers, "--kafka-topic", topic, "--shards", "1")
+    loadgen("send", "--target", server.target, "--connections", 1, "--lines-per-conn",
+            WARMUP_LINES, "--zip-base", 99000, quiet=True)
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        consumed_path = Path(f.name)
+    consumer = subprocess.Popen(
+        [str(LOADGEN), "consume", "--brokers", broker.brokers, "--topic", topic, "--follow",
+         "--idle-timeout", "5s", "--kafka-prop", "fetch.wait.max.ms=5",
+         "--summary", str(consumed_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)
+    flooder = None
+    if flood:
+        flooder = subprocess.Popen(
+            [str(LOADGEN), "send", "--target", server.target, "--connections", "1",
+             "--duration", f"{duration}s", "--zip-base", "90000", "--drain-timeout", "120s"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sent = loadgen("send", "--target", server.target, "--connections", normal, "--rate", rate,
+                   "--duration", f"{duration}s", "--seq", "--timestamps",
+                   "--drain-timeout", "120s", quiet=True)
+    if flooder:
+        flooder.wait(timeout=300)
+    stats = server.stop()
+    consumer.wait(timeout=600)
+    consumed = json.loads(consumed_path.read_text())
+    consumed_path.unlink()
+    broker.stop()
+    totals = stats["totals"]
+    result = {
+        "label": label,
+        "normal_connections": normal,
+        "rate_per_connection": rate,
+        "flooder": flood,
+        "normal_lines_sent": sent["lines_sent"],
+        "records_delivered": totals["records_delivered"] - WARMUP_LINES,
+        "normal_latency_us": consumed["consume_latency_us"],
+        "normal_records_timed": consumed["consume_latency_us"]["count"],
+        "backpressure_waits": totals["backpressure_waits"],
+    }
+    lat = result["normal_latency_us"]
+    log(f"{label}: {fmt_int(result['records_delivered'])} records, paced stations' send → "
+        f"consumed p50 {lat['p50']} µs, p99 {lat['p99']} µs")
+    return result
+
+
+def fmt_int(n):
+    return f"{n:,}"
+
+
+def scenario_fairness():
+    """One connection sending flat out next to many paced ones on the same shard: the paced
+    stations' latency with and without it (a per-connection in-flight cap is what keeps the
+    flooder from taking the shard's queue)."""
+    normal, rate, duration = (100, 20, 2) if SMOKE else (1000, 20, 10)
+    base = fairness_run("fairness-alone", normal, rate, duration, flood=False)
+    flooded = fairness_run("fairness-flooded", normal, rate, duration, flood=True)
+    ratio = (flooded["normal_latency_us"]["p99"] or 0) / max(base["normal_latency_us"]["p99"] or 1, 1)
+    log(f"fairness: p99 with the flooder / without = {ratio:.2f} (target <= 2)")
+    return {"alone": base, "flooded": flooded, "p99_ratio": round(ratio, 2)}
+
+
 SCENARIOS = {
     "parse-only": scenario_parse_only,
     "e2e": scenario_e2e,
@@ -552,6 +637,8 @@ SCENARIOS = {
     "shards": scenario_shards,
     "connections": scenario_connections,
     "latency": scenario_latency,
+    "acks": scenario_acks,
+    "fairness": scenario_fairness,
 }
 
 SMOKE = False

@@ -97,6 +97,30 @@ def summary(docs):
             add(f"| {key} | {fmt(r['records_per_s'])} | {fmt(lat['p50'])} | {fmt(lat['p99'])} | "
                 f"{fmt(lat['p999'])} |")
         add("")
+    if "acks" in docs:
+        d = docs["acks"]["result"]
+        add(f"### acknowledgements off vs on, {docs['acks']['started_at']}\n")
+        add("| acks | records/s | p50 µs | p99 µs | lines acknowledged | verified |")
+        add("|---|---|---|---|---|---|")
+        for key in ("off", "on"):
+            r = d[key]
+            add(f"| {key} | {fmt(r['records_per_s'])} | {fmt(r['latency_us']['p50'])} | "
+                f"{fmt(r['latency_us']['p99'])} | {fmt(r.get('acked_lines', 0))} | "
+                f"{verified(r)} |")
+        add(f"\nthroughput on/off {d['throughput_ratio']}, p99 on/off {d['p99_ratio']}.\n")
+    if "fairness" in docs:
+        d = docs["fairness"]["result"]
+        add(f"### one flooding connection beside paced ones (1 shard), "
+            f"{docs['fairness']['started_at']}\n")
+        add("| run | paced connections | records | paced p50 µs | paced p99 µs |")
+        add("|---|---|---|---|---|")
+        for key in ("alone", "flooded"):
+            r = d[key]
+            lat = r["normal_latency_us"]
+            add(f"| {key} | {fmt(r['normal_connections'])} | {fmt(r['records_delivered'])} | "
+                f"{fmt(lat['p50'])} | {fmt(lat['p99'])} |")
+        add(f"\npaced stations' p99 with the flooder / without: **{d['p99_ratio']}** "
+            "(send → consumed).\n")
     return "\n".join(lines) + "\n"
 
 

@@ -76,6 +76,11 @@ pub struct SendArgs {
     #[arg(long)]
     pub timestamps: bool,
 
+    /// Ask for acknowledgements ("acks":true in identify; needs --seq) and count them; the
+    /// drain then also waits for every line's answer.
+    #[arg(long, requires = "seq")]
+    pub acks: bool,
+
     /// Connection i identifies as zipcode Z + i (at least 5 digits), city "Bench City".
     #[arg(long, value_name = "Z", default_value_t = 10_000)]
     pub zip_base: u64,
@@ -164,6 +169,7 @@ impl SendArgs {
         for (on, flag) in [
             (self.seq, "--seq"),
             (self.timestamps, "--timestamps"),
+            (self.acks, "--acks"),
             (self.idle, "--idle"),
         ] {
             if on {

@@ -22,14 +22,18 @@ pub fn zipcode(zip_base: u64, index: usize) -> String {
     format!("{:05}", zip_base + index as u64)
 }
 
-/// The identify line (with its newline) for a station; JSON-escaped by serde_json.
-pub fn identify_line(zipcode: &str, city: &str) -> Vec<u8> {
-    let mut line = serde_json::to_vec(&serde_json::json!({
+/// The identify line (with its newline) for a station, asking for acknowledgements when
+/// `acks`; JSON-escaped by serde_json.
+pub fn identify_line(zipcode: &str, city: &str, acks: bool) -> Vec<u8> {
+    let mut identify = serde_json::json!({
         "type": "identify",
         "zipcode": zipcode,
         "city": city,
-    }))
-    .expect("a JSON object always serializes");
+    });
+    if acks {
+        identify["acks"] = true.into();
+    }
+    let mut line = serde_json::to_vec(&identify).expect("a JSON object always serializes");
     line.push(b'\n');
     line
 }
@@ -161,7 +165,7 @@ mod tests {
 
     #[test]
     fn identify_is_valid_and_escaped() {
-        let line = identify_line("10042", "Bench \"City\"");
+        let line = identify_line("10042", "Bench \"City\"", false);
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["type"], "identify");
         assert_eq!(v["zipcode"], "10042");
@@ -190,7 +194,7 @@ mod tests {
             assert!((70..=125).contains(&line.len()), "{} bytes", line.len());
             assert!(line.len() <= MetricsLines::new(seq, ts).max_line_len());
 
-            let records = through_server_parser(&[identify_line("10042", CITY), line]);
+            let records = through_server_parser(&[identify_line("10042", CITY, false), line]);
             let (parsed_seq, record) = &records[0];
             assert_eq!(*parsed_seq, want_seq);
             assert_eq!(record["zipcode"], "10042");
@@ -214,7 +218,7 @@ mod tests {
             .map(|l| serde_json::from_slice::<serde_json::Value>(l).unwrap()["data"].to_string())
             .collect();
         assert!(distinct.len() > VARIANTS / 2, "{} distinct", distinct.len());
-        let mut all = vec![identify_line("1", CITY)];
+        let mut all = vec![identify_line("1", CITY, false)];
         all.extend(lines.iter().map(|l| l.to_vec()));
         let seqs: Vec<u64> = through_server_parser(&all)
             .into_iter()

@@ -115,7 +115,7 @@ pub fn build_records(keys: usize, zip_base: u64, now_us: u64) -> Vec<(Vec<u8>, V
             let zipcode = lines::zipcode(zip_base, i);
             let mut session = Session::new(&uuid::Uuid::now_v7().to_string());
             let mut value = Vec::new();
-            let mut identify = lines::identify_line(&zipcode, lines::CITY);
+            let mut identify = lines::identify_line(&zipcode, lines::CITY, false);
             let mut metrics = Vec::new();
             template.push(&mut metrics, i as u64, now_us);
             for line in [&mut identify, &mut metrics] {

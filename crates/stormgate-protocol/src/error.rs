@@ -133,6 +133,16 @@ impl ErrorCode {
         }
     }
 
+    /// Appends the error line with `"seq":N` added, for a station that asked for
+    /// acknowledgements: `{"type":"error","code":"…","message":"…","seq":N}` and a newline.
+    pub fn push_error_line_with_seq(self, seq: u64, out: &mut Vec<u8>) {
+        let line = self.error_line();
+        out.extend_from_slice(&line.as_bytes()[..line.len() - 2]);
+        out.extend_from_slice(b",\"seq\":");
+        out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+        out.extend_from_slice(b"}\n");
+    }
+
     /// The complete error line sent to the station, newline included.
     ///
     /// Built at compile time per code, so answering bad input never allocates.
@@ -220,11 +230,14 @@ impl fmt::Display for ErrorCode {
 pub struct ParseLineError {
     /// Why the line was rejected.
     pub code: ErrorCode,
+    /// The `seq` of a rejected metrics line, when the line was JSON with a readable one (a
+    /// station that asked for acknowledgements gets it back in the error line).
+    pub seq: Option<u64>,
 }
 
 impl From<ErrorCode> for ParseLineError {
     fn from(code: ErrorCode) -> Self {
-        ParseLineError { code }
+        ParseLineError { code, seq: None }
     }
 }
 
@@ -236,6 +249,22 @@ mod tests {
     fn all_is_in_discriminant_order() {
         for (i, code) in ErrorCode::ALL.iter().enumerate() {
             assert_eq!(*code as usize, i, "{code}");
+        }
+    }
+
+    #[test]
+    fn error_lines_with_a_seq_are_the_same_json_plus_seq() {
+        for code in ErrorCode::ALL {
+            let mut out = Vec::new();
+            code.push_error_line_with_seq(18_446_744_073_709_551_615, &mut out);
+            assert_eq!(out.last(), Some(&b'\n'));
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            let plain: serde_json::Value = serde_json::from_str(code.error_line()).unwrap();
+            assert_eq!(v["seq"], u64::MAX);
+            assert_eq!(
+                (&v["code"], &v["message"]),
+                (&plain["code"], &plain["message"])
+            );
         }
     }
 

@@ -20,6 +20,7 @@ use crate::{ErrorCode, PARSE_PADDING, ParseLineError};
 pub struct Session {
     connection_id: Box<str>,
     station: Option<Station>,
+    acks: Option<bool>,
 }
 
 impl Session {
@@ -28,7 +29,14 @@ impl Session {
         Session {
             connection_id: connection_id.into(),
             station: None,
+            acks: None,
         }
+    }
+
+    /// What the last identify said about acknowledgements: `"acks": true` or `false`, or
+    /// `None` when it did not say (the server's default applies).
+    pub fn acks(&self) -> Option<bool> {
+        self.acks
     }
 
     /// The connection's id, as it appears in records.
@@ -116,15 +124,30 @@ impl LineParser {
         };
         let mut tape = self.tape.take().unwrap_or_else(|| Tape(Vec::new())).reset();
         let result = match simd_json::fill_tape_padded(input, len, &mut self.buffers, &mut tape) {
-            Ok(()) => apply(&tape, session, received_at_ms, out, &mut self.names),
-            Err(e) => Err(match e.error() {
+            Ok(()) => apply(&tape, session, received_at_ms, out, &mut self.names).map_err(|code| {
+                ParseLineError {
+                    code,
+                    seq: metrics_seq(&tape),
+                }
+            }),
+            Err(e) => Err(ParseLineError::from(match e.error() {
                 ErrorType::InvalidUtf8 => ErrorCode::InvalidUtf8,
                 _ => ErrorCode::MalformedJson,
-            }),
+            })),
         };
         self.tape = Some(tape.reset());
-        result.map_err(ParseLineError::from)
+        result
     }
+}
+
+/// The `seq` of a metrics line that parsed as JSON, if it has a readable one.
+fn metrics_seq(tape: &Tape<'_>) -> Option<u64> {
+    let root = tape.as_value();
+    let obj = root.as_object()?;
+    if obj.get("type")?.into_string()? != "metrics" {
+        return None;
+    }
+    obj.get("seq")?.as_u64()
 }
 
 fn apply(
@@ -149,7 +172,13 @@ fn apply(
                 Some(v) if v.is_null() => "",
                 Some(v) => v.into_string().ok_or(ErrorCode::WrongFieldType)?,
             };
+            let acks = match obj.get("acks") {
+                None => None,
+                Some(v) if v.is_null() => None,
+                Some(v) => Some(v.as_bool().ok_or(ErrorCode::WrongFieldType)?),
+            };
             session.station = Some(Station::new(&session.connection_id, zipcode, city));
+            session.acks = acks;
             Ok(Parsed::Identified)
         }
         "metrics" => {
@@ -487,6 +516,76 @@ mod tests {
         }
         let got = run(&[br#"{"type":"metrics","data":"t=1"}"#]);
         assert_eq!(got, ["metrics_before_identify"]);
+    }
+
+    fn parse_one(
+        parser: &mut LineParser,
+        session: &mut Session,
+        line: &[u8],
+    ) -> Result<Parsed, ParseLineError> {
+        let mut buf = line.to_vec();
+        buf.resize(line.len() + PARSE_PADDING, b' ');
+        parser.parse_line(session, &mut buf, 0..line.len(), AT, &mut Vec::new())
+    }
+
+    #[test]
+    fn identify_may_ask_for_acknowledgements() {
+        let mut parser = LineParser::new();
+        let mut session = Session::new(CONN);
+        assert_eq!(session.acks(), None);
+        let cases: [(&[u8], Option<bool>); 4] = [
+            (
+                br#"{"type":"identify","zipcode":"1","acks":true}"#,
+                Some(true),
+            ),
+            (
+                br#"{"type":"identify","zipcode":"1","acks":false}"#,
+                Some(false),
+            ),
+            (br#"{"type":"identify","zipcode":"1","acks":null}"#, None),
+            (br#"{"type":"identify","zipcode":"1"}"#, None),
+        ];
+        for (line, acks) in cases {
+            parse_one(&mut parser, &mut session, line).unwrap();
+            assert_eq!(session.acks(), acks, "{}", String::from_utf8_lossy(line));
+        }
+        let err = parse_one(
+            &mut parser,
+            &mut session,
+            br#"{"type":"identify","zipcode":"1","acks":"yes"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.code, ErrorCode::WrongFieldType);
+    }
+
+    #[test]
+    fn a_rejected_metrics_line_reports_its_seq() {
+        let mut parser = LineParser::new();
+        let mut session = Session::new(CONN);
+        let err = parse_one(
+            &mut parser,
+            &mut session,
+            br#"{"type":"metrics","seq":4,"data":"t=1"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (err.code, err.seq),
+            (ErrorCode::MetricsBeforeIdentify, Some(4))
+        );
+        parse_one(&mut parser, &mut session, ID).unwrap();
+        for (line, seq) in [
+            (
+                &br#"{"type":"metrics","seq":7,"data":"t=warm"}"#[..],
+                Some(7),
+            ),
+            (br#"{"type":"metrics","seq":-1,"data":"t=warm"}"#, None),
+            (br#"{"type":"metrics","data":"t=warm"}"#, None),
+            (br#"{"type":"metrics","seq":9,"data":"#, None),
+            (br#"{"type":"identify","seq":9}"#, None),
+        ] {
+            let err = parse_one(&mut parser, &mut session, line).unwrap_err();
+            assert_eq!(err.seq, seq, "{}", String::from_utf8_lossy(line));
+        }
     }
 
     #[test]

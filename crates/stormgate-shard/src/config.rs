@@ -89,7 +89,14 @@ pub struct RuntimeConfig {
     /// its queued connections while the others have room; a station that retries is hashed
     /// afresh.
     pub max_connections_per_shard: usize,
+    /// Acknowledge lines for connections whose identify does not say (`"acks"`); see
+    /// docs/PROTOCOL.md.
+    pub acks_by_default: bool,
 }
+
+/// See [`RuntimeConfig::max_in_flight_per_connection`]: half the default shard queue, so one
+/// connection cannot take all of it, and ~10 ms of a connection at 400K lines/s.
+pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: u32 = 4096;
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
@@ -109,6 +116,7 @@ impl Default for RuntimeConfig {
             line_timeout: Some(DEFAULT_LINE_TIMEOUT),
             dead_letters: false,
             max_connections_per_shard: 0,
+            acks_by_default: false,
         }
     }
 }

@@ -24,6 +24,7 @@ use glommio::net::TcpStream;
 use glommio::{GlommioError, ResourceType};
 use stormgate_protocol::{DeadLetter, ErrorCode, Frame, LineFramer, Parsed, Session};
 
+use crate::acks::ConnAcks;
 use crate::buffers::Backlog;
 use crate::events::{CloseReason, ConnectionClosed, LineRejected};
 use crate::shard::{Registration, ShardCore};
@@ -78,6 +79,8 @@ pub(crate) fn serve(
         closing: None,
         partial_since: None,
         completed_line: false,
+        acks: None,
+        acks_on: false,
     };
     async move {
         // A bug that panics while serving one connection ends that connection, not the shard:
@@ -129,6 +132,10 @@ struct Connection {
     partial_since: Option<Instant>,
     /// The last `handle` completed at least one line.
     completed_line: bool,
+    /// Answers owed to the station, once it asked for acknowledgements.
+    acks: Option<Rc<ConnAcks>>,
+    /// New lines with a seq get acknowledged (the last identify asked, or the default).
+    acks_on: bool,
 }
 
 /// Why the connection stopped handling lines before the end of its bytes.
@@ -172,7 +179,15 @@ impl Connection {
             // Only fails for a zero duration, which `read_timeout` never returns.
             let _ = self.stream.set_read_timeout(timeout);
             let n = match self.read_and_handle().await {
-                Ok(n) => n,
+                Ok(Some(n)) => n,
+                Ok(None) => {
+                    // Answers became ready while waiting for bytes.
+                    self.take_acks();
+                    if let Err(e) = Box::pin(self.flush_replies()).await {
+                        return CloseReason::Io(e);
+                    }
+                    continue;
+                }
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     let code = if self.partial_since.is_some() {
                         ErrorCode::LineTimeout
@@ -198,6 +213,13 @@ impl Connection {
                 Box::pin(self.farewell()).await;
                 return reason;
             }
+            if n == 0 && self.acks.as_ref().is_some_and(|a| !a.is_empty()) {
+                // The station stopped sending; it may still wait for its answers.
+                if let Err(e) = Box::pin(self.answer_the_rest()).await {
+                    return CloseReason::Io(e);
+                }
+            }
+            self.take_acks();
             if !self.replies.is_empty()
                 && let Err(e) = Box::pin(self.flush_replies()).await
             {
@@ -262,7 +284,38 @@ impl Connection {
         .await;
     }
 
-    /// Reads once and handles every complete line read. Returns the bytes read (0 at EOF).
+    /// Moves the answers that are ready into the replies.
+    fn take_acks(&mut self) {
+        if let Some(acks) = &self.acks {
+            acks.take_ready(&mut self.replies);
+        }
+    }
+
+    /// After the station's end of stream: writes answers as they become ready until every
+    /// line has one. The records settle by the delivery timeout at the latest, or at the
+    /// shutdown deadline.
+    async fn answer_the_rest(&mut self) -> io::Result<()> {
+        let Some(acks) = self.acks.clone() else {
+            return Ok(());
+        };
+        while !acks.is_empty() {
+            poll_fn(|cx| {
+                if acks.is_ready() {
+                    Poll::Ready(())
+                } else {
+                    acks.register(cx.waker());
+                    Poll::Pending
+                }
+            })
+            .await;
+            acks.take_ready(&mut self.replies);
+            self.flush_replies().await?;
+        }
+        Ok(())
+    }
+
+    /// Reads once and handles every complete line read. Returns the bytes read (0 at EOF),
+    /// or `None` without reading when answers for the station are ready first.
     ///
     /// Normally the read goes into the shard's read buffer, behind room for the partial line
     /// the connection carries from its previous read (a few hundred bytes at most, usually):
@@ -270,19 +323,26 @@ impl Connection {
     /// everything is handled in place. So a busy connection holds only its partial line
     /// between reads, and an idle one nothing. Only an unusually long partial line (over
     /// [`CARRY_MAX`]) is read onto in the connection's own backlog.
-    async fn read_and_handle(&mut self) -> io::Result<usize> {
+    async fn read_and_handle(&mut self) -> io::Result<Option<usize>> {
         let core = Rc::clone(&self.core);
+        let acks = self.acks.clone();
         let carry = self.backlog.len();
         if carry <= CARRY_MAX.min(core.config.read_buffer_bytes / 2) {
             let mut ticket = None;
             let n = poll_fn(|cx| {
+                if acks_ready(acks.as_deref(), cx) {
+                    return Poll::Ready(Ok(None));
+                }
                 if gate_closed_to(&core, &mut ticket, cx) {
                     return Poll::Pending;
                 }
                 let mut buf = core.read_buf.borrow_mut();
-                Pin::new(&mut self.stream).poll_read(cx, &mut buf.read_area()[carry..])
+                Pin::new(&mut self.stream)
+                    .poll_read(cx, &mut buf.read_area()[carry..])
+                    .map_ok(Some)
             })
             .await?;
+            let Some(n) = n else { return Ok(None) };
             if n > 0 {
                 // No await since the read completed: the shard buffer still holds our bytes.
                 self.stamp = ReadStamp::now();
@@ -299,7 +359,7 @@ impl Connection {
                 }
             }
             self.count_read(n);
-            Ok(n)
+            Ok(Some(n))
         } else {
             let area = self.backlog.read_area(BACKLOG_READ, &core.backlogs);
             let stream = &mut self.stream;
@@ -308,16 +368,20 @@ impl Connection {
                 if gate_closed_to(&core, &mut ticket, cx) {
                     return Poll::Pending;
                 }
-                Pin::new(&mut *stream).poll_read(cx, area)
+                if acks_ready(acks.as_deref(), cx) {
+                    return Poll::Ready(Ok(None));
+                }
+                Pin::new(&mut *stream).poll_read(cx, area).map_ok(Some)
             })
             .await?;
+            let Some(n) = n else { return Ok(None) };
             self.backlog.commit(n);
             if n > 0 {
                 self.stamp = ReadStamp::now();
                 self.handle_backlog();
             }
             self.count_read(n);
-            Ok(n)
+            Ok(Some(n))
         }
     }
 
@@ -379,7 +443,7 @@ impl Connection {
                 }
                 Frame::Line(line) => line,
                 Frame::TooLong => {
-                    self.reject(ErrorCode::LineTooLong, None);
+                    self.reject(ErrorCode::LineTooLong, None, None);
                     if self.blocked.is_some() {
                         break;
                     }
@@ -399,11 +463,22 @@ impl Connection {
                 self.stamp.unix_ms,
                 &mut self.payload,
             ) {
-                Ok(Parsed::Identified) => self.consecutive_errors = 0,
-                Ok(Parsed::Record { .. }) => {
+                Ok(Parsed::Identified) => {
+                    self.consecutive_errors = 0;
+                    // Per identify, not per line: a hash and a register load (see
+                    // `DistinctCounter`), on this shard's own sketch.
+                    if let Some(station) = self.session.station() {
+                        core.metrics.zipcodes.insert(station.zipcode().as_bytes());
+                    }
+                    self.acks_on = self.session.acks().unwrap_or(core.config.acks_by_default);
+                    if self.acks_on && self.acks.is_none() {
+                        self.acks = Some(Rc::default());
+                    }
+                }
+                Ok(Parsed::Record { seq }) => {
                     self.consecutive_errors = 0;
                     records += 1;
-                    let record = self.take_record();
+                    let record = self.take_record(seq);
                     match self.queue.try_send(record) {
                         Ok(()) => core.gate.enqueued(),
                         Err(GlommioError::WouldBlock(ResourceType::Channel(record))) => {
@@ -417,10 +492,11 @@ impl Connection {
                     }
                 }
                 Err(e) => {
+                    let seq = e.seq.filter(|_| self.acks_on);
                     if dead_letters {
-                        self.reject(e.code, Some(&core.raw_line.borrow()));
+                        self.reject(e.code, Some(&core.raw_line.borrow()), seq);
                     } else {
-                        self.reject(e.code, None);
+                        self.reject(e.code, None, seq);
                     }
                     if self.blocked.is_some() {
                         break;
@@ -434,7 +510,7 @@ impl Connection {
     }
 
     /// Moves the encoded payload into a record and opens its ledger entry.
-    fn take_record(&mut self) -> Record {
+    fn take_record(&mut self, seq: Option<u64>) -> Record {
         let value = std::mem::replace(&mut self.payload, self.core.ledger.payloads.take());
         let key = Rc::clone(
             self.session
@@ -442,10 +518,14 @@ impl Connection {
                 .expect("records need a station")
                 .key(),
         );
+        let ack = match (&self.acks, seq) {
+            (Some(acks), Some(seq)) if self.acks_on => Some((Rc::clone(acks), acks.open(seq))),
+            _ => None,
+        };
         let ticket = self
             .core
             .ledger
-            .open(self.stamp.at, self.flow.as_ref(), false);
+            .open(self.stamp.at, self.flow.as_ref(), false, ack);
         Record {
             key,
             value,
@@ -471,8 +551,15 @@ impl Connection {
 
     /// Answers a bad line, dead-letters it when configured (`raw` is the line, when it was
     /// buffered); closes the connection after too many in a row.
-    fn reject(&mut self, code: ErrorCode, raw: Option<&[u8]>) {
-        self.send_error(code);
+    fn reject(&mut self, code: ErrorCode, raw: Option<&[u8]>, seq: Option<u64>) {
+        match seq {
+            // A station that asked for acknowledgements learns which line this answers.
+            Some(seq) => {
+                code.push_error_line_with_seq(seq, &mut self.replies);
+                self.count_rejected(code);
+            }
+            None => self.send_error(code),
+        }
         if self.core.config.dead_letters && !self.sink_gone {
             self.dead_letter(code, raw);
         }
@@ -507,7 +594,7 @@ impl Connection {
         let ticket = self
             .core
             .ledger
-            .open(self.stamp.at, self.flow.as_ref(), true);
+            .open(self.stamp.at, self.flow.as_ref(), true, None);
         let record = Record {
             key,
             value,
@@ -528,6 +615,11 @@ impl Connection {
     /// Queues `code`'s error line for the station, counts it and logs it (rate limited).
     fn send_error(&mut self, code: ErrorCode) {
         self.replies.extend_from_slice(code.error_line().as_bytes());
+        self.count_rejected(code);
+    }
+
+    /// Counts and logs (rate limited) a rejected line.
+    fn count_rejected(&self, code: ErrorCode) {
         LineRejected {
             code,
             connection_id: self.session.connection_id(),
@@ -557,6 +649,18 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
+
+/// Whether answers for the station are ready; if not, the read's waker is woken when they
+/// are. Answers come first: a station that waits for them before sending more would
+/// otherwise wait on a read that waits on it.
+fn acks_ready(acks: Option<&ConnAcks>, cx: &Context<'_>) -> bool {
+    let Some(acks) = acks else { return false };
+    if acks.is_ready() {
+        return true;
+    }
+    acks.register(cx.waker());
+    false
 }
 
 /// Whether a read must not take its bytes yet: the shard's queue is half full (see `gate`).

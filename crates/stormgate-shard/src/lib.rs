@@ -31,6 +31,7 @@ pub mod config;
 pub mod server;
 pub mod sink;
 
+mod acks;
 mod buffers;
 mod connection;
 mod events;

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use glommio::channels::local_channel::LocalReceiver;
 
+use crate::acks::ConnAcks;
 use crate::gate::ReadGate;
 use slab::Slab;
 use stormgate_telemetry::{LogLimiter, ShardMetrics};
@@ -181,6 +182,8 @@ struct Pending {
     read_at: Instant,
     flow: Option<Rc<ConnFlow>>,
     dead_letter: bool,
+    /// The connection's acknowledgement window and this record's slot in it.
+    ack: Option<(Rc<ConnAcks>, u64)>,
 }
 
 impl Ledger {
@@ -200,6 +203,7 @@ impl Ledger {
         read_at: Instant,
         flow: Option<&Rc<ConnFlow>>,
         dead_letter: bool,
+        ack: Option<(Rc<ConnAcks>, u64)>,
     ) -> Ticket {
         if let Some(flow) = flow {
             flow.in_flight.set(flow.in_flight.get() + 1);
@@ -208,6 +212,7 @@ impl Ledger {
             read_at,
             flow: flow.cloned(),
             dead_letter,
+            ack,
         }))
     }
 
@@ -216,6 +221,9 @@ impl Ledger {
             debug_assert!(false, "settled twice or unknown ticket {ticket:?}");
             return;
         };
+        if let Some((acks, id)) = &p.ack {
+            acks.settle(*id, &outcome);
+        }
         let m = &self.metrics;
         match (outcome, p.dead_letter) {
             (Outcome::Delivered, false) => {

@@ -476,3 +476,114 @@ fn a_long_line_arriving_in_pieces_is_read_onto_the_backlog_and_arrives_whole() {
     wait_for("1 record", || server.totals().records_delivered == 1);
     assert_eq!(server.totals().line_errors_total(), 1);
 }
+
+/// Holds every record of one key until released; settles the others at once.
+struct HoldKeySink {
+    key: &'static str,
+    release: Arc<AtomicBool>,
+    held_now: Arc<AtomicUsize>,
+}
+
+impl Sink for HoldKeySink {
+    async fn run(self, records: RecordReceiver, ctx: SinkContext) {
+        let mut held = Vec::new();
+        loop {
+            let next = futures_lite::future::or(async { Some(records.recv().await) }, async {
+                glommio::timer::sleep(Duration::from_millis(2)).await;
+                None
+            })
+            .await;
+            if self.release.load(Ordering::Relaxed) {
+                for r in held.drain(..) {
+                    ctx.settle(r, Outcome::Delivered);
+                }
+            }
+            match next {
+                Some(Some(r)) if &*r.key == self.key && !self.release.load(Ordering::Relaxed) => {
+                    held.push(r.ticket);
+                    ctx.recycle(r.value);
+                }
+                Some(Some(r)) => {
+                    ctx.recycle(r.value);
+                    ctx.settle(r.ticket, Outcome::Delivered);
+                }
+                Some(None) => return,
+                None => {}
+            }
+            self.held_now.store(held.len(), Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Clone)]
+struct HoldKeyFactory(Arc<AtomicBool>, Arc<AtomicUsize>);
+
+impl SinkFactory for HoldKeyFactory {
+    type Sink = HoldKeySink;
+    fn build(
+        &self,
+        _: &ShardInfo,
+    ) -> Result<HoldKeySink, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(HoldKeySink {
+            key: "99999",
+            release: self.0.clone(),
+            held_now: self.1.clone(),
+        })
+    }
+}
+
+/// A connection at its in-flight cap is not read until its records are delivered, while the
+/// other connections of the same shard go on: the flooder holds exactly its cap of records,
+/// the others are all delivered meanwhile.
+#[test]
+fn a_connection_at_its_in_flight_cap_waits_alone() {
+    let release = Arc::new(AtomicBool::new(false));
+    let held = Arc::new(AtomicUsize::new(0));
+    let server = Server::start(
+        RuntimeConfig {
+            shards: 1,
+            queue_size: 1024,
+            max_in_flight_per_connection: 100,
+            ..config()
+        },
+        HoldKeyFactory(release.clone(), held.clone()),
+    )
+    .unwrap();
+    let mut flooder = Station::connect(server.local_addr());
+    flooder.identify("99999");
+    let writer = {
+        let mut stream = flooder.stream.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let line = b"{\"type\":\"metrics\",\"data\":\"t=1\"}\n";
+            for _ in 0..5_000 {
+                stream.write_all(line).unwrap();
+            }
+        })
+    };
+    wait_for("the flooder at its cap", || {
+        held.load(Ordering::Relaxed) == 100
+    });
+    let others: Vec<Station> = (0..20)
+        .map(|i| {
+            let mut s = Station::connect(server.local_addr());
+            s.identify(&format!("{i:05}"));
+            s.metrics(50);
+            s
+        })
+        .collect();
+    wait_for("the other stations' records", || {
+        server.totals().records_delivered == 20 * 50
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        held.load(Ordering::Relaxed),
+        100,
+        "the flooder holds only its cap"
+    );
+    release.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    wait_for("everything", || {
+        server.totals().records_delivered == 20 * 50 + 5_000
+    });
+    drop(others);
+}

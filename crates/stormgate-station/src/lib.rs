@@ -9,12 +9,28 @@
 //! s.identify("12345", "TestCity").unwrap();
 //! s.metrics(&[("temperature", 25.5), ("humidity", 60.0)]).unwrap();
 //! ```
+//!
+//! [`Station`] sends and forgets. [`ReliableStation`] (module [`reliable`]) asks for
+//! acknowledgements and delivers every line at least once: it keeps unanswered lines, resends
+//! them after a nack or a lost connection, and reconnects with backoff.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use stormgate_station::ReliableStation;
+//! let mut s = ReliableStation::connect("127.0.0.1:8080", "12345", "TestCity").unwrap();
+//! s.send(&[("temperature", 25.5)]);
+//! s.flush(Duration::from_secs(30)).unwrap();
+//! ```
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+pub mod reliable;
+
+pub use reliable::{FlushError, ReliableStation, ReliableStationBuilder, ReliableStats};
 
 /// The `identify` line for a station.
 pub fn identify_line(zipcode: &str, city: &str) -> String {
@@ -42,6 +58,25 @@ pub enum Reply {
         code: String,
         /// Human explanation.
         message: String,
+        /// The rejected line's seq, on a connection that asked for acknowledgements.
+        #[serde(default)]
+        seq: Option<u64>,
+    },
+    /// Lines are in Kafka: the one with `seq`, or every unanswered one up to `upto`.
+    Ack {
+        /// A single line.
+        #[serde(default)]
+        seq: Option<u64>,
+        /// Every line not yet answered with a seq up to and including this one.
+        #[serde(default)]
+        upto: Option<u64>,
+    },
+    /// The line with `seq` finally failed delivery (the server spilled it to disk).
+    Nack {
+        /// The line.
+        seq: u64,
+        /// Why: `delivery_failed` or `shutdown`.
+        code: String,
     },
 }
 
@@ -128,7 +163,25 @@ mod tests {
             r,
             Reply::Error {
                 code: "x".into(),
-                message: "y".into()
+                message: "y".into(),
+                seq: None,
+            }
+        );
+        let r: Reply = serde_json::from_str(r#"{"type":"ack","upto":7}"#).unwrap();
+        assert_eq!(
+            r,
+            Reply::Ack {
+                seq: None,
+                upto: Some(7)
+            }
+        );
+        let r: Reply =
+            serde_json::from_str(r#"{"type":"nack","seq":3,"code":"shutdown"}"#).unwrap();
+        assert_eq!(
+            r,
+            Reply::Nack {
+                seq: 3,
+                code: "shutdown".into()
             }
         );
     }

@@ -71,6 +71,16 @@ pub struct Cli {
     )]
     pub max_connections_per_shard: usize,
 
+    /// Records one connection may have in flight (read, not yet delivered); a connection at
+    /// the cap is not read until some are delivered, while others go on. 0 = no cap.
+    #[arg(long, env = "TCP_MAX_IN_FLIGHT_PER_CONN", default_value_t = rt::DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION, help_heading = "Stations")]
+    pub max_in_flight_per_conn: u32,
+
+    /// Acknowledge lines that carry a seq, for connections whose identify does not say
+    /// ("acks": true/false); see docs/PROTOCOL.md.
+    #[arg(long, env = "TCP_ACKS", default_value = "false", value_parser = BoolishValueParser::new(), action = ArgAction::Set, help_heading = "Stations")]
+    pub acks: bool,
+
     /// Records each shard may queue between its connections and its producer; when full,
     /// connections stop reading (TCP backpressure).
     #[arg(long, env = "TCP_JOB_QUEUE_SIZE", default_value_t = rt::DEFAULT_QUEUE_SIZE, help_heading = "Stations")]
@@ -171,7 +181,7 @@ pub struct Cli {
     #[arg(long, env = "KAFKA_QUEUE_MAX_BYTES", default_value = "64MiB", value_parser = parse_bytes, help_heading = "Kafka")]
     pub kafka_queue_max_bytes: u64,
 
-    /// Extra librdkafka property NAME=VALUE (repeatable); also KAFKA_PROP_<NAME> variables.
+    /// Extra librdkafka property NAME=VALUE (repeatable); also `KAFKA_PROP_<NAME>` variables.
     #[arg(long = "kafka-prop", value_name = "NAME=VALUE", value_parser = parse_prop, help_heading = "Kafka")]
     pub kafka_props: Vec<(String, String)>,
 
@@ -251,7 +261,12 @@ impl Cli {
             max_connections_per_shard: self.max_connections_per_shard,
             queue_size: self.queue_size,
             max_line_bytes: self.max_line_bytes,
-            max_in_flight_per_connection: if self.kafka_async { 0 } else { 1 },
+            max_in_flight_per_connection: if self.kafka_async {
+                self.max_in_flight_per_conn
+            } else {
+                1
+            },
+            acks_by_default: self.acks,
             shutdown_timeout: self.shutdown_timeout,
             recv_buffer_bytes: self.recv_buffer,
             max_errors_per_connection: self.max_errors_per_conn,
@@ -419,7 +434,8 @@ mod tests {
         assert_eq!(rt.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(rt.shards, 0);
         assert_eq!(rt.backlog, 4096);
-        assert_eq!(rt.max_in_flight_per_connection, 0);
+        assert_eq!(rt.max_in_flight_per_connection, 4096);
+        assert!(!rt.acks_by_default);
         assert_eq!(cli.kafka_topic, "weather.metrics");
         assert_eq!(cli.kafka_compression, Compression::Lz4);
         assert_eq!(cli.kafka_required_acks, Acks::All);

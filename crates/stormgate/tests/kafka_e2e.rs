@@ -71,6 +71,7 @@ fn stations_to_topic(codec: Compression) {
         for _ in 0..LINES / BAD_EVERY {
             match s.reply().unwrap() {
                 stormgate_station::Reply::Error { code, .. } => assert_eq!(code, "invalid_metric"),
+                other => panic!("{other:?}"),
             }
         }
     }
@@ -323,6 +324,7 @@ fn dead_letters() {
     for (_, code) in &bad {
         match s.reply().unwrap() {
             stormgate_station::Reply::Error { code: got, .. } => assert_eq!(&got, code),
+            other => panic!("{other:?}"),
         }
     }
     wait_for("records and dead letters", Duration::from_secs(60), || {

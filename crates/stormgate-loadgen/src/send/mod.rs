@@ -75,6 +75,7 @@ fn run_here(args: &SendArgs) -> Result<SendSummary, LoadgenError> {
         drain_timeout: args.drain_timeout,
         zip_base: args.zip_base,
         lines: MetricsLines::new(args.seq, args.timestamps),
+        acks: args.acks,
     };
     let shares = plan::split(args.connections, args.threads);
     let lives: Vec<Live> = shares.iter().map(|_| Live::default()).collect();

@@ -60,6 +60,12 @@ pub struct SendSummary {
     pub io_errors: u64,
     /// Connections the server had not closed when the drain timed out.
     pub drain_timeouts: u64,
+    /// With --acks: lines acknowledged.
+    pub acked_lines: u64,
+    /// With --acks: `ack` reply lines (several lines each when coalesced).
+    pub ack_replies: u64,
+    /// With --acks: lines that failed delivery (`nack`).
+    pub nacks: u64,
 }
 
 impl SendSummary {
@@ -80,6 +86,9 @@ impl SendSummary {
             s.closed_by_server += r.closed_by_server;
             s.io_errors += r.io_errors;
             s.drain_timeouts += r.drain_timeouts;
+            s.acked_lines += r.acked_lines;
+            s.ack_replies += r.ack_replies;
+            s.nacks += r.nacks;
             for (code, n) in &r.error_replies {
                 *s.error_replies.entry(code.clone()).or_default() += n;
             }
@@ -122,6 +131,9 @@ impl SendSummary {
             s.closed_by_server += c.closed_by_server;
             s.io_errors += c.io_errors;
             s.drain_timeouts += c.drain_timeouts;
+            s.acked_lines += c.acked_lines;
+            s.ack_replies += c.ack_replies;
+            s.nacks += c.nacks;
             for (code, n) in &c.error_replies {
                 *s.error_replies.entry(code.clone()).or_default() += n;
             }

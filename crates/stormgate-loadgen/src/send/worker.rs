@@ -75,6 +75,8 @@ pub struct WorkerConfig {
     pub zip_base: u64,
     /// The metrics line builder.
     pub lines: MetricsLines,
+    /// Ask for acknowledgements in identify.
+    pub acks: bool,
 }
 
 /// A thread's counters, published as it goes for the progress printer (single writer,
@@ -118,6 +120,12 @@ pub struct WorkerReport {
     pub io_errors: u64,
     /// Connections still open (not closed by the server) when the drain gave up.
     pub drain_timeouts: u64,
+    /// Lines acknowledged (`ack` replies, `upto` ranges counted in full).
+    pub acked_lines: u64,
+    /// `ack` reply lines.
+    pub ack_replies: u64,
+    /// `nack` replies.
+    pub nacks: u64,
     /// When metrics sending (or holding) began.
     pub started: Option<Instant>,
     /// When the last line went out (or holding ended).
@@ -156,6 +164,8 @@ struct Conn {
     tokens: f64,
     /// A reply line not complete yet.
     reply: Vec<u8>,
+    /// The next seq without an answer.
+    answered: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -207,6 +217,7 @@ impl<'a> Worker<'a> {
                 lines: 0,
                 tokens: 0.0,
                 reply: Vec::new(),
+                answered: 0,
             })
             .collect();
         Ok(Worker {
@@ -347,7 +358,7 @@ impl<'a> Worker<'a> {
         let zipcode = lines::zipcode(self.cfg.zip_base, self.conns[i].index);
         let c = &mut self.conns[i];
         c.state = State::Open;
-        c.out = lines::identify_line(&zipcode, lines::CITY);
+        c.out = lines::identify_line(&zipcode, lines::CITY, self.cfg.acks);
         c.out_pos = 0;
         c.writable = true;
         self.open += 1;
@@ -554,11 +565,11 @@ impl<'a> Worker<'a> {
             data = rest;
             let c = &mut self.conns[i];
             if c.reply.is_empty() {
-                count_reply(&mut self.report, &line[..end]);
+                count_reply(&mut self.report, &mut c.answered, &line[..end]);
             } else {
                 c.reply.extend_from_slice(line);
                 let full = std::mem::take(&mut c.reply);
-                count_reply(&mut self.report, &full[..full.len() - 1]);
+                count_reply(&mut self.report, &mut c.answered, &full[..full.len() - 1]);
             }
         }
         self.conns[i].reply.extend_from_slice(data);
@@ -771,16 +782,35 @@ fn unsent_lines(rest: &[u8]) -> u64 {
 }
 
 /// Counts one reply line from the server.
-fn count_reply(report: &mut WorkerReport, line: &[u8]) {
+/// Counts one reply line; `answered` is the connection's next unanswered seq.
+fn count_reply(report: &mut WorkerReport, answered: &mut u64, line: &[u8]) {
     #[derive(serde::Deserialize)]
     struct Reply {
         #[serde(rename = "type")]
         kind: String,
         code: Option<String>,
+        seq: Option<u64>,
+        upto: Option<u64>,
     }
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let code = match serde_json::from_slice::<Reply>(line) {
-        Ok(Reply { kind, code }) if kind == "error" => code.unwrap_or_else(|| "unknown".into()),
+        Ok(Reply { kind, code, .. }) if kind == "error" => code.unwrap_or_else(|| "unknown".into()),
+        Ok(Reply {
+            kind, seq, upto, ..
+        }) if kind == "ack" => {
+            let last = upto.or(seq).unwrap_or(*answered);
+            report.ack_replies += 1;
+            report.acked_lines += (last + 1).saturating_sub(*answered);
+            *answered = (*answered).max(last + 1);
+            return;
+        }
+        Ok(Reply { kind, seq, .. }) if kind == "nack" => {
+            report.nacks += 1;
+            if let Some(seq) = seq {
+                *answered = (*answered).max(seq + 1);
+            }
+            return;
+        }
         _ => "unrecognized_reply".into(),
     };
     *report.error_replies.entry(code).or_default() += 1;
@@ -802,12 +832,29 @@ mod tests {
             br#"{"type":"error","code":"line_too_long","message":"x"}"#,
             b"garbage\r",
         ] {
-            count_reply(&mut r, line);
+            count_reply(&mut r, &mut 0, line);
         }
         assert_eq!(r.error_replies["malformed_json"], 2);
         assert_eq!(r.error_replies["line_too_long"], 1);
         assert_eq!(r.error_replies["unrecognized_reply"], 1);
         assert!(r.first_error.unwrap().contains("line is not valid JSON"));
+    }
+
+    #[test]
+    fn acks_count_lines_and_upto_counts_the_range() {
+        let mut r = WorkerReport::default();
+        let mut answered = 0;
+        for line in [
+            &br#"{"type":"ack","seq":0}"#[..],
+            br#"{"type":"ack","upto":9}"#,
+            br#"{"type":"nack","seq":10,"code":"delivery_failed"}"#,
+            br#"{"type":"ack","upto":14}"#,
+        ] {
+            count_reply(&mut r, &mut answered, line);
+        }
+        assert_eq!((r.acked_lines, r.ack_replies, r.nacks), (14, 3, 1));
+        assert_eq!(answered, 15);
+        assert!(r.error_replies.is_empty());
     }
 
     #[test]
