@@ -96,6 +96,10 @@ impl ConnAcks {
             match slot {
                 Slot::Pending => break,
                 Slot::Delivered => {
+                    // `upto` means every unanswered seq up to N: a run may only grow upwards.
+                    if run.is_some_and(|(last, _)| seq <= last) {
+                        push_ack(out, run.take());
+                    }
                     run = Some((seq, run.map_or(1, |(_, n)| n + 1)));
                 }
                 Slot::Failed(code) => {
@@ -167,6 +171,20 @@ mod tests {
         assert_eq!(
             text(&acks),
             "{\"type\":\"nack\",\"seq\":22,\"code\":\"shutdown\"}\n{\"type\":\"ack\",\"seq\":23}\n"
+        );
+    }
+
+    #[test]
+    fn a_seq_that_does_not_increase_ends_a_coalesced_run() {
+        let acks = ConnAcks::default();
+        for seq in [5, 6, 3, 3, 9] {
+            let id = acks.open(seq);
+            acks.settle(id, &Outcome::Delivered);
+        }
+        assert_eq!(
+            text(&acks),
+            "{\"type\":\"ack\",\"upto\":6}\n{\"type\":\"ack\",\"seq\":3}\n\
+             {\"type\":\"ack\",\"upto\":9}\n"
         );
     }
 
