@@ -323,40 +323,17 @@ fn records_that_run_out_of_attempts_are_counted_failed_once() {
         "--kafka-max-attempts",
         "2",
     ]);
-    let mut stations = stations(&app, STATIONS, "Attempts");
-    let totals = || app.server().totals();
-    send(&mut stations, 0, GOOD_BEFORE);
-    wait_for("records before the errors", Duration::from_secs(30), || {
-        totals().records_delivered == (STATIONS * GOOD_BEFORE) as u64
-    });
-
     // More errors than requests: a batch holds at least one record and gets two attempts, so
     // the 500 failing records make at most 1,000 Produce requests.
-    fail_produce_requests(&cluster, &[NOT_ENOUGH_REPLICAS; 10_000]);
-    send(&mut stations, GOOD_BEFORE, FAILING);
-    wait_for(
-        "the failing records to run out of attempts",
-        Duration::from_secs(30),
-        || totals().records_failed == (STATIONS * FAILING) as u64,
+    good_failing_good(
+        app,
+        &brokers,
+        TOPIC,
+        STATIONS,
+        "every request fails",
+        || fail_produce_requests(&cluster, &[NOT_ENOUGH_REPLICAS; 10_000]),
+        || stop_failing_produce_requests(&cluster),
     );
-    let t = totals();
-    assert_eq!(
-        t.records_delivered,
-        (STATIONS * GOOD_BEFORE) as u64,
-        "nothing delivered while every request fails"
-    );
-    assert_eq!(
-        t.connections_active, STATIONS as i64,
-        "connections stay open"
-    );
-
-    stop_failing_produce_requests(&cluster);
-    send(&mut stations, GOOD_BEFORE + FAILING, GOOD_AFTER);
-    wait_for("records after the errors", Duration::from_secs(30), || {
-        totals().records_delivered == (STATIONS * (GOOD_BEFORE + GOOD_AFTER)) as u64
-    });
-    drop(stations);
-    assert_failed_phase_only(app, &brokers, TOPIC, STATIONS);
 }
 
 #[test]
@@ -378,36 +355,55 @@ fn records_that_time_out_while_the_broker_is_down_are_counted_failed_once() {
         "--kafka-prop",
         "reconnect.backoff.max.ms=100",
     ]);
-    let mut stations = stations(&app, STATIONS, "Timeout");
+    good_failing_good(
+        app,
+        &brokers,
+        TOPIC,
+        STATIONS,
+        "the broker is down",
+        || cluster.mock().broker_down(BROKER).unwrap(),
+        || cluster.mock().broker_up(BROKER).unwrap(),
+    );
+}
+
+/// Three phases from `n` stations: `GOOD_BEFORE` lines each, all delivered; `FAILING` lines
+/// each while `fail` is in effect, all of which must end failed with nothing delivered and
+/// every connection open; then `recover` and `GOOD_AFTER` lines each, all delivered. Finally
+/// the topic must hold exactly the first and last phases.
+fn good_failing_good(
+    app: App,
+    brokers: &str,
+    topic: &str,
+    n: usize,
+    while_what: &str,
+    fail: impl FnOnce(),
+    recover: impl FnOnce(),
+) {
+    let mut stations = stations(&app, n, "Phases");
     let totals = || app.server().totals();
     send(&mut stations, 0, GOOD_BEFORE);
-    wait_for("records before the outage", Duration::from_secs(30), || {
-        totals().records_delivered == (STATIONS * GOOD_BEFORE) as u64
+    wait_for("records before the fault", Duration::from_secs(30), || {
+        totals().records_delivered == (n * GOOD_BEFORE) as u64
     });
-
-    cluster.mock().broker_down(BROKER).unwrap();
+    fail();
     send(&mut stations, GOOD_BEFORE, FAILING);
     wait_for(
-        "the records sent during the outage to time out",
+        &format!("the records sent while {while_what} to fail"),
         Duration::from_secs(30),
-        || totals().records_failed == (STATIONS * FAILING) as u64,
+        || totals().records_failed == (n * FAILING) as u64,
     );
     let t = totals();
     assert_eq!(
         t.records_delivered,
-        (STATIONS * GOOD_BEFORE) as u64,
-        "nothing delivered while the broker is down"
+        (n * GOOD_BEFORE) as u64,
+        "nothing delivered while {while_what}"
     );
-    assert_eq!(
-        t.connections_active, STATIONS as i64,
-        "connections stay open"
-    );
-
-    cluster.mock().broker_up(BROKER).unwrap();
+    assert_eq!(t.connections_active, n as i64, "connections stay open");
+    recover();
     send(&mut stations, GOOD_BEFORE + FAILING, GOOD_AFTER);
-    wait_for("records after the outage", Duration::from_secs(30), || {
-        totals().records_delivered == (STATIONS * (GOOD_BEFORE + GOOD_AFTER)) as u64
+    wait_for("records after the fault", Duration::from_secs(30), || {
+        totals().records_delivered == (n * (GOOD_BEFORE + GOOD_AFTER)) as u64
     });
     drop(stations);
-    assert_failed_phase_only(app, &brokers, TOPIC, STATIONS);
+    assert_failed_phase_only(app, brokers, topic, n);
 }
