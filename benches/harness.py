@@ -128,6 +128,9 @@ class Server:
             "--listen", f"127.0.0.1:{self.port}",
             "--stats-file", str(self.stats_path),
             "--metrics-addr", "off",
+            # Benchmarks measure capacity: no per-connection line-rate limit (a few runs send
+            # from fewer connections than the default limit allows for).
+            "--max-lines-per-sec", "0",
             "--log-format", "json",
             *map(str, args),
         ]

@@ -89,6 +89,14 @@ pub struct RuntimeConfig {
     /// its queued connections while the others have room; a station that retries is hashed
     /// afresh.
     pub max_connections_per_shard: usize,
+    /// Most connections open at once from one source IP address, process-wide; 0 = no limit.
+    /// Over it, a connection gets `too_many_connections` and is closed. Addresses are counted
+    /// in 65,536 hashed slots, so two addresses may, rarely, share a count.
+    pub max_connections_per_source: u32,
+    /// Lines per second one connection may send on average, in bursts of up to one second's
+    /// worth; past it the connection is not read until its budget recovers (its station's
+    /// writes wait in TCP; nothing is dropped). 0 = no limit.
+    pub max_lines_per_sec: u32,
     /// Acknowledge lines for connections whose identify does not say (`"acks"`); see
     /// docs/PROTOCOL.md.
     pub acks_by_default: bool,
@@ -97,6 +105,11 @@ pub struct RuntimeConfig {
 /// See [`RuntimeConfig::max_in_flight_per_connection`]: half the default shard queue, so one
 /// connection cannot take all of it, and ~10 ms of a connection at 400K lines/s.
 pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: u32 = 4096;
+
+/// See [`RuntimeConfig::max_lines_per_sec`]: far above any weather station (a few lines a
+/// minute) and above one connection's share of a shard at full load (~50K lines/s across 100
+/// connections), yet a single flooder is held to a few percent of what a shard parses.
+pub const DEFAULT_MAX_LINES_PER_SEC: u32 = 100_000;
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
@@ -116,6 +129,8 @@ impl Default for RuntimeConfig {
             line_timeout: Some(DEFAULT_LINE_TIMEOUT),
             dead_letters: false,
             max_connections_per_shard: 0,
+            max_connections_per_source: 0,
+            max_lines_per_sec: 0,
             acks_by_default: false,
         }
     }

@@ -57,6 +57,7 @@ pub(crate) fn serve(
         0 => None,
         cap => Some(Rc::new(ConnFlow::new(cap))),
     };
+    let rate = core.config.max_lines_per_sec;
     let registration = core.register(stream.as_raw_fd());
     // A write blocked for the idle timeout is a station that stopped reading its replies.
     let _ = stream.set_write_timeout(core.config.idle_timeout.filter(|d| !d.is_zero()));
@@ -81,6 +82,8 @@ pub(crate) fn serve(
         completed_line: false,
         acks: None,
         acks_on: false,
+        budget: f64::from(rate),
+        budget_at: Instant::now(),
     };
     async move {
         // A bug that panics while serving one connection ends that connection, not the shard:
@@ -98,7 +101,7 @@ pub(crate) fn serve(
             reason,
         }
         .emit(&conn.core.metrics);
-        conn.core.limits.release();
+        conn.core.limits.release(conn.peer.ip());
     }
 }
 
@@ -136,6 +139,10 @@ struct Connection {
     acks: Option<Rc<ConnAcks>>,
     /// New lines with a seq get acknowledged (the last identify asked, or the default).
     acks_on: bool,
+    /// Lines this connection may still send before it must wait (`TCP_MAX_LINES_PER_SEC`).
+    budget: f64,
+    /// When `budget` was last topped up.
+    budget_at: Instant,
 }
 
 /// Why the connection stopped handling lines before the end of its bytes.
@@ -226,6 +233,9 @@ impl Connection {
                 return CloseReason::Io(e);
             }
             self.track_partial_line();
+            if let Some(wait) = self.overdraft() {
+                Box::pin(self.throttle(wait)).await;
+            }
             if n == 0 {
                 return if self.core.draining.is_fired() {
                     CloseReason::Shutdown
@@ -282,6 +292,28 @@ impl Connection {
             self.flush_replies().await.map_err(Into::into)
         })
         .await;
+    }
+
+    /// With a line rate limit: tops the budget up for the time since the last top-up (to at
+    /// most one second's worth) and says how long to wait if the lines read overdrew it.
+    fn overdraft(&mut self) -> Option<Duration> {
+        let rate = self.core.config.max_lines_per_sec;
+        if rate == 0 {
+            return None;
+        }
+        let rate = f64::from(rate);
+        let now = self.stamp.at;
+        let earned = now.saturating_duration_since(self.budget_at).as_secs_f64() * rate;
+        self.budget = (self.budget + earned).min(rate);
+        self.budget_at = now;
+        (self.budget < 0.0).then(|| Duration::from_secs_f64(-self.budget / rate))
+    }
+
+    /// Waits out an overdrawn line budget without reading (the station's writes block in
+    /// TCP: nothing is dropped), or until shutdown begins.
+    async fn throttle(&mut self, wait: Duration) {
+        self.core.metrics.rate_limited_waits.incr();
+        futures_lite::future::or(glommio::timer::sleep(wait), self.core.draining.wait()).await;
     }
 
     /// Moves the answers that are ready into the replies.
@@ -506,6 +538,7 @@ impl Connection {
         }
         core.metrics.lines_received.add(lines);
         core.metrics.records_enqueued.add(records);
+        self.budget -= lines as f64;
         pos
     }
 

@@ -107,7 +107,10 @@ impl Server {
         let config = Arc::new(config);
         let factory = Arc::new(factory);
         let stop = Arc::new(AtomicBool::new(false));
-        let limits = Arc::new(ConnectionLimit::new(max_connections));
+        let limits = Arc::new(ConnectionLimit::new(
+            max_connections,
+            config.max_connections_per_source,
+        ));
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handle = ServerHandle {
             local_addr,

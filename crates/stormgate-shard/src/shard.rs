@@ -2,10 +2,11 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{IntoRawFd, RawFd};
 use std::pin::pin;
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -102,32 +103,72 @@ impl Drop for Registration {
     }
 }
 
-/// The process-wide connection count, checked at accept. The one value shards share on the
-/// connection path; it is touched once per connection, never per line.
+/// Source-address slots of the per-source count: addresses that hash to the same slot share
+/// one count (and so, rarely, one limit). 64 Ki slots × 4 bytes = 256 KiB per process.
+const SOURCE_SLOTS: usize = 1 << 16;
+
+/// The process-wide connection counts, checked at accept: all connections, and connections
+/// per source address. The only values shards share on the connection path, all atomics,
+/// touched once when a connection opens and once when it closes, never per line.
 #[derive(Debug)]
 pub(crate) struct ConnectionLimit {
     pub(crate) max: usize,
     open: AtomicUsize,
+    /// Most connections from one source address; 0 = no limit (then no table).
+    pub(crate) max_per_source: u32,
+    per_source: Box<[AtomicU32]>,
 }
 
 impl ConnectionLimit {
-    pub(crate) fn new(max: usize) -> ConnectionLimit {
+    pub(crate) fn new(max: usize, max_per_source: u32) -> ConnectionLimit {
+        let slots = if max_per_source > 0 { SOURCE_SLOTS } else { 0 };
         ConnectionLimit {
             max,
             open: AtomicUsize::new(0),
+            max_per_source,
+            per_source: (0..slots).map(|_| AtomicU32::new(0)).collect(),
         }
     }
 
-    fn try_acquire(&self) -> bool {
+    /// Counts a connection from `source` in; `Err` names the limit it would exceed.
+    fn try_acquire(&self, source: IpAddr) -> Result<(), (&'static str, usize)> {
         if self.open.fetch_add(1, Ordering::Relaxed) >= self.max {
             self.open.fetch_sub(1, Ordering::Relaxed);
-            return false;
+            return Err(("process", self.max));
         }
-        true
+        if let Some(slot) = self.slot(source)
+            && slot.fetch_add(1, Ordering::Relaxed) >= self.max_per_source
+        {
+            slot.fetch_sub(1, Ordering::Relaxed);
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return Err(("source", self.max_per_source as usize));
+        }
+        Ok(())
     }
 
-    pub(crate) fn release(&self) {
+    /// Counts a connection from `source` out.
+    pub(crate) fn release(&self, source: IpAddr) {
         self.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(slot) = self.slot(source) {
+            slot.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn slot(&self, source: IpAddr) -> Option<&AtomicU32> {
+        if self.per_source.is_empty() {
+            return None;
+        }
+        // IPv4-mapped IPv6 addresses count as their IPv4 address.
+        let bits: u128 = match source {
+            IpAddr::V4(v4) => u32::from(v4).into(),
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(u128::from(v6), |v4| u32::from(v4).into()),
+        };
+        // Fibonacci hashing of both halves: cheap, and neighbouring addresses spread out.
+        let h = ((bits as u64) ^ ((bits >> 64) as u64).rotate_left(32))
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Some(&self.per_source[(h >> 48) as usize % self.per_source.len()])
     }
 }
 
@@ -270,26 +311,26 @@ fn admit(
     connections: &Gate,
     queue: &Rc<LocalSender<Record>>,
 ) {
-    let peer = stream.peer_addr().ok();
+    let Ok(peer) = stream.peer_addr() else {
+        // The peer already left (ENOTCONN); nothing to serve.
+        return;
+    };
     let per_shard = core.config.max_connections_per_shard;
     let refused = if per_shard > 0 && core.metrics.connections_active.get() >= per_shard as i64 {
-        Some(("shard", per_shard))
-    } else if !core.limits.try_acquire() {
-        Some(("process", core.limits.max))
+        Err(("shard", per_shard))
     } else {
-        None
+        core.limits.try_acquire(peer.ip())
     };
-    if let Some((scope, limit)) = refused {
-        ConnectionRejected { peer, scope, limit }
-            .emit(&core.metrics, &core.logs.connection_rejected);
+    if let Err((scope, limit)) = refused {
+        ConnectionRejected {
+            peer: Some(peer),
+            scope,
+            limit,
+        }
+        .emit(&core.metrics, &core.logs.connection_rejected);
         glommio::spawn_local(connection::refuse(stream)).detach();
         return;
     }
-    let Some(peer) = peer else {
-        // The peer already left (ENOTCONN); nothing to serve.
-        core.limits.release();
-        return;
-    };
     let _ = stream.set_nodelay(true);
     core.metrics.connections_accepted.incr();
     core.metrics.connections_active.add(1);
@@ -304,7 +345,7 @@ fn admit(
         }
         Err(_) => {
             // The gate closes only after accepting stopped.
-            core.limits.release();
+            core.limits.release(peer.ip());
             core.metrics.connections_active.add(-1);
         }
     }

@@ -40,7 +40,20 @@ struct Station {
 
 impl Station {
     fn connect(addr: SocketAddr) -> Station {
-        let stream = TcpStream::connect(addr).unwrap();
+        Station::from_stream(TcpStream::connect(addr).unwrap())
+    }
+
+    /// Connects from loopback address `source` (e.g. 127.0.0.7).
+    fn connect_from(addr: SocketAddr, source: &str) -> Station {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let source: SocketAddr = format!("{source}:0").parse().unwrap();
+        socket.bind(&source.into()).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        Station::from_stream(socket.into())
+    }
+
+    fn from_stream(stream: TcpStream) -> Station {
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
@@ -224,6 +237,48 @@ fn connections_over_the_per_shard_limit_are_told_and_closed() {
     let _d = Station::connect(server.local_addr());
     wait_for("3 accepted", || server.totals().connections_accepted == 3);
     assert_eq!(server.totals().connections_rejected, 1);
+}
+
+#[test]
+fn connections_over_the_per_source_limit_are_told_and_closed_and_others_are_not() {
+    let server = start_null(RuntimeConfig {
+        max_connections_per_source: 2,
+        ..config()
+    });
+    let addr = server.local_addr();
+    let a = Station::connect_from(addr, "127.0.0.7");
+    let _b = Station::connect_from(addr, "127.0.0.7");
+    wait_for("2 accepted", || server.totals().connections_accepted == 2);
+    let mut c = Station::connect_from(addr, "127.0.0.7");
+    let v: serde_json::Value = serde_json::from_str(c.read_to_close().trim()).unwrap();
+    assert_eq!(v["code"], "too_many_connections");
+    // Another source is not affected; across both shards it gets exactly its two places.
+    let mut others: Vec<Station> = (0..4)
+        .map(|_| Station::connect_from(addr, "127.0.0.8"))
+        .collect();
+    wait_for("the other source's two", || {
+        let t = server.totals();
+        t.connections_accepted == 4 && t.connections_rejected == 3
+    });
+    let refused = others
+        .iter_mut()
+        .map(|s| {
+            // A refused connection is told and closed; an accepted one stays open and silent.
+            s.stream
+                .set_read_timeout(Some(Duration::from_millis(1500)))
+                .unwrap();
+            let mut rest = String::new();
+            s.replies.read_to_string(&mut rest).is_ok() && rest.contains("too_many_connections")
+        })
+        .filter(|&refused| refused)
+        .count();
+    assert_eq!(refused, 2);
+    assert_eq!(server.totals().connections_rejected, 3);
+    // A closed connection frees its place.
+    drop(a);
+    wait_for("a place freed", || server.totals().connections_active == 3);
+    let _d = Station::connect_from(addr, "127.0.0.7");
+    wait_for("5 accepted", || server.totals().connections_accepted == 5);
 }
 
 /// A sink that takes nothing until released, then settles everything as delivered.
@@ -586,4 +641,39 @@ fn a_connection_at_its_in_flight_cap_waits_alone() {
         server.totals().records_delivered == 20 * 50 + 5_000
     });
     drop(others);
+}
+
+/// A connection over its line rate is read no faster than the rate (after its one-second
+/// burst), loses nothing, and does not slow its neighbours.
+#[test]
+fn a_connection_over_its_line_rate_is_slowed_not_cut() {
+    let server = start_null(RuntimeConfig {
+        shards: 1,
+        max_lines_per_sec: 1000,
+        ..config()
+    });
+    let mut fast = Station::connect(server.local_addr());
+    fast.identify("1");
+    let start = Instant::now();
+    fast.metrics(5000);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut other = Station::connect(server.local_addr());
+    other.identify("2");
+    other.metrics(200);
+    wait_for("the other station's lines", || {
+        server.totals().records_delivered >= 200
+    });
+    let early = server.totals();
+    let elapsed = start.elapsed().as_secs_f64();
+    // At most the one-second burst plus 1,000 lines/s since, plus the other's 200 (and a
+    // read's worth of slack: a read may hold more lines than the budget left).
+    let bound = 1000.0 + 1000.0 * elapsed + 200.0 + 1200.0;
+    assert!(
+        (early.lines_received as f64) < bound,
+        "{} lines read after {elapsed:.2} s",
+        early.lines_received
+    );
+    assert!(early.rate_limited_waits > 0);
+    wait_for("everything", || server.totals().records_delivered == 5200);
+    assert_eq!(server.totals().line_errors_total(), 0);
 }

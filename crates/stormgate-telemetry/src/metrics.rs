@@ -107,6 +107,8 @@ pub struct ShardMetrics {
     pub queue_depth: Gauge,
     /// Times a connection stopped reading because the queue or its own in-flight cap was full.
     pub backpressure_waits: Counter,
+    /// Times a connection waited because it sent lines faster than `TCP_MAX_LINES_PER_SEC`.
+    pub rate_limited_waits: Counter,
     /// Line read → delivery report, in microseconds.
     pub delivery_latency: LatencyHistogram,
     /// Zipcodes of the stations that identified on this shard, as a HyperLogLog sketch;
@@ -169,6 +171,8 @@ pub struct Totals {
     pub queue_depth: i64,
     /// See [`ShardMetrics::backpressure_waits`].
     pub backpressure_waits: u64,
+    /// See [`ShardMetrics::rate_limited_waits`].
+    pub rate_limited_waits: u64,
     /// See [`ShardMetrics::delivery_latency`].
     pub delivery_latency: HistogramSnapshot,
     /// See [`ShardMetrics::zipcodes`]: the shards' sketches merged (their union).
@@ -210,6 +214,7 @@ impl Totals {
         self.records_in_flight += m.records_in_flight.get();
         self.queue_depth += m.queue_depth.get();
         self.backpressure_waits += m.backpressure_waits.get();
+        self.rate_limited_waits += m.rate_limited_waits.get();
         self.delivery_latency.merge(&m.delivery_latency.snapshot());
         self.zipcodes.merge_counter(&m.zipcodes);
     }

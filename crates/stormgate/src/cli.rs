@@ -71,6 +71,22 @@ pub struct Cli {
     )]
     pub max_connections_per_shard: usize,
 
+    /// Most connections open at once from one source IP address; 0 = no limit. Excess
+    /// connections get too_many_connections and are closed.
+    #[arg(
+        long,
+        env = "TCP_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 0,
+        help_heading = "Stations"
+    )]
+    pub max_connections_per_ip: u32,
+
+    /// Lines per second one connection may send on average (bursts of one second's worth);
+    /// a faster connection is not read until it is back within its budget (nothing is
+    /// dropped). 0 = no limit.
+    #[arg(long, env = "TCP_MAX_LINES_PER_SEC", default_value_t = rt::DEFAULT_MAX_LINES_PER_SEC, help_heading = "Stations")]
+    pub max_lines_per_sec: u32,
+
     /// Records one connection may have in flight (read, not yet delivered); a connection at
     /// the cap is not read until some are delivered, while others go on. 0 = no cap.
     #[arg(long, env = "TCP_MAX_IN_FLIGHT_PER_CONN", default_value_t = rt::DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION, help_heading = "Stations")]
@@ -259,6 +275,8 @@ impl Cli {
             backlog: self.backlog,
             max_connections: self.max_connections,
             max_connections_per_shard: self.max_connections_per_shard,
+            max_connections_per_source: self.max_connections_per_ip,
+            max_lines_per_sec: self.max_lines_per_sec,
             queue_size: self.queue_size,
             max_line_bytes: self.max_line_bytes,
             max_in_flight_per_connection: if self.kafka_async {

@@ -519,6 +519,11 @@ const SHARD_COUNTERS: &[(&str, &str, ShardValue)] = &[
         "Times a connection stopped reading because the queue or its in-flight cap was full.",
         |m| m.backpressure_waits.get() as i64,
     ),
+    (
+        "stormgate_rate_limited_waits_total",
+        "Times a connection waited because it sent lines faster than TCP_MAX_LINES_PER_SEC.",
+        |m| m.rate_limited_waits.get() as i64,
+    ),
 ];
 
 /// Gauges: `(name, help, read)`.
