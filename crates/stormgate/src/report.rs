@@ -87,10 +87,14 @@ fn totals_json(t: &Totals) -> Value {
         "connections_closed": t.connections_closed,
         "connections_rejected": t.connections_rejected,
         "connection_panics": t.connection_panics,
+        "idle_timeouts": t.idle_timeouts,
+        "line_timeouts": t.line_timeouts,
+        "unique_zipcodes": t.unique_zipcodes(),
         "lines_received": t.lines_received,
         "bytes_received": t.bytes_received,
         "line_errors": errors,
         "records_enqueued": t.records_enqueued,
+        "records_produced": t.records_produced,
         "records_delivered": t.records_delivered,
         "records_failed": t.records_failed,
         "records_spilled": t.records_spilled,
@@ -99,6 +103,7 @@ fn totals_json(t: &Totals) -> Value {
         "dead_letters_delivered": t.dead_letters_delivered,
         "dead_letters_failed": t.dead_letters_failed,
         "backpressure_waits": t.backpressure_waits,
+        "rate_limited_waits": t.rate_limited_waits,
         "delivery_latency_us": latency_json(&t.delivery_latency),
     })
 }
