@@ -49,11 +49,14 @@ pub enum ErrorCode {
     /// A line stayed incomplete for longer than the line timeout (a sender trickling bytes);
     /// the connection is closed after this line.
     LineTimeout,
+    /// An identify's token is missing or does not match its zipcode's entry in the station
+    /// registry (`STATION_AUTH=token`); the connection has no station afterwards.
+    AuthFailed,
 }
 
 impl ErrorCode {
     /// Every code, in discriminant order: `ALL[code as usize] == code`.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::InvalidUtf8,
         ErrorCode::MalformedJson,
         ErrorCode::ExpectedObject,
@@ -72,6 +75,7 @@ impl ErrorCode {
         ErrorCode::TooManyErrors,
         ErrorCode::IdleTimeout,
         ErrorCode::LineTimeout,
+        ErrorCode::AuthFailed,
     ];
 
     /// Number of codes; the size of a per-code counter array.
@@ -98,6 +102,7 @@ impl ErrorCode {
             ErrorCode::TooManyErrors => "too_many_errors",
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::LineTimeout => "line_timeout",
+            ErrorCode::AuthFailed => "auth_failed",
         }
     }
 
@@ -129,6 +134,9 @@ impl ErrorCode {
             }
             ErrorCode::LineTimeout => {
                 "a line stayed incomplete past the line timeout; closing the connection"
+            }
+            ErrorCode::AuthFailed => {
+                "identify refused: the token is missing or not valid for this zipcode"
             }
         }
     }
@@ -212,6 +220,10 @@ impl ErrorCode {
             ErrorCode::LineTimeout => line!(
                 "line_timeout",
                 "a line stayed incomplete past the line timeout; closing the connection"
+            ),
+            ErrorCode::AuthFailed => line!(
+                "auth_failed",
+                "identify refused: the token is missing or not valid for this zipcode"
             ),
         }
     }

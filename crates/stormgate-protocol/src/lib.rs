@@ -12,7 +12,8 @@
 //! - [`framing`]: [`LineFramer`] cuts a byte stream into lines (`\n` or `\r\n`), skips blank
 //!   lines, and bounds line length without ever buffering more than the limit.
 //! - [`parse`]: [`LineParser`] parses one line with simd-json, in place, and applies it to a
-//!   [`Session`] (an identify) or encodes it as an output record (a metrics line).
+//!   [`Session`] (an identify, checked by the caller's token check when it gives one) or
+//!   encodes it as an output record (a metrics line).
 //! - [`record`]: the output record's JSON, built from a per-session prefix so that a metrics
 //!   line costs one buffer write and no allocation.
 //! - [`error`]: [`ErrorCode`], the closed set of reasons a line is rejected, and the error

@@ -50,6 +50,11 @@ impl Session {
     }
 }
 
+/// A caller's check of an identify: may a station identify as `zipcode` with `token` (the
+/// identify's `"token"` string, `None` when it has none)? See
+/// [`LineParser::parse_line_authorized`].
+pub type Authorize<'a> = dyn FnMut(&str, Option<&str>) -> bool + 'a;
+
 /// What a successfully applied line did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Parsed {
@@ -100,7 +105,8 @@ impl LineParser {
         }
     }
 
-    /// Parses `buf[line]` and applies it to `session`.
+    /// Parses `buf[line]` and applies it to `session`. Every identify is accepted; a `token`
+    /// field is ignored (`STATION_AUTH=none`).
     ///
     /// For a metrics line, `out` receives the record value (it is cleared first); on error its
     /// contents are unspecified. The line is parsed in place and may be modified. It is
@@ -113,6 +119,39 @@ impl LineParser {
         received_at_ms: i64,
         out: &mut Vec<u8>,
     ) -> Result<Parsed, ParseLineError> {
+        self.parse(session, buf, line, received_at_ms, out, None)
+    }
+
+    /// Like [`LineParser::parse_line`], but a well-formed identify is applied only when
+    /// `authorize(zipcode, token)` says yes, `token` being the identify's `"token"` field
+    /// when it is a string (absent, null or another type: `None`). When it says no, the line
+    /// fails with [`ErrorCode::AuthFailed`] and the session has no station afterwards (not
+    /// even the one a previous identify named), so no metrics line is accepted until an
+    /// identify succeeds.
+    ///
+    /// `authorize` is called once per identify and never for a metrics line: the caller
+    /// decides (a registry lookup, a hash), the protocol stays free of I/O and policy.
+    pub fn parse_line_authorized(
+        &mut self,
+        session: &mut Session,
+        buf: &mut [u8],
+        line: Range<usize>,
+        received_at_ms: i64,
+        out: &mut Vec<u8>,
+        authorize: &mut Authorize<'_>,
+    ) -> Result<Parsed, ParseLineError> {
+        self.parse(session, buf, line, received_at_ms, out, Some(authorize))
+    }
+
+    fn parse(
+        &mut self,
+        session: &mut Session,
+        buf: &mut [u8],
+        line: Range<usize>,
+        received_at_ms: i64,
+        out: &mut Vec<u8>,
+        authorize: Option<&mut Authorize<'_>>,
+    ) -> Result<Parsed, ParseLineError> {
         let len = line.len();
         let input: &mut [u8] = if buf.len() - line.end >= PARSE_PADDING {
             &mut buf[line.start..]
@@ -124,11 +163,17 @@ impl LineParser {
         };
         let mut tape = self.tape.take().unwrap_or_else(|| Tape(Vec::new())).reset();
         let result = match simd_json::fill_tape_padded(input, len, &mut self.buffers, &mut tape) {
-            Ok(()) => apply(&tape, session, received_at_ms, out, &mut self.names).map_err(|code| {
-                ParseLineError {
-                    code,
-                    seq: metrics_seq(&tape),
-                }
+            Ok(()) => apply(
+                &tape,
+                session,
+                received_at_ms,
+                out,
+                &mut self.names,
+                authorize,
+            )
+            .map_err(|code| ParseLineError {
+                code,
+                seq: metrics_seq(&tape),
             }),
             Err(e) => Err(ParseLineError::from(match e.error() {
                 ErrorType::InvalidUtf8 => ErrorCode::InvalidUtf8,
@@ -156,6 +201,7 @@ fn apply(
     received_at_ms: i64,
     out: &mut Vec<u8>,
     names: &mut Vec<(usize, usize)>,
+    authorize: Option<&mut Authorize<'_>>,
 ) -> Result<Parsed, ErrorCode> {
     let root = tape.as_value();
     let obj = root.as_object().ok_or(ErrorCode::ExpectedObject)?;
@@ -177,6 +223,18 @@ fn apply(
                 Some(v) if v.is_null() => None,
                 Some(v) => Some(v.as_bool().ok_or(ErrorCode::WrongFieldType)?),
             };
+            if let Some(authorize) = authorize {
+                // Checked after the line is known to be well formed, so that a malformed
+                // identify is reported as such. Only a string is a token.
+                let token = obj.get("token").and_then(|v| v.into_string());
+                if !authorize(zipcode, token) {
+                    // A refused identify takes the connection's station away: it must not
+                    // go on publishing under an identity it failed to prove again.
+                    session.station = None;
+                    session.acks = None;
+                    return Err(ErrorCode::AuthFailed);
+                }
+            }
             session.station = Some(Station::new(&session.connection_id, zipcode, city));
             session.acks = acks;
             Ok(Parsed::Identified)
@@ -609,6 +667,140 @@ mod tests {
                 record(r#""t":2.0"#),
             ]
         );
+    }
+
+    /// Like `run`, with every identify checked: only zipcode 12345 with token `s3cret` may
+    /// identify. Also returns how often the check ran.
+    fn run_authorized(lines: &[&[u8]]) -> (Vec<String>, usize) {
+        let mut parser = LineParser::new();
+        let mut session = Session::new(CONN);
+        let mut out = Vec::new();
+        let mut checks = 0;
+        let got = lines
+            .iter()
+            .map(|line| {
+                let mut buf = line.to_vec();
+                buf.resize(line.len() + PARSE_PADDING, b'x');
+                let mut authorize = |zipcode: &str, token: Option<&str>| {
+                    checks += 1;
+                    zipcode == "12345" && token == Some("s3cret")
+                };
+                match parser.parse_line_authorized(
+                    &mut session,
+                    &mut buf,
+                    0..line.len(),
+                    AT,
+                    &mut out,
+                    &mut authorize,
+                ) {
+                    Ok(Parsed::Identified) => "identified".to_owned(),
+                    Ok(Parsed::Record { .. }) => String::from_utf8(out.clone()).unwrap(),
+                    Err(e) => e.code.as_str().to_owned(),
+                }
+            })
+            .collect();
+        (got, checks)
+    }
+
+    #[test]
+    fn an_identify_is_applied_only_when_authorized() {
+        const GOOD: &[u8] =
+            br#"{"type":"identify","zipcode":"12345","city":"TestCity","token":"s3cret"}"#;
+        const METRICS: &[u8] = br#"{"type":"metrics","data":"t=1"}"#;
+        let after_failure = "metrics_before_identify";
+        let cases: [(&[u8], &str, &str); 8] = [
+            (GOOD, "identified", "record"),
+            (
+                br#"{"type":"identify","zipcode":"12345","token":"wrong"}"#,
+                "auth_failed",
+                after_failure,
+            ),
+            (
+                br#"{"type":"identify","zipcode":"12345"}"#,
+                "auth_failed",
+                after_failure,
+            ),
+            (
+                br#"{"type":"identify","zipcode":"12345","token":null}"#,
+                "auth_failed",
+                after_failure,
+            ),
+            (
+                br#"{"type":"identify","zipcode":"12345","token":["s3cret"]}"#,
+                "auth_failed",
+                after_failure,
+            ),
+            // A valid token, for another zipcode.
+            (
+                br#"{"type":"identify","zipcode":"99999","token":"s3cret"}"#,
+                "auth_failed",
+                after_failure,
+            ),
+            // Escapes are undone before the check, as for every string.
+            (
+                br#"{"type":"identify","zipcode":"12345","city":"TestCity","token":"s3cret"}"#,
+                "identified",
+                "record",
+            ),
+            // A malformed identify is reported as such and, as without authentication,
+            // leaves the previous station in place.
+            (
+                br#"{"type":"identify","zipcode":"12345","token":"s3cret","city":5}"#,
+                "wrong_field_type",
+                "record",
+            ),
+        ];
+        for (identify, outcome, then) in cases {
+            let (got, checks) = run_authorized(&[GOOD, METRICS, identify, METRICS]);
+            let what = String::from_utf8_lossy(identify);
+            assert_eq!(got[..2], ["identified".to_owned(), record(r#""t":1.0"#)]);
+            assert_eq!(got[2], outcome, "{what}");
+            let then = if then == "record" {
+                record(r#""t":1.0"#)
+            } else {
+                then.to_owned()
+            };
+            assert_eq!(got[3], then, "after {what}");
+            // Once per well-formed identify, never for a metrics line.
+            let want_checks = if outcome == "wrong_field_type" { 1 } else { 2 };
+            assert_eq!(checks, want_checks, "{what}");
+        }
+    }
+
+    #[test]
+    fn without_authorization_a_token_is_ignored_whatever_its_type() {
+        let got = run(&[
+            br#"{"type":"identify","zipcode":"12345","city":"TestCity","token":7}"#,
+            br#"{"type":"metrics","data":"t=1"}"#,
+        ]);
+        assert_eq!(got, ["identified".to_owned(), record(r#""t":1.0"#)]);
+    }
+
+    #[test]
+    fn a_refused_identify_clears_the_acks_request_too() {
+        let mut parser = LineParser::new();
+        let mut session = Session::new(CONN);
+        let mut buf = br#"{"type":"identify","zipcode":"1","acks":true}"#.to_vec();
+        let len = buf.len();
+        parser
+            .parse_line(&mut session, &mut buf, 0..len, AT, &mut Vec::new())
+            .unwrap();
+        assert_eq!(session.acks(), Some(true));
+        let mut buf = br#"{"type":"identify","zipcode":"1","acks":true,"token":"x"}"#.to_vec();
+        let len = buf.len();
+        let err = parser
+            .parse_line_authorized(
+                &mut session,
+                &mut buf,
+                0..len,
+                AT,
+                &mut Vec::new(),
+                &mut |_, _| false,
+            )
+            .unwrap_err();
+        assert_eq!(err, ParseLineError::from(ErrorCode::AuthFailed));
+        assert!(session.station().is_none());
+        assert_eq!(session.acks(), None);
     }
 
     #[test]

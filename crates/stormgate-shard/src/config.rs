@@ -1,7 +1,10 @@
 //! Settings of the shard runtime, with their defaults.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::auth::StationAuth;
 
 /// Where stations connect (`TCP_LISTEN`).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -100,11 +103,27 @@ pub struct RuntimeConfig {
     /// Acknowledge lines for connections whose identify does not say (`"acks"`); see
     /// docs/PROTOCOL.md.
     pub acks_by_default: bool,
+    /// Checks every identify's token (`STATION_AUTH=token`): a refused identify gets
+    /// `auth_failed` and leaves the connection without a station. `None` (the default,
+    /// `STATION_AUTH=none`): any station may identify as any zipcode, and the parser never
+    /// looks at a token.
+    pub station_auth: Option<Arc<dyn StationAuth>>,
+    /// Refused identifies after which a connection gets `too_many_errors` and is closed;
+    /// 0 = never (`STATION_AUTH_MAX_FAILURES`). Counted over the connection's life, not in a
+    /// row: a good identify in between does not reset it.
+    pub station_auth_max_failures: u32,
 }
 
 /// See [`RuntimeConfig::max_in_flight_per_connection`]: half the default shard queue, so one
 /// connection cannot take all of it, and ~10 ms of a connection at 400K lines/s.
 pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: u32 = 4096;
+
+/// See [`RuntimeConfig::station_auth_max_failures`]: a station with a wrong token gets three
+/// `auth_failed` answers, enough to see why in its log, and then stops costing a hash per
+/// identify. Guessing a 256-bit token is hopeless at any rate, so the limit is about noise
+/// and wasted work, not brute force; reconnecting costs a new connection each time, which the
+/// connection limits bound.
+pub const DEFAULT_STATION_AUTH_MAX_FAILURES: u32 = 3;
 
 /// See [`RuntimeConfig::max_lines_per_sec`]: far above any weather station (a few lines a
 /// minute) and above one connection's share of a shard at full load (~50K lines/s across 100
@@ -132,6 +151,8 @@ impl Default for RuntimeConfig {
             max_connections_per_source: 0,
             max_lines_per_sec: 0,
             acks_by_default: false,
+            station_auth: None,
+            station_auth_max_failures: DEFAULT_STATION_AUTH_MAX_FAILURES,
         }
     }
 }

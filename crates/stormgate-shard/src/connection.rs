@@ -25,8 +25,9 @@ use glommio::{GlommioError, ResourceType};
 use stormgate_protocol::{DeadLetter, ErrorCode, Frame, LineFramer, Parsed, Session};
 
 use crate::acks::ConnAcks;
+use crate::auth::StationAuth;
 use crate::buffers::Backlog;
-use crate::events::{CloseReason, ConnectionClosed, LineRejected};
+use crate::events::{CloseReason, ConnectionClosed, LineRejected, StationAuthFailed};
 use crate::shard::{Registration, ShardCore};
 use crate::sink::{ConnFlow, DeliveryFailure, Outcome, Record};
 
@@ -77,6 +78,7 @@ pub(crate) fn serve(
         blocked: None,
         sink_gone: false,
         consecutive_errors: 0,
+        auth_failures: 0,
         closing: None,
         partial_since: None,
         completed_line: false,
@@ -129,6 +131,8 @@ struct Connection {
     sink_gone: bool,
     /// Rejected lines since the last accepted one.
     consecutive_errors: u32,
+    /// Refused identifies over the connection's life (`STATION_AUTH=token`).
+    auth_failures: u32,
     /// The server decided to close the connection; handle no more lines.
     closing: Option<CloseReason>,
     /// When the partial line now in the backlog began to arrive.
@@ -458,6 +462,9 @@ impl Connection {
         let core = Rc::clone(&self.core);
         let mut parser = core.parser.borrow_mut();
         let dead_letters = core.config.dead_letters;
+        let auth = core.config.station_auth.as_deref();
+        // The zipcode of the last refused identify, for its log line.
+        let mut refused = String::new();
         let (mut lines, mut records) = (0u64, 0u64);
         while !self.sink_gone && self.closing.is_none() {
             if self.flow.as_ref().is_some_and(|f| f.is_full()) {
@@ -488,13 +495,25 @@ impl Connection {
                 raw.clear();
                 raw.extend_from_slice(&buf[line.clone()]);
             }
-            match parser.parse_line(
-                &mut self.session,
-                buf,
-                line,
-                self.stamp.unix_ms,
-                &mut self.payload,
-            ) {
+            let parsed = match auth {
+                None => parser.parse_line(
+                    &mut self.session,
+                    buf,
+                    line,
+                    self.stamp.unix_ms,
+                    &mut self.payload,
+                ),
+                // Asked once per identify, never for a metrics line (see `StationAuth`).
+                Some(auth) => parser.parse_line_authorized(
+                    &mut self.session,
+                    buf,
+                    line,
+                    self.stamp.unix_ms,
+                    &mut self.payload,
+                    &mut |zipcode, token| verify(auth, zipcode, token, &mut refused),
+                ),
+            };
+            match parsed {
                 Ok(Parsed::Identified) => {
                     self.consecutive_errors = 0;
                     // Per identify, not per line: a hash and a register load (see
@@ -523,13 +542,20 @@ impl Connection {
                         }
                     }
                 }
+                Err(e) if e.code == ErrorCode::AuthFailed => {
+                    self.refuse_identify(&refused);
+                    if self.blocked.is_some() {
+                        break;
+                    }
+                }
                 Err(e) => {
                     let seq = e.seq.filter(|_| self.acks_on);
-                    if dead_letters {
-                        self.reject(e.code, Some(&core.raw_line.borrow()), seq);
-                    } else {
-                        self.reject(e.code, None, seq);
-                    }
+                    let raw = dead_letters.then(|| core.raw_line.borrow());
+                    // A rejected line that may carry a station's token (an identify rejected
+                    // for another reason) is dead-lettered without its text: tokens never go
+                    // to Kafka.
+                    let raw = raw.as_deref().filter(|raw| !mentions_token(raw));
+                    self.reject(e.code, raw.map(Vec::as_slice), seq);
                     if self.blocked.is_some() {
                         break;
                     }
@@ -593,6 +619,37 @@ impl Connection {
             }
             None => self.send_error(code),
         }
+        self.rejected(code, raw);
+    }
+
+    /// Answers a refused identify (`zipcode` is what it claimed), counts and logs it, and
+    /// closes the connection after `STATION_AUTH_MAX_FAILURES` of them. Its dead letter never
+    /// carries the line: the line holds a token, perhaps a valid one for another zipcode.
+    #[cold]
+    fn refuse_identify(&mut self, zipcode: &str) {
+        let code = ErrorCode::AuthFailed;
+        self.replies.extend_from_slice(code.error_line().as_bytes());
+        self.auth_failures = self.auth_failures.saturating_add(1);
+        StationAuthFailed {
+            connection_id: self.session.connection_id(),
+            peer: self.peer,
+            zipcode,
+            failures: self.auth_failures,
+        }
+        .emit(&self.core.metrics, &self.core.logs.auth_failed);
+        self.rejected(code, None);
+        let max = self.core.config.station_auth_max_failures;
+        if max > 0 && self.auth_failures >= max && self.closing.is_none() {
+            // The same farewell as for too many bad lines: the station reads why, the rest of
+            // what it sent is not read.
+            self.send_error(ErrorCode::TooManyErrors);
+            self.closing = Some(CloseReason::AuthFailures);
+        }
+    }
+
+    /// What follows every rejected line once the station has its answer: the dead letter,
+    /// and the count of bad lines in a row.
+    fn rejected(&mut self, code: ErrorCode, raw: Option<&[u8]>) {
         if self.core.config.dead_letters && !self.sink_gone {
             self.dead_letter(code, raw);
         }
@@ -673,6 +730,27 @@ impl Connection {
         }
         Ok(())
     }
+}
+
+/// Asks `auth` about an identify; remembers the zipcode of a refused one in `refused`.
+fn verify(
+    auth: &dyn StationAuth,
+    zipcode: &str,
+    token: Option<&str>,
+    refused: &mut String,
+) -> bool {
+    let ok = auth.verify(zipcode, token);
+    if !ok {
+        refused.clear();
+        refused.push_str(zipcode);
+    }
+    ok
+}
+
+/// Whether a rejected line may hold a token (`"token"`, or anything else spelling it). Only
+/// rejected lines are searched, and only when they are dead-lettered.
+fn mentions_token(raw: &[u8]) -> bool {
+    raw.windows(5).any(|w| w.eq_ignore_ascii_case(b"token"))
 }
 
 /// The text of a caught panic's payload.

@@ -34,6 +34,46 @@ impl LineRejected<'_> {
     }
 }
 
+/// An identify was refused: its token is missing or does not match its zipcode
+/// (`STATION_AUTH=token`). The station was told `auth_failed`.
+pub(crate) struct StationAuthFailed<'a> {
+    pub connection_id: &'a str,
+    pub peer: SocketAddr,
+    /// The zipcode the identify claimed (as sent: untrusted).
+    pub zipcode: &'a str,
+    /// Refused identifies on this connection so far, this one included.
+    pub failures: u32,
+}
+
+/// Longest claimed zipcode a log line repeats; the rest is cut (a zipcode can be as long as a
+/// line).
+const LOGGED_ZIPCODE_MAX: usize = 64;
+
+impl StationAuthFailed<'_> {
+    /// Counts it as a rejected line (`auth_failed`) and logs it at its own rate limit, so a
+    /// flood of malformed lines cannot hide failed identifies from the log.
+    pub(crate) fn emit(&self, metrics: &ShardMetrics, limiter: &LogLimiter) {
+        metrics.line_error(ErrorCode::AuthFailed);
+        if let Some(suppressed) = limiter.allow(Instant::now()) {
+            let mut end = self.zipcode.len().min(LOGGED_ZIPCODE_MAX);
+            while !self.zipcode.is_char_boundary(end) {
+                end -= 1;
+            }
+            // Debug formatting escapes whatever the station put in it.
+            warn!(
+                code = ErrorCode::AuthFailed.as_str(),
+                connection_id = self.connection_id,
+                peer = %self.peer,
+                zipcode = ?&self.zipcode[..end],
+                failures = self.failures,
+                suppressed,
+                "station authentication failed: {}",
+                ErrorCode::AuthFailed.message()
+            );
+        }
+    }
+}
+
 /// A connection was refused because the server is at its connection limit.
 pub(crate) struct ConnectionRejected {
     pub peer: Option<SocketAddr>,
@@ -83,6 +123,8 @@ pub(crate) enum CloseReason {
     SinkStopped,
     /// The station sent too many bad lines in a row.
     TooManyErrors,
+    /// The station's identifies were refused `STATION_AUTH_MAX_FAILURES` times.
+    AuthFailures,
     /// The station sent nothing for the idle timeout.
     IdleTimeout,
     /// A line stayed incomplete past the line timeout.
@@ -99,6 +141,7 @@ impl std::fmt::Display for CloseReason {
             CloseReason::Io(e) => write!(f, "i/o error: {e}"),
             CloseReason::SinkStopped => f.write_str("sink stopped"),
             CloseReason::TooManyErrors => f.write_str("too many bad lines in a row"),
+            CloseReason::AuthFailures => f.write_str("too many refused identifies"),
             CloseReason::IdleTimeout => f.write_str("idle timeout"),
             CloseReason::LineTimeout => f.write_str("line timeout"),
             CloseReason::Panicked(msg) => write!(f, "panicked: {msg}"),

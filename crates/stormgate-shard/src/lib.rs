@@ -12,12 +12,14 @@
 //! - its metrics ([`stormgate_telemetry::ShardMetrics`]), written only by it.
 //!
 //! Nothing on the per-line path is shared between shards. The exceptions are per connection,
-//! not per line: the process-wide connection count checked at accept, and the stop flag the
-//! shards poll.
+//! not per line: the process-wide connection count checked at accept, the station registry
+//! asked at identify (with `STATION_AUTH=token`), and the stop flag the shards poll.
 //!
 //! Layout:
 //!
 //! - [`config`]: [`RuntimeConfig`] and its defaults.
+//! - [`auth`]: [`StationAuth`], the per-identify question asked when stations must prove who
+//!   they are (`STATION_AUTH=token`).
 //! - [`server`]: [`Server::start`] binds the listeners, starts the shards and reports their
 //!   readiness; [`ServerHandle`] stops and joins them.
 //! - `shard`: one shard's life: accept loop, housekeeping tick, drain on shutdown.
@@ -27,6 +29,7 @@
 //! - `gate`: parks connections before they read while the record queue is full.
 //! - `placement`, `listener`: cores and sockets.
 
+pub mod auth;
 pub mod config;
 pub mod server;
 pub mod sink;
@@ -41,6 +44,7 @@ mod placement;
 mod shard;
 mod signal;
 
+pub use auth::StationAuth;
 pub use config::RuntimeConfig;
 pub use server::{Server, ServerHandle, ShardInfo, StartServerError};
 pub use sink::{

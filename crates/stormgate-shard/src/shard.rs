@@ -64,6 +64,7 @@ pub(crate) struct ShardCore {
 #[derive(Default)]
 pub(crate) struct Logs {
     pub(crate) line_rejected: LogLimiter,
+    pub(crate) auth_failed: LogLimiter,
     pub(crate) connection_rejected: LogLimiter,
     pub(crate) accept_failed: LogLimiter,
 }

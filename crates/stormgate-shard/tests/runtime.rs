@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use stormgate_protocol::ErrorCode;
 use stormgate_shard::{
     NullSinkFactory, Outcome, RecordReceiver, RuntimeConfig, Server, ServerHandle, ShardInfo, Sink,
-    SinkContext, SinkFactory,
+    SinkContext, SinkFactory, StationAuth,
 };
 
 fn config() -> RuntimeConfig {
@@ -675,5 +675,101 @@ fn a_connection_over_its_line_rate_is_slowed_not_cut() {
     );
     assert!(early.rate_limited_waits > 0);
     wait_for("everything", || server.totals().records_delivered == 5200);
+    assert_eq!(server.totals().line_errors_total(), 0);
+}
+
+/// Stands in for the station registry: the (zipcode, token) pairs that may identify.
+#[derive(Debug)]
+struct Tokens(&'static [(&'static str, &'static str)]);
+
+impl StationAuth for Tokens {
+    fn verify(&self, zipcode: &str, token: Option<&str>) -> bool {
+        self.0
+            .iter()
+            .any(|&(z, t)| z == zipcode && Some(t) == token)
+    }
+}
+
+const TOKENS: Tokens = Tokens(&[("12345", "good"), ("99999", "other")]);
+
+fn identify_line(zipcode: &str, token: Option<&str>) -> Vec<u8> {
+    let token = token.map_or_else(String::new, |t| format!(",\"token\":\"{t}\""));
+    format!("{{\"type\":\"identify\",\"zipcode\":\"{zipcode}\"{token}}}\n").into_bytes()
+}
+
+#[test]
+fn with_station_auth_only_the_zipcodes_own_token_identifies() {
+    let server = start_null(RuntimeConfig {
+        station_auth: Some(Arc::new(TOKENS)),
+        station_auth_max_failures: 0,
+        ..config()
+    });
+    let mut s = Station::connect(server.local_addr());
+    // A wrong token, no token, and another zipcode's valid token: each refused, and the
+    // metrics line after it finds no station.
+    for (zipcode, token) in [
+        ("12345", Some("bad")),
+        ("12345", None),
+        ("12345", Some("other")),
+    ] {
+        s.send(&identify_line(zipcode, token));
+        assert_eq!(s.reply()["code"], "auth_failed", "{zipcode} {token:?}");
+        s.metrics(1);
+        assert_eq!(s.reply()["code"], "metrics_before_identify");
+    }
+    s.send(&identify_line("12345", Some("good")));
+    s.metrics(3);
+    wait_for("3 records", || server.totals().records_delivered == 3);
+    // A refused identify takes the station away from a connection that had one.
+    s.send(&identify_line("99999", Some("good")));
+    assert_eq!(s.reply()["code"], "auth_failed");
+    s.metrics(1);
+    assert_eq!(s.reply()["code"], "metrics_before_identify");
+    let t = server.totals();
+    assert_eq!(t.records_delivered, 3);
+    assert_eq!(t.line_error(ErrorCode::AuthFailed), 4);
+    assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify), 4);
+    assert_eq!(
+        t.connections_active, 1,
+        "refusals alone do not close (limit 0)"
+    );
+}
+
+#[test]
+fn a_connection_is_closed_after_too_many_refused_identifies() {
+    let server = start_null(RuntimeConfig {
+        station_auth: Some(Arc::new(TOKENS)),
+        station_auth_max_failures: 2,
+        ..config()
+    });
+    let mut s = Station::connect(server.local_addr());
+    // Counted over the connection's life: a good identify in between does not reset it.
+    s.send(&identify_line("12345", Some("bad")));
+    s.send(&identify_line("12345", Some("good")));
+    s.metrics(1);
+    s.send(&identify_line("99999", None));
+    s.metrics(1);
+    assert_eq!(s.reply()["code"], "auth_failed");
+    assert_eq!(s.reply()["code"], "auth_failed");
+    assert_eq!(s.reply()["code"], "too_many_errors");
+    assert_eq!(s.read_to_close(), "", "closed; the line behind is not read");
+    wait_for("connection closed", || {
+        server.totals().connections_closed == 1
+    });
+    let t = server.totals();
+    assert_eq!(t.records_delivered, 1);
+    assert_eq!(t.line_error(ErrorCode::AuthFailed), 2);
+    assert_eq!(t.line_error(ErrorCode::TooManyErrors), 1);
+    assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify), 0);
+}
+
+#[test]
+fn without_station_auth_a_token_changes_nothing() {
+    let server = start_null(config());
+    let mut s = Station::connect(server.local_addr());
+    s.send(&identify_line("12345", Some("anything")));
+    s.send(b"{\"type\":\"identify\",\"zipcode\":\"12345\",\"token\":7}\n");
+    s.metrics(2);
+    wait_for("2 records", || server.totals().records_delivered == 2);
     assert_eq!(server.totals().line_errors_total(), 0);
 }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -12,13 +13,14 @@ use stormgate_kafka::spill::{self, ReplayOptions, ReplayReport};
 use stormgate_kafka::{EmbeddedCluster, KafkaSink, KafkaSinkFactory};
 use stormgate_shard::{
     NullSink, NullSinkFactory, RecordReceiver, Server, ServerHandle, ShardInfo, Sink, SinkContext,
-    SinkFactory,
+    SinkFactory, StationAuth,
 };
 use stormgate_telemetry::Totals;
 use tracing::{info, warn};
 
-use crate::cli::{Cli, SinkKind};
+use crate::cli::{Cli, SinkKind, StationAuthMode};
 use crate::ops::{Ops, OpsState};
+use crate::registry::{self, LiveRegistry, RegistryWatcher};
 use crate::report::{Report, ShardReport};
 
 /// Partitions of the topic the embedded mock cluster creates.
@@ -31,6 +33,8 @@ pub struct App {
     ops: Ops,
     server: ServerHandle,
     brokers: Option<String>,
+    /// Reloads the station registry (`STATION_AUTH=token`); stops when dropped.
+    _registry_watcher: Option<RegistryWatcher>,
     /// Kept alive for as long as the producers use it; dropped last.
     _embedded: Option<EmbeddedCluster>,
 }
@@ -95,7 +99,11 @@ impl App {
 /// Starts Stormgate as `cli` describes and returns once every shard is listening (and the
 /// operations endpoint, unless it is off).
 pub fn start(cli: &Cli) -> anyhow::Result<App> {
-    let runtime = cli.runtime_config();
+    let mut runtime = cli.runtime_config();
+    let registry = station_registry(cli)?;
+    runtime.station_auth = registry
+        .as_ref()
+        .map(|(live, _)| Arc::clone(live) as Arc<dyn StationAuth>);
     // Bound first: a taken port fails startup before any shard runs.
     let ops_listener = cli
         .metrics_addr
@@ -182,8 +190,44 @@ pub fn start(cli: &Cli) -> anyhow::Result<App> {
         ops,
         server,
         brokers,
+        _registry_watcher: registry.map(|(_, watcher)| watcher),
         _embedded: embedded,
     })
+}
+
+/// With `STATION_AUTH=token`: the loaded station registry for the shards and the thread that
+/// reloads it. Fails when the registry is not set or cannot be read.
+fn station_registry(cli: &Cli) -> anyhow::Result<Option<(Arc<LiveRegistry>, RegistryWatcher)>> {
+    match cli.station_auth {
+        StationAuthMode::None => {
+            if let Some(path) = &cli.station_registry {
+                warn!(
+                    registry = %path.display(),
+                    "STATION_REGISTRY is set but STATION_AUTH=none: tokens are not checked"
+                );
+            }
+            Ok(None)
+        }
+        StationAuthMode::Token => {
+            let path = cli.registry_path().context("STATION_AUTH=token")?;
+            let (live, watcher) = registry::serve(path, registry::RELOAD_INTERVAL)
+                .context("STATION_AUTH=token needs a readable station registry")?;
+            let stations = live.current().len();
+            info!(
+                registry = %path.display(),
+                stations,
+                "station authentication: token (every identify must carry its zipcode's token)"
+            );
+            if stations == 0 {
+                warn!(
+                    registry = %path.display(),
+                    "the station registry is empty: every identify will be refused until a \
+                     station is added (`stormgate station add ZIPCODE`)"
+                );
+            }
+            Ok(Some((live, watcher)))
+        }
+    }
 }
 
 /// `stormgate replay FILE`: see [`stormgate_kafka::spill::replay`]. Fails if records stay in

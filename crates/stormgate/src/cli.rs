@@ -30,6 +30,15 @@ pub enum SinkKind {
     Null,
 }
 
+/// How stations prove which zipcode they may publish for (`STATION_AUTH`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StationAuthMode {
+    /// No proof: any client that reaches the port may identify as any zipcode.
+    None,
+    /// Each identify must carry its zipcode's token from the station registry.
+    Token,
+}
+
 /// Stormgate: accepts station connections on every core and publishes each metrics line to
 /// Kafka.
 #[derive(Debug, Clone, Parser)]
@@ -127,6 +136,30 @@ pub struct Cli {
     /// Time allowed on SIGTERM/SIGINT to deliver what was already read.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration, help_heading = "Stations")]
     pub shutdown_timeout: Duration,
+
+    /// How stations prove which zipcode they may publish for: `none` (any station may identify
+    /// as any zipcode) or `token` (identify must carry the zipcode's token from
+    /// STATION_REGISTRY; see docs/SECURITY.md). The default is `none` because stations that
+    /// predate authentication send no token and a registry must be provisioned first; use
+    /// `token` for stations on the public internet.
+    #[arg(long, env = "STATION_AUTH", value_enum, default_value_t = StationAuthMode::None, help_heading = "Security")]
+    pub station_auth: StationAuthMode,
+
+    /// The station registry: one line per zipcode with a salted SHA-256 hash of its token,
+    /// never the token. Read at start (token mode fails to start without it) and reloaded
+    /// within ~2 s of a change; `stormgate station add|remove|list` edit it.
+    #[arg(
+        long,
+        env = "STATION_REGISTRY",
+        value_name = "FILE",
+        help_heading = "Security"
+    )]
+    pub station_registry: Option<std::path::PathBuf>,
+
+    /// Refused identifies (auth_failed) after which a connection gets too_many_errors and is
+    /// closed; 0 = never.
+    #[arg(long, env = "STATION_AUTH_MAX_FAILURES", default_value_t = rt::DEFAULT_STATION_AUTH_MAX_FAILURES, help_heading = "Security")]
+    pub station_auth_max_failures: u32,
 
     /// Where records go.
     #[arg(long, env = "SINK", value_enum, default_value_t = SinkKind::Kafka, help_heading = "Kafka")]
@@ -264,6 +297,32 @@ pub enum Command {
     /// Print docs/CONFIGURATION.md, generated from the settings.
     #[command(hide = true)]
     ConfigDoc,
+    /// Manage the station registry named by --station-registry (or STATION_REGISTRY), before
+    /// the command. A running server picks changes up within ~2 s.
+    Station {
+        /// What to do.
+        #[command(subcommand)]
+        command: StationCommand,
+    },
+}
+
+/// `stormgate station …`: edit or show the station registry.
+#[derive(Debug, Clone, Subcommand)]
+pub enum StationCommand {
+    /// Register ZIPCODE with a new random 256-bit token. The token is printed once, on
+    /// stdout; only a salted hash of it is stored.
+    Add {
+        /// The zipcode, exactly as the station sends it in identify.
+        zipcode: String,
+    },
+    /// Remove ZIPCODE: its token is refused at the next identify (open connections keep
+    /// their station until they identify again).
+    Remove {
+        /// The zipcode to remove.
+        zipcode: String,
+    },
+    /// Print every registered zipcode and when it was added; never tokens or hashes.
+    List,
 }
 
 impl Cli {
@@ -291,8 +350,21 @@ impl Cli {
             idle_timeout: Some(self.idle_timeout).filter(|d| !d.is_zero()),
             line_timeout: Some(self.line_timeout).filter(|d| !d.is_zero()),
             dead_letters: self.sink == SinkKind::Kafka && self.dlq_topic().is_some(),
+            station_auth_max_failures: self.station_auth_max_failures,
+            // The registry is loaded by `app::start`, which sets `station_auth`.
             ..RuntimeConfig::default()
         }
+    }
+
+    /// The station registry's path, or why there is none.
+    pub fn registry_path(&self) -> anyhow::Result<&std::path::Path> {
+        self.station_registry
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
+            .context(
+                "no station registry: set STATION_REGISTRY (or --station-registry FILE); \
+                 `stormgate --station-registry FILE station add ZIPCODE` creates one",
+            )
     }
 
     /// The dead-letter topic, if one is set (an empty value means none).
@@ -320,6 +392,11 @@ impl Cli {
             if v == 0 {
                 bail!("{name} must be at least 1");
             }
+        }
+        if self.station_auth == StationAuthMode::Token {
+            let path = self.registry_path().context("STATION_AUTH=token")?;
+            crate::registry::Registry::load(path)
+                .with_context(|| "STATION_AUTH=token needs a readable station registry")?;
         }
         if self.sink == SinkKind::Kafka {
             let brokers = self.kafka_brokers.as_deref().unwrap_or("localhost:9092");
@@ -458,6 +535,40 @@ mod tests {
         assert_eq!(cli.kafka_compression, Compression::Lz4);
         assert_eq!(cli.kafka_required_acks, Acks::All);
         assert!(cli.kafka_brokers.is_none());
+    }
+
+    #[test]
+    fn station_auth_is_off_by_default_and_token_mode_needs_a_registry() {
+        let cli = parse(&["--sink", "null"]);
+        assert_eq!(cli.station_auth, StationAuthMode::None);
+        assert_eq!(cli.runtime_config().station_auth_max_failures, 3);
+        assert!(cli.runtime_config().station_auth.is_none());
+        cli.validate().unwrap();
+        let cli = parse(&[
+            "--sink",
+            "null",
+            "--station-auth",
+            "token",
+            "--station-auth-max-failures",
+            "5",
+        ]);
+        assert_eq!(cli.runtime_config().station_auth_max_failures, 5);
+        let err = format!("{:#}", cli.validate().unwrap_err());
+        assert!(err.contains("STATION_REGISTRY"), "{err}");
+        let missing = "/nonexistent/stations.jsonl";
+        let cli = parse(&[
+            "--sink",
+            "null",
+            "--station-auth=token",
+            "--station-registry",
+            missing,
+        ]);
+        let err = format!("{:#}", cli.validate().unwrap_err());
+        assert!(
+            err.contains(missing) && err.contains("STATION_AUTH=token"),
+            "{err}"
+        );
+        assert!(Cli::try_parse_from(["stormgate", "--station-auth=password"]).is_err());
     }
 
     #[test]

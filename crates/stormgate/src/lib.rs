@@ -8,6 +8,8 @@
 //! - [`ops`]: the operations endpoint (`/metrics`, `/healthz`, `/readyz`) and the periodic
 //!   statistics block, on their own threads, reading the shards' metrics.
 //! - [`report`]: the per-shard summary at shutdown, logged and written as JSON.
+//! - [`registry`]: the station registry (`STATION_AUTH=token`): its file format, token
+//!   hashing and checking, atomic changes for `stormgate station`, and the reload thread.
 //!
 //! This is the only crate that uses `anyhow`; libraries below it return typed errors.
 
@@ -15,5 +17,6 @@ pub mod app;
 pub mod cli;
 pub mod logging;
 pub mod ops;
+pub mod registry;
 pub mod report;
 pub mod settings;

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use stormgate::app;
-use stormgate::cli::Command;
+use stormgate::cli::{Cli, Command, StationCommand};
+use stormgate::registry::{self, Registry};
 use stormgate::settings::{self, Loaded};
 
 fn main() -> ExitCode {
@@ -20,6 +21,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::CheckConfig) => check_config(&loaded),
+        Some(Command::Station { command }) => outcome(station(&loaded.cli, command)),
         Some(Command::Replay { file, topic }) => {
             stormgate::logging::init(loaded.cli.log_format);
             outcome(app::replay(&loaded.cli, &file, topic).map(drop))
@@ -45,6 +47,38 @@ fn check_config(loaded: &Loaded) -> ExitCode {
         }
         Err(e) => fail(&e),
     }
+}
+
+/// `stormgate station add|remove|list`: results on stdout (a token, the list), notes on
+/// stderr, so that `TOKEN=$(stormgate station add 12345)` captures just the token.
+fn station(cli: &Cli, command: StationCommand) -> anyhow::Result<()> {
+    let path = cli.registry_path()?;
+    match command {
+        StationCommand::Add { zipcode } => {
+            let token = registry::add(path, &zipcode)?;
+            println!("{token}");
+            eprintln!(
+                "stormgate: station {zipcode:?} added to {}. Its token (above) is shown only \
+                 this once; configure the station to send it in identify as \"token\".",
+                path.display()
+            );
+        }
+        StationCommand::Remove { zipcode } => {
+            registry::remove(path, &zipcode)?;
+            eprintln!(
+                "stormgate: station {zipcode:?} removed from {}; open connections keep \
+                 their station until they identify again.",
+                path.display()
+            );
+        }
+        StationCommand::List => {
+            let registry = Registry::load(path)?;
+            for (zipcode, created_at) in registry.stations() {
+                println!("{zipcode}\t{created_at}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn outcome(result: anyhow::Result<()>) -> ExitCode {
