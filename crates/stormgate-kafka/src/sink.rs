@@ -159,6 +159,7 @@ impl Sink for KafkaSink {
             ctx,
             spill: RefCell::new(self.spill),
             spill_log: LogLimiter::default(),
+            unsettled: RefCell::new(Vec::new()),
             reports: RefCell::new(Vec::with_capacity(1024)),
             wake: Notify::default(),
             done: Cell::new(false),
@@ -186,6 +187,9 @@ struct Running {
     /// Where finally failed records go.
     spill: RefCell<SpillFile>,
     spill_log: LogLimiter,
+    /// Failed records whose spill lines are pushed but not yet written: settled by the next
+    /// [`Running::flush_spill`], so that a batch of failures costs one `fdatasync`.
+    unsettled: RefCell<Vec<(Ticket, Outcome)>>,
     /// Reused buffer for reports taken from the context.
     reports: RefCell<Vec<Report>>,
     /// Wakes the poller when records go in flight after it went idle.
@@ -251,16 +255,23 @@ impl Running {
         let mut reports = self.reports.borrow_mut();
         context.take_reports(&mut reports);
         for report in reports.drain(..) {
-            if let Some(line) = &report.spill {
-                self.spill.borrow_mut().push(line);
+            let ticket = Ticket::from_raw(report.ticket);
+            match &report.spill {
+                Some(line) => {
+                    self.spill.borrow_mut().push(line);
+                    self.unsettled
+                        .borrow_mut()
+                        .push((ticket, outcome(report.result)));
+                }
+                None => self.ctx.settle(ticket, outcome(report.result)),
             }
-            self.ctx
-                .settle(Ticket::from_raw(report.ticket), outcome(report.result));
         }
         self.flush_spill();
     }
 
-    /// Settles a record librdkafka never took as failed, spilling it first.
+    /// Fails a record librdkafka never took: its spill line is written, and the record
+    /// settled, by the poller's next drain (within a poll interval), together with any
+    /// others failed meanwhile.
     fn fail_unsent(&self, topic: &str, record: &Record, failure: DeliveryFailure) {
         let line = SpillLine::new(
             failure.to_string(),
@@ -271,13 +282,22 @@ impl Running {
             Some(&record.value),
         );
         self.spill.borrow_mut().push(&line);
-        self.flush_spill();
-        self.ctx.settle(record.ticket, Outcome::Failed(failure));
+        self.unsettled
+            .borrow_mut()
+            .push((record.ticket, Outcome::Failed(failure)));
+        self.wake.notify();
     }
 
-    /// Writes what was pushed to the spill file and counts it; a write error loses those
-    /// records, which is counted and logged.
+    /// Writes what was pushed to the spill file and counts it (a write error loses those
+    /// records, which is counted and logged), then settles the records it holds.
     fn flush_spill(&self) {
+        self.write_spill();
+        for (ticket, outcome) in self.unsettled.borrow_mut().drain(..) {
+            self.ctx.settle(ticket, outcome);
+        }
+    }
+
+    fn write_spill(&self) {
         let mut spill = self.spill.borrow_mut();
         let pending = spill.pending();
         if pending == 0 {
