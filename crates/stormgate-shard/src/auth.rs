@@ -1,9 +1,11 @@
 //! Station authentication as the shard sees it: one question per identify.
 //!
-//! The shard does not know where tokens come from. With `STATION_AUTH=token` the binary hands
-//! it a [`StationAuth`] (the station registry, reloaded in the background), and each
-//! connection asks it once per identify, through
-//! [`stormgate_protocol::LineParser::parse_line_authorized`]. Metrics lines never ask.
+//! The shard does not know where tokens come from or what a certificate must say. With
+//! `STATION_AUTH=token` or `certificate` the binary hands it a [`StationAuth`] (the station
+//! registry reloaded in the background, or the certificate rule), and each connection asks it
+//! once per identify, through [`stormgate_protocol::LineParser::parse_line_authorized`],
+//! with the identify's token and, under mutual TLS, the station's verified client
+//! certificate. Metrics lines never ask.
 
 use std::fmt::Debug;
 
@@ -15,7 +17,18 @@ use std::fmt::Debug;
 /// change over time (a registry reload); connections that already identified keep their
 /// station until they identify again.
 pub trait StationAuth: Send + Sync + Debug {
-    /// Whether `token` (the identify's `"token"` string, `None` when it sent none) proves the
-    /// right to publish for `zipcode`.
-    fn verify(&self, zipcode: &str, token: Option<&str>) -> bool;
+    /// Whether `credentials` prove the right to publish for their zipcode.
+    fn verify(&self, credentials: &Credentials<'_>) -> bool;
+}
+
+/// What an identify offers as proof of its zipcode.
+#[derive(Debug, Clone, Copy)]
+pub struct Credentials<'a> {
+    /// The zipcode the identify claims (as sent: untrusted).
+    pub zipcode: &'a str,
+    /// The identify's `"token"` string; `None` when it sent none.
+    pub token: Option<&'a str>,
+    /// The end-entity certificate (DER) of the connection's mutual-TLS handshake, already
+    /// verified against the client CAs; `None` without mutual TLS.
+    pub certificate: Option<&'a [u8]>,
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::StationAuth;
+use crate::tls::StationTls;
 
 /// Where stations connect (`TCP_LISTEN`).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -103,10 +104,16 @@ pub struct RuntimeConfig {
     /// Acknowledge lines for connections whose identify does not say (`"acks"`); see
     /// docs/PROTOCOL.md.
     pub acks_by_default: bool,
-    /// Checks every identify's token (`STATION_AUTH=token`): a refused identify gets
-    /// `auth_failed` and leaves the connection without a station. `None` (the default,
-    /// `STATION_AUTH=none`): any station may identify as any zipcode, and the parser never
-    /// looks at a token.
+    /// Serves stations TLS (`TLS_CERT`, `TLS_KEY`): every connection begins with a handshake
+    /// configured by this, on its own shard. `None` (the default): plain TCP.
+    pub tls: Option<Arc<dyn StationTls>>,
+    /// Longest time a TLS handshake may take, from accept to its end
+    /// (`TLS_HANDSHAKE_TIMEOUT`).
+    pub tls_handshake_timeout: Duration,
+    /// Checks every identify's credentials (`STATION_AUTH=token|certificate`): a refused
+    /// identify gets `auth_failed` and leaves the connection without a station. `None` (the
+    /// default, `STATION_AUTH=none`): any station may identify as any zipcode, and the parser
+    /// never looks at a token.
     pub station_auth: Option<Arc<dyn StationAuth>>,
     /// Refused identifies after which a connection gets `too_many_errors` and is closed;
     /// 0 = never (`STATION_AUTH_MAX_FAILURES`). Counted over the connection's life, not in a
@@ -117,6 +124,11 @@ pub struct RuntimeConfig {
 /// See [`RuntimeConfig::max_in_flight_per_connection`]: half the default shard queue, so one
 /// connection cannot take all of it, and ~10 ms of a connection at 400K lines/s.
 pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: u32 = 4096;
+
+/// See [`RuntimeConfig::tls_handshake_timeout`]: a real handshake takes a few round trips
+/// (well under a second even over a mobile link); ten seconds bounds how long a client that
+/// connects and stalls holds a descriptor and rustls's handshake state.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// See [`RuntimeConfig::station_auth_max_failures`]: a station with a wrong token gets three
 /// `auth_failed` answers, enough to see why in its log, and then stops costing a hash per
@@ -151,6 +163,8 @@ impl Default for RuntimeConfig {
             max_connections_per_source: 0,
             max_lines_per_sec: 0,
             acks_by_default: false,
+            tls: None,
+            tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
             station_auth: None,
             station_auth_max_failures: DEFAULT_STATION_AUTH_MAX_FAILURES,
         }

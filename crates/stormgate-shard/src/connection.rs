@@ -25,11 +25,14 @@ use glommio::{GlommioError, ResourceType};
 use stormgate_protocol::{DeadLetter, ErrorCode, Frame, LineFramer, Parsed, Session};
 
 use crate::acks::ConnAcks;
-use crate::auth::StationAuth;
+use crate::auth::{Credentials, StationAuth};
 use crate::buffers::Backlog;
-use crate::events::{CloseReason, ConnectionClosed, LineRejected, StationAuthFailed};
+use crate::events::{
+    CloseReason, ConnectionClosed, LineRejected, StationAuthFailed, TlsHandshakeFailed,
+};
 use crate::shard::{Registration, ShardCore};
 use crate::sink::{ConnFlow, DeliveryFailure, Outcome, Record};
+use crate::tls::StationStream;
 
 /// How much a read into a connection's own backlog asks for.
 const BACKLOG_READ: usize = 16 * 1024;
@@ -66,7 +69,7 @@ pub(crate) fn serve(
         framer: LineFramer::new(core.config.max_line_bytes),
         session: Session::new(id),
         core,
-        stream,
+        stream: StationStream::Plain(stream),
         _registration: registration,
         peer,
         queue,
@@ -109,7 +112,7 @@ pub(crate) fn serve(
 
 struct Connection {
     core: Rc<ShardCore>,
-    stream: TcpStream,
+    stream: StationStream,
     /// Keeps the socket in the shard's list for shutdown; removed on drop.
     _registration: Registration,
     peer: SocketAddr,
@@ -179,6 +182,11 @@ impl Connection {
     /// The connection's life. Rare paths (blocks, replies, closing) are boxed futures: an
     /// idle connection's task is this future's size, so only the common states may be large.
     async fn run(&mut self) -> CloseReason {
+        if self.core.config.tls.is_some()
+            && let Err(reason) = Box::pin(self.start_tls()).await
+        {
+            return reason;
+        }
         loop {
             if self.core.draining.is_fired() {
                 return CloseReason::Shutdown;
@@ -187,8 +195,7 @@ impl Connection {
                 Ok(timeout) => timeout,
                 Err(code) => return Box::pin(self.close_with(code)).await,
             };
-            // Only fails for a zero duration, which `read_timeout` never returns.
-            let _ = self.stream.set_read_timeout(timeout);
+            self.stream.set_read_timeout(timeout);
             let n = match self.read_and_handle().await {
                 Ok(Some(n)) => n,
                 Ok(None) => {
@@ -250,6 +257,35 @@ impl Connection {
         }
     }
 
+    /// Turns the connection into TLS: the handshake, bounded by `TLS_HANDSHAKE_TIMEOUT`,
+    /// with the configuration current at this moment (a reload changes it for later
+    /// connections only).
+    async fn start_tls(&mut self) -> Result<(), CloseReason> {
+        let core = Rc::clone(&self.core);
+        let tls = core
+            .config
+            .tls
+            .as_ref()
+            .expect("called with TLS configured");
+        let timeout = core.config.tls_handshake_timeout;
+        self.stream.set_read_timeout(Some(timeout));
+        match self.stream.start_tls(tls.server_config(), timeout).await {
+            Ok(()) => {
+                core.metrics.tls_handshakes.incr();
+                Ok(())
+            }
+            Err(error) => {
+                TlsHandshakeFailed {
+                    connection_id: self.session.connection_id(),
+                    peer: self.peer,
+                    error: &error,
+                }
+                .emit(&core.metrics, &core.logs.tls_failed);
+                Err(CloseReason::TlsHandshake)
+            }
+        }
+    }
+
     /// The read timeout for the next read: the idle timeout, shortened to what is left of the
     /// line timeout while a partial line waits for its newline. `Err` when that is used up.
     fn read_timeout(&self) -> Result<Option<Duration>, ErrorCode> {
@@ -293,7 +329,13 @@ impl Connection {
     /// [`FAREWELL_TIMEOUT`] (the station may not be reading).
     async fn farewell(&mut self) {
         let _ = glommio::timer::timeout(FAREWELL_TIMEOUT, async {
-            self.flush_replies().await.map_err(Into::into)
+            self.flush_replies().await?;
+            if matches!(self.stream, StationStream::Tls(_)) {
+                // TLS's close_notify, so that the station's TLS stack sees an orderly end
+                // rather than a truncation.
+                self.stream.close().await?;
+            }
+            Ok(())
         })
         .await;
     }
@@ -504,14 +546,24 @@ impl Connection {
                     &mut self.payload,
                 ),
                 // Asked once per identify, never for a metrics line (see `StationAuth`).
-                Some(auth) => parser.parse_line_authorized(
-                    &mut self.session,
-                    buf,
-                    line,
-                    self.stamp.unix_ms,
-                    &mut self.payload,
-                    &mut |zipcode, token| verify(auth, zipcode, token, &mut refused),
-                ),
+                Some(auth) => {
+                    let certificate = self.stream.peer_certificate();
+                    parser.parse_line_authorized(
+                        &mut self.session,
+                        buf,
+                        line,
+                        self.stamp.unix_ms,
+                        &mut self.payload,
+                        &mut |zipcode, token| {
+                            let credentials = Credentials {
+                                zipcode,
+                                token,
+                                certificate,
+                            };
+                            verify(auth, &credentials, &mut refused)
+                        },
+                    )
+                }
             };
             match parsed {
                 Ok(Parsed::Identified) => {
@@ -723,6 +775,8 @@ impl Connection {
             return Ok(());
         }
         self.stream.write_all(&self.replies).await?;
+        // A no-op for a plain socket; TLS holds what it encrypted until flushed.
+        self.stream.flush().await?;
         if self.replies.capacity() > REPLY_KEEP {
             self.replies = Vec::new();
         } else {
@@ -733,16 +787,11 @@ impl Connection {
 }
 
 /// Asks `auth` about an identify; remembers the zipcode of a refused one in `refused`.
-fn verify(
-    auth: &dyn StationAuth,
-    zipcode: &str,
-    token: Option<&str>,
-    refused: &mut String,
-) -> bool {
-    let ok = auth.verify(zipcode, token);
+fn verify(auth: &dyn StationAuth, credentials: &Credentials<'_>, refused: &mut String) -> bool {
+    let ok = auth.verify(credentials);
     if !ok {
         refused.clear();
-        refused.push_str(zipcode);
+        refused.push_str(credentials.zipcode);
     }
     ok
 }
@@ -794,10 +843,16 @@ fn gate_closed_to(core: &ShardCore, ticket: &mut Option<u64>, cx: &Context<'_>) 
 
 /// Refuses a connection over the limit: one error line, then close. Bounded in time so a
 /// client that never reads cannot pin the task.
-pub(crate) async fn refuse(mut stream: TcpStream) {
+///
+/// Over TLS the connection is closed without a word: the line would have to follow a
+/// handshake, and a refusal exists to spare the server work (a handshake costs more CPU than
+/// thousands of lines). The station sees its handshake end early and retries later.
+pub(crate) async fn refuse(mut stream: TcpStream, tls: bool) {
     let line = ErrorCode::TooManyConnections.error_line().as_bytes();
     let _ = glommio::timer::timeout(std::time::Duration::from_secs(1), async move {
-        stream.write_all(line).await?;
+        if !tls {
+            stream.write_all(line).await?;
+        }
         stream.close().await?;
         Ok(())
     })

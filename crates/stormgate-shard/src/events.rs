@@ -74,6 +74,30 @@ impl StationAuthFailed<'_> {
     }
 }
 
+/// A TLS handshake failed or timed out; the connection is closed without a station.
+pub(crate) struct TlsHandshakeFailed<'a> {
+    pub connection_id: &'a str,
+    pub peer: SocketAddr,
+    pub error: &'a io::Error,
+}
+
+impl TlsHandshakeFailed<'_> {
+    /// Counted, and logged at its own rate limit: a scanner or a station with the wrong CA
+    /// repeats it once per connection.
+    pub(crate) fn emit(&self, metrics: &ShardMetrics, limiter: &LogLimiter) {
+        metrics.tls_handshake_failures.incr();
+        if let Some(suppressed) = limiter.allow(Instant::now()) {
+            warn!(
+                connection_id = self.connection_id,
+                peer = %self.peer,
+                error = %self.error,
+                suppressed,
+                "TLS handshake failed; connection closed"
+            );
+        }
+    }
+}
+
 /// A connection was refused because the server is at its connection limit.
 pub(crate) struct ConnectionRejected {
     pub peer: Option<SocketAddr>,
@@ -125,6 +149,8 @@ pub(crate) enum CloseReason {
     TooManyErrors,
     /// The station's identifies were refused `STATION_AUTH_MAX_FAILURES` times.
     AuthFailures,
+    /// The TLS handshake failed or timed out (already counted and logged).
+    TlsHandshake,
     /// The station sent nothing for the idle timeout.
     IdleTimeout,
     /// A line stayed incomplete past the line timeout.
@@ -142,6 +168,7 @@ impl std::fmt::Display for CloseReason {
             CloseReason::SinkStopped => f.write_str("sink stopped"),
             CloseReason::TooManyErrors => f.write_str("too many bad lines in a row"),
             CloseReason::AuthFailures => f.write_str("too many refused identifies"),
+            CloseReason::TlsHandshake => f.write_str("TLS handshake failed"),
             CloseReason::IdleTimeout => f.write_str("idle timeout"),
             CloseReason::LineTimeout => f.write_str("line timeout"),
             CloseReason::Panicked(msg) => write!(f, "panicked: {msg}"),

@@ -12,14 +12,17 @@
 //! - its metrics ([`stormgate_telemetry::ShardMetrics`]), written only by it.
 //!
 //! Nothing on the per-line path is shared between shards. The exceptions are per connection,
-//! not per line: the process-wide connection count checked at accept, the station registry
-//! asked at identify (with `STATION_AUTH=token`), and the stop flag the shards poll.
+//! not per line: the process-wide connection count checked at accept, the TLS configuration
+//! loaded at each handshake (with `TLS_CERT`), the station registry asked at identify (with
+//! `STATION_AUTH=token`), and the stop flag the shards poll.
 //!
 //! Layout:
 //!
 //! - [`config`]: [`RuntimeConfig`] and its defaults.
 //! - [`auth`]: [`StationAuth`], the per-identify question asked when stations must prove who
-//!   they are (`STATION_AUTH=token`).
+//!   they are (`STATION_AUTH=token|certificate`).
+//! - [`tls`]: [`StationTls`], where connections get their TLS configuration, and the stream
+//!   that is plain TCP or TLS (`TLS_CERT`).
 //! - [`server`]: [`Server::start`] binds the listeners, starts the shards and reports their
 //!   readiness; [`ServerHandle`] stops and joins them.
 //! - `shard`: one shard's life: accept loop, housekeeping tick, drain on shutdown.
@@ -33,6 +36,7 @@ pub mod auth;
 pub mod config;
 pub mod server;
 pub mod sink;
+pub mod tls;
 
 mod acks;
 mod buffers;
@@ -44,10 +48,11 @@ mod placement;
 mod shard;
 mod signal;
 
-pub use auth::StationAuth;
+pub use auth::{Credentials, StationAuth};
 pub use config::RuntimeConfig;
 pub use server::{Server, ServerHandle, ShardInfo, StartServerError};
 pub use sink::{
     DeliveryFailure, NullSink, NullSinkFactory, Outcome, Record, RecordReceiver, Sink, SinkContext,
     SinkFactory, Ticket,
 };
+pub use tls::StationTls;

@@ -65,6 +65,7 @@ pub(crate) struct ShardCore {
 pub(crate) struct Logs {
     pub(crate) line_rejected: LogLimiter,
     pub(crate) auth_failed: LogLimiter,
+    pub(crate) tls_failed: LogLimiter,
     pub(crate) connection_rejected: LogLimiter,
     pub(crate) accept_failed: LogLimiter,
 }
@@ -329,7 +330,8 @@ fn admit(
             limit,
         }
         .emit(&core.metrics, &core.logs.connection_rejected);
-        glommio::spawn_local(connection::refuse(stream)).detach();
+        let tls = core.config.tls.is_some();
+        glommio::spawn_local(connection::refuse(stream, tls)).detach();
         return;
     }
     let _ = stream.set_nodelay(true);

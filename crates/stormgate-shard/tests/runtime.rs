@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use stormgate_protocol::ErrorCode;
 use stormgate_shard::{
-    NullSinkFactory, Outcome, RecordReceiver, RuntimeConfig, Server, ServerHandle, ShardInfo, Sink,
-    SinkContext, SinkFactory, StationAuth,
+    Credentials, NullSinkFactory, Outcome, RecordReceiver, RuntimeConfig, Server, ServerHandle,
+    ShardInfo, Sink, SinkContext, SinkFactory, StationAuth,
 };
 
 fn config() -> RuntimeConfig {
@@ -683,10 +683,11 @@ fn a_connection_over_its_line_rate_is_slowed_not_cut() {
 struct Tokens(&'static [(&'static str, &'static str)]);
 
 impl StationAuth for Tokens {
-    fn verify(&self, zipcode: &str, token: Option<&str>) -> bool {
+    fn verify(&self, credentials: &Credentials<'_>) -> bool {
+        assert!(credentials.certificate.is_none(), "no TLS here");
         self.0
             .iter()
-            .any(|&(z, t)| z == zipcode && Some(t) == token)
+            .any(|&(z, t)| z == credentials.zipcode && Some(t) == credentials.token)
     }
 }
 

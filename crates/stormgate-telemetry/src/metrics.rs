@@ -76,6 +76,10 @@ pub struct ShardMetrics {
     pub idle_timeouts: Counter,
     /// Connections closed because a line stayed incomplete past the line timeout.
     pub line_timeouts: Counter,
+    /// TLS handshakes completed (`TLS_CERT`).
+    pub tls_handshakes: Counter,
+    /// TLS handshakes that failed or timed out; each closed its connection.
+    pub tls_handshake_failures: Counter,
     /// Non-blank lines read.
     pub lines_received: Counter,
     /// Bytes read from station sockets.
@@ -173,6 +177,10 @@ pub struct Totals {
     pub backpressure_waits: u64,
     /// See [`ShardMetrics::rate_limited_waits`].
     pub rate_limited_waits: u64,
+    /// See [`ShardMetrics::tls_handshakes`].
+    pub tls_handshakes: u64,
+    /// See [`ShardMetrics::tls_handshake_failures`].
+    pub tls_handshake_failures: u64,
     /// See [`ShardMetrics::delivery_latency`].
     pub delivery_latency: HistogramSnapshot,
     /// See [`ShardMetrics::zipcodes`]: the shards' sketches merged (their union).
@@ -215,6 +223,8 @@ impl Totals {
         self.queue_depth += m.queue_depth.get();
         self.backpressure_waits += m.backpressure_waits.get();
         self.rate_limited_waits += m.rate_limited_waits.get();
+        self.tls_handshakes += m.tls_handshakes.get();
+        self.tls_handshake_failures += m.tls_handshake_failures.get();
         self.delivery_latency.merge(&m.delivery_latency.snapshot());
         self.zipcodes.merge_counter(&m.zipcodes);
     }

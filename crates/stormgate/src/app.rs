@@ -6,22 +6,24 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use stormgate_kafka::sink::ProducerStatsByShard;
 use stormgate_kafka::spill::{self, ReplayOptions, ReplayReport};
 use stormgate_kafka::{EmbeddedCluster, KafkaSink, KafkaSinkFactory};
 use stormgate_shard::{
     NullSink, NullSinkFactory, RecordReceiver, Server, ServerHandle, ShardInfo, Sink, SinkContext,
-    SinkFactory, StationAuth,
+    SinkFactory, StationAuth, StationTls,
 };
 use stormgate_telemetry::Totals;
 use tracing::{info, warn};
 
 use crate::cli::{Cli, SinkKind, StationAuthMode};
 use crate::ops::{Ops, OpsState};
-use crate::registry::{self, LiveRegistry, RegistryWatcher};
+use crate::registry;
+use crate::reload::{RELOAD_INTERVAL, Watcher};
 use crate::report::{Report, ShardReport};
+use crate::tls::{self, CertificateAuth};
 
 /// Partitions of the topic the embedded mock cluster creates.
 const EMBEDDED_PARTITIONS: i32 = 6;
@@ -33,8 +35,9 @@ pub struct App {
     ops: Ops,
     server: ServerHandle,
     brokers: Option<String>,
-    /// Reloads the station registry (`STATION_AUTH=token`); stops when dropped.
-    _registry_watcher: Option<RegistryWatcher>,
+    /// Reload the station registry (`STATION_AUTH=token`) and the TLS files; they stop when
+    /// dropped.
+    watchers: Vec<Watcher>,
     /// Kept alive for as long as the producers use it; dropped last.
     _embedded: Option<EmbeddedCluster>,
 }
@@ -59,6 +62,13 @@ impl App {
     /// address, so the actual port when `METRICS_ADDR` asked for port 0; `None` when off.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.ops.local_addr()
+    }
+
+    /// Reloads the station registry and the TLS files now, changed or not (SIGHUP).
+    pub fn reload(&self) {
+        for watcher in &self.watchers {
+            watcher.look_now();
+        }
     }
 
     /// Stops accepting, drains every shard within the shutdown timeout, logs a per-shard
@@ -100,10 +110,19 @@ impl App {
 /// operations endpoint, unless it is off).
 pub fn start(cli: &Cli) -> anyhow::Result<App> {
     let mut runtime = cli.runtime_config();
-    let registry = station_registry(cli)?;
-    runtime.station_auth = registry
-        .as_ref()
-        .map(|(live, _)| Arc::clone(live) as Arc<dyn StationAuth>);
+    let mut watchers = Vec::new();
+    if let Some(files) = cli.tls_files() {
+        let (live, watcher) = tls::serve(&files).context("TLS_CERT/TLS_KEY/TLS_CLIENT_CA")?;
+        info!(
+            cert = %files.cert.display(),
+            client_ca = ?files.client_ca,
+            min_version = %files.min_version,
+            "station listener: TLS"
+        );
+        runtime.tls = Some(live as Arc<dyn StationTls>);
+        watchers.push(watcher);
+    }
+    runtime.station_auth = station_auth(cli, &mut watchers)?;
     // Bound first: a taken port fails startup before any shard runs.
     let ops_listener = cli
         .metrics_addr
@@ -190,27 +209,39 @@ pub fn start(cli: &Cli) -> anyhow::Result<App> {
         ops,
         server,
         brokers,
-        _registry_watcher: registry.map(|(_, watcher)| watcher),
+        watchers,
         _embedded: embedded,
     })
 }
 
-/// With `STATION_AUTH=token`: the loaded station registry for the shards and the thread that
-/// reloads it. Fails when the registry is not set or cannot be read.
-fn station_registry(cli: &Cli) -> anyhow::Result<Option<(Arc<LiveRegistry>, RegistryWatcher)>> {
+/// What the shards ask at identify, per `STATION_AUTH`: nothing, the station registry (its
+/// reload thread joins `watchers`), or the certificate rule. Fails when token mode has no
+/// readable registry.
+fn station_auth(
+    cli: &Cli,
+    watchers: &mut Vec<Watcher>,
+) -> anyhow::Result<Option<Arc<dyn StationAuth>>> {
+    if cli.station_auth != StationAuthMode::Token
+        && let Some(path) = &cli.station_registry
+    {
+        warn!(
+            registry = %path.display(),
+            "STATION_REGISTRY is set but STATION_AUTH is not token: tokens are not checked"
+        );
+    }
     match cli.station_auth {
-        StationAuthMode::None => {
-            if let Some(path) = &cli.station_registry {
-                warn!(
-                    registry = %path.display(),
-                    "STATION_REGISTRY is set but STATION_AUTH=none: tokens are not checked"
-                );
-            }
-            Ok(None)
+        StationAuthMode::None => Ok(None),
+        StationAuthMode::Certificate => {
+            // `Cli::validate` made sure mutual TLS is on.
+            info!(
+                "station authentication: certificate (an identify's zipcode must be its client \
+                 certificate's subject CN)"
+            );
+            Ok(Some(Arc::new(CertificateAuth)))
         }
         StationAuthMode::Token => {
             let path = cli.registry_path().context("STATION_AUTH=token")?;
-            let (live, watcher) = registry::serve(path, registry::RELOAD_INTERVAL)
+            let (live, watcher) = registry::serve(path, RELOAD_INTERVAL)
                 .context("STATION_AUTH=token needs a readable station registry")?;
             let stations = live.current().len();
             info!(
@@ -225,7 +256,8 @@ fn station_registry(cli: &Cli) -> anyhow::Result<Option<(Arc<LiveRegistry>, Regi
                      station is added (`stormgate station add ZIPCODE`)"
                 );
             }
-            Ok(Some((live, watcher)))
+            watchers.push(watcher);
+            Ok(Some(live))
         }
     }
 }
@@ -263,17 +295,27 @@ pub fn replay(cli: &Cli, file: &Path, topic: Option<String>) -> anyhow::Result<R
     Ok(report)
 }
 
-/// Runs until SIGINT or SIGTERM, then drains and exits. A second signal exits at once.
+/// Runs until SIGINT or SIGTERM, then drains and exits. A second one exits at once. SIGHUP
+/// reloads the station registry and the TLS files.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
     let app = start(&cli)?;
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            info!("SIGHUP: reloading the station registry and TLS files");
+            app.reload();
+            continue;
+        }
         info!(signal = sig, "signal received");
+        break;
     }
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            warn!(signal = sig, "second signal: exiting without draining");
-            std::process::exit(130);
+        for sig in signals.forever() {
+            if sig != SIGHUP {
+                warn!(signal = sig, "second signal: exiting without draining");
+                std::process::exit(130);
+            }
         }
     });
     let report = app.stop()?;

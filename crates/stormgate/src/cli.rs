@@ -17,6 +17,7 @@ use stormgate_shard::RuntimeConfig;
 use stormgate_shard::config as rt;
 
 use crate::logging::LogFormat;
+use crate::tls::{TlsFiles, TlsVersion};
 
 /// Prefix of environment variables passed through to librdkafka.
 pub const KAFKA_PROP_ENV_PREFIX: &str = "KAFKA_PROP_";
@@ -35,8 +36,11 @@ pub enum SinkKind {
 pub enum StationAuthMode {
     /// No proof: any client that reaches the port may identify as any zipcode.
     None,
-    /// Each identify must carry its zipcode's token from the station registry.
+    /// Each identify must carry its zipcode's token from the station registry, or (under
+    /// mutual TLS) come over a connection whose client certificate names the zipcode.
     Token,
+    /// Only a client certificate naming the zipcode proves it (needs TLS_CLIENT_CA).
+    Certificate,
 }
 
 /// Stormgate: accepts station connections on every core and publishes each metrics line to
@@ -138,10 +142,12 @@ pub struct Cli {
     pub shutdown_timeout: Duration,
 
     /// How stations prove which zipcode they may publish for: `none` (any station may identify
-    /// as any zipcode) or `token` (identify must carry the zipcode's token from
-    /// STATION_REGISTRY; see docs/SECURITY.md). The default is `none` because stations that
-    /// predate authentication send no token and a registry must be provisioned first; use
-    /// `token` for stations on the public internet.
+    /// as any zipcode), `token` (identify must carry the zipcode's token from
+    /// STATION_REGISTRY, or come with a client certificate whose subject is CN=<zipcode>) or
+    /// `certificate` (only such a certificate; needs TLS_CLIENT_CA). See docs/SECURITY.md. The
+    /// default is `none` because stations that predate authentication send no token and a
+    /// registry must be provisioned first; use `token` or `certificate` for stations on the
+    /// public internet.
     #[arg(long, env = "STATION_AUTH", value_enum, default_value_t = StationAuthMode::None, help_heading = "Security")]
     pub station_auth: StationAuthMode,
 
@@ -160,6 +166,48 @@ pub struct Cli {
     /// closed; 0 = never.
     #[arg(long, env = "STATION_AUTH_MAX_FAILURES", default_value_t = rt::DEFAULT_STATION_AUTH_MAX_FAILURES, help_heading = "Security")]
     pub station_auth_max_failures: u32,
+
+    /// PEM certificate chain of the station listener; with TLS_KEY, stations must speak TLS
+    /// (1.2 or 1.3). Reloaded with the key within ~2 s of a change, or on SIGHUP: new
+    /// connections get the new certificate, open ones are kept.
+    #[arg(
+        long,
+        env = "TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key",
+        help_heading = "Security"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of TLS_CERT (PKCS#8, PKCS#1 or SEC1).
+    #[arg(
+        long,
+        env = "TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert",
+        help_heading = "Security"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// PEM bundle of the CAs station certificates must chain to: mutual TLS, a station without
+    /// such a certificate fails its handshake. Needs TLS_CERT.
+    #[arg(
+        long,
+        env = "TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert",
+        help_heading = "Security"
+    )]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// Oldest TLS version stations may use.
+    #[arg(long, env = "TLS_MIN_VERSION", value_enum, default_value_t = TlsVersion::V1_2, help_heading = "Security")]
+    pub tls_min_version: TlsVersion,
+
+    /// Longest a TLS handshake may take, from accept to its end, before the connection is
+    /// closed.
+    #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration, help_heading = "Security")]
+    pub tls_handshake_timeout: Duration,
 
     /// Where records go.
     #[arg(long, env = "SINK", value_enum, default_value_t = SinkKind::Kafka, help_heading = "Kafka")]
@@ -351,7 +399,9 @@ impl Cli {
             line_timeout: Some(self.line_timeout).filter(|d| !d.is_zero()),
             dead_letters: self.sink == SinkKind::Kafka && self.dlq_topic().is_some(),
             station_auth_max_failures: self.station_auth_max_failures,
-            // The registry is loaded by `app::start`, which sets `station_auth`.
+            tls_handshake_timeout: self.tls_handshake_timeout,
+            // The registry and the TLS files are loaded by `app::start`, which sets
+            // `station_auth` and `tls`.
             ..RuntimeConfig::default()
         }
     }
@@ -365,6 +415,17 @@ impl Cli {
                 "no station registry: set STATION_REGISTRY (or --station-registry FILE); \
                  `stormgate --station-registry FILE station add ZIPCODE` creates one",
             )
+    }
+
+    /// The station listener's TLS files, when TLS is on (`TLS_CERT` and `TLS_KEY` both set).
+    pub fn tls_files(&self) -> Option<TlsFiles> {
+        let set = |p: &Option<std::path::PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+        Some(TlsFiles {
+            cert: set(&self.tls_cert)?,
+            key: set(&self.tls_key)?,
+            client_ca: set(&self.tls_client_ca),
+            min_version: self.tls_min_version,
+        })
     }
 
     /// The dead-letter topic, if one is set (an empty value means none).
@@ -397,6 +458,18 @@ impl Cli {
             let path = self.registry_path().context("STATION_AUTH=token")?;
             crate::registry::Registry::load(path)
                 .with_context(|| "STATION_AUTH=token needs a readable station registry")?;
+        }
+        let tls = self.tls_files();
+        if self.station_auth == StationAuthMode::Certificate
+            && tls.as_ref().is_none_or(|t| t.client_ca.is_none())
+        {
+            bail!(
+                "STATION_AUTH=certificate needs mutual TLS: set TLS_CERT, TLS_KEY and \
+                 TLS_CLIENT_CA"
+            );
+        }
+        if let Some(tls) = &tls {
+            tls.load().context("TLS_CERT/TLS_KEY/TLS_CLIENT_CA")?;
         }
         if self.sink == SinkKind::Kafka {
             let brokers = self.kafka_brokers.as_deref().unwrap_or("localhost:9092");

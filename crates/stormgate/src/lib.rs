@@ -9,7 +9,10 @@
 //!   statistics block, on their own threads, reading the shards' metrics.
 //! - [`report`]: the per-shard summary at shutdown, logged and written as JSON.
 //! - [`registry`]: the station registry (`STATION_AUTH=token`): its file format, token
-//!   hashing and checking, atomic changes for `stormgate station`, and the reload thread.
+//!   hashing and checking, atomic changes for `stormgate station`.
+//! - [`tls`]: the station listener's TLS (`TLS_CERT`, `TLS_KEY`, `TLS_CLIENT_CA`) and what a
+//!   client certificate proves (`STATION_AUTH=certificate`).
+//! - [`reload`]: the threads that reload the registry and the TLS files on change or SIGHUP.
 //!
 //! This is the only crate that uses `anyhow`; libraries below it return typed errors.
 
@@ -18,5 +21,7 @@ pub mod cli;
 pub mod logging;
 pub mod ops;
 pub mod registry;
+pub mod reload;
 pub mod report;
 pub mod settings;
+pub mod tls;

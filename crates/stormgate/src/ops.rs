@@ -524,6 +524,16 @@ const SHARD_COUNTERS: &[(&str, &str, ShardValue)] = &[
         "Times a connection waited because it sent lines faster than TCP_MAX_LINES_PER_SEC.",
         |m| m.rate_limited_waits.get() as i64,
     ),
+    (
+        "stormgate_tls_handshakes_total",
+        "TLS handshakes completed on the station listener.",
+        |m| m.tls_handshakes.get() as i64,
+    ),
+    (
+        "stormgate_tls_handshake_failures_total",
+        "TLS handshakes that failed or timed out; each closed its connection.",
+        |m| m.tls_handshake_failures.get() as i64,
+    ),
 ];
 
 /// Gauges: `(name, help, read)`.

@@ -39,26 +39,27 @@
 //! # Reloading
 //!
 //! [`LiveRegistry`] is what the shards ask ([`StationAuth`]); [`serve`] loads it and starts a
-//! [`RegistryWatcher`]: a std thread that looks at the file's metadata every
-//! [`RELOAD_INTERVAL`] and, when it changed, loads the new file and publishes it with one
-//! atomic pointer swap. A file that fails to load is logged and the previous registry stays.
+//! [`Watcher`] that reloads it within [`RELOAD_INTERVAL`](crate::reload::RELOAD_INTERVAL) of
+//! a change, or at once on SIGHUP, and publishes it with one atomic pointer swap. A file
+//! that fails to load is logged and the previous registry stays.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use stormgate_shard::StationAuth;
+use stormgate_shard::{Credentials, StationAuth};
 use subtle::ConstantTimeEq;
-use tracing::{info, warn};
+use tracing::info;
+
+use crate::reload::{FileVersion, Watcher};
+use crate::tls::certificate_names;
 
 /// Bytes of salt per station.
 pub const SALT_BYTES: usize = 16;
@@ -66,8 +67,6 @@ pub const SALT_BYTES: usize = 16;
 pub const TOKEN_BYTES: usize = 32;
 /// Bytes of a SHA-256 hash.
 const HASH_BYTES: usize = 32;
-/// How often the server looks at the registry file for a change.
-pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The first lines of every registry file the tool writes.
 const HEADER: &str = "\
@@ -470,121 +469,60 @@ impl LiveRegistry {
     }
 }
 
+/// A token from the registry, or under mutual TLS a client certificate whose subject names
+/// the zipcode (see [`certificate_names`]), proves a zipcode.
 impl StationAuth for LiveRegistry {
-    fn verify(&self, zipcode: &str, token: Option<&str>) -> bool {
-        self.current.load().verify(zipcode, token)
+    fn verify(&self, credentials: &Credentials<'_>) -> bool {
+        certificate_names(credentials.certificate, credentials.zipcode)
+            || self
+                .current
+                .load()
+                .verify(credentials.zipcode, credentials.token)
     }
 }
 
 /// Loads the registry at `path` for the server and starts watching it for changes.
-pub fn serve(
-    path: &Path,
-    every: Duration,
-) -> Result<(Arc<LiveRegistry>, RegistryWatcher), RegistryError> {
+pub fn serve(path: &Path, every: Duration) -> Result<(Arc<LiveRegistry>, Watcher), RegistryError> {
+    let paths = vec![path.to_owned()];
     // Looked at before reading, so that a change while reading is seen as a change.
-    let version = FileVersion::of(path);
+    let versions = FileVersion::of_all(&paths);
     let live = Arc::new(LiveRegistry::new(Registry::load(path)?));
-    let watcher = RegistryWatcher::start(path.to_owned(), Arc::clone(&live), version, every)
-        .map_err(|source| RegistryError::Io {
-            action: "starting the reload thread for",
-            path: path.to_owned(),
-            source,
-        })?;
+    let published = Arc::clone(&live);
+    let file = path.to_owned();
+    let watcher = Watcher::start(
+        "registry-reload",
+        "station registry",
+        paths,
+        versions,
+        every,
+        move || Registry::load(&file),
+        move |registry: Registry| {
+            info!(stations = registry.len(), "station registry reloaded");
+            published.replace(registry);
+        },
+    )
+    .map_err(|source| RegistryError::Io {
+        action: "starting the reload thread for",
+        path: path.to_owned(),
+        source,
+    })?;
     Ok((live, watcher))
-}
-
-/// What tells one version of the file from the next: a replacement (rename) changes the
-/// inode, an edit in place the modification time or the size.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FileVersion {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    modified: Option<SystemTime>,
-}
-
-impl FileVersion {
-    /// `None` when the file cannot be looked at (e.g. it is gone).
-    fn of(path: &Path) -> Option<FileVersion> {
-        let meta = fs::metadata(path).ok()?;
-        Some(FileVersion {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            len: meta.len(),
-            modified: meta.modified().ok(),
-        })
-    }
-}
-
-/// The reload thread: every `every`, looks at the registry file's metadata and, when it
-/// changed, loads it and publishes it to the shards. Stops (and is joined) when dropped.
-#[derive(Debug)]
-pub struct RegistryWatcher {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl RegistryWatcher {
-    fn start(
-        path: PathBuf,
-        live: Arc<LiveRegistry>,
-        mut version: Option<FileVersion>,
-        every: Duration,
-    ) -> io::Result<RegistryWatcher> {
-        let (stop, stopped) = mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("registry-reload".into())
-            .spawn(move || {
-                // Wakes every `every`; a message or a dropped sender means stop.
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                    let now = FileVersion::of(&path);
-                    if now == version {
-                        continue;
-                    }
-                    let loaded = Registry::load(&path);
-                    if FileVersion::of(&path) != now {
-                        // Changed again while being read (an editor writing in place): read
-                        // it at the next look, once it has settled.
-                        continue;
-                    }
-                    version = now;
-                    match loaded {
-                        Ok(registry) => {
-                            info!(
-                                registry = %path.display(),
-                                stations = registry.len(),
-                                "station registry reloaded"
-                            );
-                            live.replace(registry);
-                        }
-                        Err(e) => warn!(
-                            registry = %path.display(),
-                            error = %e,
-                            stations = live.current().len(),
-                            "station registry not reloaded; the previous one stays in force"
-                        ),
-                    }
-                }
-            })?;
-        Ok(RegistryWatcher {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for RegistryWatcher {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::MetadataExt;
+
     use super::*;
+
+    /// Whether the live registry accepts `token` for `zipcode`, asked as a shard asks it.
+    fn proves(live: &LiveRegistry, zipcode: &str, token: Option<&str>) -> bool {
+        live.verify(&Credentials {
+            zipcode,
+            token,
+            certificate: None,
+        })
+    }
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
@@ -820,7 +758,7 @@ mod tests {
         let first = add(&path, "1").unwrap();
         let every = Duration::from_millis(20);
         let (live, watcher) = serve(&path, every).unwrap();
-        assert!(live.verify("1", Some(&first)));
+        assert!(proves(&live, "1", Some(&first)));
         let second = add(&path, "2").unwrap();
         let wait = |what: &str, cond: &dyn Fn() -> bool| {
             let start = std::time::Instant::now();
@@ -829,18 +767,18 @@ mod tests {
                 std::thread::sleep(every);
             }
         };
-        wait("the added station", &|| live.verify("2", Some(&second)));
+        wait("the added station", &|| proves(&live, "2", Some(&second)));
         // A broken file is not published: both stations still verify.
         fs::write(&path, "{broken\n").unwrap();
         std::thread::sleep(every * 10);
-        assert!(live.verify("1", Some(&first)) && live.verify("2", Some(&second)));
+        assert!(proves(&live, "1", Some(&first)) && proves(&live, "2", Some(&second)));
         // Neither is a missing one.
         fs::remove_file(&path).unwrap();
         std::thread::sleep(every * 10);
         assert_eq!(live.current().len(), 2);
         let third = add(&path, "3").unwrap();
-        wait("the new file", &|| live.verify("3", Some(&third)));
-        assert!(!live.verify("1", Some(&first)), "the new file has only 3");
+        wait("the new file", &|| proves(&live, "3", Some(&third)));
+        assert!(!proves(&live, "1", Some(&first)), "the new file has only 3");
         drop(watcher);
         fs::remove_dir_all(&dir).unwrap();
     }

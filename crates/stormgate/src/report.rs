@@ -104,6 +104,8 @@ fn totals_json(t: &Totals) -> Value {
         "dead_letters_failed": t.dead_letters_failed,
         "backpressure_waits": t.backpressure_waits,
         "rate_limited_waits": t.rate_limited_waits,
+        "tls_handshakes": t.tls_handshakes,
+        "tls_handshake_failures": t.tls_handshake_failures,
         "delivery_latency_us": latency_json(&t.delivery_latency),
     })
 }

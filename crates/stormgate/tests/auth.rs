@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use stormgate::registry::{self, Registry};
 use stormgate_protocol::ErrorCode;
 use stormgate_station::{Reply, Station};
+use support::pki::{identify, metrics};
 use support::*;
 
 /// A fresh directory for a registry file.
@@ -19,24 +20,6 @@ fn registry_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("stormgate-auth-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// An identify asking for acknowledgements, with `token` when given.
-fn identify(zipcode: &str, token: Option<&str>) -> Vec<u8> {
-    let mut v =
-        serde_json::json!({"type": "identify", "zipcode": zipcode, "city": "Town", "acks": true});
-    if let Some(token) = token {
-        v["token"] = token.into();
-    }
-    format!("{v}\n").into_bytes()
-}
-
-fn metrics(seq: u64, data: &str) -> Vec<u8> {
-    format!(
-        "{}\n",
-        serde_json::json!({"type": "metrics", "seq": seq, "data": data})
-    )
-    .into_bytes()
 }
 
 /// The next reply, which must be an error line; returns its code.
