@@ -366,10 +366,24 @@ impl Loaded {
             .all_kafka_props()
             .unwrap_or_else(|e| vec![("(error)".into(), e.to_string())]);
         for (name, value) in props {
+            let value = if is_secret_property(&name) {
+                "(secret, not shown)"
+            } else {
+                &value
+            };
             writeln!(out, "{PROPERTIES_TABLE}.{name}  {value}").expect("writing to a String");
         }
         out
     }
+}
+
+/// librdkafka properties whose value is a secret (`sasl.password`, `ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, a private key given inline): `check-config` shows that
+/// they are set, never their value, so its output can be pasted into a ticket.
+fn is_secret_property(name: &str) -> bool {
+    name.contains("password")
+        || name.contains("secret")
+        || matches!(name, "ssl.key.pem" | "sasl.oauthbearer.config")
 }
 
 /// `docs/CONFIGURATION.md`, generated from the settings themselves (`stormgate config-doc`).
@@ -482,6 +496,47 @@ mod tests {
         assert!(report.contains("tcp.job_queue_size"), "{report}");
         assert!(report.contains("512  (file)"), "{report}");
         assert!(report.contains("200  (flag)"), "{report}");
+    }
+
+    #[test]
+    fn kafka_tls_and_sasl_settings_are_accepted_and_their_secrets_not_shown() {
+        // A CA file librdkafka can load (it reads it when the producer is created).
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(vec!["kafka.example".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let ca = write("kafka-ca.pem", &ca.pem());
+        let path = write(
+            "kafka-tls.toml",
+            &format!(
+                r#"
+                [kafka]
+                brokers = "broker-1.example:9093"
+                [kafka.properties]
+                "security.protocol" = "SASL_SSL"
+                "sasl.mechanism" = "SCRAM-SHA-512"
+                "sasl.username" = "stormgate"
+                "sasl.password" = "hunter2-do-not-print"
+                "ssl.ca.location" = "{}"
+                "ssl.endpoint.identification.algorithm" = "https"
+                "#,
+                ca.display()
+            ),
+        );
+        let loaded = load(["stormgate", "--config", path.to_str().unwrap()]).unwrap();
+        // librdkafka was built with OpenSSL and SCRAM: it takes these and loads the CA.
+        loaded.cli.validate().unwrap();
+        let report = loaded.report();
+        assert!(!report.contains("hunter2"), "{report}");
+        assert!(
+            report.contains("kafka.properties.sasl.password  (secret, not shown)"),
+            "{report}"
+        );
+        assert!(
+            report.contains("kafka.properties.sasl.username  stormgate"),
+            "{report}"
+        );
     }
 
     #[test]

@@ -213,6 +213,57 @@ fn sigterm_flush() {
     std::fs::remove_dir_all(&stats_dir).unwrap();
 }
 
+/// SIGHUP reloads the TLS files and the station registry at once — here unchanged, so only
+/// the signal can have caused it — and the process goes on serving: the connection opened
+/// before keeps working, a new one is served, and SIGTERM still drains (SIGHUP's default
+/// action would have ended the process).
+#[test]
+fn sighup_reloads_certificates_and_registry_and_the_server_goes_on() {
+    use support::pki::{Ca, TlsStation, identify, metrics, pki_dir};
+    let dir = pki_dir();
+    let ca = Ca::new("Stormgate test CA");
+    let (cert, key) = ca.server().write(&dir, "server");
+    let registry = dir.join("stations.jsonl");
+    let token = stormgate::registry::add(&registry, "12345").unwrap();
+    let mut p = Process::spawn(&[
+        ("SINK", "null"),
+        ("TLS_CERT", cert.to_str().unwrap()),
+        ("TLS_KEY", key.to_str().unwrap()),
+        ("STATION_AUTH", "token"),
+        ("STATION_REGISTRY", registry.to_str().unwrap()),
+    ]);
+    let addr = p.addr();
+    let config = ca.client_config(None);
+    let mut before = TlsStation::connect(addr, config.clone()).unwrap();
+    before.send(&identify("12345", Some(&token))).unwrap();
+    before.send(&metrics(1, "before=1")).unwrap();
+    before.wait_for_ack(1);
+
+    p.signal(libc::SIGHUP);
+    p.log_line("SIGHUP: reloading");
+    p.log_line("TLS certificate reloaded");
+    p.log_line("station registry reloaded");
+    before.send(&metrics(2, "after=1")).unwrap();
+    before.wait_for_ack(2);
+    let mut after = TlsStation::connect(addr, config).unwrap();
+    after.send(&identify("12345", Some(&token))).unwrap();
+    after.send(&metrics(1, "new=1")).unwrap();
+    after.wait_for_ack(1);
+
+    p.signal(libc::SIGTERM);
+    assert!(p.wait_exit().success(), "exit status after SIGTERM");
+    let reloads = p
+        .seen
+        .iter()
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("TLS certificate reloaded"))
+        })
+        .count();
+    assert_eq!(reloads, 1, "files unchanged: only the signal reloads");
+}
+
 #[test]
 fn a_taken_port_is_reported_and_exits_non_zero() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
