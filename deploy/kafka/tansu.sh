@@ -30,6 +30,9 @@
 #   TANSU_PORT           default port (default: 9092)
 #   TANSU_START_TIMEOUT  seconds to wait for the port to accept (default: 20)
 #   TANSU_STOP_TIMEOUT   seconds between SIGTERM and SIGKILL (default: 5)
+#   TANSU_ADVERTISED     host:port the broker tells clients to connect to, when that is
+#                        not its own port (default: 127.0.0.1:PORT); e.g. a TLS proxy in
+#                        front of it, which is how tests reach it over TLS
 #
 # Only stdout carries machine-readable results (the KAFKA_BROKERS line, the
 # binary path, status, topic list); all progress and errors go to stderr, so
@@ -292,7 +295,7 @@ cmd_start() {
   if command -v setsid >/dev/null 2>&1; then launcher=(setsid); fi
   "${launcher[@]}" "$TANSU_BIN" broker \
     --listener-url "$(broker_url "$port")" \
-    --advertised-listener-url "$(broker_url "$port")" \
+    --advertised-listener-url "tcp://${TANSU_ADVERTISED:-127.0.0.1:$port}" \
     --storage-engine memory://tansu/ \
     </dev/null >>"$lf" 2>&1 8>&- 9>&- &
   pid=$!

@@ -151,9 +151,22 @@ pub struct ScanStats {
 
 /// Creates `topic` with `partitions` partitions (replication 1); an existing topic is fine.
 pub fn create_topic(brokers: &str, topic: &str, partitions: i32) -> KafkaResult<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
+    create_topic_with(brokers, topic, partitions, &[])
+}
+
+/// [`create_topic`] with extra librdkafka properties for the admin client (e.g. TLS).
+pub fn create_topic_with(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    properties: &[(String, String)],
+) -> KafkaResult<()> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (name, value) in properties {
+        config.set(name, value);
+    }
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = futures_lite::future::block_on(admin.create_topics([&new], &opts))?;
