@@ -70,7 +70,7 @@ pub(crate) fn serve(
         session: Session::new(id),
         core,
         stream: StationStream::Plain(stream),
-        _registration: registration,
+        registration,
         peer,
         queue,
         flow,
@@ -113,8 +113,8 @@ pub(crate) fn serve(
 struct Connection {
     core: Rc<ShardCore>,
     stream: StationStream,
-    /// Keeps the socket in the shard's list for shutdown; removed on drop.
-    _registration: Registration,
+    /// The socket's entry in the shard's table (shutdown, read deadlines); removed on drop.
+    registration: Registration,
     peer: SocketAddr,
     queue: Rc<LocalSender<Record>>,
     /// The connection's in-flight count, when it has a cap.
@@ -125,7 +125,8 @@ struct Connection {
     backlog: Backlog,
     /// Error lines waiting to be written to the station.
     replies: Vec<u8>,
-    /// The value buffer the next record is encoded into.
+    /// The value buffer the next record is encoded into: from the shard's pool while lines
+    /// are being handled, empty (no allocation) between reads.
     payload: Vec<u8>,
     /// When the bytes being handled were read.
     stamp: ReadStamp,
@@ -154,8 +155,9 @@ struct Connection {
 
 /// Why the connection stopped handling lines before the end of its bytes.
 enum Blocked {
-    /// The shard queue was full; this record goes in first once there is room.
-    Queue(Record),
+    /// The shard queue was full; this record goes in first once there is room. Boxed: a
+    /// block is rare, and every connection carries room for one.
+    Queue(Box<Record>),
     /// The connection reached its in-flight cap.
     Flow,
 }
@@ -191,11 +193,8 @@ impl Connection {
             if self.core.draining.is_fired() {
                 return CloseReason::Shutdown;
             }
-            let timeout = match self.read_timeout() {
-                Ok(timeout) => timeout,
-                Err(code) => return Box::pin(self.close_with(code)).await,
-            };
-            self.stream.set_read_timeout(timeout);
+            self.registration
+                .set_deadline(&self.core, self.read_deadline());
             let n = match self.read_and_handle().await {
                 Ok(Some(n)) => n,
                 Ok(None) => {
@@ -206,16 +205,18 @@ impl Connection {
                     }
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    let code = if self.partial_since.is_some() {
-                        ErrorCode::LineTimeout
-                    } else {
-                        ErrorCode::IdleTimeout
-                    };
-                    return Box::pin(self.close_with(code)).await;
-                }
                 Err(e) => return CloseReason::Io(e),
             };
+            if n == 0 && self.registration.expired(&self.core) {
+                // The shard shut the read side at the deadline (not the station leaving):
+                // a partial line in the backlog is cut, not completed.
+                let code = if self.partial_since.is_some() {
+                    ErrorCode::LineTimeout
+                } else {
+                    ErrorCode::IdleTimeout
+                };
+                return Box::pin(self.close_with(code)).await;
+            }
             if n == 0 && !self.core.draining.is_fired() && !self.backlog.is_empty() {
                 // The station closed without a final newline: its last line is complete.
                 self.backlog.push(b"\n", &self.core.backlogs);
@@ -268,7 +269,6 @@ impl Connection {
             .as_ref()
             .expect("called with TLS configured");
         let timeout = core.config.tls_handshake_timeout;
-        self.stream.set_read_timeout(Some(timeout));
         match self.stream.start_tls(tls.server_config(), timeout).await {
             Ok(()) => {
                 core.metrics.tls_handshakes.incr();
@@ -286,20 +286,24 @@ impl Connection {
         }
     }
 
-    /// The read timeout for the next read: the idle timeout, shortened to what is left of the
-    /// line timeout while a partial line waits for its newline. `Err` when that is used up.
-    fn read_timeout(&self) -> Result<Option<Duration>, ErrorCode> {
+    /// When the next read must have happened by: the idle timeout after the last read,
+    /// or earlier the line timeout after a partial line began. The shard expires the
+    /// connection at that moment (`ShardCore::expire_overdue`).
+    fn read_deadline(&self) -> Option<Instant> {
         let config = &self.core.config;
-        let idle = config.idle_timeout.filter(|d| !d.is_zero());
-        let line = config.line_timeout.filter(|d| !d.is_zero());
-        let (Some(since), Some(line)) = (self.partial_since, line) else {
-            return Ok(idle);
-        };
-        let left = line.saturating_sub(since.elapsed());
-        if left.is_zero() {
-            return Err(ErrorCode::LineTimeout);
+        let idle = config
+            .idle_timeout
+            .filter(|d| !d.is_zero())
+            .map(|d| self.stamp.at + d);
+        let line = config
+            .line_timeout
+            .filter(|d| !d.is_zero())
+            .zip(self.partial_since)
+            .map(|(d, since)| since + d);
+        match (idle, line) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
-        Ok(Some(idle.map_or(left, |idle| idle.min(left))))
     }
 
     /// After the backlog was handled and nothing blocks, whatever it still holds is a partial
@@ -477,7 +481,7 @@ impl Connection {
                     flow.room().await;
                 }
                 Blocked::Queue(record) => {
-                    if let Err(e) = self.queue.send(record).await {
+                    if let Err(e) = self.queue.send(*record).await {
                         self.lost_sink(e);
                         return;
                     }
@@ -503,6 +507,9 @@ impl Connection {
     fn handle(&mut self, buf: &mut [u8], mut pos: usize, end: usize) -> usize {
         let core = Rc::clone(&self.core);
         let mut parser = core.parser.borrow_mut();
+        if self.payload.capacity() == 0 {
+            self.payload = core.ledger.payloads.take();
+        }
         let dead_letters = core.config.dead_letters;
         let auth = core.config.station_auth.as_deref();
         // The zipcode of the last refused identify, for its log line.
@@ -585,7 +592,7 @@ impl Connection {
                     match self.queue.try_send(record) {
                         Ok(()) => core.gate.enqueued(),
                         Err(GlommioError::WouldBlock(ResourceType::Channel(record))) => {
-                            self.blocked = Some(Blocked::Queue(record));
+                            self.blocked = Some(Blocked::Queue(Box::new(record)));
                             break;
                         }
                         Err(e) => {
@@ -617,6 +624,10 @@ impl Connection {
         core.metrics.lines_received.add(lines);
         core.metrics.records_enqueued.add(records);
         self.budget -= lines as f64;
+        if self.payload.is_empty() {
+            // Back to the shard's pool between reads: an idle station holds no buffer.
+            core.ledger.payloads.give(std::mem::take(&mut self.payload));
+        }
         pos
     }
 
@@ -748,7 +759,7 @@ impl Connection {
         match self.queue.try_send(record) {
             Ok(()) => self.core.gate.enqueued(),
             Err(GlommioError::WouldBlock(ResourceType::Channel(record))) => {
-                self.blocked = Some(Blocked::Queue(record));
+                self.blocked = Some(Blocked::Queue(Box::new(record)));
             }
             Err(e) => self.lost_sink(e),
         }
@@ -868,6 +879,16 @@ pub(crate) mod tests {
 
     /// In test builds, a connection that receives this line panics while handling it.
     pub(crate) const PANIC_LINE: &[u8] = b"{\"type\":\"__injected_panic__\"}";
+
+    /// An idle connection costs its task (this state plus the small `run` future) and
+    /// glommio's poll source; nothing else stays allocated (docs/PERFORMANCE.md). A field
+    /// added here is paid by every one of 50,000 idle connections: keep rare state boxed.
+    #[test]
+    fn a_connection_stays_small() {
+        let size = std::mem::size_of::<super::Connection>();
+        eprintln!("Connection: {size} bytes");
+        assert!(size <= 512, "Connection grew to {size} bytes");
+    }
 
     #[test]
     fn a_panicking_connection_ends_alone_and_the_shard_serves_on() {

@@ -43,22 +43,6 @@ pub(crate) enum StationStream {
 }
 
 impl StationStream {
-    fn tcp(&self) -> Option<&TcpStream> {
-        match self {
-            StationStream::Plain(s) => Some(s),
-            StationStream::Tls(s) => Some(s.get_ref().0),
-            StationStream::Gone => None,
-        }
-    }
-
-    /// Bounds every later read of the socket; see `TcpStream::set_read_timeout`.
-    pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) {
-        if let Some(tcp) = self.tcp() {
-            // Only fails for a zero duration, which callers never pass.
-            let _ = tcp.set_read_timeout(timeout);
-        }
-    }
-
     /// The end-entity certificate (DER) the station presented in its handshake: only with
     /// mutual TLS, and then verified against the client CAs.
     pub(crate) fn peer_certificate(&self) -> Option<&[u8]> {

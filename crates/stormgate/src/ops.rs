@@ -772,10 +772,10 @@ pub struct StatsBlock {
     pub connections_max: usize,
     /// Distinct zipcodes that identified since start (an estimate within ~1.6%).
     pub unique_zipcodes: u64,
-    /// Connections with a timer armed: every open connection waits in a read whose timer is
-    /// the idle timeout (or what is left of the line timeout), so with either timeout set
-    /// this is the open connections (with only a line timeout, an upper bound: only those
-    /// holding a partial line have one), and zero with neither.
+    /// Connections with a read deadline armed: every open connection waits in a read that
+    /// its shard expires at the idle timeout (or earlier at the line timeout), so with either
+    /// timeout set this is the open connections (with only a line timeout, an upper bound:
+    /// only those holding a partial line have one), and zero with neither.
     pub scheduled_timers: i64,
     /// Lines received per second over the interval.
     pub lines_per_sec: f64,

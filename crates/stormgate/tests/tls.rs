@@ -276,13 +276,20 @@ fn a_new_certificate_reaches_new_connections_and_open_ones_keep_working() {
 }
 
 #[test]
-fn a_stalled_handshake_is_closed_at_the_timeout() {
+fn a_stalled_handshake_is_closed_at_the_timeout_and_an_idle_connection_at_its_own() {
     let dir = pki_dir();
     let ca = Ca::new("Stormgate test CA");
     let app = start_tls(
         &dir,
         &ca.server(),
-        &["--sink", "null", "--tls-handshake-timeout", "300ms"],
+        &[
+            "--sink",
+            "null",
+            "--tls-handshake-timeout",
+            "300ms",
+            "--idle-timeout",
+            "1s",
+        ],
     );
     let mut stalled = TcpStream::connect(app.local_addr()).unwrap();
     stalled
@@ -301,5 +308,15 @@ fn a_stalled_handshake_is_closed_at_the_timeout() {
         app.server().totals().tls_handshake_failures == 1
     });
     assert_eq!(app.server().totals().connections_active, 0);
+
+    // After its handshake a connection has the idle timeout, told over TLS.
+    let mut quiet = TlsStation::connect(app.local_addr(), ca.client_config(None)).unwrap();
+    quiet.send(&identify("12345", None)).unwrap();
+    match quiet.reply().unwrap() {
+        Reply::Error { code, .. } => assert_eq!(code, "idle_timeout"),
+        other => panic!("{other:?}"),
+    }
+    assert!(quiet.reply().is_err(), "closed after its error line");
+    assert_eq!(app.server().totals().idle_timeouts, 1);
     app.stop().unwrap();
 }
