@@ -4,7 +4,7 @@
 Usage (through benches/run.sh, which builds the binaries first):
 
     benches/run.sh SCENARIO [--smoke]     one of: parse-only e2e ceiling before shards
-                                          connections latency all
+                                          connections latency acks fairness tls all
     benches/run.sh report                 tables (benches/results/summary.md) and plots
                                           (docs/img/*.svg) from the latest results
 
@@ -13,6 +13,8 @@ on BENCH_KAFKA_PORT, default 29092) for each Kafka measurement, the stormgate se
 loopback port, and the load generator (target/release/stormgate-loadgen). Server CPU time and
 memory come from /proc/PID/stat and /proc/PID/status; the server's own line-to-delivery-report
 latency histogram comes from its --stats-file; record counts are verified by consuming the topic.
+The TLS scenario's certificates come from the load generator (`stormgate-loadgen pki`, rcgen),
+so nothing needs installing for it either.
 
 --smoke runs each scenario for a second or two with few connections, so CI proves that the
 harness works; its results go to benches/results/smoke/ and are not worth comparing.
@@ -26,12 +28,14 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,10 +120,14 @@ class Broker:
 
 
 class Server:
-    """The stormgate binary on a free loopback port, with its statistics file."""
+    """The stormgate binary on a free loopback port, with its statistics file.
 
-    def __init__(self, *args, env=None):
+    With `metrics`, its operations endpoint listens on another free loopback port, for
+    `metric()` to read counters while it runs."""
+
+    def __init__(self, *args, env=None, metrics=False):
         self.port = free_port()
+        self.metrics_port = free_port() if metrics else None
         self.dir = Path(tempfile.mkdtemp(prefix="stormgate-bench-"))
         self.stats_path = self.dir / "stats.json"
         self.log_path = self.dir / "server.log"
@@ -127,7 +135,7 @@ class Server:
             str(STORMGATE),
             "--listen", f"127.0.0.1:{self.port}",
             "--stats-file", str(self.stats_path),
-            "--metrics-addr", "off",
+            "--metrics-addr", f"127.0.0.1:{self.metrics_port}" if metrics else "off",
             # Benchmarks measure capacity: no per-connection line-rate limit (a few runs send
             # from fewer connections than the default limit allows for).
             "--max-lines-per-sec", "0",
@@ -145,10 +153,28 @@ class Server:
                 raise RuntimeError(f"server did not start: {self.log_path.read_text()[-2000:]}")
             time.sleep(0.05)
         self.pid = self.proc.pid
+        if metrics:
+            wait_until(lambda: self.metric("stormgate_ready") is not None, 30,
+                       "the operations endpoint to answer")
 
     @property
     def target(self):
         return f"127.0.0.1:{self.port}"
+
+    def metric(self, name):
+        """A metric from the operations endpoint, summed over its label sets (shards);
+        None while the endpoint does not answer."""
+        try:
+            url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                text = answer.read().decode()
+        except OSError:
+            return None
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
 
     def cpu(self):
         return cpu_seconds(self.pid)
@@ -208,6 +234,23 @@ def machine():
     }
 
 
+def wait_until(condition, timeout, what, interval=0.05):
+    """Polls `condition` until it holds; False (and a log line) if `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            log(f"gave up after {timeout} s waiting for {what}")
+            return False
+        time.sleep(interval)
+    return True
+
+
+def children_cpu_seconds():
+    """User + system CPU seconds of this process's reaped children so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def git_rev():
     out = subprocess.run(
         ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True
@@ -223,18 +266,21 @@ def per_million(cpu, lines):
     return round(cpu / lines * 1e6, 3) if lines else None
 
 
-def parse_only_run(connections, duration, shards=0, threads=1):
-    """Null sink: the load generator sends as fast as the server reads for `duration`."""
-    server = Server("--sink", "null", "--shards", shards)
+def parse_only_run(connections, duration, shards=0, threads=1, tls=None):
+    """Null sink: the load generator sends as fast as the server reads for `duration`; over
+    TLS with `tls` (see `make_pki`)."""
+    server = Server("--sink", "null", "--shards", shards, *tls_server_args(tls))
     rss0, _ = server.memory()
     cpu0 = server.cpu()
+    loadgen_cpu0 = children_cpu_seconds()
     # The load generator stops sending after `duration`, then waits until the server has read
     # everything still in the socket buffers (the drain): the rate counts both.
     sent = loadgen(
         "send", "--target", server.target, "--connections", connections,
         "--duration", f"{duration}s", "--threads", threads, "--drain-timeout", "120s",
-        quiet=SMOKE,
+        *tls_send_args(tls), quiet=SMOKE,
     )
+    loadgen_cpu = children_cpu_seconds() - loadgen_cpu0
     cpu = server.cpu() - cpu0
     rss, hwm = server.memory()
     stats = server.stop()
@@ -252,10 +298,60 @@ def parse_only_run(connections, duration, shards=0, threads=1):
         "loadgen_lines_sent": sent["lines_sent"],
         "server_cpu_s": round(cpu, 2),
         "cpu_s_per_million_lines": per_million(cpu, lines),
+        # The load generator shares the cores: what it spends (on TLS, more) the server lacks.
+        "loadgen_cpu_s": round(loadgen_cpu, 2),
         "server_rss_mib": round(rss / 2**20, 1),
         "server_rss_start_mib": round(rss0 / 2**20, 1),
         "server_rss_peak_mib": round(hwm / 2**20, 1),
         "backpressure_waits": stats["totals"]["backpressure_waits"],
+        "line_errors": stats["totals"]["line_errors"],
+        "tls": tls is not None,
+        "tls_handshakes": stats["totals"]["tls_handshakes"],
+        "tls_handshake_failures": stats["totals"]["tls_handshake_failures"],
+    }
+
+
+def hold_idle(server, idle, hold, opened, settled=None, zip_base=50000, send_args=()):
+    """Starts a load generator that opens `idle` connections to `server`, identifies each and
+    holds them for `hold` seconds; waits until `opened()` (a count on the server's side)
+    reaches `idle`, then until `settled()` does (if given), then a second more.
+
+    Returns the load generator's process, still holding (the caller ends it), and the figures:
+    how fast the server opened them, and its CPU time and memory growth per connection."""
+    time.sleep(0.5)
+    rss0, _ = server.memory()
+    cpu0 = server.cpu()
+    t0 = time.time()
+    proc = subprocess.Popen(
+        [str(LOADGEN), "send", "--target", server.target, "--connections", str(idle),
+         "--idle", "--duration", f"{hold}s", "--zip-base", str(zip_base), "--quiet-progress",
+         *map(str, send_args)],
+        stdout=subprocess.DEVNULL,
+    )
+
+    def reached(count):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the idle load generator exited {proc.returncode}")
+        return (count() or 0) >= idle
+
+    wait_until(lambda: reached(opened), 120, f"{idle} connections to open")
+    connect_s = time.time() - t0
+    if settled:
+        wait_until(lambda: reached(settled), 60, f"{idle} connections to settle")
+    cpu = server.cpu() - cpu0
+    time.sleep(1)
+    rss_idle, _ = server.memory()
+    per_conn = (rss_idle - rss0) / idle
+    log(f"{idle} idle connections in {connect_s:.1f}s; RSS {rss0/2**20:.1f} → "
+        f"{rss_idle/2**20:.1f} MiB: {per_conn:.0f} bytes each")
+    return proc, {
+        "idle_connections": idle,
+        "connect_s": round(connect_s, 2),
+        "opened_per_s": round(idle / connect_s),
+        "server_cpu_us_per_connection": round(cpu / idle * 1e6),
+        "server_rss_before_mib": round(rss0 / 2**20, 1),
+        "server_rss_idle_mib": round(rss_idle / 2**20, 1),
+        "rss_bytes_per_idle_connection": round(per_conn),
     }
 
 
@@ -477,29 +573,10 @@ def scenario_connections():
     broker = Broker().restart()
     topic = broker.topic("bench-connections")
     server = Server("--kafka-brokers", broker.brokers, "--kafka-topic", topic)
-    time.sleep(0.5)
-    rss0, _ = server.memory()
-    hold = duration * 3 + 30
-    t0 = time.time()
-    idle_proc = subprocess.Popen(
-        [str(LOADGEN), "send", "--target", server.target, "--connections", str(idle),
-         "--idle", "--duration", f"{hold}s", "--zip-base", "50000", "--quiet-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
     # Accept rate: how fast the server's established connections (its side, from
     # /proc/net/tcp) reach `idle`.
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        connected = count_established(server.port)
-        if connected >= idle:
-            break
-        time.sleep(0.05)
-    connect_s = time.time() - t0
-    time.sleep(1)
-    rss_idle, _ = server.memory()
-    per_conn = (rss_idle - rss0) / idle
-    log(f"{idle} idle connections in {connect_s:.1f}s; RSS {rss0/2**20:.1f} → "
-        f"{rss_idle/2**20:.1f} MiB: {per_conn:.0f} bytes each")
+    idle_proc, held = hold_idle(server, idle, duration * 3 + 30,
+                                opened=lambda: count_established(server.port))
     active = loadgen("send", "--target", server.target, "--connections", 100,
                      "--duration", f"{duration}s", "--rate", 100, "--zip-base", 10000,
                      quiet=SMOKE)
@@ -511,11 +588,11 @@ def scenario_connections():
     return {
         "open_files_limit": {"soft": soft, "hard": hard},
         "idle_connections": idle,
-        "connect_s": round(connect_s, 2),
-        "accepts_per_s": round(idle / connect_s),
-        "server_rss_before_mib": round(rss0 / 2**20, 1),
-        "server_rss_idle_mib": round(rss_idle / 2**20, 1),
-        "rss_bytes_per_idle_connection": round(per_conn),
+        "connect_s": held["connect_s"],
+        "accepts_per_s": held["opened_per_s"],
+        "server_rss_before_mib": held["server_rss_before_mib"],
+        "server_rss_idle_mib": held["server_rss_idle_mib"],
+        "rss_bytes_per_idle_connection": held["rss_bytes_per_idle_connection"],
         "active_connections": 100,
         "active_lines_sent": active["lines_sent"],
         "records_delivered": totals["records_delivered"],
@@ -635,6 +712,111 @@ def scenario_fairness():
     return {"alone": base, "flooded": flooded, "p99_ratio": round(ratio, 2)}
 
 
+def make_pki():
+    """A throwaway CA and a server certificate for localhost and 127.0.0.1 (ECDSA P-256),
+    written by the load generator (rcgen): a dict of file paths, and `dir` to remove."""
+    out = Path(tempfile.mkdtemp(prefix="stormgate-bench-pki-"))
+    pki = loadgen("pki", "--out", out, quiet=True)
+    pki["dir"] = str(out)
+    return pki
+
+
+def tls_server_args(pki):
+    return ["--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"]] if pki else []
+
+
+def tls_send_args(pki):
+    return ["--tls-ca", pki["ca"]] if pki else []
+
+
+def ratios(tls, plain, keys):
+    """TLS / plain for each of `keys`."""
+    return {k: round(tls[k] / plain[k], 2) if tls.get(k) is not None and plain.get(k) else None
+            for k in keys}
+
+
+def idle_run(idle, tls=None):
+    """Null sink, as parse-only: `idle` connections that each connect (with `tls`, make a full
+    handshake) and identify, then hold. How fast the server opened them (plain: accepted, TLS:
+    handshakes completed, from its operations endpoint), its CPU time for each until it had
+    read every identify, and its memory per connection."""
+    server = Server("--sink", "null", *tls_server_args(tls), metrics=True)
+    opened = "stormgate_tls_handshakes_total" if tls else "stormgate_connections_accepted_total"
+    loadgen_cpu0 = children_cpu_seconds()
+    # Identify lines are the only lines: once the server has read `idle` of them, every
+    # connection is in its idle state.
+    proc, held = hold_idle(server, idle, 600, opened=lambda: server.metric(opened),
+                           settled=lambda: server.metric("stormgate_lines_received_total"),
+                           send_args=tls_send_args(tls))
+    proc.kill()
+    proc.wait()
+    # Nearly all of it opening the connections (the load generator shares the cores): holding
+    # them costs it nothing. Taken before the server, also a child, is reaped.
+    held["loadgen_cpu_s"] = round(children_cpu_seconds() - loadgen_cpu0, 2)
+    totals = server.stop()["totals"]
+    held.update(tls=tls is not None, lines_received=totals["lines_received"],
+                line_errors=totals["line_errors"],
+                tls_handshakes=totals["tls_handshakes"],
+                tls_handshake_failures=totals["tls_handshake_failures"])
+    return held
+
+
+def checked(run, connections, lines):
+    """Marks a run verified when the server read exactly `lines` lines without an error and,
+    over TLS, completed one handshake per connection and failed none."""
+    check = {
+        "lines_expected": lines,
+        "lines_received": run.get("lines", run.get("lines_received")),
+        "line_errors": run.get("line_errors", {}),
+        "tls_handshakes": run["tls_handshakes"],
+        "tls_handshake_failures": run["tls_handshake_failures"],
+    }
+    check["ok"] = (check["lines_received"] == lines and not check["line_errors"]
+                   and check["tls_handshake_failures"] == 0
+                   and check["tls_handshakes"] == (connections if run["tls"] else 0))
+    if not check["ok"]:
+        log(f"CHECK FAILED ({'TLS' if run['tls'] else 'plain'}): {check}")
+    run["verified"] = check
+    return run
+
+
+def scenario_tls():
+    """Plain TCP against TLS on the same server settings (null sink, as parse-only), in the
+    same run: (a) connections sending flat out: lines/s, server CPU per million lines, RSS;
+    (b) idle connections, each after its handshake and identify: how fast the server opened
+    them, its CPU and RSS per connection. Every TLS connection makes a full handshake
+    (TLS 1.3, ECDSA P-256 certificate, no session resumption)."""
+    conns, duration, idle = (10, 2, 200) if SMOKE else (100, 10, 5000)
+    pki = make_pki()
+    try:
+        flat = {}
+        for name, tls in (("plain", None), ("tls", pki)):
+            r = parse_only_run(conns, duration, tls=tls)
+            # Every metrics line sent, and each connection's identify.
+            flat[name] = checked(r, conns, r["loadgen_lines_sent"] + conns)
+            log(f"{name} {conns} conns flat out: {r['lines_per_s']:,} lines/s, "
+                f"{r['cpu_s_per_million_lines']} CPU-s/M, RSS {r['server_rss_mib']} MiB")
+        flat["tls_over_plain"] = ratios(
+            flat["tls"], flat["plain"],
+            ["lines_per_s", "cpu_s_per_million_lines", "server_rss_mib", "server_rss_peak_mib",
+             "loadgen_cpu_s"])
+        held = {}
+        for name, tls in (("plain", None), ("tls", pki)):
+            r = idle_run(idle, tls=tls)
+            held[name] = checked(r, idle, idle)
+            log(f"{name} {idle} idle: opened {r['opened_per_s']:,}/s, "
+                f"{r['server_cpu_us_per_connection']} µs CPU and "
+                f"{r['rss_bytes_per_idle_connection']:,} bytes RSS each")
+        held["tls_over_plain"] = ratios(
+            held["tls"], held["plain"],
+            ["opened_per_s", "server_cpu_us_per_connection", "loadgen_cpu_s",
+             "rss_bytes_per_idle_connection"])
+    finally:
+        shutil.rmtree(pki["dir"], ignore_errors=True)
+    log(f"TLS/plain: flat out {flat['tls_over_plain']}, idle {held['tls_over_plain']}")
+    return {"certificate_key": "ECDSA P-256", "flat_out": flat, "idle": held}
+
+
 SCENARIOS = {
     "parse-only": scenario_parse_only,
     "e2e": scenario_e2e,
@@ -645,6 +827,7 @@ SCENARIOS = {
     "latency": scenario_latency,
     "acks": scenario_acks,
     "fairness": scenario_fairness,
+    "tls": scenario_tls,
 }
 
 SMOKE = False
@@ -689,12 +872,13 @@ def main():
         if not verified(doc["result"]):
             failed.append(name)
     if failed:
-        log(f"records went missing or were duplicated in: {', '.join(failed)}")
+        log(f"records went missing or were duplicated, or a check failed, in: "
+            f"{', '.join(failed)}")
         sys.exit(1)
 
 
 def verified(result):
-    """False if any Kafka run in the result failed its consume check."""
+    """False if any run in the result failed its check (a Kafka run its consume check)."""
     if isinstance(result, dict):
         if result.get("verified", {}).get("ok") is False:
             return False

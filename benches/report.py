@@ -121,7 +121,45 @@ def summary(docs):
                 f"{fmt(lat['p50'])} | {fmt(lat['p99'])} |")
         add(f"\npaced stations' p99 with the flooder / without: **{d['p99_ratio']}** "
             "(send → consumed).\n")
+    if "tls" in docs:
+        tls_summary(docs["tls"], add)
     return "\n".join(lines) + "\n"
+
+
+def tls_summary(doc, add):
+    d = doc["result"]
+    add(f"### TLS vs plain text (`--sink null`), {doc['started_at']}, {doc['git']}\n")
+    flat = d["flat_out"]
+    add(f"{flat['plain']['connections']} connections flat out, same run:\n")
+    add("| | lines/s | server CPU-s per M lines | load generator CPU-s | RSS MiB | checked |")
+    add("|---|---|---|---|---|---|")
+    for key, label in (("plain", "plain"), ("tls", "TLS")):
+        r = flat[key]
+        add(f"| {label} | {fmt(r['lines_per_s'])} | {r['cpu_s_per_million_lines']} | "
+            f"{r['loadgen_cpu_s']} | {r['server_rss_mib']} | {checked(r)} |")
+    q = {k: fmt(v) for k, v in flat["tls_over_plain"].items()}
+    add(f"| **TLS/plain** | **{q['lines_per_s']}** | **{q['cpu_s_per_million_lines']}** | "
+        f"{q['loadgen_cpu_s']} | {q['server_rss_mib']} | |")
+    held = d["idle"]
+    add(f"\n{fmt(held['plain']['idle_connections'])} idle connections, each after its "
+        f"handshake ({d['certificate_key']} certificate, no resumption) and identify:\n")
+    add("| | opened/s | server CPU µs each | load generator CPU-s | RSS bytes each | checked |")
+    add("|---|---|---|---|---|---|")
+    for key, label in (("plain", "plain (accepted)"), ("tls", "TLS (handshakes)")):
+        r = held[key]
+        add(f"| {label} | {fmt(r['opened_per_s'])} | {fmt(r['server_cpu_us_per_connection'])} | "
+            f"{r['loadgen_cpu_s']} | {fmt(r['rss_bytes_per_idle_connection'])} | {checked(r)} |")
+    q = {k: fmt(v) for k, v in held["tls_over_plain"].items()}
+    add(f"| **TLS/plain** | **{q['opened_per_s']}** | {q['server_cpu_us_per_connection']} | "
+        f"{q['loadgen_cpu_s']} | **{q['rss_bytes_per_idle_connection']}** | |")
+    add("\nServer CPU is counted in clock ticks (10 ms): a few hundred connections may show 0.\n")
+
+
+def checked(r):
+    v = r.get("verified")
+    if not v:
+        return "not checked"
+    return "yes" if v["ok"] else "NO"
 
 
 def verified(r):

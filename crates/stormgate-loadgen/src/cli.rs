@@ -35,6 +35,9 @@ pub enum Command {
     /// Publish ready-made Stormgate records with one producer, as fast as it goes: the
     /// ceiling the server is compared with.
     Produce(ProduceArgs),
+    /// Write a throwaway CA and a server and a client certificate signed by it (PEM), for
+    /// TLS benchmarks and tests: ca.pem, server.crt, server.key, client.crt, client.key.
+    Pki(PkiArgs),
 }
 
 /// `send` flags.
@@ -118,6 +121,36 @@ pub struct SendArgs {
     /// Most connections per process (default: open-files limit − 64); for tests.
     #[arg(long, hide = true, value_name = "M")]
     pub max_conns_per_process: Option<usize>,
+
+    /// Speak TLS, trusting the CA certificates in this PEM file for the server's certificate
+    /// (e.g. ca.pem from `stormgate-loadgen pki`). A connection counts as connected once its
+    /// handshake is done; every connection makes a full handshake (no session resumption).
+    #[arg(long, value_name = "FILE", help_heading = "TLS")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// The name the server's certificate must be valid for (a DNS name or an IP address).
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "localhost",
+        requires = "tls_ca",
+        help_heading = "TLS"
+    )]
+    pub tls_server_name: String,
+
+    /// PEM certificate chain to present as every connection's client certificate (mutual
+    /// TLS); needs --tls-key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires_all = ["tls_ca", "tls_key"],
+        help_heading = "TLS"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert", help_heading = "TLS")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl SendArgs {
@@ -165,6 +198,15 @@ impl SendArgs {
         }
         if let Some(n) = self.lines_per_conn {
             args.push(format!("--lines-per-conn={n}"));
+        }
+        if let Some(ca) = &self.tls_ca {
+            args.push(format!("--tls-ca={}", ca.display()));
+            args.push(format!("--tls-server-name={}", self.tls_server_name));
+        }
+        for (path, flag) in [(&self.tls_cert, "--tls-cert"), (&self.tls_key, "--tls-key")] {
+            if let Some(path) = path {
+                args.push(format!("{flag}={}", path.display()));
+            }
         }
         for (on, flag) in [
             (self.seq, "--seq"),
@@ -309,6 +351,27 @@ impl ProduceArgs {
     }
 }
 
+/// `pki` flags.
+#[derive(Debug, Clone, Args)]
+pub struct PkiArgs {
+    /// Directory to write the files to (created if missing; files in it are replaced).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// A name the server certificate is valid for: a DNS name or an IP address
+    /// (repeatable).
+    #[arg(
+        long = "server-name",
+        value_name = "NAME",
+        default_values = ["localhost", "127.0.0.1"]
+    )]
+    pub server_names: Vec<String>,
+
+    /// Also write the JSON summary to this file.
+    #[arg(long, value_name = "FILE")]
+    pub summary: Option<PathBuf>,
+}
+
 // The defaults above are the server's constants; this keeps the one written as text honest.
 const _: () = assert!(DEFAULT_BATCH_TIMEOUT.as_millis() == 5);
 const _: () = assert!(DEFAULT_DELIVERY_TIMEOUT.as_secs() == 300);
@@ -327,6 +390,8 @@ fn parse_prop(s: &str) -> Result<(String, String), String> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn parse(args: &[&str]) -> Cli {
@@ -385,6 +450,10 @@ mod tests {
             "--threads=2",
             "--zip-base=500",
             "--summary=/tmp/x",
+            "--tls-ca=/pki/ca.pem",
+            "--tls-server-name=127.0.0.1",
+            "--tls-cert=/pki/client.crt",
+            "--tls-key=/pki/client.key",
         ]);
         let child = a.child_args(6, 14);
         assert_eq!(child[0], "send");
@@ -400,6 +469,13 @@ mod tests {
             (Some(7), true, true, false)
         );
         assert_eq!((c.rate, c.threads, c.target), (2.5, 2, a.target));
+        assert_eq!(
+            (&c.tls_ca, &c.tls_server_name, &c.tls_cert, &c.tls_key),
+            (&a.tls_ca, &a.tls_server_name, &a.tls_cert, &a.tls_key)
+        );
+        assert_eq!(c.tls_key.as_deref(), Some(Path::new("/pki/client.key")));
+        let plain = send(&["--lines-per-conn=1"]).child_args(1, 0);
+        assert!(!plain.iter().any(|a| a.starts_with("--tls")), "{plain:?}");
     }
 
     #[test]

@@ -8,10 +8,13 @@
 //!   records per zipcode, duplicated and missing `seq` numbers, end-to-end and ingest latency.
 //! - **`produce`** ([`produce`]): publishes ready-made Stormgate records with one plain
 //!   producer and the server's Kafka settings: the ceiling the server is measured against.
+//! - **`pki`** ([`pki`]): writes a throwaway CA and certificates signed by it, for `send`
+//!   over TLS against a server started with them.
 //!
 //! Supporting modules: [`cli`] (the flags), [`lines`] (station lines from templates),
-//! [`plan`] (source addresses, process and thread splits), [`fdlimit`], [`output`] (the JSON
-//! summary every mode prints on stdout).
+//! [`plan`] (source addresses, process and thread splits), [`tls`] (the rustls client
+//! configuration of `send --tls-ca`), [`fdlimit`], [`output`] (the JSON summary every mode
+//! prints on stdout).
 //!
 //! Kafka is reached only through `stormgate-kafka` (`verify::scan_topic`,
 //! `ceiling::produce_prebuilt`): like the server, this crate does not link rdkafka itself.
@@ -21,9 +24,11 @@ pub mod consume;
 pub mod fdlimit;
 pub mod lines;
 pub mod output;
+pub mod pki;
 pub mod plan;
 pub mod produce;
 pub mod send;
+pub mod tls;
 
 use std::io;
 use std::process::ExitCode;
@@ -57,6 +62,9 @@ pub enum LoadgenError {
     /// A child process of a split `send` misbehaved.
     #[error("{0}")]
     Child(String),
+    /// A TLS file or configuration could not be used.
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 impl LoadgenError {
@@ -83,5 +91,6 @@ pub fn run(cli: &Cli) -> Result<ExitCode, LoadgenError> {
         Command::Send(args) => send::run(args),
         Command::Consume(args) => consume::run(args),
         Command::Produce(args) => produce::run(args),
+        Command::Pki(args) => pki::run(args),
     }
 }

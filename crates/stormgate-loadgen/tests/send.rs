@@ -1,12 +1,18 @@
 //! `stormgate-loadgen send` as a benchmark runs it, against a small line-counting server in
-//! the test: what arrives on each connection, and what the summary says.
+//! the test, over plain TCP and over TLS (rustls, with certificates from `stormgate-loadgen
+//! pki`): what arrives on each connection, and what the summary says.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig, ServerConnection, StreamOwned};
 use serde_json::Value;
 
 /// What one connection sent, as the test server saw it.
@@ -21,6 +27,11 @@ struct Seen {
     garbled: u64,
     sent_us: u64,
     open_for: Duration,
+    /// The stream ended at an end of stream (with TLS: the client's close_notify), not an
+    /// error.
+    clean_end: bool,
+    /// TLS: the client presented a certificate.
+    client_certificate: bool,
 }
 
 /// How the test server behaves.
@@ -33,6 +44,7 @@ struct Behaviour {
 }
 
 /// A server that reads newline-delimited JSON on every connection until EOF, then closes it.
+/// It acknowledges every line of a station whose identify asked for acknowledgements.
 struct LineServer {
     addr: SocketAddr,
     done: mpsc::Receiver<Seen>,
@@ -40,6 +52,15 @@ struct LineServer {
 
 impl LineServer {
     fn start(behaviour: Behaviour) -> LineServer {
+        LineServer::start_with(behaviour, None)
+    }
+
+    /// The same server, speaking TLS with `config`.
+    fn start_tls(behaviour: Behaviour, config: Arc<ServerConfig>) -> LineServer {
+        LineServer::start_with(behaviour, Some(config))
+    }
+
+    fn start_with(behaviour: Behaviour, tls: Option<Arc<ServerConfig>>) -> LineServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, done) = mpsc::channel();
@@ -47,8 +68,16 @@ impl LineServer {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { break };
                 let tx = tx.clone();
+                let tls = tls.clone();
                 std::thread::spawn(move || {
-                    let _ = tx.send(serve(stream, behaviour));
+                    let seen = match tls {
+                        None => serve(stream, behaviour),
+                        Some(config) => {
+                            let conn = ServerConnection::new(config).unwrap();
+                            serve(StreamOwned::new(conn, stream), behaviour)
+                        }
+                    };
+                    let _ = tx.send(seen);
                 });
             }
         });
@@ -67,19 +96,43 @@ impl LineServer {
     }
 }
 
-fn serve(stream: TcpStream, behaviour: Behaviour) -> Seen {
+/// A stream the test server reads lines from and writes replies to.
+trait LineStream: Read + Write {
+    /// TLS: whether the client presented a certificate.
+    fn client_certificate(&self) -> bool {
+        false
+    }
+}
+
+impl LineStream for TcpStream {}
+
+impl LineStream for StreamOwned<ServerConnection, TcpStream> {
+    fn client_certificate(&self) -> bool {
+        self.conn.peer_certificates().is_some()
+    }
+}
+
+fn serve(stream: impl LineStream, behaviour: Behaviour) -> Seen {
     let opened = Instant::now();
-    let mut replies = stream.try_clone().unwrap();
     let mut seen = Seen::default();
-    for (n, line) in BufReader::with_capacity(4096, stream).lines().enumerate() {
-        let Ok(line) = line else { break };
-        if behaviour
-            .pause_every
-            .is_some_and(|p| (n as u64).is_multiple_of(p))
-        {
+    let mut acks = false;
+    let mut reader = BufReader::with_capacity(4096, stream);
+    let mut line = String::new();
+    for n in 0u64.. {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => {
+                seen.clean_end = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        if behaviour.pause_every.is_some_and(|p| n.is_multiple_of(p)) {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
             seen.garbled += 1;
             continue;
         };
@@ -88,6 +141,8 @@ fn serve(stream: TcpStream, behaviour: Behaviour) -> Seen {
                 seen.identifies += 1;
                 seen.zipcode = v["zipcode"].as_str().map(str::to_owned);
                 assert_eq!(v["city"], "Bench City");
+                acks = v["acks"] == true;
+                seen.client_certificate = reader.get_ref().client_certificate();
             }
             Some("metrics") => {
                 seen.metrics += 1;
@@ -102,7 +157,10 @@ fn serve(stream: TcpStream, behaviour: Behaviour) -> Seen {
                         .is_some_and(|n| seq.is_multiple_of(n))
                     {
                         let reply = br#"{"type":"error","code":"malformed_json","message":"line is not valid JSON"}"#;
-                        let _ = replies.write_all(&[&reply[..], b"\n"].concat());
+                        let _ = reader.get_mut().write_all(&[&reply[..], b"\n"].concat());
+                    } else if acks {
+                        let reply = format!("{{\"type\":\"ack\",\"seq\":{seq}}}\n");
+                        let _ = reader.get_mut().write_all(reply.as_bytes());
                     }
                 }
             }
@@ -346,6 +404,321 @@ fn bad_flag_combinations_are_refused() {
         &["send"][..],
         &["send", "--idle"],
         &["send", "--lines-per-conn=1", "--threads=0"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_stormgate-loadgen"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+// ---- TLS --------------------------------------------------------------------------------
+
+/// Certificates from `stormgate-loadgen pki`, in a directory of their own.
+struct Pki {
+    dir: PathBuf,
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("loadgen-pki-{}-{n}", std::process::id()));
+        let (out, summary) = loadgen(&["pki", "--out", dir.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(summary["mode"], "pki");
+        assert_eq!(
+            summary["server_names"],
+            serde_json::json!(["localhost", "127.0.0.1"])
+        );
+        let path = |key: &str| summary[key].as_str().unwrap().to_owned();
+        Pki {
+            ca: path("ca"),
+            server_cert: path("server_cert"),
+            server_key: path("server_key"),
+            client_cert: path("client_cert"),
+            client_key: path("client_key"),
+            dir,
+        }
+    }
+
+    /// The test server's TLS configuration; with `client_ca`, clients must present a
+    /// certificate this CA signed.
+    fn server_config(&self, client_ca: bool) -> Arc<ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain = CertificateDer::pem_file_iter(&self.server_cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(&self.server_key).unwrap();
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = if client_ca {
+            let mut roots = RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_file(&self.ca).unwrap())
+                .unwrap();
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        Arc::new(builder.with_single_cert(chain, key).unwrap())
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Every connection sent seqs 0..n in order, whole, and ended with a close_notify.
+fn assert_intact(seen: &[Seen]) {
+    for s in seen {
+        assert_eq!(s.garbled, 0, "{:?}", s.zipcode);
+        assert_eq!(
+            s.seqs,
+            (0..s.metrics).collect::<Vec<_>>(),
+            "{:?}",
+            s.zipcode
+        );
+        assert!(s.clean_end, "{:?} ended without a close_notify", s.zipcode);
+    }
+}
+
+#[test]
+fn over_tls_every_line_arrives_in_order_and_replies_are_read() {
+    let pki = Pki::new();
+    let server = LineServer::start_tls(
+        Behaviour {
+            reject_every: Some(10),
+            ..Behaviour::default()
+        },
+        pki.server_config(false),
+    );
+    let target = server.addr.to_string();
+    let (out, summary) = loadgen(&[
+        "send",
+        "--target",
+        &target,
+        "--connections=20",
+        "--threads=2",
+        "--lines-per-conn=300",
+        "--seq",
+        "--timestamps",
+        "--quiet-progress",
+        "--tls-ca",
+        &pki.ca,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let seen = server.collect(20);
+    assert_intact(&seen);
+    assert_eq!(seen.iter().map(|s| s.identifies).sum::<u64>(), 20);
+    assert_eq!(seen.iter().map(|s| s.metrics).sum::<u64>(), 6000);
+    assert_eq!(seen.iter().map(|s| s.sent_us).sum::<u64>(), 6000);
+    assert!(seen.iter().all(|s| !s.client_certificate));
+    let expected: Vec<String> = (10_000..10_020).map(|z| z.to_string()).collect();
+    assert_eq!(zipcodes(&seen), expected);
+
+    assert_eq!(summary["connected"], 20);
+    assert_eq!(summary["connect_errors"], 0);
+    assert_eq!(summary["lines_sent"], 6000);
+    assert_eq!(summary["io_errors"], 0);
+    assert_eq!(summary["drain_timeouts"], 0);
+    // Seqs 0, 10, …, 290 on each connection were answered with an error line, over TLS.
+    assert_eq!(
+        summary["error_replies"],
+        serde_json::json!({"malformed_json": 600})
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("over TLS"), "{stderr}");
+}
+
+/// As `backpressure_loses_and_splits_no_line`, through TLS: writes block with records queued
+/// in rustls, and the close_notify waits behind them.
+#[test]
+fn over_tls_backpressure_loses_and_splits_no_line() {
+    let pki = Pki::new();
+    let server = LineServer::start_tls(
+        Behaviour {
+            pause_every: Some(100),
+            ..Behaviour::default()
+        },
+        pki.server_config(false),
+    );
+    let target = server.addr.to_string();
+    let (out, summary) = loadgen(&[
+        "send",
+        "--target",
+        &target,
+        "--connections=4",
+        "--duration=1s",
+        "--drain-timeout=10s",
+        "--seq",
+        "--timestamps",
+        "--quiet-progress",
+        "--tls-ca",
+        &pki.ca,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let seen = server.collect(4);
+    assert_intact(&seen);
+    assert_eq!(
+        summary["lines_sent"].as_u64().unwrap(),
+        seen.iter().map(|s| s.metrics).sum::<u64>()
+    );
+    assert!(summary["blocked_writes"].as_u64().unwrap() > 0, "{summary}");
+    assert_eq!(summary["drain_timeouts"], 0);
+}
+
+#[test]
+fn over_tls_acknowledgements_are_read_and_counted() {
+    let pki = Pki::new();
+    let server = LineServer::start_tls(Behaviour::default(), pki.server_config(false));
+    let target = server.addr.to_string();
+    let (out, summary) = loadgen(&[
+        "send",
+        "--target",
+        &target,
+        "--connections=5",
+        "--lines-per-conn=400",
+        "--seq",
+        "--acks",
+        "--quiet-progress",
+        "--tls-ca",
+        &pki.ca,
+        // The certificate names the address too.
+        "--tls-server-name=127.0.0.1",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let seen = server.collect(5);
+    assert_intact(&seen);
+    assert_eq!(summary["lines_sent"], 2000);
+    assert_eq!(summary["acked_lines"], 2000);
+    assert_eq!(summary["ack_replies"], 2000);
+    assert_eq!(summary["nacks"], 0);
+}
+
+/// Mutual TLS, paced, split over processes: the children get the TLS flags too.
+#[test]
+fn over_tls_a_paced_split_run_presents_its_client_certificate() {
+    let pki = Pki::new();
+    let server = LineServer::start_tls(Behaviour::default(), pki.server_config(true));
+    let target = server.addr.to_string();
+    let (out, summary) = loadgen(&[
+        "send",
+        "--target",
+        &target,
+        "--connections=10",
+        "--max-conns-per-process=4",
+        "--rate=100",
+        "--duration=1s",
+        "--seq",
+        "--quiet-progress",
+        "--tls-ca",
+        &pki.ca,
+        "--tls-cert",
+        &pki.client_cert,
+        "--tls-key",
+        &pki.client_key,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let seen = server.collect(10);
+    assert_intact(&seen);
+    assert!(seen.iter().all(|s| s.client_certificate));
+    assert_eq!(summary["processes"], 3);
+    assert_eq!(summary["connected"], 10);
+    let lines = summary["lines_sent"].as_u64().unwrap();
+    assert_eq!(seen.iter().map(|s| s.metrics).sum::<u64>(), lines);
+    // 10 connections × 100 lines/s × 1 s, give or take a tick and a partial token.
+    assert!((800..=1120).contains(&lines), "{lines} lines");
+}
+
+#[test]
+fn over_tls_idle_connections_handshake_identify_and_hold() {
+    let pki = Pki::new();
+    let server = LineServer::start_tls(Behaviour::default(), pki.server_config(false));
+    let target = server.addr.to_string();
+    let (out, summary) = loadgen(&[
+        "send",
+        "--target",
+        &target,
+        "--connections=10",
+        "--idle",
+        "--duration=700ms",
+        "--quiet-progress",
+        "--tls-ca",
+        &pki.ca,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let seen = server.collect(10);
+    assert_intact(&seen);
+    assert_eq!(seen.iter().map(|s| s.identifies).sum::<u64>(), 10);
+    assert_eq!(seen.iter().map(|s| s.metrics).sum::<u64>(), 0);
+    assert!(
+        seen.iter()
+            .all(|s| s.open_for >= Duration::from_millis(600))
+    );
+    assert_eq!(summary["connected"], 10);
+}
+
+#[test]
+fn over_tls_a_server_certificate_from_another_ca_fails_every_handshake() {
+    let (ours, theirs) = (Pki::new(), Pki::new());
+    let server = LineServer::start_tls(Behaviour::default(), theirs.server_config(false));
+    let target = server.addr.to_string();
+    let (out, summary) = loadgen(&[
+        "send",
+        "--target",
+        &target,
+        "--connections=3",
+        "--lines-per-conn=1",
+        "--quiet-progress",
+        "--tls-ca",
+        &ours.ca,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(summary["connected"], 0);
+    assert_eq!(summary["connect_errors"], 3);
+    let error = summary["first_error"].as_str().unwrap();
+    assert!(
+        error.contains("TLS handshake") && error.contains("certificate"),
+        "{error}"
+    );
+    // The server saw no line on any of them.
+    for s in server.collect(3) {
+        assert_eq!((s.identifies, s.metrics), (0, 0));
+    }
+}
+
+#[test]
+fn tls_flags_need_a_ca() {
+    for args in [
+        &["send", "--lines-per-conn=1", "--tls-server-name=x"][..],
+        &[
+            "send",
+            "--lines-per-conn=1",
+            "--tls-cert=c.pem",
+            "--tls-key=k.pem",
+        ],
+        &[
+            "send",
+            "--lines-per-conn=1",
+            "--tls-ca=ca.pem",
+            "--tls-cert=c.pem",
+        ],
+        &["send", "--lines-per-conn=1", "--tls-ca=/nonexistent/ca.pem"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_stormgate-loadgen"))
             .args(args)

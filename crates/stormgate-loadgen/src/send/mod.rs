@@ -1,6 +1,7 @@
 //! `send`: station connections driven at the server.
 //!
 //! - [`worker`]: one thread's epoll loop over its share of the connections.
+//! - [`stream`]: a connection's bytes, over the socket itself or through TLS.
 //! - [`report`]: the JSON summary and progress, and how they add up.
 //! - [`children`]: when the open-files limit cannot hold every connection in one process, the
 //!   run is split over child processes (this binary, re-executed with `--child`), whose
@@ -8,6 +9,7 @@
 
 pub mod children;
 pub mod report;
+pub mod stream;
 pub mod worker;
 
 use std::process::ExitCode;
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::SendArgs;
 use crate::lines::MetricsLines;
+use crate::tls::TlsClient;
 use crate::{LoadgenError, fdlimit, output, plan};
 use report::{Progress, ProgressPrinter, SendSummary};
 use worker::{Live, WorkerConfig, WorkerReport};
@@ -26,6 +29,9 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// Runs `send`; the exit code is failure when no connection could be made.
 pub fn run(args: &SendArgs) -> Result<ExitCode, LoadgenError> {
     args.validate().map_err(LoadgenError::Usage)?;
+    // Loaded here even when children will each load their own: bad files fail the run at
+    // once, with their own message.
+    let tls = TlsClient::from_args(args)?;
     let fd_limit =
         fdlimit::raise_nofile().map_err(|e| LoadgenError::io("raise the open-files limit", e))?;
     let per_process = plan::per_process_max(fd_limit, args.max_conns_per_process);
@@ -37,9 +43,14 @@ pub fn run(args: &SendArgs) -> Result<ExitCode, LoadgenError> {
     };
     if !args.child {
         eprintln!(
-            "stormgate-loadgen send: {} connections to {} in {} process(es) × {} thread(s); open-files limit {} ({} connections per process at most)",
+            "stormgate-loadgen send: {} connections to {}{} in {} process(es) × {} thread(s); open-files limit {} ({} connections per process at most)",
             args.connections,
             args.target,
+            if args.tls_ca.is_some() {
+                " over TLS"
+            } else {
+                ""
+            },
             shares.len(),
             args.threads,
             fd_limit,
@@ -47,7 +58,7 @@ pub fn run(args: &SendArgs) -> Result<ExitCode, LoadgenError> {
         );
     }
     let mut summary = if shares.len() == 1 {
-        run_here(args)?
+        run_here(args, tls)?
     } else {
         children::run(args, &shares)?
     };
@@ -64,7 +75,7 @@ pub fn run(args: &SendArgs) -> Result<ExitCode, LoadgenError> {
 }
 
 /// Runs every connection in this process, `--threads` threads, printing progress.
-fn run_here(args: &SendArgs) -> Result<SendSummary, LoadgenError> {
+fn run_here(args: &SendArgs, tls: Option<TlsClient>) -> Result<SendSummary, LoadgenError> {
     let cfg = WorkerConfig {
         target: args.target,
         sources: args.sources,
@@ -76,6 +87,7 @@ fn run_here(args: &SendArgs) -> Result<SendSummary, LoadgenError> {
         zip_base: args.zip_base,
         lines: MetricsLines::new(args.seq, args.timestamps),
         acks: args.acks,
+        tls,
     };
     let shares = plan::split(args.connections, args.threads);
     let lives: Vec<Live> = shares.iter().map(|_| Live::default()).collect();

@@ -1,10 +1,13 @@
 //! One sending thread: its share of the connections as nonblocking sockets on one mio `Poll`.
 //!
-//! A connection goes `Waiting → Connecting → Open → ShutDown → Closed` (or `Failed`). At most
-//! [`MAX_CONNECTS_IN_FLIGHT`] connects are outstanding; a connect refused or out of addresses
-//! is retried once after [`RETRY_DELAY`]. An open connection writes its identify line at once;
-//! metrics start when every connection of the thread has been attempted, so the measured
-//! interval has them all sending.
+//! A connection goes `Waiting → Connecting → Open → ShutDown → Closed` (or `Failed`), with
+//! TLS through `Handshaking` between `Connecting` and `Open`. At most
+//! [`MAX_CONNECTS_IN_FLIGHT`] connects (TLS: connects and handshakes) are outstanding, and
+//! each has [`CONNECT_TIMEOUT`]; a connect refused or out of addresses is retried once after
+//! [`RETRY_DELAY`]. An open connection writes its identify line at once; metrics start when
+//! every connection of the thread has been attempted, so the measured interval has them all
+//! sending. With TLS the connection writes through rustls ([`Stream`]), which says
+//! `WouldBlock` exactly when the socket does; lines rustls has taken count as written.
 //!
 //! Writing: a connection that is writable and has work sits in the `ready` queue. Its turn
 //! writes whatever it still holds, then fills the thread's one batch buffer with up to
@@ -19,8 +22,8 @@
 //! the next tick, so there is no sleep anywhere.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::io;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -29,15 +32,17 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::stream::Stream;
 use crate::lines::{self, MetricsLines};
 use crate::plan;
+use crate::tls::TlsClient;
 
 /// Connects outstanding at once, per thread.
 pub const MAX_CONNECTS_IN_FLIGHT: usize = 256;
 /// Wait before the one retry of a refused connect (a full accept queue) or one that found no
 /// free local port.
 pub const RETRY_DELAY: Duration = Duration::from_millis(100);
-/// A connect not finished after this long counts as failed.
+/// A connect (with TLS: connect and handshake) not finished after this long counts as failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of lines a turn builds at once.
 pub const BATCH_BYTES: usize = 16 * 1024;
@@ -77,6 +82,8 @@ pub struct WorkerConfig {
     pub lines: MetricsLines,
     /// Ask for acknowledgements in identify.
     pub acks: bool,
+    /// Speak TLS, made with this; `None` = plain TCP.
+    pub tls: Option<TlsClient>,
 }
 
 /// A thread's counters, published as it goes for the progress printer (single writer,
@@ -100,9 +107,10 @@ pub struct Live {
 /// What a thread did.
 #[derive(Debug, Clone, Default)]
 pub struct WorkerReport {
-    /// Connections established.
+    /// Connections established (with TLS: handshake done).
     pub connected: u64,
-    /// Connections that could not be established (after the retry).
+    /// Connections that could not be established (after the retry), TLS handshakes
+    /// included.
     pub connect_errors: u64,
     /// Metrics lines fully written.
     pub lines_sent: u64,
@@ -137,7 +145,13 @@ pub struct WorkerReport {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum State {
     Waiting,
-    Connecting { since: Instant },
+    Connecting {
+        since: Instant,
+    },
+    /// TLS: connected, handshake under way (still counted in `connecting`).
+    Handshaking {
+        since: Instant,
+    },
     RetryAt(Instant),
     Open,
     ShutDown,
@@ -148,7 +162,7 @@ enum State {
 struct Conn {
     /// Index of the connection within the process (its zipcode offset).
     index: usize,
-    stream: Option<TcpStream>,
+    stream: Option<Stream>,
     state: State,
     retried: bool,
     /// Known writable: the last write did not block.
@@ -265,10 +279,12 @@ impl<'a> Worker<'a> {
             }
             for event in events.iter() {
                 let i = event.token().0;
-                if let State::Connecting { .. } = self.conns[i].state {
-                    // The same event may also say the server already replied or closed (a
-                    // refusal at its connection limit); the edge will not come again.
-                    self.finish_connect(i);
+                // The same event may also say the server already replied or closed (a
+                // refusal at its connection limit); the edge will not come again.
+                match self.conns[i].state {
+                    State::Connecting { .. } => self.finish_connect(i),
+                    State::Handshaking { .. } => self.handshake(i),
+                    _ => {}
                 }
                 if !matches!(self.conns[i].state, State::Open | State::ShutDown) {
                     continue;
@@ -307,14 +323,16 @@ impl<'a> Worker<'a> {
 
     fn connect(&mut self, i: usize) {
         let source = plan::source_addr(self.cfg.target, self.conns[i].index, self.cfg.sources);
-        match open_socket(self.cfg.target, source) {
-            Ok(socket) => {
-                let mut stream = TcpStream::from_std(socket.into());
+        let opened = open_socket(self.cfg.target, source).and_then(|socket| {
+            Stream::new(TcpStream::from_std(socket.into()), self.cfg.tls.as_ref())
+        });
+        match opened {
+            Ok(mut stream) => {
                 let interest = Interest::READABLE | Interest::WRITABLE;
-                if let Err(e) = self
-                    .poll
-                    .registry()
-                    .register(&mut stream, Token(i), interest)
+                if let Err(e) =
+                    self.poll
+                        .registry()
+                        .register(stream.socket_mut(), Token(i), interest)
                 {
                     self.connect_failed(i, e);
                     return;
@@ -333,7 +351,8 @@ impl<'a> Worker<'a> {
         let stream = self.conns[i]
             .stream
             .as_ref()
-            .expect("connecting has a socket");
+            .expect("connecting has a socket")
+            .socket();
         let result = match stream.take_error() {
             Ok(Some(e)) | Err(e) => Err(e),
             Ok(None) => match stream.peer_addr() {
@@ -344,11 +363,46 @@ impl<'a> Worker<'a> {
                 Err(e) => Err(e),
             },
         };
-        self.connecting -= 1;
+        let c = &mut self.conns[i];
         match result {
-            Ok(()) => self.opened(i),
+            Ok(()) if matches!(c.stream, Some(Stream::Tls(_))) => {
+                // The handshake has what is left of the connect's CONNECT_TIMEOUT.
+                let since = match c.state {
+                    State::Connecting { since } => since,
+                    _ => Instant::now(),
+                };
+                c.state = State::Handshaking { since };
+                self.handshake(i);
+            }
+            Ok(()) => {
+                self.connecting -= 1;
+                self.opened(i);
+            }
             Err(e) => {
+                self.connecting -= 1;
                 self.drop_stream(i);
+                self.connect_failed(i, e);
+            }
+        }
+    }
+
+    /// Moves connection `i`'s TLS handshake on; it opens when the handshake is done.
+    fn handshake(&mut self, i: usize) {
+        let tls = self.conns[i]
+            .stream
+            .as_mut()
+            .and_then(Stream::tls_mut)
+            .expect("handshaking has a TLS stream");
+        match tls.handshake() {
+            Ok(false) => {}
+            Ok(true) => {
+                self.connecting -= 1;
+                self.opened(i);
+            }
+            Err(e) => {
+                self.connecting -= 1;
+                self.drop_stream(i);
+                let e = io::Error::new(e.kind(), format!("TLS handshake: {e}"));
                 self.connect_failed(i, e);
             }
         }
@@ -433,7 +487,8 @@ impl<'a> Worker<'a> {
             }
             let allowance = self.allowance(&self.conns[i]);
             if allowance == 0 {
-                if self.done_sending(&self.conns[i]) {
+                // TLS records rustls still holds go out before the connection waits or ends.
+                if self.flush(i) && self.done_sending(&self.conns[i]) {
                     self.shutdown(i);
                 }
                 return false;
@@ -467,6 +522,23 @@ impl<'a> Worker<'a> {
                 false
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+            Err(e) => {
+                self.io_failed(i, "write", &e);
+                false
+            }
+        }
+    }
+
+    /// Sends what connection `i`'s stream holds (TLS records); false when it blocked or failed.
+    fn flush(&mut self, i: usize) -> bool {
+        let c = &mut self.conns[i];
+        match c.stream.as_mut().expect("open has a socket").flush() {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                c.writable = false;
+                self.report.blocked_writes += 1;
+                false
+            }
             Err(e) => {
                 self.io_failed(i, "write", &e);
                 false
@@ -519,11 +591,16 @@ impl<'a> Worker<'a> {
 
     fn shutdown(&mut self, i: usize) {
         let c = &mut self.conns[i];
-        let stream = c.stream.as_ref().expect("open has a socket");
-        match stream.shutdown(Shutdown::Write) {
+        let stream = c.stream.as_mut().expect("open has a socket");
+        match stream.shutdown_write() {
             Ok(()) => {
                 c.state = State::ShutDown;
                 self.last_shutdown = Some(Instant::now());
+            }
+            // TLS: the close_notify waits for room; the next turn sends it and shuts down.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                c.writable = false;
+                self.report.blocked_writes += 1;
             }
             Err(e) => self.io_failed(i, "shutdown", &e),
         }
@@ -590,7 +667,9 @@ impl<'a> Worker<'a> {
         let c = &mut self.conns[i];
         c.state = State::Closed;
         // Lines built but never written were not sent. (Metrics are built only once the
-        // identify line is out, so every newline left is a metrics line's.)
+        // identify line is out, so every newline left is a metrics line's.) With TLS, lines
+        // rustls took count as written: a connection lost, or cut at the end of the drain,
+        // may have had up to one write of them still queued in rustls.
         if c.lines > 0 {
             self.report.lines_sent -= unsent_lines(&c.out[c.out_pos..]);
         }
@@ -602,7 +681,7 @@ impl<'a> Worker<'a> {
 
     fn drop_stream(&mut self, i: usize) {
         if let Some(mut stream) = self.conns[i].stream.take() {
-            let _ = self.poll.registry().deregister(&mut stream);
+            let _ = self.poll.registry().deregister(stream.socket_mut());
         }
     }
 
@@ -673,7 +752,9 @@ impl<'a> Worker<'a> {
         }
         for i in 0..self.conns.len() {
             match self.conns[i].state {
-                State::Connecting { since } if now >= since + CONNECT_TIMEOUT => {
+                State::Connecting { since } | State::Handshaking { since }
+                    if now >= since + CONNECT_TIMEOUT =>
+                {
                     self.connecting -= 1;
                     self.drop_stream(i);
                     self.conns[i].retried = true;
