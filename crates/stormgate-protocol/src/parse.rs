@@ -18,16 +18,51 @@ use crate::{ErrorCode, PARSE_PADDING, ParseLineError};
 /// Shard-local, owned by the connection task.
 #[derive(Debug)]
 pub struct Session {
-    connection_id: Box<str>,
+    connection_id: ConnectionId,
     station: Option<Station>,
     acks: Option<bool>,
+}
+
+/// A connection id, inline when it fits: the server's are UUIDs (36 characters), and an
+/// idle connection then costs no allocation for its id.
+#[derive(Debug)]
+enum ConnectionId {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Boxed(Box<str>),
+}
+
+/// Longest connection id kept inline: a hyphenated UUID.
+const INLINE_ID: usize = 36;
+
+impl ConnectionId {
+    fn new(id: &str) -> ConnectionId {
+        if id.len() <= INLINE_ID {
+            let mut bytes = [0; INLINE_ID];
+            bytes[..id.len()].copy_from_slice(id.as_bytes());
+            ConnectionId::Inline {
+                len: id.len() as u8,
+                bytes,
+            }
+        } else {
+            ConnectionId::Boxed(id.into())
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            ConnectionId::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("copied from a str")
+            }
+            ConnectionId::Boxed(id) => id,
+        }
+    }
 }
 
 impl Session {
     /// A session for a freshly accepted connection; `connection_id` goes into every record.
     pub fn new(connection_id: &str) -> Session {
         Session {
-            connection_id: connection_id.into(),
+            connection_id: ConnectionId::new(connection_id),
             station: None,
             acks: None,
         }
@@ -41,7 +76,7 @@ impl Session {
 
     /// The connection's id, as it appears in records.
     pub fn connection_id(&self) -> &str {
-        &self.connection_id
+        self.connection_id.as_str()
     }
 
     /// The station this connection identified as, if it has.
@@ -235,7 +270,7 @@ fn apply(
                     return Err(ErrorCode::AuthFailed);
                 }
             }
-            session.station = Some(Station::new(&session.connection_id, zipcode, city));
+            session.station = Some(Station::new(session.connection_id.as_str(), zipcode, city));
             session.acks = acks;
             Ok(Parsed::Identified)
         }
@@ -362,6 +397,18 @@ mod tests {
     use super::*;
 
     const CONN: &str = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b";
+
+    #[test]
+    fn connection_ids_of_any_length_are_kept_whole() {
+        let long = "x".repeat(100);
+        for id in ["", "c-1", CONN, long.as_str(), "é-ü-ø"] {
+            assert_eq!(Session::new(id).connection_id(), id);
+        }
+        assert!(matches!(
+            Session::new(CONN).connection_id,
+            ConnectionId::Inline { .. }
+        ));
+    }
     const AT: i64 = 1_700_000_000_123;
 
     /// Applies `lines` in order to one session and renders each outcome: `identified`, the

@@ -88,7 +88,6 @@ pub(crate) fn serve(
         acks: None,
         acks_on: false,
         budget: f64::from(rate),
-        budget_at: Instant::now(),
     };
     async move {
         // A bug that panics while serving one connection ends that connection, not the shard:
@@ -113,7 +112,8 @@ pub(crate) fn serve(
 struct Connection {
     core: Rc<ShardCore>,
     stream: StationStream,
-    /// The socket's entry in the shard's table (shutdown, read deadlines); removed on drop.
+    /// The socket's entry in the shard's table (shutdown, read deadlines, the drain's count
+    /// of open connections); removed when the connection drops.
     registration: Registration,
     peer: SocketAddr,
     queue: Rc<LocalSender<Record>>,
@@ -138,7 +138,7 @@ struct Connection {
     /// Refused identifies over the connection's life (`STATION_AUTH=token`).
     auth_failures: u32,
     /// The server decided to close the connection; handle no more lines.
-    closing: Option<CloseReason>,
+    closing: Option<Closing>,
     /// When the partial line now in the backlog began to arrive.
     partial_since: Option<Instant>,
     /// The last `handle` completed at least one line.
@@ -148,9 +148,22 @@ struct Connection {
     /// New lines with a seq get acknowledged (the last identify asked, or the default).
     acks_on: bool,
     /// Lines this connection may still send before it must wait (`TCP_MAX_LINES_PER_SEC`).
+    /// Topped up at each read for the time since the one before (`stamp_read`).
     budget: f64,
-    /// When `budget` was last topped up.
-    budget_at: Instant,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.core.deregister(&self.registration);
+    }
+}
+
+/// Why the server decided to close a connection while handling its lines (the
+/// `CloseReason` it ends with, in one byte: every connection carries room for one).
+#[derive(Clone, Copy)]
+enum Closing {
+    TooManyErrors,
+    AuthFailures,
 }
 
 /// Why the connection stopped handling lines before the end of its bytes.
@@ -228,9 +241,12 @@ impl Connection {
             if self.sink_gone {
                 return CloseReason::SinkStopped;
             }
-            if let Some(reason) = self.closing.take() {
+            if let Some(closing) = self.closing.take() {
                 Box::pin(self.farewell()).await;
-                return reason;
+                return match closing {
+                    Closing::TooManyErrors => CloseReason::TooManyErrors,
+                    Closing::AuthFailures => CloseReason::AuthFailures,
+                };
             }
             if n == 0 && self.acks.as_ref().is_some_and(|a| !a.is_empty()) {
                 // The station stopped sending; it may still wait for its answers.
@@ -344,19 +360,24 @@ impl Connection {
         .await;
     }
 
-    /// With a line rate limit: tops the budget up for the time since the last top-up (to at
-    /// most one second's worth) and says how long to wait if the lines read overdrew it.
-    fn overdraft(&mut self) -> Option<Duration> {
+    /// Marks the bytes just read with the time, and with a line rate limit tops the budget
+    /// up for the time since the previous read, to at most one second's worth (a token
+    /// bucket: refilled, then spent by the lines of this read).
+    fn stamp_read(&mut self) {
+        let stamp = ReadStamp::now();
         let rate = self.core.config.max_lines_per_sec;
-        if rate == 0 {
-            return None;
+        if rate > 0 {
+            let rate = f64::from(rate);
+            let since = stamp.at.saturating_duration_since(self.stamp.at);
+            self.budget = (self.budget + since.as_secs_f64() * rate).min(rate);
         }
-        let rate = f64::from(rate);
-        let now = self.stamp.at;
-        let earned = now.saturating_duration_since(self.budget_at).as_secs_f64() * rate;
-        self.budget = (self.budget + earned).min(rate);
-        self.budget_at = now;
-        (self.budget < 0.0).then(|| Duration::from_secs_f64(-self.budget / rate))
+        self.stamp = stamp;
+    }
+
+    /// With a line rate limit: how long to wait if the lines read overdrew the budget.
+    fn overdraft(&self) -> Option<Duration> {
+        let rate = f64::from(self.core.config.max_lines_per_sec);
+        (rate > 0.0 && self.budget < 0.0).then(|| Duration::from_secs_f64(-self.budget / rate))
     }
 
     /// Waits out an overdrawn line budget without reading (the station's writes block in
@@ -427,7 +448,7 @@ impl Connection {
             let Some(n) = n else { return Ok(None) };
             if n > 0 {
                 // No await since the read completed: the shard buffer still holds our bytes.
-                self.stamp = ReadStamp::now();
+                self.stamp_read();
                 let mut buf = core.read_buf.borrow_mut();
                 let buf = buf.as_mut();
                 let end = carry + n;
@@ -459,7 +480,7 @@ impl Connection {
             let Some(n) = n else { return Ok(None) };
             self.backlog.commit(n);
             if n > 0 {
-                self.stamp = ReadStamp::now();
+                self.stamp_read();
                 self.handle_backlog();
             }
             self.count_read(n);
@@ -706,7 +727,7 @@ impl Connection {
             // The same farewell as for too many bad lines: the station reads why, the rest of
             // what it sent is not read.
             self.send_error(ErrorCode::TooManyErrors);
-            self.closing = Some(CloseReason::AuthFailures);
+            self.closing = Some(Closing::AuthFailures);
         }
     }
 
@@ -720,7 +741,7 @@ impl Connection {
         let max = self.core.config.max_errors_per_connection;
         if max > 0 && self.consecutive_errors >= max {
             self.send_error(ErrorCode::TooManyErrors);
-            self.closing = Some(CloseReason::TooManyErrors);
+            self.closing = Some(Closing::TooManyErrors);
         }
     }
 
@@ -887,7 +908,7 @@ pub(crate) mod tests {
     fn a_connection_stays_small() {
         let size = std::mem::size_of::<super::Connection>();
         eprintln!("Connection: {size} bytes");
-        assert!(size <= 512, "Connection grew to {size} bytes");
+        assert!(size <= 480, "Connection grew to {size} bytes");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One shard's life: build the sink, accept connections, keep house, drain on shutdown.
 
 use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{IntoRawFd, RawFd};
@@ -8,12 +9,12 @@ use std::pin::pin;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures_lite::future;
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::TcpListener;
-use glommio::sync::Gate;
 use glommio::timer::sleep;
 use slab::Slab;
 use stormgate_protocol::LineParser;
@@ -61,6 +62,8 @@ pub(crate) struct ShardCore {
     /// No socket's deadline is earlier than this (it may be later than all of them: the
     /// ones it came from may have moved on). `None`: no deadline at all.
     next_deadline: Cell<Option<Instant>>,
+    /// The drain waiting for the last connection to leave (`sockets` to empty).
+    all_closed: RefCell<Option<Waker>>,
     /// With dead letters on, a copy of the line being parsed (simd-json parses in place).
     pub(crate) raw_line: RefCell<Vec<u8>>,
 }
@@ -76,16 +79,25 @@ pub(crate) struct Logs {
 }
 
 impl ShardCore {
-    /// Registers an open connection's socket until the returned guard drops.
-    pub(crate) fn register(self: &Rc<Self>, fd: RawFd) -> Registration {
+    /// Registers an open connection's socket until [`ShardCore::deregister`].
+    pub(crate) fn register(&self, fd: RawFd) -> Registration {
         let key = self.sockets.borrow_mut().insert(Socket {
             fd,
             deadline: None,
             expired: false,
         });
-        Registration {
-            core: Rc::downgrade(self),
-            key,
+        Registration { key }
+    }
+
+    /// Removes a connection's socket from the table (the connection is ending); wakes the
+    /// drain when it was the last.
+    pub(crate) fn deregister(&self, registration: &Registration) {
+        let mut sockets = self.sockets.borrow_mut();
+        sockets.remove(registration.key);
+        if sockets.is_empty()
+            && let Some(drain) = self.all_closed.borrow_mut().take()
+        {
+            drain.wake();
         }
     }
 
@@ -119,6 +131,20 @@ impl ShardCore {
         self.next_deadline.set(next);
     }
 
+    /// Completes once no connection is open: every connection task has ended (and
+    /// deregistered, whether it returned, panicked or was dropped).
+    async fn all_closed(&self) {
+        poll_fn(|cx| {
+            if self.sockets.borrow().is_empty() {
+                Poll::Ready(())
+            } else {
+                *self.all_closed.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
     /// Shuts down one or both directions of every open connection. `SHUT_RD` makes pending
     /// and future reads return end-of-file, which ends idle connections at once and busy ones
     /// after the bytes they already hold; `SHUT_RDWR` also fails writes, for connections that
@@ -140,8 +166,9 @@ struct Socket {
     expired: bool,
 }
 
+/// A connection's entry in its shard's socket table. The connection removes it when it
+/// ends, whether it returned, panicked or was dropped (see `Connection`'s `Drop`).
 pub(crate) struct Registration {
-    core: Weak<ShardCore>,
     key: usize,
 }
 
@@ -165,14 +192,6 @@ impl Registration {
             .borrow()
             .get(self.key)
             .is_some_and(|socket| socket.expired)
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        if let Some(core) = self.core.upgrade() {
-            core.sockets.borrow_mut().remove(self.key);
-        }
     }
 }
 
@@ -295,6 +314,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         gate: Rc::new(ReadGate::new(config.queue_size)),
         sockets: RefCell::new(Slab::new()),
         next_deadline: Cell::new(None),
+        all_closed: RefCell::new(None),
         raw_line: RefCell::new(Vec::new()),
         ledger: Rc::clone(&ledger),
         config,
@@ -312,8 +332,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
     let _ = ready.send(Ok(info));
     drop(ready);
 
-    let connections = Gate::new();
-    accept_loop(&core, &listener, &connections, &queue).await;
+    accept_loop(&core, &listener, &queue).await;
     drop(listener);
     debug!(shard = info.id, "stopped accepting; draining connections");
     core.shut_down_sockets(libc::SHUT_RD);
@@ -322,13 +341,9 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         .deadline
         .get()
         .expect("draining sets the deadline");
-    // One close future, kept until every connection task has left: dropping it half way
-    // would leave glommio's gate closing towards a dropped channel, and the last task to
-    // leave would panic the shard (and a second close() would not wait at all).
-    let mut closing = pin!(connections.close());
     let in_time = future::or(
         async {
-            let _ = closing.as_mut().await;
+            core.all_closed().await;
             true
         },
         async {
@@ -341,7 +356,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         // Past the deadline: end connections still blocked writing to a station that does not
         // read; the sink is already failing what it cannot deliver, which unblocks the rest.
         core.shut_down_sockets(libc::SHUT_RDWR);
-        let _ = closing.await;
+        core.all_closed().await;
     }
     drop(queue);
     sink_task.await;
@@ -351,7 +366,6 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
 async fn accept_loop(
     core: &Rc<ShardCore>,
     listener: &TcpListener,
-    connections: &Gate,
     queue: &Rc<LocalSender<Record>>,
 ) {
     let mut draining = pin!(core.draining.wait());
@@ -363,7 +377,7 @@ async fn accept_loop(
         .await;
         let Some(accepted) = accepted else { return };
         match accepted {
-            Ok(stream) => admit(core, stream, connections, queue),
+            Ok(stream) => admit(core, stream, queue),
             Err(e) => {
                 let e = io::Error::from(e);
                 AcceptFailed { error: &e }.emit(&core.logs.accept_failed);
@@ -379,12 +393,7 @@ async fn accept_loop(
     }
 }
 
-fn admit(
-    core: &Rc<ShardCore>,
-    stream: glommio::net::TcpStream,
-    connections: &Gate,
-    queue: &Rc<LocalSender<Record>>,
-) {
+fn admit(core: &Rc<ShardCore>, stream: glommio::net::TcpStream, queue: &Rc<LocalSender<Record>>) {
     let Ok(peer) = stream.peer_addr() else {
         // The peer already left (ENOTCONN); nothing to serve.
         return;
@@ -409,26 +418,19 @@ fn admit(
     let _ = stream.set_nodelay(true);
     core.metrics.connections_accepted.incr();
     core.metrics.connections_active.add(1);
-    // Boxed: glommio's `Gate::spawn` wraps the future in an async block that awaits it, and
-    // rustc keeps a future moved into an async block twice (the captured value and the
-    // awaited one), which doubled every connection's task (1,505 bytes measured with
-    // heaptrack instead of the future's 720). A box is one pointer, kept twice.
-    let serve = Box::pin(connection::serve(
+    // Spawned as it is, in one allocation with its task. The drain waits for the socket
+    // table (which the task's `Registration` is in) to empty, not for a task gate: glommio's
+    // `Gate::spawn` wraps the future in an async block that awaits it, and rustc keeps a
+    // future moved into an async block twice (the captured value and the awaited one),
+    // which doubled every connection's task (1,505 bytes measured with heaptrack instead of
+    // the future's 720).
+    glommio::spawn_local(connection::serve(
         Rc::clone(core),
         stream,
         peer,
         Rc::clone(queue),
-    ));
-    match connections.spawn(serve) {
-        Ok(task) => {
-            task.detach();
-        }
-        Err(_) => {
-            // The gate closes only after accepting stopped.
-            core.limits.release(peer.ip());
-            core.metrics.connections_active.add(-1);
-        }
-    }
+    ))
+    .detach();
 }
 
 /// Watches the process's stop flag, expires connections past their read deadline, and keeps
