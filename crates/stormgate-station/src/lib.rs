@@ -80,6 +80,19 @@ pub enum Reply {
     },
 }
 
+impl Reply {
+    /// Reads the next reply line from `replies` (the server's side of a connection, plain
+    /// or TLS); end of stream is `UnexpectedEof`.
+    pub fn read_from(replies: &mut impl BufRead) -> io::Result<Reply> {
+        let mut line = String::new();
+        if replies.read_line(&mut line)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        serde_json::from_str(&line)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {line:?}")))
+    }
+}
+
 /// A connected station.
 #[derive(Debug)]
 pub struct Station {
@@ -118,12 +131,7 @@ impl Station {
 
     /// Reads the next reply line.
     pub fn reply(&mut self) -> io::Result<Reply> {
-        let mut line = String::new();
-        if self.replies.read_line(&mut line)? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        serde_json::from_str(&line)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {line:?}")))
+        Reply::read_from(&mut self.replies)
     }
 
     /// Stops sending (the server sees end of stream) but keeps reading.

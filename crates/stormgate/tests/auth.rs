@@ -32,15 +32,7 @@ fn error_code(s: &mut Station) -> String {
 
 /// Reads replies until line `seq` is acknowledged; any error line fails.
 fn wait_for_ack(s: &mut Station, seq: u64) {
-    loop {
-        match s.reply().expect("a reply") {
-            Reply::Ack { seq: Some(n), .. } | Reply::Ack { upto: Some(n), .. } if n >= seq => {
-                return;
-            }
-            Reply::Ack { .. } => {}
-            other => panic!("waiting for the ack of {seq}: {other:?}"),
-        }
-    }
+    support::wait_for_ack(|| s.reply(), seq);
 }
 
 /// One attempt at identifying on a new connection: `true` when its metrics line is

@@ -154,3 +154,18 @@ pub fn by_key(records: &[Out]) -> BTreeMap<String, Vec<&Out>> {
     }
     map
 }
+
+/// Reads replies with `next` until line `seq` is acknowledged (singly or by an `upto`); any
+/// other reply, or none, fails.
+pub fn wait_for_ack(mut next: impl FnMut() -> std::io::Result<stormgate_station::Reply>, seq: u64) {
+    use stormgate_station::Reply;
+    loop {
+        match next().expect("a reply") {
+            Reply::Ack { seq: Some(n), .. } | Reply::Ack { upto: Some(n), .. } if n >= seq => {
+                return;
+            }
+            Reply::Ack { .. } => {}
+            other => panic!("waiting for the ack of {seq}: {other:?}"),
+        }
+    }
+}

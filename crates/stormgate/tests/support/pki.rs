@@ -1,6 +1,6 @@
 //! Certificates for the TLS tests, made on the spot (rcgen), and a blocking TLS station.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -157,25 +157,12 @@ impl TlsStation {
 
     /// The next reply line, parsed.
     pub fn reply(&mut self) -> io::Result<Reply> {
-        let mut line = String::new();
-        if self.stream.read_line(&mut line)? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        serde_json::from_str(&line)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {line:?}")))
+        Reply::read_from(&mut self.stream)
     }
 
     /// Reads until `seq` is acknowledged; any other reply fails.
     pub fn wait_for_ack(&mut self, seq: u64) {
-        loop {
-            match self.reply().expect("a reply") {
-                Reply::Ack { seq: Some(n), .. } | Reply::Ack { upto: Some(n), .. } if n >= seq => {
-                    return;
-                }
-                Reply::Ack { .. } => {}
-                other => panic!("waiting for the ack of {seq}: {other:?}"),
-            }
-        }
+        super::wait_for_ack(|| self.reply(), seq);
     }
 }
 
