@@ -206,9 +206,7 @@ impl Connection {
             if self.core.draining.is_fired() {
                 return CloseReason::Shutdown;
             }
-            self.registration
-                .set_deadline(&self.core, self.read_deadline());
-            let n = match self.read_and_handle().await {
+            let n = match self.read_and_handle(self.read_deadline()).await {
                 Ok(Some(n)) => n,
                 Ok(None) => {
                     // Answers became ready while waiting for bytes.
@@ -384,6 +382,8 @@ impl Connection {
     /// TCP: nothing is dropped), or until shutdown begins.
     async fn throttle(&mut self, wait: Duration) {
         self.core.metrics.rate_limited_waits.incr();
+        // Held back by the shard, not idle: no read deadline while it waits.
+        self.registration.set_deadline(&self.core, None);
         futures_lite::future::or(glommio::timer::sleep(wait), self.core.draining.wait()).await;
     }
 
@@ -426,10 +426,15 @@ impl Connection {
     /// everything is handled in place. So a busy connection holds only its partial line
     /// between reads, and an idle one nothing. Only an unusually long partial line (over
     /// [`CARRY_MAX`]) is read onto in the connection's own backlog.
-    async fn read_and_handle(&mut self) -> io::Result<Option<usize>> {
+    ///
+    /// `deadline` is when the read must have happened by (see `read_deadline`); it is armed
+    /// only while the read waits on the socket, not while the shard's gate parks it.
+    async fn read_and_handle(&mut self, deadline: Option<Instant>) -> io::Result<Option<usize>> {
         let core = Rc::clone(&self.core);
         let acks = self.acks.clone();
         let carry = self.backlog.len();
+        let registration = &self.registration;
+        let mut armed = None;
         if carry <= CARRY_MAX.min(core.config.read_buffer_bytes / 2) {
             let mut ticket = None;
             let n = poll_fn(|cx| {
@@ -437,8 +442,10 @@ impl Connection {
                     return Poll::Ready(Ok(None));
                 }
                 if gate_closed_to(&core, &mut ticket, cx) {
+                    arm(&core, registration, None, &mut armed);
                     return Poll::Pending;
                 }
+                arm(&core, registration, deadline, &mut armed);
                 let mut buf = core.read_buf.borrow_mut();
                 Pin::new(&mut self.stream)
                     .poll_read(cx, &mut buf.read_area()[carry..])
@@ -469,11 +476,13 @@ impl Connection {
             let mut ticket = None;
             let n = poll_fn(|cx| {
                 if gate_closed_to(&core, &mut ticket, cx) {
+                    arm(&core, registration, None, &mut armed);
                     return Poll::Pending;
                 }
                 if acks_ready(acks.as_deref(), cx) {
                     return Poll::Ready(Ok(None));
                 }
+                arm(&core, registration, deadline, &mut armed);
                 Pin::new(&mut *stream).poll_read(cx, area).map_ok(Some)
             })
             .await?;
@@ -494,6 +503,8 @@ impl Connection {
 
     /// Waits out every block, handling the backlog after each, until nothing blocks.
     async fn drain_blocks(&mut self) {
+        // Held back by the shard, not idle: no read deadline while it waits.
+        self.registration.set_deadline(&self.core, None);
         while let Some(blocked) = self.blocked.take() {
             self.core.metrics.backpressure_waits.incr();
             match blocked {
@@ -841,6 +852,21 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
+
+/// Sets the connection's read deadline in the shard's table to `deadline` unless `armed`
+/// says it already is (`None`: not known), so a read that is polled many times writes it
+/// only when it changes.
+fn arm(
+    core: &ShardCore,
+    registration: &Registration,
+    deadline: Option<Instant>,
+    armed: &mut Option<Option<Instant>>,
+) {
+    if *armed != Some(deadline) {
+        registration.set_deadline(core, deadline);
+        *armed = Some(deadline);
+    }
 }
 
 /// Whether answers for the station are ready; if not, the read's waker is woken when they

@@ -57,7 +57,7 @@ pub(crate) struct ShardCore {
     /// Parks connections before they read while the record queue is full.
     pub(crate) gate: Rc<ReadGate>,
     /// Open connections' sockets and read deadlines: shutdown wakes and ends them through
-    /// it, and the housekeeping tick expires the ones past their deadline (see `expire`).
+    /// it, and the housekeeping tick expires the ones past their deadline (`expire_overdue`).
     sockets: RefCell<Slab<Socket>>,
     /// No socket's deadline is earlier than this (it may be later than all of them: the
     /// ones it came from may have moved on). `None`: no deadline at all.

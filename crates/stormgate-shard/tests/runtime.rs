@@ -367,6 +367,50 @@ fn a_full_queue_stops_reading_instead_of_dropping() {
     assert_eq!(server.totals().records_failed, 0);
 }
 
+/// A connection the shard holds back (full queue) is not idle: the idle timeout counts only
+/// while a read waits on the socket. Once it is served and then silent, the timeout applies.
+#[test]
+fn a_connection_held_back_by_a_full_queue_is_not_idle() {
+    let factory = GatedFactory::default();
+    let server = Server::start(
+        RuntimeConfig {
+            queue_size: 64,
+            shards: 1,
+            idle_timeout: Some(Duration::from_millis(300)),
+            ..config()
+        },
+        factory.clone(),
+    )
+    .unwrap();
+    let mut s = Station::connect(server.local_addr());
+    s.identify("1");
+    let lines = 5_000;
+    let batch: Vec<u8> = b"{\"type\":\"metrics\",\"data\":\"t=1\"}\n".repeat(lines as usize);
+    s.stream.write_all(&batch).unwrap();
+    wait_for("a blocked connection", || {
+        server.totals().backpressure_waits > 0
+    });
+    // Three idle timeouts' worth of being held back.
+    std::thread::sleep(Duration::from_millis(900));
+    let t = server.totals();
+    assert_eq!(t.idle_timeouts, 0, "held back is not idle");
+    assert_eq!(t.connections_active, 1);
+    assert!(t.records_enqueued < lines, "nothing was held back");
+    factory.open.store(true, Ordering::Relaxed);
+    wait_for("every record", || {
+        server.totals().records_delivered == lines
+    });
+    // Still open and read: a line sent now is delivered.
+    s.metrics(1);
+    wait_for("the line after the block", || {
+        server.totals().records_delivered == lines + 1
+    });
+    assert_eq!(server.totals().idle_timeouts, 0);
+    // Now silent: closed at the idle timeout.
+    assert_eq!(s.reply()["code"], "idle_timeout");
+    wait_for("the idle close", || server.totals().idle_timeouts == 1);
+}
+
 #[test]
 fn in_flight_cap_of_one_makes_each_line_wait_for_its_delivery() {
     for (cap, expect_serial) in [(1, true), (0, false)] {

@@ -318,8 +318,10 @@ fn a_stalled_handshake_is_closed_at_the_timeout_and_an_idle_connection_at_its_ow
     }
     assert!(quiet.reply().is_err(), "closed after its error line");
     // Counted when the connection's task ends, just after its last write.
-    wait_for("the idle timeout to be counted", Duration::from_secs(5), || {
-        app.server().totals().idle_timeouts == 1
-    });
+    wait_for(
+        "the idle timeout to be counted",
+        Duration::from_secs(5),
+        || app.server().totals().idle_timeouts == 1,
+    );
     app.stop().unwrap();
 }
