@@ -124,7 +124,16 @@ impl ClientContext for ShardContext {
     /// reads only the fields [`ProducerStats`] keeps and skips the rest without allocating:
     /// about 7 µs (release build) for the 7.7 KB report of a producer with one broker and
     /// six partitions, once a second.
+    ///
+    /// The whole report is also logged at TRACE under the target `stormgate::librdkafka_stats`
+    /// (`RUST_LOG=info,stormgate::librdkafka_stats=trace`): librdkafka's own latency windows
+    /// per broker (`int_latency`, `outbuf_latency`, `rtt`), for profiling (docs/PROFILING.md).
     fn stats_raw(&self, statistics: &[u8]) {
+        tracing::trace!(
+            target: "stormgate::librdkafka_stats",
+            shard = self.shard_id,
+            statistics = %String::from_utf8_lossy(statistics),
+        );
         self.count_callback();
         if let Err(e) = self.stats.update(statistics) {
             let limiter = self.stats_log.lock().expect("stats log state poisoned");
