@@ -305,15 +305,16 @@ impl Connection {
     /// connection at that moment (`ShardCore::expire_overdue`).
     fn read_deadline(&self) -> Option<Instant> {
         let config = &self.core.config;
+        // A timeout too long to add to a clock reading (years) is no deadline.
         let idle = config
             .idle_timeout
             .filter(|d| !d.is_zero())
-            .map(|d| self.stamp.at + d);
+            .and_then(|d| self.stamp.at.checked_add(d));
         let line = config
             .line_timeout
             .filter(|d| !d.is_zero())
             .zip(self.partial_since)
-            .map(|(d, since)| since + d);
+            .and_then(|(d, since)| since.checked_add(d));
         match (idle, line) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

@@ -448,9 +448,12 @@ async fn housekeeping(
         core.metrics.records_in_flight.set(core.ledger.len() as i64);
         core.expire_overdue(Instant::now());
         if stop.load(Ordering::Relaxed) && !core.draining.is_fired() {
-            core.ledger
-                .deadline
-                .set(Some(Instant::now() + core.config.shutdown_timeout));
+            // A timeout too long to add to a clock reading (years) waits a century.
+            let now = Instant::now();
+            let deadline = now
+                .checked_add(core.config.shutdown_timeout)
+                .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
+            core.ledger.deadline.set(Some(deadline));
             core.draining.fire();
             core.gate.close();
         }

@@ -528,6 +528,21 @@ fn a_silent_connection_is_closed_at_the_idle_timeout() {
     assert_eq!(server.totals().line_error(ErrorCode::IdleTimeout), 1);
 }
 
+/// Timeouts too long to add to a clock reading mean "never", not a panic.
+#[test]
+fn timeouts_of_centuries_are_no_deadline() {
+    let server = start_null(RuntimeConfig {
+        idle_timeout: Some(Duration::MAX),
+        line_timeout: Some(Duration::MAX),
+        ..config()
+    });
+    let mut s = Station::connect(server.local_addr());
+    s.identify("00001");
+    s.metrics(1);
+    wait_for("the record", || server.totals().records_delivered == 1);
+    assert_eq!(server.totals().connection_panics, 0);
+}
+
 #[test]
 fn a_line_trickled_byte_by_byte_is_cut_off_at_the_line_timeout() {
     let server = start_null(RuntimeConfig {
