@@ -289,37 +289,6 @@ fn a_split_run_adds_up_its_processes() {
 /// The server reads slowly, so writes block and batches go out in pieces; when the duration
 /// ends mid-batch, the rest still goes out: every line arrives whole, in order, and the
 /// summary counts exactly the lines that arrived.
-#[test]
-fn backpressure_loses_and_splits_no_line() {
-    let server = LineServer::start(Behaviour {
-        pause_every: Some(100),
-        ..Behaviour::default()
-    });
-    let target = server.addr.to_string();
-    let (out, summary) = loadgen(&[
-        "send",
-        "--target",
-        &target,
-        "--connections=4",
-        "--duration=1s",
-        "--drain-timeout=10s",
-        "--seq",
-        "--timestamps",
-        "--quiet-progress",
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    let seen = server.collect(4);
-    assert_eq!(seen.iter().map(|s| s.garbled).sum::<u64>(), 0);
-    for s in &seen {
-        assert_eq!(s.seqs, (0..s.metrics).collect::<Vec<_>>());
-    }
-    assert_eq!(
-        summary["lines_sent"].as_u64().unwrap(),
-        seen.iter().map(|s| s.metrics).sum::<u64>()
-    );
-    assert!(summary["blocked_writes"].as_u64().unwrap() > 0, "{summary}");
-    assert_eq!(summary["drain_timeouts"], 0);
-}
 
 #[test]
 fn rate_limits_each_connection() {
@@ -348,32 +317,6 @@ fn rate_limits_each_connection() {
             s.metrics
         );
     }
-}
-
-#[test]
-fn idle_connections_identify_and_hold() {
-    let server = LineServer::start(Behaviour::default());
-    let target = server.addr.to_string();
-    let (out, summary) = loadgen(&[
-        "send",
-        "--target",
-        &target,
-        "--connections=10",
-        "--idle",
-        "--duration=700ms",
-        "--quiet-progress",
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    let seen = server.collect(10);
-    assert_eq!(seen.iter().map(|s| s.identifies).sum::<u64>(), 10);
-    assert_eq!(seen.iter().map(|s| s.metrics).sum::<u64>(), 0);
-    assert!(
-        seen.iter()
-            .all(|s| s.open_for >= Duration::from_millis(600))
-    );
-    assert_eq!(summary["lines_sent"], 0);
-    assert_eq!(summary["connected"], 10);
-    assert_eq!(summary["idle"], true);
 }
 
 #[test]
@@ -483,7 +426,8 @@ impl Drop for Pki {
     }
 }
 
-/// Every connection sent seqs 0..n in order, whole, and ended with a close_notify.
+/// Every connection sent seqs 0..n in order, whole, and ended cleanly: end of stream, and
+/// over TLS a close_notify before it.
 fn assert_intact(seen: &[Seen]) {
     for s in seen {
         assert_eq!(s.garbled, 0, "{:?}", s.zipcode);
@@ -493,8 +437,121 @@ fn assert_intact(seen: &[Seen]) {
             "{:?}",
             s.zipcode
         );
-        assert!(s.clean_end, "{:?} ended without a close_notify", s.zipcode);
+        assert!(
+            s.clean_end,
+            "{:?} did not end cleanly (EOF; over TLS, close_notify)",
+            s.zipcode
+        );
     }
+}
+
+/// What a scenario runs over: plain TCP, or TLS with the run's own throwaway CA.
+enum Transport {
+    Plain,
+    Tls(Pki),
+}
+
+impl Transport {
+    fn tls() -> Transport {
+        Transport::Tls(Pki::new())
+    }
+
+    /// The test server for this transport.
+    fn start(&self, behaviour: Behaviour) -> LineServer {
+        match self {
+            Transport::Plain => LineServer::start(behaviour),
+            Transport::Tls(pki) => LineServer::start_tls(behaviour, pki.server_config(false)),
+        }
+    }
+
+    /// The load generator's flags for this transport.
+    fn args(&self) -> Vec<&str> {
+        match self {
+            Transport::Plain => Vec::new(),
+            Transport::Tls(pki) => vec!["--tls-ca", &pki.ca],
+        }
+    }
+}
+
+/// A slow reader: the load generator's writes block (over TLS, with records queued in
+/// rustls and the close_notify behind them), and no line is lost or split.
+fn backpressure_loses_and_splits_no_line(transport: Transport) {
+    let server = transport.start(Behaviour {
+        pause_every: Some(100),
+        ..Behaviour::default()
+    });
+    let target = server.addr.to_string();
+    let mut args = vec![
+        "send",
+        "--target",
+        &target,
+        "--connections=4",
+        "--duration=1s",
+        "--drain-timeout=10s",
+        "--seq",
+        "--timestamps",
+        "--quiet-progress",
+    ];
+    args.extend(transport.args());
+    let (out, summary) = loadgen(&args);
+    assert!(out.status.success(), "{out:?}");
+    let seen = server.collect(4);
+    assert_intact(&seen);
+    assert_eq!(
+        summary["lines_sent"].as_u64().unwrap(),
+        seen.iter().map(|s| s.metrics).sum::<u64>()
+    );
+    assert!(summary["blocked_writes"].as_u64().unwrap() > 0, "{summary}");
+    assert_eq!(summary["drain_timeouts"], 0);
+}
+
+#[test]
+fn backpressure_loses_and_splits_no_line_over_tcp() {
+    backpressure_loses_and_splits_no_line(Transport::Plain);
+}
+
+#[test]
+fn backpressure_loses_and_splits_no_line_over_tls() {
+    backpressure_loses_and_splits_no_line(Transport::tls());
+}
+
+/// Idle connections connect (over TLS: handshake), identify and hold until the end.
+fn idle_connections_identify_and_hold(transport: Transport) {
+    let server = transport.start(Behaviour::default());
+    let target = server.addr.to_string();
+    let mut args = vec![
+        "send",
+        "--target",
+        &target,
+        "--connections=10",
+        "--idle",
+        "--duration=700ms",
+        "--quiet-progress",
+    ];
+    args.extend(transport.args());
+    let (out, summary) = loadgen(&args);
+    assert!(out.status.success(), "{out:?}");
+    let seen = server.collect(10);
+    assert_intact(&seen);
+    assert_eq!(seen.iter().map(|s| s.identifies).sum::<u64>(), 10);
+    assert_eq!(seen.iter().map(|s| s.metrics).sum::<u64>(), 0);
+    assert!(
+        seen.iter()
+            .all(|s| s.open_for >= Duration::from_millis(600))
+    );
+    assert_eq!(summary["lines_sent"], 0);
+    assert_eq!(summary["connected"], 10);
+    assert_eq!(summary["idle"], true);
+}
+
+#[test]
+fn idle_connections_identify_and_hold_over_tcp() {
+    idle_connections_identify_and_hold(Transport::Plain);
+}
+
+#[test]
+fn idle_connections_identify_and_hold_over_tls() {
+    idle_connections_identify_and_hold(Transport::tls());
 }
 
 #[test]
@@ -543,43 +600,6 @@ fn over_tls_every_line_arrives_in_order_and_replies_are_read() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("over TLS"), "{stderr}");
-}
-
-/// As `backpressure_loses_and_splits_no_line`, through TLS: writes block with records queued
-/// in rustls, and the close_notify waits behind them.
-#[test]
-fn over_tls_backpressure_loses_and_splits_no_line() {
-    let pki = Pki::new();
-    let server = LineServer::start_tls(
-        Behaviour {
-            pause_every: Some(100),
-            ..Behaviour::default()
-        },
-        pki.server_config(false),
-    );
-    let target = server.addr.to_string();
-    let (out, summary) = loadgen(&[
-        "send",
-        "--target",
-        &target,
-        "--connections=4",
-        "--duration=1s",
-        "--drain-timeout=10s",
-        "--seq",
-        "--timestamps",
-        "--quiet-progress",
-        "--tls-ca",
-        &pki.ca,
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    let seen = server.collect(4);
-    assert_intact(&seen);
-    assert_eq!(
-        summary["lines_sent"].as_u64().unwrap(),
-        seen.iter().map(|s| s.metrics).sum::<u64>()
-    );
-    assert!(summary["blocked_writes"].as_u64().unwrap() > 0, "{summary}");
-    assert_eq!(summary["drain_timeouts"], 0);
 }
 
 #[test]
@@ -643,34 +663,6 @@ fn over_tls_a_paced_split_run_presents_its_client_certificate() {
     assert_eq!(seen.iter().map(|s| s.metrics).sum::<u64>(), lines);
     // 10 connections × 100 lines/s × 1 s, give or take a tick and a partial token.
     assert!((800..=1120).contains(&lines), "{lines} lines");
-}
-
-#[test]
-fn over_tls_idle_connections_handshake_identify_and_hold() {
-    let pki = Pki::new();
-    let server = LineServer::start_tls(Behaviour::default(), pki.server_config(false));
-    let target = server.addr.to_string();
-    let (out, summary) = loadgen(&[
-        "send",
-        "--target",
-        &target,
-        "--connections=10",
-        "--idle",
-        "--duration=700ms",
-        "--quiet-progress",
-        "--tls-ca",
-        &pki.ca,
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    let seen = server.collect(10);
-    assert_intact(&seen);
-    assert_eq!(seen.iter().map(|s| s.identifies).sum::<u64>(), 10);
-    assert_eq!(seen.iter().map(|s| s.metrics).sum::<u64>(), 0);
-    assert!(
-        seen.iter()
-            .all(|s| s.open_for >= Duration::from_millis(600))
-    );
-    assert_eq!(summary["connected"], 10);
 }
 
 #[test]
