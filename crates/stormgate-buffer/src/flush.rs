@@ -9,8 +9,10 @@ use futures_lite::future;
 use glommio::io::{DmaBuffer, DmaFile};
 
 use crate::config::LogConfig;
+use crate::io::FileIo;
 use crate::log::Inner;
 use crate::notify::Waiters;
+use crate::stats::LogStats;
 use crate::writer::FlushBatch;
 
 /// First wait after a failed flush; doubles up to [`MAX_BACKOFF`].
@@ -119,10 +121,15 @@ pub(crate) async fn flusher(weak: Weak<Inner>) {
         let Some(writes) = resolve_files(&weak, &batch).await else {
             return;
         };
+        let (io, stats) = match weak.upgrade() {
+            Some(inner) => (inner.io.clone(), inner.stats.clone()),
+            None => return,
+        };
+        let result = write_and_sync(&io, &stats, &writes).await;
         let Some(inner) = weak.upgrade() else {
             return;
         };
-        match write_and_sync(&inner, &writes).await {
+        match result {
             Ok(()) => {
                 flushed(&inner, &batch);
                 backoff = MIN_BACKOFF;
@@ -188,20 +195,20 @@ async fn resolve_files(weak: &Weak<Inner>, batch: &FlushBatch) -> Option<Writes>
 
 /// Writes the batch's chunks in order, one at a time (consecutive chunks share a block, and
 /// the later one must land last), then fdatasyncs every file written.
-async fn write_and_sync(inner: &Inner, writes: &Writes) -> io::Result<()> {
+async fn write_and_sync(io: &FileIo, stats: &LogStats, writes: &Writes) -> io::Result<()> {
     let mut files: Vec<(u64, &Rc<DmaFile>)> = Vec::new();
     for (segment, file, offset, buf) in writes {
-        inner.io.write_at(file, buf.clone(), *offset).await?;
-        inner.stats.bytes_written.add(buf.len() as u64);
+        io.write_at(file, buf.clone(), *offset).await?;
+        stats.bytes_written.add(buf.len() as u64);
         if files.last().map(|f| f.0) != Some(*segment) {
             files.push((*segment, file));
         }
     }
     for (_, file) in files {
         let started = Instant::now();
-        inner.io.fdatasync(file).await?;
-        inner.stats.fsyncs.incr();
-        inner.stats.fsync_latency.record(started.elapsed());
+        io.fdatasync(file).await?;
+        stats.fsyncs.incr();
+        stats.fsync_latency.record(started.elapsed());
     }
     Ok(())
 }

@@ -76,13 +76,13 @@ pub(crate) struct Inner {
     pub cfg: LogConfig,
     pub mode: OpenMode,
     pub stats: Arc<LogStats>,
-    pub io: FileIo,
+    pub io: Rc<FileIo>,
     pub w: RefCell<Writer>,
     pub d: RefCell<Delivery>,
     pub durable: Cell<u64>,
     pub checkpointed: Cell<u64>,
     pub checkpoint_generation: Cell<u64>,
-    pub checkpoint_file: DmaFile,
+    pub checkpoint_file: Rc<DmaFile>,
     pub start: Cell<Option<Cursor>>,
     /// Timestamp of the next record the reader will hand out, when known.
     pub next_timestamp_ms: Cell<Option<i64>>,
@@ -203,10 +203,13 @@ impl Log {
                     timestamp_ms: Some(p.timestamp_ms),
                 })
             });
+        // Everything present delivered: the reader waits at the end of the segment appends
+        // continue in, or for the new segment the next append creates.
+        let continued = plan.kept.last().filter(|_| plan.continue_last);
         let start = start.unwrap_or(Cursor {
-            next_seq: plan.next_seq.max(plan.watermark + 1),
-            segment: None,
-            offset: 0,
+            next_seq: plan.next_seq,
+            segment: continued.map(|k| k.first_seq),
+            offset: continued.map_or(0, |k| k.end),
             timestamp_ms: None,
         });
         let stats = Arc::new(LogStats::default());
@@ -226,13 +229,13 @@ impl Log {
                 cfg,
                 mode,
                 stats,
-                io,
+                io: Rc::new(io),
                 w: RefCell::new(w),
                 d: RefCell::new(Delivery::new(plan.watermark)),
                 durable: Cell::new(plan.next_seq - 1),
                 checkpointed: Cell::new(plan.watermark),
                 checkpoint_generation: Cell::new(generation),
-                checkpoint_file,
+                checkpoint_file: Rc::new(checkpoint_file),
                 start: Cell::new(Some(start)),
                 next_timestamp_ms: Cell::new(start.timestamp_ms),
                 reader_taken: Cell::new(false),

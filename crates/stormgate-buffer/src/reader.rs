@@ -325,7 +325,8 @@ impl Reader {
     ) -> std::io::Result<()> {
         let start = align_down(offset as usize, BLOCK) as u64;
         let want = align_up((offset - start) as usize + need, BLOCK).max(self.inner.cfg.read_bytes);
-        let len = (want as u64).min(size - start) as usize;
+        // Whole blocks (direct I/O), even when a damaged file ends mid-block.
+        let len = align_up((want as u64).min(size - start) as usize, BLOCK);
         let data = self.inner.io.read_at(file, start, len).await?;
         self.inner.stats.read_disk_bytes.add(data.len() as u64);
         self.window = Some(DiskWindow {
