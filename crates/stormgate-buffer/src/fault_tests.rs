@@ -106,6 +106,7 @@ fn storage_error_scenario(name: &str, arm: fn(&crate::io::Faults, Option<i32>)) 
         assert!(last > 500, "staging holds ~256 KiB: {last}");
         let stats = log.stats();
         assert!(stats.storage_errors.get() >= 1);
+        assert_eq!(stats.last_storage_errno.get(), i64::from(libc::EIO));
         assert_eq!(stats.failed_appends.get(), 1);
         assert!(faults.injected.get() >= 1);
         assert_eq!(
@@ -127,6 +128,7 @@ fn storage_error_scenario(name: &str, arm: fn(&crate::io::Faults, Option<i32>)) 
         arm(&faults, None);
         timeout(log.writable()).await;
         assert_eq!(timeout(log.wait_durable(last)).await, last);
+        assert_eq!(stats.last_storage_errno.get(), 0);
         read_all(&log, last).await;
         // Crash here: no close.
     });

@@ -220,6 +220,7 @@ fn flushed(inner: &Inner, batch: &FlushBatch) {
         std::mem::replace(&mut w.failing, false)
     };
     if was_failing {
+        inner.stats.last_storage_errno.set(0);
         tracing::info!(dir = %inner.dir.display(), "disk buffer: storage recovered, flushes succeed again");
     }
     inner.stats.flushes.incr();

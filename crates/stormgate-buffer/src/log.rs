@@ -551,6 +551,9 @@ impl Inner {
     /// Logs a storage error at a rate limit and counts it.
     pub(crate) fn storage_error(&self, what: &str, err: &std::io::Error) {
         self.stats.storage_errors.incr();
+        self.stats
+            .last_storage_errno
+            .set(err.raw_os_error().unwrap_or(-1).into());
         if let Some(suppressed) = self.error_log.allow(Instant::now()) {
             tracing::error!(dir = %self.dir.display(), error = %err, suppressed, "disk buffer: {what} failed");
         }

@@ -72,6 +72,9 @@ pub struct LogStats {
     pub too_large: Counter,
     /// Storage errors (write, fdatasync, file creation, checkpoint, removal).
     pub storage_errors: Counter,
+    /// The OS error code of the last storage error (ENOSPC 28, EIO 5; -1 without one), 0
+    /// once flushes succeed again: what `/readyz` can name.
+    pub last_storage_errno: Gauge,
     /// Records the reader could not read back from disk (damage found while running).
     pub read_errors: Counter,
 }
