@@ -52,6 +52,8 @@ pub(crate) struct Delivery {
     retry: VecDeque<u64>,
     watermark: u64,
     last_handed_out: u64,
+    /// Entries not done.
+    outstanding: usize,
 }
 
 impl Delivery {
@@ -62,6 +64,7 @@ impl Delivery {
             retry: VecDeque::new(),
             watermark,
             last_handed_out: watermark,
+            outstanding: 0,
         }
     }
 
@@ -131,6 +134,7 @@ impl Delivery {
             return Err(Unknown::AlreadyDone);
         }
         e.state = State::Done;
+        self.outstanding -= 1;
         Ok(e.at)
     }
 

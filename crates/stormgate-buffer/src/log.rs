@@ -254,6 +254,7 @@ impl Log {
             }),
         };
         log.inner.refresh_gauges();
+        log.inner.refresh_oldest();
         log
     }
 
@@ -417,7 +418,8 @@ impl Log {
         }
     }
 
-    /// Records handed out by the reader and not yet reported done.
+    /// Records handed out by the reader and not yet reported done (the caller bounds this:
+    /// the log keeps a small entry for each until it is done).
     pub fn outstanding(&self) -> usize {
         self.inner.d.borrow().outstanding()
     }
@@ -505,7 +507,7 @@ impl Inner {
         }
     }
 
-    /// The watermark moved: evict delivered chunks, wake the checkpointer's gauges.
+    /// The watermark moved: evict delivered chunks, update the gauges.
     pub(crate) fn delivered_moved(&self, watermark: u64) {
         self.w.borrow_mut().evict(watermark, self.cfg.memory_bytes);
         self.refresh_gauges();
@@ -526,26 +528,32 @@ impl Inner {
         self.writable_waiters.wake_all();
     }
 
-    /// Recomputes the gauges that follow the watermark and the files.
+    /// Recomputes the gauges that follow the watermark and the files. Cheap: called whenever
+    /// either moves.
     pub(crate) fn refresh_gauges(&self) {
         let w = self.w.borrow();
-        let d = self.d.borrow();
+        let watermark = self.d.borrow().watermark();
         self.stats.disk_bytes.set(w.usage_bytes as i64);
         self.stats.segments.set(w.segments.len() as i64);
-        self.stats
-            .records
-            .set(w.last_appended().saturating_sub(d.watermark()) as i64);
-        let oldest = d.oldest_timestamp_ms().or(self.next_timestamp_ms.get());
-        self.stats
-            .oldest_timestamp_ms
-            .set(if w.last_appended() > d.watermark() {
-                oldest.unwrap_or(0)
-            } else {
-                0
-            });
+        let undelivered = w.last_appended().saturating_sub(watermark);
+        self.stats.records.set(undelivered as i64);
+        if undelivered == 0 {
+            self.stats.oldest_timestamp_ms.set(0);
+        }
         self.stats
             .checkpointed_seq
             .set(self.checkpointed.get() as i64);
+    }
+
+    /// The oldest undelivered record's timestamp: a walk over the outstanding window, so it
+    /// runs with the checkpoints, not with every delivery.
+    pub(crate) fn refresh_oldest(&self) {
+        let d = self.d.borrow();
+        let undelivered = self.w.borrow().last_appended() > d.watermark();
+        let oldest = d.oldest_timestamp_ms().or(self.next_timestamp_ms.get());
+        self.stats
+            .oldest_timestamp_ms
+            .set(if undelivered { oldest.unwrap_or(0) } else { 0 });
     }
 
     /// Logs a storage error at a rate limit and counts it.

@@ -190,6 +190,7 @@ async fn create_spare(weak: &Weak<Inner>) -> Option<io::Result<()>> {
 async fn checkpoint_and_retire(weak: &Weak<Inner>) {
     let Some(watermark) = weak.upgrade().map(|inner| {
         inner.refresh_gauges();
+        inner.refresh_oldest();
         inner.d.borrow().watermark()
     }) else {
         return;

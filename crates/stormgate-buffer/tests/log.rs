@@ -389,3 +389,48 @@ fn the_checkpoint_alternates_slots_and_survives_a_torn_slot() {
         log.close().await;
     });
 }
+
+#[test]
+fn gauges_follow_the_undelivered_records_and_the_files() {
+    let tmp = TempDir::new("gauges");
+    let dir = tmp.log();
+    run(|| async {
+        let (log, _) = open(&dir, small_config(), OpenMode::ReadWrite).await;
+        let stats = log.stats();
+        let mut reader = log.reader().unwrap();
+        append_n(&log, 100).await;
+        with_timeout(log.wait_durable(100), "durable").await;
+        let seqs = read_n(&log, &mut reader, 10, false).await;
+        for &s in &seqs[1..] {
+            log.done(s);
+        }
+        // Record 1 (timestamp 1) is outstanding: the oldest, after the next checkpoint tick.
+        with_timeout(
+            async {
+                while stats.oldest_timestamp_ms.get() != 1 {
+                    glommio::timer::sleep(Duration::from_millis(5)).await;
+                }
+            },
+            "the oldest-record gauge",
+        )
+        .await;
+        assert_eq!(stats.records.get(), 100);
+        assert_eq!(log.outstanding(), 1);
+        // One segment and the spare, 1 MiB each, and the checkpoint.
+        assert_eq!(stats.disk_bytes.get(), (2 << 20) + 8192);
+        assert_eq!(
+            stats.disk_bytes.get() as u64,
+            allocated_bytes(&dir),
+            "what du says"
+        );
+        log.done(1);
+        read_n(&log, &mut reader, 90, true).await;
+        assert_eq!(
+            (stats.records.get(), stats.oldest_timestamp_ms.get()),
+            (0, 0)
+        );
+        wait_checkpointed(&log, 100).await;
+        assert_eq!(stats.checkpointed_seq.get(), 100);
+        log.close().await;
+    });
+}
