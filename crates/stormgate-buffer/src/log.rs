@@ -401,10 +401,9 @@ impl Log {
         let inner = &*self.inner;
         let mut d = inner.d.borrow_mut();
         // Unknown or repeated: nothing to do (a report after a restart, or twice).
-        if d.done(seq).is_ok() && d.advance(inner.durable.get()) {
-            let watermark = d.watermark();
+        if d.done(seq).is_ok() {
             drop(d);
-            inner.delivered_moved(watermark);
+            inner.advance_delivered();
         }
     }
 
@@ -504,6 +503,16 @@ impl Inner {
                 self.stats.busy_events.incr();
                 AppendError::Busy
             }
+        }
+    }
+
+    /// Moves the watermark over whatever is done (and durable) at its front.
+    pub(crate) fn advance_delivered(&self) {
+        let mut d = self.d.borrow_mut();
+        if d.advance(self.durable.get()) {
+            let watermark = d.watermark();
+            drop(d);
+            self.delivered_moved(watermark);
         }
     }
 

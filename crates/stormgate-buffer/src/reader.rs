@@ -146,22 +146,39 @@ impl Reader {
     /// Moves the cursor to where the next record is; false when there is none yet. Skips
     /// (and counts as done) sequence numbers that no segment holds.
     fn settle(&mut self) -> bool {
+        let (ready, skipped) = self.locate();
+        if skipped {
+            self.inner.advance_delivered();
+        }
+        ready
+    }
+
+    /// [`Reader::settle`] under the writer's borrow: (a record is ready, something was
+    /// skipped).
+    fn locate(&mut self) -> (bool, bool) {
         let w = self.inner.w.borrow();
+        let mut skipped = false;
         loop {
             let next = self.cursor.next_seq;
             if next > w.last_appended() {
-                return false;
+                return (false, skipped);
             }
             if let Some(seg) = self.cursor.segment.and_then(|id| w.segment(id)) {
                 if next <= seg.last_seq {
-                    return true;
+                    return (true, skipped);
                 }
                 if !seg.sealed {
-                    return false;
+                    return (false, skipped);
                 }
             }
             let Some(seg) = w.segment_at_or_after(next) else {
-                return false;
+                // No segment holds anything from `next` to the last sequence number: a
+                // range lost to damage at the end of the log. Skip it, or `read` would find
+                // records "available" and nothing to hand out, forever.
+                let last = w.last_appended();
+                self.inner.d.borrow_mut().skipped_to(last);
+                self.cursor.next_seq = last + 1;
+                return (false, true);
             };
             if seg.id < next {
                 // Unreachable by construction: the cursor never enters a segment mid-way
@@ -174,10 +191,12 @@ impl Reader {
                 self.inner.d.borrow_mut().skipped_to(seg.last_seq);
                 self.cursor.next_seq = seg.last_seq + 1;
                 self.cursor.segment = Some(seg.id);
+                skipped = true;
                 continue;
             }
             if seg.id > next {
                 self.inner.d.borrow_mut().skipped_to(seg.id - 1);
+                skipped = true;
             }
             self.cursor = Cursor {
                 next_seq: seg.id,
@@ -359,6 +378,7 @@ impl Reader {
         self.cursor.next_seq = upto + 1;
         self.cursor.offset = resume.or(end).unwrap_or(SEGMENT_HEADER_BYTES);
         self.window = None;
+        self.inner.advance_delivered();
     }
 
     /// Hands out a record again: from memory if it is still there, else one small read.
@@ -402,10 +422,12 @@ impl Reader {
             segment = at.segment,
             "disk buffer: record unreadable on disk, given up"
         );
-        let mut d = self.inner.d.borrow_mut();
-        d.retried(at.seq);
-        let _ = d.done(at.seq);
-        d.advance(self.inner.durable.get());
+        {
+            let mut d = self.inner.d.borrow_mut();
+            d.retried(at.seq);
+            let _ = d.done(at.seq);
+        }
+        self.inner.advance_delivered();
         Outcome::Lost
     }
 

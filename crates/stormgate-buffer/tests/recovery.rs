@@ -149,29 +149,54 @@ fn a_flipped_byte_in_the_newest_segment_quarantines_the_rest_and_numbering_moves
     let dir = tmp.log();
     write_log(&dir, 1000, 0);
     let seg = segment_files(&dir).pop().unwrap();
-    let first = first_seq(&seg);
-    let victim = first + 100;
+    let victim = first_seq(&seg) + 100;
     flip(&seg, offset_of(&seg, victim) + 40);
-    let (report, seqs) = reopen_and_deliver(&dir, 10);
     let after = 1000 - victim;
-    assert!(
-        report.events.iter().any(|e| matches!(e, RecoveryEvent::Damaged { records_after_damage, .. } if *records_after_damage == after)),
-        "{:?}",
-        report.events
-    );
-    assert!(report.has_damage());
-    assert_eq!(report.quarantined_records, after);
-    assert_eq!(
-        report.next_seq, 1001,
-        "never reuse a number found after the damage"
-    );
-    let expected: Vec<u64> = (1..victim).chain(1001..=1010).collect();
-    assert_eq!(seqs, expected);
-    // Its valid prefix delivered and checkpointed, the file went to quarantine.
-    assert_eq!(quarantined(&dir).len(), 1);
+    run(|| async {
+        let (log, report) = open(&dir, small_config(), OpenMode::ReadWrite).await;
+        assert!(
+            report.events.iter().any(|e| matches!(e, RecoveryEvent::Damaged { records_after_damage, .. } if *records_after_damage == after)),
+            "{:?}",
+            report.events
+        );
+        assert!(report.has_damage());
+        assert_eq!(report.quarantined_records, after);
+        assert_eq!(
+            report.next_seq, 1001,
+            "never reuse a number found after the damage"
+        );
+        assert_eq!(log.stats().quarantined_records.get(), after);
+        let mut reader = log.reader().unwrap();
+        let seqs = read_n(&log, &mut reader, report.undelivered_records as usize, true).await;
+        assert_eq!(seqs, (1..victim).collect::<Vec<_>>());
+        // Nothing more to read: the reader waits (no spin over the quarantined numbers) and
+        // the watermark crosses them.
+        let read_more = reader.read(10, |_| std::ops::ControlFlow::Continue(()));
+        let waited = futures_lite::future::or(async { Some(read_more.await) }, async {
+            glommio::timer::sleep(std::time::Duration::from_millis(100)).await;
+            None
+        });
+        assert_eq!(waited.await, None, "nothing to read: read waits");
+        assert_eq!(reader.next_seq(), 1001);
+        assert_eq!(log.delivered_seq(), 1000);
+        // Its valid prefix delivered and checkpointed, the file goes to quarantine.
+        wait_checkpointed(&log, 1000).await;
+        with_timeout(
+            async {
+                while quarantined(&dir).is_empty() {
+                    glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            },
+            "quarantine",
+        )
+        .await;
+        assert_eq!(log.stats().segments_quarantined.get(), 1);
+        log.close().await;
+    });
     assert!(!seg.exists());
-    let (report, _) = reopen_and_deliver(&dir, 0);
+    let (report, seqs) = reopen_and_deliver(&dir, 10);
     assert!(report.events.is_empty(), "{:?}", report.events);
+    assert_eq!(seqs, (1001..=1010).collect::<Vec<_>>());
 }
 
 #[test]
