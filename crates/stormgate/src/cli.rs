@@ -352,6 +352,30 @@ pub enum Command {
         #[command(subcommand)]
         command: StationCommand,
     },
+    /// Look into a disk buffer offline: BUFFER_DIR (every shard's directory in it) or one
+    /// shard's directory. Reads every record; changes nothing.
+    Buffer {
+        /// What to do.
+        #[command(subcommand)]
+        command: BufferCommand,
+    },
+}
+
+/// `stormgate buffer …`: offline tools for the disk buffer.
+#[derive(Debug, Clone, Subcommand)]
+pub enum BufferCommand {
+    /// Per shard: segments, records, bytes on disk, the checkpointed delivered watermark and
+    /// the oldest undelivered record's age.
+    Inspect {
+        /// BUFFER_DIR, or one shard's directory in it.
+        dir: std::path::PathBuf,
+    },
+    /// Check the CRC and sequence number of every record; exit non-zero if anything is
+    /// damaged (what the server would skip or quarantine at its next start).
+    Verify {
+        /// BUFFER_DIR, or one shard's directory in it.
+        dir: std::path::PathBuf,
+    },
 }
 
 /// `stormgate station …`: edit or show the station registry.

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use stormgate::app;
-use stormgate::cli::{Cli, Command, StationCommand};
+use stormgate::cli::{BufferCommand, Cli, Command, StationCommand};
 use stormgate::registry::{self, Registry};
 use stormgate::settings::{self, Loaded};
 
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         }
         Some(Command::CheckConfig) => check_config(&loaded),
         Some(Command::Station { command }) => outcome(station(&loaded.cli, command)),
+        Some(Command::Buffer { command }) => buffer(command),
         Some(Command::Replay { file, topic }) => {
             stormgate::logging::init(loaded.cli.log_format);
             outcome(app::replay(&loaded.cli, &file, topic).map(drop))
@@ -79,6 +80,38 @@ fn station(cli: &Cli, command: StationCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `stormgate buffer inspect|verify DIR`: the report on stdout; `verify` fails on damage.
+fn buffer(command: BufferCommand) -> ExitCode {
+    use stormgate_buffer::config::DEFAULT_MAX_RECORD_BYTES;
+    use stormgate_buffer::offline::{Render, inspect};
+    let (dir, verify) = match command {
+        BufferCommand::Inspect { dir } => (dir, false),
+        BufferCommand::Verify { dir } => (dir, true),
+    };
+    let logs = match inspect(&dir, DEFAULT_MAX_RECORD_BYTES) {
+        Ok(logs) => logs,
+        Err(e) => return fail(&anyhow::anyhow!("{}: {e}", dir.display())),
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    for log in &logs {
+        print!("{}", Render { log, now_ms });
+    }
+    let damaged = logs.iter().filter(|l| l.has_damage()).count();
+    if verify && damaged > 0 {
+        eprintln!(
+            "stormgate: {damaged} of {} buffer directories damaged",
+            logs.len()
+        );
+        return ExitCode::FAILURE;
+    }
+    if verify {
+        println!("verified: {} buffer directories, no damage", logs.len());
+    }
+    ExitCode::SUCCESS
 }
 
 fn outcome(result: anyhow::Result<()>) -> ExitCode {
