@@ -1,9 +1,9 @@
 //! Opening a log directory after anything: a clean stop, a crash, a power cut, damage.
 //!
 //! Three steps. [`scan_dir`] reads every file (std I/O; run on glommio's blocking thread by
-//! `Log::open`, directly by the offline tools) and validates every segment. [`plan`] decides,
+//! `Log::open`, directly by the offline tools) and validates every segment. `plan` decides,
 //! as a pure function of what was found, what each segment is: kept and delivered, cut at a
-//! torn tail, quarantined, removed as empty. [`apply`] carries the decisions out (std I/O
+//! torn tail, quarantined, removed as empty. `apply` carries the decisions out (std I/O
 //! again). The offline tools run the first two and report; they change nothing.
 //!
 //! The rules, each with a logged, counted [`RecoveryEvent`]:
