@@ -104,7 +104,17 @@ pub(crate) struct Inner {
 /// A per-shard write-ahead log of records. See the crate documentation.
 ///
 /// Shard-local: not `Send`; every method runs on the executor that opened it. Cloning gives
-/// another handle to the same log.
+/// another handle to the same log. Dropping every handle (and the reader) without
+/// [`Log::close`] is a crash as far as the disk can tell: the background tasks end, nothing
+/// staged is written, the directory's lock is released.
+///
+/// Integration sketch (one shard): `Log::open` at start (report the `RecoveryReport` to
+/// `/readyz`), spawn `log.run()`; per accepted line `append` (on `Full`/`Busy`/`Failed` stop
+/// reading the socket and await `writable`, or drop the line with `drop_newest`); acks wait
+/// on `wait_durable(first pending)` and settle every pending seq up to the value returned; the
+/// sink task loops on `reader.read(n, |r| send to the producer or Break when its queue is
+/// full)`; delivery reports call `done(seq)` (delivered, or finally failed and spilled) or
+/// `retry(seq)`; shutdown calls `close`.
 #[derive(Clone)]
 pub struct Log {
     pub(crate) inner: Rc<Inner>,

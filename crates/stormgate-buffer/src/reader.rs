@@ -81,7 +81,8 @@ impl Reader {
     ///
     /// `f` returning `Break` declines that record: it stays first in line and `read`
     /// returns at once (possibly 0), so that the caller can make room (poll its producer)
-    /// before reading again. `f` must not append to this log.
+    /// before reading again. `f` must not append to this log. After [`Log::close`], `read`
+    /// hands out what is left and then never returns: stop calling it.
     pub async fn read<F>(&mut self, max: usize, mut f: F) -> usize
     where
         F: FnMut(RecordView<'_>) -> ControlFlow<()>,
