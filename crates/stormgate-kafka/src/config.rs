@@ -7,7 +7,7 @@
 //! | `KAFKA_COMPRESSION` | `compression.codec` | snappy | lz4 | as fast as snappy with a better ratio on JSON; broker-side decompression is cheap |
 //! | `KAFKA_REQUIRED_ACKS` | `acks` | 1 | all (-1) | librdkafka's default; a leader failure with acks=1 loses acknowledged records |
 //! | `KAFKA_MAX_ATTEMPTS` | `retries` = attempts − 1 | 3 | 0 = no limit | retries stop at `KAFKA_DELIVERY_TIMEOUT`, so a broker restart does not exhaust them |
-//! | `KAFKA_IDEMPOTENCE` | `enable.idempotence` | — | true | retries cannot duplicate or reorder a station's records |
+//! | `KAFKA_IDEMPOTENCE` | `enable.idempotence` | — | true; false when `KAFKA_REQUIRED_ACKS` is set to 0 or 1 and this is not ([`idempotence_for`]) | retries cannot duplicate or reorder a station's records |
 //! | `KAFKA_ASYNC` | per-connection in-flight cap of 1 when false | true | true | false is the seed's old behaviour, kept for comparison |
 //! | `KAFKA_QUEUE_MAX_RECORDS` | `queue.buffering.max.messages` | — | 100000 | librdkafka's default; bounds what a broker outage buffers |
 //! | `KAFKA_QUEUE_MAX_BYTES` | `queue.buffering.max.kbytes` | — | 64 MiB | librdkafka's 1 GiB per shard is no bound with 64 KiB lines |
@@ -142,6 +142,64 @@ impl FromStr for Acks {
             "-1" | "all" => Ok(Acks::All),
             _ => Err(ParseSettingError::new("acks", s, "0, 1, -1 or all")),
         }
+    }
+}
+
+/// The idempotent producer needs `acks=all`; librdkafka refuses any other pair at start-up,
+/// in words that name neither of our settings. [`idempotence_for`] decides instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdempotenceChoice {
+    /// As configured (or by default): `enabled`.
+    AsSet(bool),
+    /// `KAFKA_REQUIRED_ACKS` other than `all` was set and `KAFKA_IDEMPOTENCE` was not: off,
+    /// which is what the acks value means to a user coming from a producer without it (the
+    /// replaced server's default was acks=1). Worth a warning: retries may now duplicate or
+    /// reorder records.
+    OffForAcks(Acks),
+}
+
+impl IdempotenceChoice {
+    /// `enable.idempotence`.
+    pub fn enabled(self) -> bool {
+        matches!(self, IdempotenceChoice::AsSet(true))
+    }
+
+    /// The start-up warning of [`IdempotenceChoice::OffForAcks`]; `None` otherwise.
+    pub fn warning(self) -> Option<String> {
+        let IdempotenceChoice::OffForAcks(acks) = self else {
+            return None;
+        };
+        Some(format!(
+            "KAFKA_REQUIRED_ACKS={acks} turns the idempotent producer off (it needs acks=all, \
+             and KAFKA_IDEMPOTENCE was not set): retries may now duplicate a station's records \
+             or reorder them; set KAFKA_REQUIRED_ACKS=all to keep them exactly once and in \
+             order, or KAFKA_IDEMPOTENCE=false to say that this is intended"
+        ))
+    }
+}
+
+/// `KAFKA_IDEMPOTENCE=true` was set together with acks other than all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "KAFKA_REQUIRED_ACKS={acks} cannot go with KAFKA_IDEMPOTENCE=true: the idempotent producer \
+     needs acks=all; set KAFKA_REQUIRED_ACKS=all, or KAFKA_IDEMPOTENCE=false to accept that \
+     retries may duplicate or reorder records"
+)]
+pub struct AcksIdempotenceError {
+    acks: Acks,
+}
+
+/// Whether the producer is idempotent, given `acks` and `idempotence` (`None` when
+/// `KAFKA_IDEMPOTENCE` was not set; its default is true).
+pub fn idempotence_for(
+    acks: Acks,
+    idempotence: Option<bool>,
+) -> Result<IdempotenceChoice, AcksIdempotenceError> {
+    match (acks, idempotence) {
+        (Acks::All, set) => Ok(IdempotenceChoice::AsSet(set.unwrap_or(true))),
+        (acks, None) => Ok(IdempotenceChoice::OffForAcks(acks)),
+        (_, Some(false)) => Ok(IdempotenceChoice::AsSet(false)),
+        (acks, Some(true)) => Err(AcksIdempotenceError { acks }),
     }
 }
 
@@ -354,6 +412,47 @@ mod tests {
             Some("0")
         );
         assert_eq!(off.statistics_interval(), Duration::ZERO);
+    }
+
+    /// (acks, KAFKA_IDEMPOTENCE if set) → enable.idempotence, or None for an error.
+    fn check_idempotence(acks: Acks, set: Option<bool>, want: Option<bool>) {
+        let got = idempotence_for(acks, set)
+            .map(IdempotenceChoice::enabled)
+            .ok();
+        assert_eq!(got, want, "acks {acks}, KAFKA_IDEMPOTENCE {set:?}");
+    }
+
+    #[test]
+    fn acks_other_than_all_turn_idempotence_off_unless_it_was_asked_for() {
+        check_idempotence(Acks::All, None, Some(true));
+        check_idempotence(Acks::All, Some(true), Some(true));
+        check_idempotence(Acks::All, Some(false), Some(false));
+        check_idempotence(Acks::Leader, None, Some(false));
+        check_idempotence(Acks::None, None, Some(false));
+        check_idempotence(Acks::Leader, Some(false), Some(false));
+        check_idempotence(Acks::Leader, Some(true), None);
+        check_idempotence(Acks::None, Some(true), None);
+
+        let off = idempotence_for(Acks::Leader, None).unwrap();
+        assert_eq!(off, IdempotenceChoice::OffForAcks(Acks::Leader));
+        let warning = off.warning().unwrap();
+        assert!(
+            warning.contains("KAFKA_REQUIRED_ACKS=1") && warning.contains("KAFKA_IDEMPOTENCE"),
+            "{warning}"
+        );
+        assert_eq!(
+            idempotence_for(Acks::Leader, Some(false))
+                .unwrap()
+                .warning(),
+            None
+        );
+        let err = idempotence_for(Acks::None, Some(true))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("KAFKA_REQUIRED_ACKS=0 cannot go with KAFKA_IDEMPOTENCE=true"),
+            "{err}"
+        );
     }
 
     #[test]
