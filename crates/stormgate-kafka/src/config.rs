@@ -13,7 +13,8 @@
 //! | `KAFKA_QUEUE_MAX_BYTES` | `queue.buffering.max.kbytes` | — | 64 MiB | librdkafka's 1 GiB per shard is no bound with 64 KiB lines |
 //!
 //! Always set: `partitioner=murmur2_random` (the Java client's, so a zipcode lands on the same
-//! partition whoever produces it) and `client.id=stormgate-shard-N`. The shards' producers
+//! partition whoever produces it), `client.id=stormgate-shard-N`, and
+//! `metadata.recovery.rebootstrap.trigger.ms=10000` (see [`DEFAULT_REBOOTSTRAP_TRIGGER`]). The shards' producers
 //! also report statistics every second (`statistics.interval.ms=1000`, see
 //! [`DEFAULT_STATISTICS_INTERVAL`]). Any other property passes through unchanged
 //! (`KAFKA_PROP_<NAME>` or `--kafka-prop name=value`) and wins over the settings above.
@@ -42,6 +43,18 @@ pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 64 << 20;
 /// How long librdkafka keeps retrying a record (`message.timeout.ms`); librdkafka's default.
 /// Long enough to ride out a broker restart; a record older than this is a failed delivery.
 pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long a producer may go without metadata from any broker before it starts again from
+/// `bootstrap.servers` (`metadata.recovery.rebootstrap.trigger.ms`; librdkafka's default is
+/// 300 s, the delivery timeout itself).
+///
+/// Why: while a single-broker cluster shuts down (a restart), its metadata lists no broker;
+/// librdkafka 2.12 then forgets the one it knew, and has nothing to reconnect to once the
+/// broker is back until this much time has passed. With the default, records buffered during a
+/// restart sat for five minutes and timed out (seen with Apache Kafka 4.4, one shard of two;
+/// `tests/broker_restart.rs`). Re-bootstrapping is cheap: it only resolves and connects to the
+/// bootstrap servers again.
+pub const DEFAULT_REBOOTSTRAP_TRIGGER: Duration = Duration::from_secs(10);
 
 /// How often each shard's producer reports librdkafka statistics (`statistics.interval.ms`;
 /// librdkafka's default is 0, none). They feed the operations endpoint: broker state for
@@ -287,6 +300,10 @@ impl KafkaSettings {
             ("message.timeout.ms".into(), millis(self.delivery_timeout)),
             ("partitioner".into(), "murmur2_random".into()),
             (
+                "metadata.recovery.rebootstrap.trigger.ms".into(),
+                millis(DEFAULT_REBOOTSTRAP_TRIGGER),
+            ),
+            (
                 "queue.buffering.max.messages".into(),
                 self.queue_max_records.to_string(),
             ),
@@ -371,6 +388,10 @@ mod tests {
         assert_eq!(prop(&p, "acks"), Some("1"));
         assert_eq!(prop(&p, "retries"), Some("2"));
         assert_eq!(prop(&p, "partitioner"), Some("murmur2_random"));
+        assert_eq!(
+            prop(&p, "metadata.recovery.rebootstrap.trigger.ms"),
+            Some("10000")
+        );
     }
 
     #[test]
