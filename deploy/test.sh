@@ -25,7 +25,14 @@ step() { printf '\n==> %s (%ss)\n' "$*" "$(($(date +%s) - started))" >&2; }
 step "starting Apache Kafka on 127.0.0.1:$port (the first run resolves it from Maven Central)"
 # From empty storage: topics of an earlier run would only take disk space.
 deploy/kafka/kafka.sh reset "$port"
-trap 'deploy/kafka/kafka.sh reset "$port" || true' EXIT
+# At the end, every broker of the run (a test or the harness killed half way leaves its own).
+cleanup() {
+  local offset
+  for offset in 0 10 20 30 40; do
+    deploy/kafka/kafka.sh reset "$((port + offset))" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT
 listeners=$(deploy/kafka/kafka.sh start "$port")
 brokers=$(sed -n 's/^KAFKA_BROKERS=//p' <<<"$listeners")
 [[ -n $brokers ]] || {

@@ -168,7 +168,9 @@ ensure_installed() {
   mvn -q -B -Dstyle.color=never --strict-checksums -f "$SCRIPT_DIR/pom.xml" \
     -Dmaven.repo.local="$KAFKA_DIR/m2" \
     dependency:copy-dependencies -DincludeScope=runtime \
-    -DoutputDirectory="$INSTALL_TMP/libs" >&2 ||
+    -DoutputDirectory="$INSTALL_TMP/libs" 2>&1 |
+    # Maven 3.8 prints colour resets even in batch mode; keep the log plain.
+    sed -e $'s/\e\\[[0-9;]*m//g' >&2 ||
     die "mvn could not resolve Kafka $KAFKA_VERSION (see its output above)"
   if ! (cd -- "$INSTALL_TMP/libs" && sha256sum --quiet --strict -c "$SCRIPT_DIR/jars.sha256" >&2); then
     die "a resolved jar differs from deploy/kafka/jars.sha256; refusing to install"

@@ -80,16 +80,14 @@ pub struct Out {
 pub fn consume(brokers: &str, topic: &str, expected: usize) -> Vec<Out> {
     let records = consume_all(brokers, topic, expected);
     if records.len() != expected {
-        // Per partition, how many records and which offsets.
-        let mut parts: BTreeMap<i32, (usize, usize)> = BTreeMap::new();
+        let mut per_partition: BTreeMap<i32, usize> = BTreeMap::new();
         for r in &records {
-            let e = parts.entry(r.partition).or_insert((0, 0));
-            *e = (e.0 + 1, e.1);
+            *per_partition.entry(r.partition).or_default() += 1;
         }
         panic!(
-            "{topic}: read {} records, expected {expected}; records per partition: {:?}",
-            records.len(),
-            parts.iter().map(|(p, (n, _))| (p, n)).collect::<Vec<_>>()
+            "{topic}: read {} records, expected {expected}; records per partition: \
+             {per_partition:?}",
+            records.len()
         );
     }
     records
