@@ -561,6 +561,8 @@ cmd_reset() {
   lock 9 "$dir/lock"
   stop_broker "$port"
   rm -rf -- "$(data_dir "$port")" "$(meta_dir "$port")"
+  # The cache root's directory in /dev/shm goes too once no port uses it.
+  rmdir -- "$(dirname -- "$(meta_dir "$port")")" 2>/dev/null || true
   log "deleted $(data_dir "$port") and $(meta_dir "$port")"
 }
 
