@@ -8,11 +8,15 @@ Usage (through benches/run.sh, which builds the binaries first):
     benches/run.sh report                 tables (benches/results/summary.md) and plots
                                           (docs/img/*.svg) from the latest results
 
-Every scenario starts what it needs itself: a fresh Kafka-protocol broker (deploy/kafka/tansu.sh
-on BENCH_KAFKA_PORT, default 29092) for each Kafka measurement, the stormgate server on a free
-loopback port, and the load generator (target/release/stormgate-loadgen). Server CPU time and
-memory come from /proc/PID/stat and /proc/PID/status; the server's own line-to-delivery-report
-latency histogram comes from its --stats-file; record counts are verified by consuming the topic.
+Every scenario starts what it needs itself: Apache Kafka 4.4 (deploy/kafka/kafka.sh on
+BENCH_KAFKA_PORT, default 29092, and the four ports after it), started with empty storage once
+per harness run and stopped at its end, a fresh topic for each Kafka measurement (deleted after
+it), the stormgate server on a free loopback port, and the load generator
+(target/release/stormgate-loadgen). CPU time and memory of the server and of the broker's JVM
+come from /proc/PID/stat and /proc/PID/status; the server's own line-to-delivery-report latency
+histogram comes from its --stats-file; record counts are verified by consuming the topic from
+offset 0 to the end the broker states (its watermarks): every short read, duplicate or gap
+fails the run.
 The TLS scenario's certificates come from the load generator (`stormgate-loadgen pki`, rcgen),
 so nothing needs installing for it either.
 
@@ -23,6 +27,7 @@ Only the standard library is used, so the harness runs wherever python3 does.
 """
 
 import argparse
+import atexit
 import datetime
 import json
 import os
@@ -36,13 +41,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
 STORMGATE = BIN / "stormgate"
 LOADGEN = BIN / "stormgate-loadgen"
-TANSU = ROOT / "deploy" / "kafka" / "tansu.sh"
+KAFKA_SH = ROOT / "deploy" / "kafka" / "kafka.sh"
 RESULTS = ROOT / "benches" / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KAFKA_PORT = int(os.environ.get("BENCH_KAFKA_PORT", "29092"))
@@ -85,38 +91,56 @@ def free_port():
 
 
 class Broker:
-    """A fresh Tansu broker per measurement: it keeps records in memory, so each run starts
-    empty and a long benchmark does not measure a broker that is busy growing its heap."""
+    """Apache Kafka on KAFKA_PORT for the whole harness run: started with empty storage on
+    first use, stopped (and its data deleted) when the harness exits. Each measurement gets a
+    topic of its own, deleted after it, so the broker holds one run's records at a time.
+
+    One broker for every run, rather than one per run, because the JVM compiles its hot paths
+    during its first seconds under load: a fresh broker per 10-second run would measure that
+    compilation (on the same two cores as the server), not a broker as it runs in production.
+    """
+
+    _started = None
 
     def __init__(self):
         self.brokers = f"127.0.0.1:{KAFKA_PORT}"
 
-    def restart(self):
-        subprocess.run([TANSU, "stop", str(KAFKA_PORT)], check=False, capture_output=True)
-        out = subprocess.run(
-            [TANSU, "start", str(KAFKA_PORT)], check=True, capture_output=True, text=True
-        ).stdout
-        assert out.strip() == f"KAFKA_BROKERS={self.brokers}", out
-        return self
+    @classmethod
+    def get(cls):
+        if cls._started is None:
+            broker = cls()
+            kafka_sh("reset", KAFKA_PORT)
+            out = kafka_sh("start", KAFKA_PORT)
+            assert f"KAFKA_BROKERS={broker.brokers}" in out.splitlines(), out
+            atexit.register(kafka_sh, "reset", KAFKA_PORT, check=False)
+            cls._started = broker
+        return cls._started
 
-    def topic(self, name):
-        subprocess.run(
-            [TANSU, "create-topic", name, str(TOPIC_PARTITIONS), str(KAFKA_PORT)],
-            check=True,
-            capture_output=True,
-        )
+    def topic(self, label):
+        name = f"bench-{label}-{uuid.uuid4().hex[:12]}"
+        kafka_sh("create-topic", name, TOPIC_PARTITIONS, KAFKA_PORT)
         return name
 
-    def pid(self):
-        out = subprocess.run(
-            ["pgrep", "-f", f"tansu broker --listener-url tcp://127.0.0.1:{KAFKA_PORT}"],
-            capture_output=True,
-            text=True,
-        ).stdout.split()
-        return int(out[0]) if out else None
+    def drop(self, topic):
+        kafka_sh("delete-topic", topic, KAFKA_PORT)
 
-    def stop(self):
-        subprocess.run([TANSU, "stop", str(KAFKA_PORT)], check=False, capture_output=True)
+    def pid(self):
+        return int(kafka_sh("pid", KAFKA_PORT).strip())
+
+    def cpu(self):
+        return cpu_seconds(self.pid())
+
+    def rss_mib(self):
+        return round(memory_bytes(self.pid())[0] / 2**20, 1)
+
+
+def kafka_sh(*args, check=True):
+    """Runs deploy/kafka/kafka.sh; returns its stdout (its progress goes to the log)."""
+    proc = subprocess.run([KAFKA_SH, *map(str, args)], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise RuntimeError(f"kafka.sh {' '.join(map(str, args))} exited {proc.returncode}")
+    return proc.stdout
 
 
 class Server:
@@ -362,61 +386,28 @@ SMOKE_RATE = 2000
 
 def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, verify=True,
               lines_per_conn=None, send_args=()):
-    """`kafka_run_once`, repeated once if the broker lost records it had acknowledged.
-
-    The test broker (Tansu 0.6.0, memory engine) sometimes serves fewer records than it
-    acknowledged when several producers write one partition at the same time; plain rdkafka
-    producers without Stormgate show it too (deploy/kafka/concurrent-loss.sh). A run whose
-    consumer reads fewer records than Stormgate's delivery reports counted, with no failures
-    and no duplicates, is that case: it is logged, kept in the result and run again."""
-    first = kafka_run_once(label, connections, duration, server_args, env, rate, verify,
-                           lines_per_conn, send_args)
-    check = first.get("verified")
-    if not check or check["ok"] or not broker_lost_records(first):
-        return first
-    log(f"{label}: the broker served {check['records']:,} of the records it acknowledged; "
-        "a known defect of the test broker under concurrent producers: running it again")
-    second = kafka_run_once(label, connections, duration, server_args, env, rate, verify,
-                            lines_per_conn, send_args)
-    second["earlier_attempt_broker_loss"] = check
-    return second
-
-
-def broker_lost_records(run):
-    """True when the only thing wrong with a verified run is records missing at the broker."""
-    check = run["verified"]
-    return (run["records_failed"] == 0 and check["duplicates"] == 0
-            and check["records"] - WARMUP_LINES < run["records_delivered"]
-            and run["records_delivered"] == run["lines_sent"])
-
-
-def kafka_run_once(label, connections, duration, server_args, env, rate, verify,
-                   lines_per_conn, send_args=()):
     """Stations → stormgate → broker, then consume the topic and check every record.
 
     The rate is delivered records over the time from the first line sent to the end of the
     server's drain (SIGTERM after the load stops; exit after the last delivery report), so a
     server that buffers instead of delivering does not look faster than it is."""
-    broker = Broker().restart()
-    topic = broker.topic(f"bench-{label}")
+    broker = Broker.get()
+    topic = broker.topic(label)
     server = Server("--kafka-brokers", broker.brokers, "--kafka-topic", topic, *server_args,
                     env=env)
-    # Warm up: the first records of a fresh idempotent producer wait for its producer id
-    # (about a second against this broker); the measurement starts after that.
+    # Warm up: the first records of a fresh idempotent producer wait for its producer id; the
+    # measurement starts after that.
     loadgen("send", "--target", server.target, "--connections", 1, "--lines-per-conn",
             WARMUP_LINES, "--zip-base", 99000, quiet=True)
     time.sleep(1.5)
     cpu0 = server.cpu()
-    broker_pid = broker.pid()
-    if broker_pid is None:
-        raise RuntimeError(f"broker on port {KAFKA_PORT} is not running")
-    bcpu0 = cpu_seconds(broker_pid)
+    bcpu0 = broker.cpu()
     t0 = time.time()
     limit = (["--lines-per-conn", lines_per_conn] if lines_per_conn
              else ["--duration", f"{duration}s"])
     if SMOKE and not rate:
         # Smoke runs prove the harness works, not speed: a paced trickle keeps them short and
-        # light on the test broker (flat out, one smoke second is ~1.5M records).
+        # light on the broker (flat out, one smoke second is ~1.5M records).
         rate = SMOKE_RATE
     sent = loadgen(
         "send", "--target", server.target, "--connections", connections, *limit,
@@ -425,7 +416,7 @@ def kafka_run_once(label, connections, duration, server_args, env, rate, verify,
     )
     cpu_load = server.cpu() - cpu0
     rss, hwm = server.memory()
-    bcpu = cpu_seconds(broker_pid) - bcpu0
+    bcpu = broker.cpu() - bcpu0
     # The server's CPU is sampled before SIGTERM; the drain's share is small and excluded.
     stats = server.stop()
     elapsed = time.time() - t0
@@ -442,7 +433,10 @@ def kafka_run_once(label, connections, duration, server_args, env, rate, verify,
         "records_per_s": round(delivered / elapsed),
         "server_cpu_s": round(cpu_load, 2),
         "cpu_s_per_million_records": per_million(cpu_load, delivered),
+        # The broker's JVM shares the two cores with the server and the load generator.
         "broker_cpu_s": round(bcpu, 2),
+        "broker_cpu_s_per_million_records": per_million(bcpu, delivered),
+        "broker_rss_mib": broker.rss_mib(),
         "server_rss_mib": round(rss / 2**20, 1),
         "server_rss_peak_mib": round(hwm / 2**20, 1),
         # Includes the warm-up lines' latency: 2 records among the run's.
@@ -452,19 +446,22 @@ def kafka_run_once(label, connections, duration, server_args, env, rate, verify,
         "nacks": sent.get("nacks", 0),
     }
     if verify:
-        # Everything was delivered before the server exited: once the partitions' ends stop
-        # moving for 10 s, a short count is final (the broker lost records), not late.
+        # Everything was delivered before the server exited, so the topic is complete: read
+        # it from offset 0 to the end the broker states. A short read, a duplicate or a gap
+        # fails the run.
         check = loadgen("consume", "--brokers", broker.brokers, "--topic", topic,
-                        "--expect", delivered + WARMUP_LINES, "--follow", "--idle-timeout", "10s",
+                        "--expect", delivered + WARMUP_LINES, "--timeout", "120s",
                         quiet=True, allow_failure=True)
-        result["verified"] = {k: check[k] for k in ("records", "duplicates", "missing", "keys",
-                                                   "offset_holes")}
+        result["verified"] = {k: check[k] for k in ("records", "broker_records", "duplicates",
+                                                   "missing", "keys", "offset_holes")}
         ok = (check["records"] - WARMUP_LINES == delivered == sent["lines_sent"]
-              and check["duplicates"] == 0 and check["missing"] == 0)
+              and check["records"] == check["broker_records"]
+              and check["duplicates"] == 0 and check["missing"] == 0
+              and check["offset_holes"] == 0 and totals["records_failed"] == 0)
         result["verified"]["ok"] = ok
         if not ok:
             log(f"VERIFY FAILED for {label}: {result['verified']} sent={sent['lines_sent']}")
-    broker.stop()
+    broker.drop(topic)
     log(f"{label}: {result['records_per_s']:,} records/s, p99 "
         f"{result['latency_us']['p99']} µs, verified={result.get('verified', {}).get('ok')}")
     return result
@@ -497,17 +494,19 @@ def scenario_ceiling():
     end to end with the defaults: the share of the ceiling stormgate reaches."""
     records = 20_000 if SMOKE else 3_000_000
     conns, duration = (10, 1) if SMOKE else (100, 10)
-    broker = Broker().restart()
-    topic = broker.topic("bench-ceiling")
+    broker = Broker.get()
+    topic = broker.topic("ceiling")
+    bcpu0 = broker.cpu()
     single = loadgen("produce", "--brokers", broker.brokers, "--topic", topic,
                      "--records", records, quiet=SMOKE)
-    broker.stop()
+    single["broker_cpu_s"] = round(broker.cpu() - bcpu0, 2)
+    broker.drop(topic)
     log(f"one plain producer: {round(single['records_per_s']):,} records/s")
     # Stormgate runs one producer per shard, so the fair ceiling is as many plain producers
     # in parallel (each on its own thread, in its own process).
     nr = len(os.sched_getaffinity(0))
-    broker = Broker().restart()
-    topic = broker.topic("bench-ceiling-parallel")
+    topic = broker.topic("ceiling-parallel")
+    bcpu0 = broker.cpu()
     procs = []
     for i in range(nr):
         out = Path(tempfile.mkdtemp()) / "produce.json"
@@ -521,7 +520,8 @@ def scenario_ceiling():
         if p.wait() != 0:
             raise RuntimeError("a parallel plain producer failed")
         parallel.append(json.loads(out.read_text()))
-    broker.stop()
+    parallel_broker_cpu = round(broker.cpu() - bcpu0, 2)
+    broker.drop(topic)
     total = sum(r["delivered"] for r in parallel)
     ceiling = total / max(r["duration_s"] for r in parallel)
     log(f"{nr} plain producers in parallel: {round(ceiling):,} records/s")
@@ -529,7 +529,8 @@ def scenario_ceiling():
     return {
         "plain_producer": single,
         "plain_producers_parallel": {"producers": nr, "records": total,
-                                     "records_per_s": round(ceiling), "runs": parallel},
+                                     "records_per_s": round(ceiling),
+                                     "broker_cpu_s": parallel_broker_cpu, "runs": parallel},
         "stormgate": ours,
         "stormgate_share_of_single_producer": round(ours["records_per_s"]
                                                     / single["records_per_s"], 3),
@@ -543,8 +544,8 @@ def scenario_before():
     # A fixed number of lines rather than a duration: in the old mode the server reads one
     # line per delivery report, so what a flat-out sender pushes into its socket buffers in a
     # few seconds takes minutes to drain.
-    # Verifying is slow for this run alone: one record per batch, and the test broker fetches
-    # about a thousand such batches per second; hence 200 lines per connection.
+    # Verifying is slow for this run alone: one record per batch, so the consumer reads many
+    # tiny batches (Tansu served about a thousand a second); hence 200 lines per connection.
     conns, lines = (10, 100) if SMOKE else (100, 200)
     before = kafka_run("before", conns, None, lines_per_conn=lines,
                        server_args=["--kafka-async", "false", "--kafka-batch-size", "1"])
@@ -570,9 +571,10 @@ def scenario_connections():
     log(f"open-files limit: soft {soft}, hard {hard} (the server raises its soft limit to hard)")
     idle = 500 if SMOKE else hard - 1000  # headroom for the 100 active and the server's own
     duration = 2 if SMOKE else 10
-    broker = Broker().restart()
-    topic = broker.topic("bench-connections")
+    broker = Broker.get()
+    topic = broker.topic("connections")
     server = Server("--kafka-brokers", broker.brokers, "--kafka-topic", topic)
+    bcpu0 = broker.cpu()
     # Accept rate: how fast the server's established connections (its side, from
     # /proc/net/tcp) reach `idle`.
     idle_proc, held = hold_idle(server, idle, duration * 3 + 30,
@@ -582,11 +584,13 @@ def scenario_connections():
                      quiet=SMOKE)
     idle_proc.kill()
     idle_proc.wait()
+    bcpu = broker.cpu() - bcpu0
     stats = server.stop()
-    broker.stop()
+    broker.drop(topic)
     totals = stats["totals"]
     return {
         "open_files_limit": {"soft": soft, "hard": hard},
+        "broker_cpu_s": round(bcpu, 2),
         "idle_connections": idle,
         "connect_s": held["connect_s"],
         "accepts_per_s": held["opened_per_s"],
@@ -648,8 +652,8 @@ def fairness_run(label, normal, rate, duration, flood):
     """`normal` paced stations (with send timestamps) and, if `flood`, one more connection
     sending flat out (without timestamps), into the real broker. A consumer follows the topic
     during the run, so its latency (send → consumed) covers the paced stations only."""
-    broker = Broker().restart()
-    topic = broker.topic(f"bench-{label}")
+    broker = Broker.get()
+    topic = broker.topic(label)
     # One shard: the flooder and the paced stations share it.
     server = Server("--kafka-brokers", broker.brokers, "--kafka-topic", topic, "--shards", "1")
     loadgen("send", "--target", server.target, "--connections", 1, "--lines-per-conn",
@@ -662,6 +666,7 @@ def fairness_run(label, normal, rate, duration, flood):
          "--summary", str(consumed_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(2)
+    bcpu0 = broker.cpu()
     flooder = None
     if flood:
         flooder = subprocess.Popen(
@@ -677,7 +682,8 @@ def fairness_run(label, normal, rate, duration, flood):
     consumer.wait(timeout=600)
     consumed = json.loads(consumed_path.read_text())
     consumed_path.unlink()
-    broker.stop()
+    bcpu = broker.cpu() - bcpu0
+    broker.drop(topic)
     totals = stats["totals"]
     result = {
         "label": label,
@@ -689,6 +695,8 @@ def fairness_run(label, normal, rate, duration, flood):
         "normal_latency_us": consumed["consume_latency_us"],
         "normal_records_timed": consumed["consume_latency_us"]["count"],
         "backpressure_waits": totals["backpressure_waits"],
+        # Includes the following consumer's fetches.
+        "broker_cpu_s": round(bcpu, 2),
     }
     lat = result["normal_latency_us"]
     log(f"{label}: {fmt_int(result['records_delivered'])} records, paced stations' send → "

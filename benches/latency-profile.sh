@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Where a record's time goes at a paced rate: one run into a fresh broker with the server's
+# Where a record's time goes at a paced rate: one run into a fresh Apache Kafka with the server's
 # line-read -> delivery-report histogram, librdkafka's own latency windows (its statistics,
 # logged at TRACE), and a 3 s `perf sched` recording of every thread's scheduling delays.
 # A profile, not a benchmark: see docs/PROFILING.md ("Latency") and docs/PERFORMANCE.md.
@@ -14,13 +14,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 rate=${1:-8500}
 shift || true
 [[ ${1:-} == -- ]] && shift
-port=29095 listen=127.0.0.1:18700 metrics=127.0.0.1:18701
+port=29100 listen=127.0.0.1:18700 metrics=127.0.0.1:18701
 out=$(mktemp -d /tmp/stormgate-latency-profile.XXXXXX)
 cargo build --release -q -p stormgate -p stormgate-loadgen
-deploy/kafka/tansu.sh start "$port" >/dev/null
-trap 'deploy/kafka/tansu.sh stop "$port" >/dev/null 2>&1 || true' EXIT
+deploy/kafka/kafka.sh reset "$port" 2>/dev/null
+deploy/kafka/kafka.sh start "$port" >/dev/null
+trap 'deploy/kafka/kafka.sh reset "$port" >/dev/null 2>&1 || true' EXIT
 topic=latency-profile-$$
-deploy/kafka/tansu.sh create-topic "$topic" 6 "$port" >/dev/null
+deploy/kafka/kafka.sh create-topic "$topic" 6 "$port" >/dev/null
 LOG_FORMAT=json RUST_LOG=info,stormgate::librdkafka_stats=trace ./target/release/stormgate \
   --listen "$listen" --shards 2 --kafka-brokers "127.0.0.1:$port" --kafka-topic "$topic" \
   --metrics-addr "$metrics" --max-lines-per-sec 0 --stats-file "$out/stats.json" "$@" \

@@ -5,12 +5,12 @@
 #   benches/run.sh report      # benches/results/summary.md and docs/img/*.svg from the results
 #
 # Builds the release binaries first; the harness (benches/harness.py, standard-library Python)
-# starts its own broker, server and load generator. See docs/PERFORMANCE.md.
+# starts its own broker (Apache Kafka, deploy/kafka/kafka.sh), server and load generator. See docs/PERFORMANCE.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 if [[ ${1:-} != report ]]; then
   cargo build --release --locked -p stormgate -p stormgate-loadgen >&2
-  deploy/kafka/tansu.sh install >/dev/null
+  deploy/kafka/kafka.sh install >/dev/null
 fi
 exec python3 benches/harness.py "$@"

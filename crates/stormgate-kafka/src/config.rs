@@ -7,13 +7,14 @@
 //! | `KAFKA_COMPRESSION` | `compression.codec` | snappy | lz4 | as fast as snappy with a better ratio on JSON; broker-side decompression is cheap |
 //! | `KAFKA_REQUIRED_ACKS` | `acks` | 1 | all (-1) | librdkafka's default; a leader failure with acks=1 loses acknowledged records |
 //! | `KAFKA_MAX_ATTEMPTS` | `retries` = attempts − 1 | 3 | 0 = no limit | retries stop at `KAFKA_DELIVERY_TIMEOUT`, so a broker restart does not exhaust them |
-//! | `KAFKA_IDEMPOTENCE` | `enable.idempotence` | — | true | retries cannot duplicate or reorder a station's records |
+//! | `KAFKA_IDEMPOTENCE` | `enable.idempotence` | — | true; false when `KAFKA_REQUIRED_ACKS` is set to 0 or 1 and this is not ([`idempotence_for`]) | retries cannot duplicate or reorder a station's records |
 //! | `KAFKA_ASYNC` | per-connection in-flight cap of 1 when false | true | true | false is the seed's old behaviour, kept for comparison |
 //! | `KAFKA_QUEUE_MAX_RECORDS` | `queue.buffering.max.messages` | — | 100000 | librdkafka's default; bounds what a broker outage buffers |
 //! | `KAFKA_QUEUE_MAX_BYTES` | `queue.buffering.max.kbytes` | — | 64 MiB | librdkafka's 1 GiB per shard is no bound with 64 KiB lines |
 //!
 //! Always set: `partitioner=murmur2_random` (the Java client's, so a zipcode lands on the same
-//! partition whoever produces it) and `client.id=stormgate-shard-N`. The shards' producers
+//! partition whoever produces it), `client.id=stormgate-shard-N`, and
+//! `metadata.recovery.rebootstrap.trigger.ms=10000` (see [`DEFAULT_REBOOTSTRAP_TRIGGER`]). The shards' producers
 //! also report statistics every second (`statistics.interval.ms=1000`, see
 //! [`DEFAULT_STATISTICS_INTERVAL`]). Any other property passes through unchanged
 //! (`KAFKA_PROP_<NAME>` or `--kafka-prop name=value`) and wins over the settings above.
@@ -42,6 +43,18 @@ pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 64 << 20;
 /// How long librdkafka keeps retrying a record (`message.timeout.ms`); librdkafka's default.
 /// Long enough to ride out a broker restart; a record older than this is a failed delivery.
 pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long a producer may go without metadata from any broker before it starts again from
+/// `bootstrap.servers` (`metadata.recovery.rebootstrap.trigger.ms`; librdkafka's default is
+/// 300 s, the delivery timeout itself).
+///
+/// Why: while a single-broker cluster shuts down (a restart), its metadata lists no broker;
+/// librdkafka 2.12 then forgets the one it knew, and has nothing to reconnect to once the
+/// broker is back until this much time has passed. With the default, records buffered during a
+/// restart sat for five minutes and timed out (seen with Apache Kafka 4.4, one shard of two;
+/// `tests/broker_restart.rs`). Re-bootstrapping is cheap: it only resolves and connects to the
+/// bootstrap servers again.
+pub const DEFAULT_REBOOTSTRAP_TRIGGER: Duration = Duration::from_secs(10);
 
 /// How often each shard's producer reports librdkafka statistics (`statistics.interval.ms`;
 /// librdkafka's default is 0, none). They feed the operations endpoint: broker state for
@@ -145,6 +158,64 @@ impl FromStr for Acks {
     }
 }
 
+/// The idempotent producer needs `acks=all`; librdkafka refuses any other pair at start-up,
+/// in words that name neither of our settings. [`idempotence_for`] decides instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdempotenceChoice {
+    /// As configured (or by default): `enabled`.
+    AsSet(bool),
+    /// `KAFKA_REQUIRED_ACKS` other than `all` was set and `KAFKA_IDEMPOTENCE` was not: off,
+    /// which is what the acks value means to a user coming from a producer without it (the
+    /// replaced server's default was acks=1). Worth a warning: retries may now duplicate or
+    /// reorder records.
+    OffForAcks(Acks),
+}
+
+impl IdempotenceChoice {
+    /// `enable.idempotence`.
+    pub fn enabled(self) -> bool {
+        matches!(self, IdempotenceChoice::AsSet(true))
+    }
+
+    /// The start-up warning of [`IdempotenceChoice::OffForAcks`]; `None` otherwise.
+    pub fn warning(self) -> Option<String> {
+        let IdempotenceChoice::OffForAcks(acks) = self else {
+            return None;
+        };
+        Some(format!(
+            "KAFKA_REQUIRED_ACKS={acks} turns the idempotent producer off (it needs acks=all, \
+             and KAFKA_IDEMPOTENCE was not set): retries may now duplicate a station's records \
+             or reorder them; set KAFKA_REQUIRED_ACKS=all to keep them exactly once and in \
+             order, or KAFKA_IDEMPOTENCE=false to say that this is intended"
+        ))
+    }
+}
+
+/// `KAFKA_IDEMPOTENCE=true` was set together with acks other than all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "KAFKA_REQUIRED_ACKS={acks} cannot go with KAFKA_IDEMPOTENCE=true: the idempotent producer \
+     needs acks=all; set KAFKA_REQUIRED_ACKS=all, or KAFKA_IDEMPOTENCE=false to accept that \
+     retries may duplicate or reorder records"
+)]
+pub struct AcksIdempotenceError {
+    acks: Acks,
+}
+
+/// Whether the producer is idempotent, given `acks` and `idempotence` (`None` when
+/// `KAFKA_IDEMPOTENCE` was not set; its default is true).
+pub fn idempotence_for(
+    acks: Acks,
+    idempotence: Option<bool>,
+) -> Result<IdempotenceChoice, AcksIdempotenceError> {
+    match (acks, idempotence) {
+        (Acks::All, set) => Ok(IdempotenceChoice::AsSet(set.unwrap_or(true))),
+        (acks, None) => Ok(IdempotenceChoice::OffForAcks(acks)),
+        (_, Some(false)) => Ok(IdempotenceChoice::AsSet(false)),
+        (acks, Some(true)) => Err(AcksIdempotenceError { acks }),
+    }
+}
+
 /// A setting's value could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {setting} {value:?}: expected {expected}")]
@@ -228,6 +299,10 @@ impl KafkaSettings {
             ("enable.idempotence".into(), self.idempotence.to_string()),
             ("message.timeout.ms".into(), millis(self.delivery_timeout)),
             ("partitioner".into(), "murmur2_random".into()),
+            (
+                "metadata.recovery.rebootstrap.trigger.ms".into(),
+                millis(DEFAULT_REBOOTSTRAP_TRIGGER),
+            ),
             (
                 "queue.buffering.max.messages".into(),
                 self.queue_max_records.to_string(),
@@ -313,6 +388,10 @@ mod tests {
         assert_eq!(prop(&p, "acks"), Some("1"));
         assert_eq!(prop(&p, "retries"), Some("2"));
         assert_eq!(prop(&p, "partitioner"), Some("murmur2_random"));
+        assert_eq!(
+            prop(&p, "metadata.recovery.rebootstrap.trigger.ms"),
+            Some("10000")
+        );
     }
 
     #[test]
@@ -354,6 +433,47 @@ mod tests {
             Some("0")
         );
         assert_eq!(off.statistics_interval(), Duration::ZERO);
+    }
+
+    /// (acks, KAFKA_IDEMPOTENCE if set) → enable.idempotence, or None for an error.
+    fn check_idempotence(acks: Acks, set: Option<bool>, want: Option<bool>) {
+        let got = idempotence_for(acks, set)
+            .map(IdempotenceChoice::enabled)
+            .ok();
+        assert_eq!(got, want, "acks {acks}, KAFKA_IDEMPOTENCE {set:?}");
+    }
+
+    #[test]
+    fn acks_other_than_all_turn_idempotence_off_unless_it_was_asked_for() {
+        check_idempotence(Acks::All, None, Some(true));
+        check_idempotence(Acks::All, Some(true), Some(true));
+        check_idempotence(Acks::All, Some(false), Some(false));
+        check_idempotence(Acks::Leader, None, Some(false));
+        check_idempotence(Acks::None, None, Some(false));
+        check_idempotence(Acks::Leader, Some(false), Some(false));
+        check_idempotence(Acks::Leader, Some(true), None);
+        check_idempotence(Acks::None, Some(true), None);
+
+        let off = idempotence_for(Acks::Leader, None).unwrap();
+        assert_eq!(off, IdempotenceChoice::OffForAcks(Acks::Leader));
+        let warning = off.warning().unwrap();
+        assert!(
+            warning.contains("KAFKA_REQUIRED_ACKS=1") && warning.contains("KAFKA_IDEMPOTENCE"),
+            "{warning}"
+        );
+        assert_eq!(
+            idempotence_for(Acks::Leader, Some(false))
+                .unwrap()
+                .warning(),
+            None
+        );
+        let err = idempotence_for(Acks::None, Some(true))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("KAFKA_REQUIRED_ACKS=0 cannot go with KAFKA_IDEMPOTENCE=true"),
+            "{err}"
+        );
     }
 
     #[test]

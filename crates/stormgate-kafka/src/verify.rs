@@ -3,21 +3,26 @@
 //! [`scan_topic`] streams a topic through a callback without keeping the records, so a
 //! benchmark can check tens of millions of them; [`read_topic`] collects them, for tests.
 //! Both assign every partition directly at its beginning (no consumer group, so no group-join
-//! delay) and count by consuming to the end of each partition, rather than trusting offsets,
-//! which also works on brokers whose ListOffsets is approximate.
+//! delay) and read each partition to its end: librdkafka reports the end when the fetch offset
+//! reaches the high watermark the broker states. [`watermarks`] asks the broker (ListOffsets)
+//! where each partition begins and ends, so a caller can check that what it read is exactly
+//! what the broker holds: one record per offset from the first to the last.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-/// How long to wait for the topic's metadata before giving up.
-const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the topic's metadata before giving up: generous, since a broker that
+/// has just started on two busy cores can take seconds to answer.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest single wait inside librdkafka, so deadlines and ticks are checked this often.
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 
@@ -183,8 +188,6 @@ pub fn create_topic_with(
 /// end and at least `expected` records were read, or `timeout` passes; returns what was read.
 ///
 /// Partitions are assigned directly (no consumer group), so there is no group-join delay.
-/// Counting by consuming to the end, rather than trusting offsets, also works on brokers whose
-/// ListOffsets is approximate.
 pub fn read_topic(
     brokers: &str,
     topic: &str,
@@ -196,8 +199,17 @@ pub fn read_topic(
         timeout,
         ..ScanOptions::default()
     };
-    let mut out = Vec::with_capacity(expected);
-    scan_topic(brokers, topic, &opts, |event| {
+    read_topic_with(brokers, topic, &opts)
+}
+
+/// [`read_topic`] with every [`ScanOptions`] (e.g. TLS or SASL properties).
+pub fn read_topic_with(
+    brokers: &str,
+    topic: &str,
+    opts: &ScanOptions,
+) -> KafkaResult<Vec<Consumed>> {
+    let mut out = Vec::with_capacity(opts.expect.unwrap_or(0) as usize);
+    scan_topic(brokers, topic, opts, |event| {
         if let ScanEvent::Record(r) = event {
             out.push(r.to_owned());
         }
@@ -279,6 +291,114 @@ pub fn scan_topic(
     })
 }
 
+/// Each partition's (low, high) watermarks: its first offset and the offset after its last
+/// record, as the broker's ListOffsets states them. Without transactions or compaction, a
+/// partition holds exactly `high - low` records, one per offset.
+pub fn watermarks(
+    brokers: &str,
+    topic: &str,
+    properties: &[(String, String)],
+) -> KafkaResult<BTreeMap<i32, (i64, i64)>> {
+    let (consumer, partitions) = assign_from_beginning(brokers, topic, properties)?;
+    partitions
+        .into_iter()
+        .map(|p| Ok((p, consumer.fetch_watermarks(topic, p, METADATA_TIMEOUT)?)))
+        .collect()
+}
+
+/// What is wrong with `records` read from a topic whose partitions span `watermarks`: per
+/// partition, an offset read twice, an offset missing between the watermarks, or a record
+/// outside them. Empty when the read was exactly the broker's content.
+pub fn offset_errors<'a>(
+    records: impl IntoIterator<Item = (i32, i64)> + 'a,
+    watermarks: &BTreeMap<i32, (i64, i64)>,
+) -> Vec<String> {
+    let mut read: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    for (partition, offset) in records {
+        read.entry(partition).or_default().push(offset);
+    }
+    let mut errors = Vec::new();
+    for (&partition, &(low, high)) in watermarks {
+        let mut offsets = read.remove(&partition).unwrap_or_default();
+        offsets.sort_unstable();
+        let n = offsets.len();
+        offsets.dedup();
+        if offsets.len() != n {
+            errors.push(format!(
+                "partition {partition}: {} offsets read more than once",
+                n - offsets.len()
+            ));
+        }
+        let inside = offsets
+            .iter()
+            .filter(|&&o| (low..high).contains(&o))
+            .count();
+        if inside as i64 != high - low {
+            errors.push(format!(
+                "partition {partition}: {inside} of the {} records between offsets {low} and \
+                 {high} read",
+                high - low
+            ));
+        }
+        if inside != offsets.len() {
+            errors.push(format!(
+                "partition {partition}: {} records read outside offsets {low}..{high}",
+                offsets.len() - inside
+            ));
+        }
+    }
+    for (partition, offsets) in read {
+        errors.push(format!(
+            "partition {partition}: {} records read from a partition the topic does not have",
+            offsets.len()
+        ));
+    }
+    errors
+}
+
+/// The first error librdkafka reports to a client with `properties` that connects to
+/// `brokers` (its error callback: e.g. "SASL authentication error"), waiting at most
+/// `timeout`; `None` if there was none by then. For tests proving that a broker refuses a
+/// client, which librdkafka otherwise only logs while it retries.
+pub fn first_client_error(
+    brokers: &str,
+    properties: &[(String, String)],
+    timeout: Duration,
+) -> KafkaResult<Option<String>> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (k, v) in properties {
+        config.set(k, v);
+    }
+    let producer: BaseProducer<ErrorLog> = config.create_with_context(ErrorLog::default())?;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        producer.poll(POLL_TIMEOUT);
+        if let Some(first) = producer.context().0.lock().expect("error log").first() {
+            return Ok(Some(first.clone()));
+        }
+    }
+    Ok(None)
+}
+
+/// Collects librdkafka's error callbacks, for [`first_client_error`].
+#[derive(Default)]
+struct ErrorLog(Mutex<Vec<String>>);
+
+impl ClientContext for ErrorLog {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0
+            .lock()
+            .expect("error log")
+            .push(format!("{error}: {reason}"));
+    }
+}
+
+impl ProducerContext for ErrorLog {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
 /// A consumer with every partition of `topic` assigned at its beginning, and those partitions.
 fn assign_from_beginning(
     brokers: &str,
@@ -331,7 +451,7 @@ fn assign_from_beginning(
 mod tests {
     use super::*;
     use crate::EmbeddedCluster;
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::producer::BaseRecord;
 
     const TOPIC: &str = "verify.scan";
 
@@ -418,6 +538,41 @@ mod tests {
         };
         let stats = scan_topic(&brokers, TOPIC, &enough, |_| {}).unwrap();
         assert_eq!((stats.records, stats.end), (10, ScanEnd::Complete));
+    }
+
+    #[test]
+    fn offset_errors_name_duplicates_gaps_and_strays() {
+        let marks: BTreeMap<i32, (i64, i64)> = [(0, (0, 3)), (1, (2, 4))].into();
+        let check = |read: &[(i32, i64)]| offset_errors(read.iter().copied(), &marks);
+        assert!(check(&[(0, 0), (0, 1), (0, 2), (1, 2), (1, 3)]).is_empty());
+        assert_eq!(
+            check(&[(0, 0), (0, 2), (1, 2), (1, 3)]),
+            ["partition 0: 2 of the 3 records between offsets 0 and 3 read"]
+        );
+        assert_eq!(
+            check(&[(0, 0), (0, 1), (0, 1), (0, 2), (1, 2), (1, 3)]),
+            ["partition 0: 1 offsets read more than once"]
+        );
+        assert_eq!(
+            check(&[(0, 0), (0, 1), (0, 2), (1, 2), (1, 3), (1, 4), (2, 0)]),
+            [
+                "partition 1: 1 records read outside offsets 2..4",
+                "partition 2: 1 records read from a partition the topic does not have"
+            ]
+        );
+    }
+
+    #[test]
+    fn watermarks_match_what_a_scan_reads() {
+        let cluster = EmbeddedCluster::start(TOPIC, 3).unwrap();
+        let brokers = cluster.bootstrap_servers();
+        produce(&brokers, 300);
+        let records = read_topic(&brokers, TOPIC, 300, Duration::from_secs(30)).unwrap();
+        let marks = watermarks(&brokers, TOPIC, &[]).unwrap();
+        assert_eq!(marks.len(), 3);
+        assert_eq!(marks.values().map(|(l, h)| h - l).sum::<i64>(), 300);
+        let read = records.iter().map(|r| (r.partition, r.offset));
+        assert_eq!(offset_errors(read, &marks), Vec::<String>::new());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `consume`: reads the topic back and checks what arrived.
+//! `consume`: reads the topic back and checks what arrived, and how many records the broker
+//! holds (its watermarks) after the read.
 //!
 //! Records stream through [`stormgate_kafka::verify::scan_topic`]; nothing is kept but, per
 //! key (zipcode), a count and a [`SeqSet`] (one bit per sequence number), and two latency
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use stormgate_kafka::verify::{ScanEnd, ScanEvent, ScanOptions, ScanStats, scan_topic};
+use stormgate_kafka::verify::{ScanEnd, ScanEvent, ScanOptions, ScanStats, scan_topic, watermarks};
 
 use crate::cli::ConsumeArgs;
 use crate::lines::unix_micros;
@@ -62,7 +63,10 @@ pub fn run(args: &ConsumeArgs) -> Result<ExitCode, LoadgenError> {
         }
     })
     .map_err(|e| LoadgenError::kafka("read the topic", e))?;
-    let report = check.report(&stats);
+    let marks = watermarks(&args.brokers, &args.topic, &args.kafka_props)
+        .map_err(|e| LoadgenError::kafka("read the partitions' watermarks", e))?;
+    let mut report = check.report(&stats);
+    report.broker_records = marks.values().map(|(low, high)| (high - low) as u64).sum();
     output::emit(&report, args.summary.as_deref())?;
     Ok(match args.expect {
         Some(n) if report.records < n => ExitCode::FAILURE,
@@ -298,6 +302,7 @@ impl Checker {
             key_mismatches: self.key_mismatches,
             offset_holes: self.offset_holes,
             offsets_skipped: self.offsets_skipped,
+            broker_records: 0,
             duration_s: secs,
             records_per_s: if secs > 0.0 {
                 self.records as f64 / secs
@@ -343,6 +348,9 @@ pub struct ConsumeReport {
     pub offset_holes: u64,
     /// Offsets skipped by those jumps: records the broker acknowledged but did not serve.
     pub offsets_skipped: u64,
+    /// Records the broker holds after the read: per partition, high − low watermark
+    /// (ListOffsets), summed. A complete read has `records` equal to it.
+    pub broker_records: u64,
     /// Time spent reading.
     pub duration_s: f64,
     /// `records / duration_s`.

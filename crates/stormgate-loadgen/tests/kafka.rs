@@ -95,6 +95,8 @@ fn produced_records_are_all_consumed_and_checked() {
     assert_eq!(consumed["keys"], 100);
     assert_eq!(consumed["partitions"], PARTITIONS);
     assert_eq!(consumed["end"], "complete");
+    assert_eq!(consumed["broker_records"], 20_001, "all the broker holds");
+    assert_eq!(consumed["offset_holes"], 0);
     assert_eq!(consumed["bad_records"], 0);
     assert_eq!(consumed["key_mismatches"], 0);
     // The ceiling's records carry no seq, but every one has sent_us.

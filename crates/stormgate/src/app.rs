@@ -156,6 +156,9 @@ pub fn start(cli: &Cli) -> anyhow::Result<App> {
                 }
             };
             let settings = cli.kafka_settings(&brokers)?;
+            if let Some(warning) = cli.idempotence_choice()?.warning() {
+                warn!("{warning}");
+            }
             info!(
                 brokers = %settings.brokers,
                 topic = %settings.topic,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
+use stormgate_kafka::config::IdempotenceChoice;
 use stormgate_kafka::{Acks, Compression, KafkaSettings};
 use stormgate_shard::RuntimeConfig;
 use stormgate_shard::config as rt;
@@ -261,7 +262,9 @@ pub struct Cli {
     #[arg(long, env = "KAFKA_REQUIRED_ACKS", default_value = "all", value_parser = parse_acks, allow_hyphen_values = true, help_heading = "Kafka")]
     pub kafka_required_acks: Acks,
 
-    /// Idempotent producer (enable.idempotence): retries cannot duplicate or reorder.
+    /// Idempotent producer (enable.idempotence): retries cannot duplicate or reorder. Needs
+    /// KAFKA_REQUIRED_ACKS=all: when acks is set to 0 or 1 and this is not set, it is off (with
+    /// a warning); set to true with acks 0 or 1, the server refuses to start.
     #[arg(long, env = "KAFKA_IDEMPOTENCE", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set, help_heading = "Kafka")]
     pub kafka_idempotence: bool,
 
@@ -320,6 +323,12 @@ pub struct Cli {
     /// [`crate::settings::load`]).
     #[arg(skip)]
     pub file_props: Vec<(String, String)>,
+
+    /// Whether `KAFKA_IDEMPOTENCE` was set (flag, variable or file) rather than defaulted:
+    /// without it, `KAFKA_REQUIRED_ACKS` 0 or 1 turns idempotence off (set by
+    /// [`crate::settings::load`]; false when a `Cli` is parsed directly).
+    #[arg(skip)]
+    pub kafka_idempotence_set: bool,
 
     /// Without a command: run the server.
     #[command(subcommand)]
@@ -513,6 +522,16 @@ impl Cli {
         Ok(props)
     }
 
+    /// Whether the producers are idempotent: `KAFKA_IDEMPOTENCE` as set, or off when only
+    /// `KAFKA_REQUIRED_ACKS` says 0 or 1 (see [`stormgate_kafka::config::idempotence_for`]).
+    pub fn idempotence_choice(&self) -> anyhow::Result<IdempotenceChoice> {
+        let set = self.kafka_idempotence_set.then_some(self.kafka_idempotence);
+        Ok(stormgate_kafka::config::idempotence_for(
+            self.kafka_required_acks,
+            set,
+        )?)
+    }
+
     /// The Kafka producers' settings, given the brokers to use.
     pub fn kafka_settings(&self, brokers: &str) -> anyhow::Result<KafkaSettings> {
         let props = self.all_kafka_props()?;
@@ -524,7 +543,7 @@ impl Cli {
             compression: self.kafka_compression,
             acks: self.kafka_required_acks,
             max_attempts: self.kafka_max_attempts,
-            idempotence: self.kafka_idempotence,
+            idempotence: self.idempotence_choice()?.enabled(),
             delivery_timeout: self.kafka_delivery_timeout,
             queue_max_records: self.kafka_queue_max_records,
             queue_max_bytes: self.kafka_queue_max_bytes,

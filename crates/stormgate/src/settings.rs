@@ -213,6 +213,11 @@ fn finish(
 ) -> anyhow::Result<Loaded> {
     let mut cli = Cli::from_arg_matches(&matches)?;
     cli.file_props = properties;
+    cli.kafka_idempotence_set = from_file.iter().any(|id| id == "kafka_idempotence")
+        || matches!(
+            matches.value_source("kafka_idempotence"),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
     let sources = settings()
         .into_iter()
         .map(|s| {
@@ -454,6 +459,37 @@ mod tests {
         unique.sort();
         unique.dedup();
         assert_eq!(keys.len(), unique.len());
+    }
+
+    /// The replaced server's `KAFKA_REQUIRED_ACKS=1` alone starts, without idempotence;
+    /// asking for both is refused in words that name both settings.
+    #[test]
+    fn acks_other_than_all_without_kafka_idempotence_turn_it_off() {
+        let idempotent = |args: &[&str]| -> anyhow::Result<bool> {
+            let cli = load(["stormgate"].iter().chain(args)).unwrap().cli;
+            cli.validate()?;
+            Ok(cli.kafka_settings("b:9092")?.idempotence)
+        };
+        assert!(idempotent(&[]).unwrap());
+        assert!(!idempotent(&["--kafka-required-acks", "1"]).unwrap());
+        assert!(!idempotent(&["--kafka-required-acks", "0"]).unwrap());
+        assert!(idempotent(&["--kafka-required-acks", "all"]).unwrap());
+        let both = ["--kafka-required-acks", "1", "--kafka-idempotence", "false"];
+        assert!(!idempotent(&both).unwrap());
+        let err = idempotent(&["--kafka-required-acks", "1", "--kafka-idempotence", "true"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("KAFKA_REQUIRED_ACKS=1") && err.contains("KAFKA_IDEMPOTENCE=true"),
+            "{err}"
+        );
+        // Set in the config file counts as set.
+        let path = write(
+            "acks-idempotence.toml",
+            "[kafka]\nrequired_acks = \"1\"\nidempotence = true\n",
+        );
+        let err = idempotent(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("KAFKA_IDEMPOTENCE=true"), "{err}");
     }
 
     #[test]

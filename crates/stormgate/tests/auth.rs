@@ -81,82 +81,80 @@ fn start_with_registry(
 
 #[test]
 fn only_the_station_with_its_zipcodes_token_reaches_kafka() {
-    retry_if_broker_loses_records(|| {
-        let brokers = broker();
-        let topic = fresh_topic(&brokers, "auth");
-        let dlq = fresh_topic(&brokers, "auth-dlq");
-        let path = registry_dir().join("stations.jsonl");
-        let token = registry::add(&path, "12345").unwrap();
-        let other = registry::add(&path, "99999").unwrap();
-        let app = start_with_registry(
-            &brokers,
-            &topic,
-            &path,
-            &[
-                "--station-auth-max-failures",
-                "0",
-                "--kafka-dlq-topic",
-                &dlq,
-            ],
-        );
-        // Three intruders claim 12345: with a wrong token, with none, and with 99999's valid
-        // token. Each is refused, and its metrics line finds no station.
-        let wrong = altered(&token);
-        for intruder in [Some(wrong.as_str()), None, Some(other.as_str())] {
-            let mut s = Station::connect(app.local_addr()).unwrap();
-            s.send(&identify("12345", intruder)).unwrap();
-            assert_eq!(error_code(&mut s), "auth_failed", "{intruder:?}");
-            s.send(&metrics(1, "intruder=1")).unwrap();
-            assert_eq!(error_code(&mut s), "metrics_before_identify");
+    let brokers = broker();
+    let topic = fresh_topic(&brokers, "auth");
+    let dlq = fresh_topic(&brokers, "auth-dlq");
+    let path = registry_dir().join("stations.jsonl");
+    let token = registry::add(&path, "12345").unwrap();
+    let other = registry::add(&path, "99999").unwrap();
+    let app = start_with_registry(
+        &brokers,
+        &topic,
+        &path,
+        &[
+            "--station-auth-max-failures",
+            "0",
+            "--kafka-dlq-topic",
+            &dlq,
+        ],
+    );
+    // Three intruders claim 12345: with a wrong token, with none, and with 99999's valid
+    // token. Each is refused, and its metrics line finds no station.
+    let wrong = altered(&token);
+    for intruder in [Some(wrong.as_str()), None, Some(other.as_str())] {
+        let mut s = Station::connect(app.local_addr()).unwrap();
+        s.send(&identify("12345", intruder)).unwrap();
+        assert_eq!(error_code(&mut s), "auth_failed", "{intruder:?}");
+        s.send(&metrics(1, "intruder=1")).unwrap();
+        assert_eq!(error_code(&mut s), "metrics_before_identify");
+    }
+    // The right token in an identify that is malformed for another reason.
+    let mut buggy = Station::connect(app.local_addr()).unwrap();
+    let line =
+        serde_json::json!({"type": "identify", "zipcode": "12345", "city": 5, "token": token});
+    buggy.send(format!("{line}\n").as_bytes()).unwrap();
+    assert_eq!(error_code(&mut buggy), "wrong_field_type");
+    let mut good = Station::connect(app.local_addr()).unwrap();
+    good.send(&identify("12345", Some(&token))).unwrap();
+    for seq in 1..=10 {
+        good.send(&metrics(seq, &format!("good={seq}"))).unwrap();
+    }
+    wait_for_ack(&mut good, 10);
+    let t = app.server().totals();
+    assert_eq!(t.line_error(ErrorCode::AuthFailed), 3);
+    assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify), 3);
+    assert_eq!(
+        t.records_enqueued, 10,
+        "nothing of the intruders was queued"
+    );
+    let records = consume(&brokers, &topic, 10);
+    let ids: std::collections::BTreeSet<&str> = records
+        .iter()
+        .map(|r| r.value["connection_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1, "all from the one good connection");
+    for r in &records {
+        assert_eq!(r.key, "12345");
+        assert!(r.value["metrics"]["good"].is_f64(), "{}", r.value);
+        assert!(r.value["metrics"].get("intruder").is_none(), "{}", r.value);
+    }
+    // Every refusal is dead-lettered, and no token, good or bad, reaches Kafka.
+    let dead = consume(&brokers, &dlq, 7);
+    let codes: Vec<&str> = dead
+        .iter()
+        .map(|r| r.value["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes.iter().filter(|c| **c == "auth_failed").count(), 3);
+    for r in &dead {
+        let text = r.value.to_string();
+        for secret in [&token, &wrong, &other] {
+            assert!(!text.contains(secret.as_str()), "{text}");
         }
-        // The right token in an identify that is malformed for another reason.
-        let mut buggy = Station::connect(app.local_addr()).unwrap();
-        let line =
-            serde_json::json!({"type": "identify", "zipcode": "12345", "city": 5, "token": token});
-        buggy.send(format!("{line}\n").as_bytes()).unwrap();
-        assert_eq!(error_code(&mut buggy), "wrong_field_type");
-        let mut good = Station::connect(app.local_addr()).unwrap();
-        good.send(&identify("12345", Some(&token))).unwrap();
-        for seq in 1..=10 {
-            good.send(&metrics(seq, &format!("good={seq}"))).unwrap();
+        if r.value["code"] != "metrics_before_identify" {
+            assert!(r.value.get("raw").is_none(), "{text}");
         }
-        wait_for_ack(&mut good, 10);
-        let t = app.server().totals();
-        assert_eq!(t.line_error(ErrorCode::AuthFailed), 3);
-        assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify), 3);
-        assert_eq!(
-            t.records_enqueued, 10,
-            "nothing of the intruders was queued"
-        );
-        let records = consume(&brokers, &topic, 10);
-        let ids: std::collections::BTreeSet<&str> = records
-            .iter()
-            .map(|r| r.value["connection_id"].as_str().unwrap())
-            .collect();
-        assert_eq!(ids.len(), 1, "all from the one good connection");
-        for r in &records {
-            assert_eq!(r.key, "12345");
-            assert!(r.value["metrics"]["good"].is_f64(), "{}", r.value);
-            assert!(r.value["metrics"].get("intruder").is_none(), "{}", r.value);
-        }
-        // Every refusal is dead-lettered, and no token, good or bad, reaches Kafka.
-        let dead = consume(&brokers, &dlq, 7);
-        let codes: Vec<&str> = dead
-            .iter()
-            .map(|r| r.value["code"].as_str().unwrap())
-            .collect();
-        assert_eq!(codes.iter().filter(|c| **c == "auth_failed").count(), 3);
-        for r in &dead {
-            let text = r.value.to_string();
-            for secret in [&token, &wrong, &other] {
-                assert!(!text.contains(secret.as_str()), "{text}");
-            }
-            if r.value["code"] != "metrics_before_identify" {
-                assert!(r.value.get("raw").is_none(), "{text}");
-            }
-        }
-        app.stop().unwrap();
-    });
+    }
+    app.stop().unwrap();
 }
 
 #[test]
@@ -205,53 +203,51 @@ fn eventually(what: &str, mut attempt: impl FnMut() -> bool) {
 
 #[test]
 fn registry_changes_apply_without_a_restart_or_dropping_open_connections() {
-    retry_if_broker_loses_records(|| {
-        let brokers = broker();
-        let topic = fresh_topic(&brokers, "auth-reload");
-        let path = registry_dir().join("stations.jsonl");
-        let first = registry::add(&path, "11111").unwrap();
-        let app = start_with_registry(&brokers, &topic, &path, &[]);
-        let mut open = Station::connect(app.local_addr()).unwrap();
-        open.send(&identify("11111", Some(&first))).unwrap();
-        open.send(&metrics(1, "t=1")).unwrap();
-        wait_for_ack(&mut open, 1);
+    let brokers = broker();
+    let topic = fresh_topic(&brokers, "auth-reload");
+    let path = registry_dir().join("stations.jsonl");
+    let first = registry::add(&path, "11111").unwrap();
+    let app = start_with_registry(&brokers, &topic, &path, &[]);
+    let mut open = Station::connect(app.local_addr()).unwrap();
+    open.send(&identify("11111", Some(&first))).unwrap();
+    open.send(&metrics(1, "t=1")).unwrap();
+    wait_for_ack(&mut open, 1);
 
-        // Not registered yet: refused.
-        let mut early = Station::connect(app.local_addr()).unwrap();
-        early.send(&identify("22222", Some(&first))).unwrap();
-        assert_eq!(error_code(&mut early), "auth_failed");
-        // Registered the way `stormgate station add` does it, while the server runs.
-        let second = registry::add(&path, "22222").unwrap();
-        eventually("22222 accepted", || try_identify(&app, "22222", &second));
-        // The open connection was not dropped by the reload.
-        open.send(&metrics(2, "t=2")).unwrap();
-        wait_for_ack(&mut open, 2);
+    // Not registered yet: refused.
+    let mut early = Station::connect(app.local_addr()).unwrap();
+    early.send(&identify("22222", Some(&first))).unwrap();
+    assert_eq!(error_code(&mut early), "auth_failed");
+    // Registered the way `stormgate station add` does it, while the server runs.
+    let second = registry::add(&path, "22222").unwrap();
+    eventually("22222 accepted", || try_identify(&app, "22222", &second));
+    // The open connection was not dropped by the reload.
+    open.send(&metrics(2, "t=2")).unwrap();
+    wait_for_ack(&mut open, 2);
 
-        // A removed station's token is refused at its next identify; a connection that
-        // identified before keeps its station.
-        registry::remove(&path, "11111").unwrap();
-        eventually("11111 refused", || !try_identify(&app, "11111", &first));
-        open.send(&metrics(3, "t=3")).unwrap();
-        wait_for_ack(&mut open, 3);
+    // A removed station's token is refused at its next identify; a connection that
+    // identified before keeps its station.
+    registry::remove(&path, "11111").unwrap();
+    eventually("11111 refused", || !try_identify(&app, "11111", &first));
+    open.send(&metrics(3, "t=3")).unwrap();
+    wait_for_ack(&mut open, 3);
 
-        let delivered = app.server().totals().records_delivered as usize;
-        let records = consume(&brokers, &topic, delivered);
-        let by_key = by_key(&records);
-        assert_eq!(by_key["22222"].len(), 1, "one accepted probe");
-        let opened: Vec<&serde_json::Value> = by_key["11111"]
+    let delivered = app.server().totals().records_delivered as usize;
+    let records = consume(&brokers, &topic, delivered);
+    let by_key = by_key(&records);
+    assert_eq!(by_key["22222"].len(), 1, "one accepted probe");
+    let opened: Vec<&serde_json::Value> = by_key["11111"]
+        .iter()
+        .map(|r| &r.value)
+        .filter(|v| v["metrics"].get("t").is_some())
+        .collect();
+    assert_eq!(opened.len(), 3, "{opened:?}");
+    assert!(
+        opened
             .iter()
-            .map(|r| &r.value)
-            .filter(|v| v["metrics"].get("t").is_some())
-            .collect();
-        assert_eq!(opened.len(), 3, "{opened:?}");
-        assert!(
-            opened
-                .iter()
-                .all(|v| v["connection_id"] == opened[0]["connection_id"]),
-            "the same connection throughout: {opened:?}"
-        );
-        app.stop().unwrap();
-    });
+            .all(|v| v["connection_id"] == opened[0]["connection_id"]),
+        "the same connection throughout: {opened:?}"
+    );
+    app.stop().unwrap();
 }
 
 /// Runs the `stormgate` binary with `args` and `env`, without a registry from the caller's

@@ -148,33 +148,33 @@ fn stations_to_topic(codec: Compression) {
 
 #[test]
 fn stations_to_topic_uncompressed() {
-    retry_if_broker_loses_records(|| stations_to_topic(Compression::None));
+    stations_to_topic(Compression::None);
 }
 
 #[test]
 fn stations_to_topic_gzip() {
-    retry_if_broker_loses_records(|| stations_to_topic(Compression::Gzip));
+    stations_to_topic(Compression::Gzip);
 }
 
 #[test]
 fn stations_to_topic_snappy() {
-    retry_if_broker_loses_records(|| stations_to_topic(Compression::Snappy));
+    stations_to_topic(Compression::Snappy);
 }
 
 #[test]
 fn stations_to_topic_lz4() {
-    retry_if_broker_loses_records(|| stations_to_topic(Compression::Lz4));
+    stations_to_topic(Compression::Lz4);
 }
 
 #[test]
 fn stations_to_topic_zstd() {
-    retry_if_broker_loses_records(|| stations_to_topic(Compression::Zstd));
+    stations_to_topic(Compression::Zstd);
 }
 
 /// KAFKA_ASYNC=false: each line waits for its delivery report; everything still arrives.
 #[test]
 fn synchronous_mode_delivers_every_line() {
-    retry_if_broker_loses_records(synchronous_mode);
+    synchronous_mode();
 }
 
 fn synchronous_mode() {
@@ -213,58 +213,12 @@ fn synchronous_mode() {
 }
 
 /// The retry above covers exactly one failure, once: a short read.
-#[test]
-fn only_a_short_read_is_retried_and_only_once() {
-    use std::cell::Cell;
-    use std::panic::{AssertUnwindSafe, catch_unwind, panic_any};
-    let short = || {
-        panic_any(ShortRead {
-            topic: "t".into(),
-            expected: 2,
-            read: 1,
-        })
-    };
-
-    let runs = Cell::new(0);
-    retry_if_broker_loses_records(|| {
-        runs.set(runs.get() + 1);
-        if runs.get() == 1 {
-            short();
-        }
-    });
-    assert_eq!(runs.get(), 2, "a short read, then a pass");
-
-    runs.set(0);
-    let twice = catch_unwind(AssertUnwindSafe(|| {
-        retry_if_broker_loses_records(|| {
-            runs.set(runs.get() + 1);
-            short();
-        })
-    }));
-    assert!(
-        twice.is_err() && runs.get() == 2,
-        "a second short read fails"
-    );
-
-    runs.set(0);
-    let other = catch_unwind(AssertUnwindSafe(|| {
-        retry_if_broker_loses_records(|| {
-            runs.set(runs.get() + 1);
-            panic!("duplicates");
-        })
-    }));
-    assert!(
-        other.is_err() && runs.get() == 1,
-        "any other failure is not retried"
-    );
-}
-
 /// KAFKA_DLQ_TOPIC: every rejected line reaches the dead-letter topic once, as it was sent
 /// (base64 when not UTF-8), with its code and connection; good lines still reach the main
 /// topic and are not dead-lettered.
 #[test]
 fn rejected_lines_reach_the_dead_letter_topic() {
-    retry_if_broker_loses_records(dead_letters);
+    dead_letters();
 }
 
 fn dead_letters() {

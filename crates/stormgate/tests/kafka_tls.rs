@@ -1,149 +1,19 @@
-//! Records reach a real broker over TLS (`KAFKA_PROP_SECURITY_PROTOCOL=SSL`): librdkafka's
-//! OpenSSL verifies the broker's certificate and encrypts everything it sends.
-//!
-//! The test broker (Tansu 0.6.0) has no TLS listener, so this test puts a TLS-terminating
-//! proxy in front of a broker of its own, and has that broker advertise the proxy's address:
-//! every client connection — bootstrap, the partition leaders, the admin client, the
-//! verifying consumer — then goes through TLS, as with a broker that speaks TLS itself.
+//! Records reach Apache Kafka over TLS (`KAFKA_PROP_SECURITY_PROTOCOL=SSL`): the broker's own
+//! SSL listener (PEM key and certificate, `ssl.keystore.type=PEM`), whose certificate
+//! librdkafka's OpenSSL verifies, host name included, before it sends anything. Every client
+//! connection — bootstrap, the partition leader, the admin client, the verifying consumer —
+//! goes through TLS: the broker advertises its SSL listener to clients that came through it.
 
 mod support;
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls::ServerConnection;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use stormgate_kafka::verify::{self, ScanEvent, ScanOptions};
 use support::pki::{Ca, TlsStation, identify, metrics, pki_dir};
 use support::*;
 
-/// Away from the suite's broker (19092), the restart test's (19099) and the benchmarks'.
-const BROKER_PORT: u16 = 19_096;
-
-fn tansu(args: &[&str], advertised: Option<SocketAddr>) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kafka/tansu.sh");
-    let mut cmd = Command::new(script);
-    cmd.args(args)
-        .arg(BROKER_PORT.to_string())
-        .stdout(std::process::Stdio::null());
-    if let Some(addr) = advertised {
-        cmd.env("TANSU_ADVERTISED", addr.to_string());
-    }
-    assert!(
-        cmd.status().expect("run tansu.sh").success(),
-        "tansu.sh {args:?}"
-    );
-}
-
-/// Stops this test's broker however the test ends.
-struct BrokerGuard;
-
-impl Drop for BrokerGuard {
-    fn drop(&mut self) {
-        tansu(&["stop"], None);
-    }
-}
-
-/// Accepts TLS on `listener` and forwards the plaintext to `backend`, both ways, one pair of
-/// threads per connection. Counts completed handshakes in `handshakes`.
-fn tls_proxy(
-    listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    backend: SocketAddr,
-    handshakes: Arc<AtomicUsize>,
-) {
-    std::thread::spawn(move || {
-        for client in listener.incoming().map_while(Result::ok) {
-            let (config, handshakes) = (Arc::clone(&config), Arc::clone(&handshakes));
-            std::thread::spawn(move || {
-                if let Err(e) = proxy_one(client, config, backend, &handshakes) {
-                    eprintln!("proxy: {e}");
-                }
-            });
-        }
-    });
-}
-
-fn proxy_one(
-    mut client: TcpStream,
-    config: Arc<rustls::ServerConfig>,
-    backend: SocketAddr,
-    handshakes: &AtomicUsize,
-) -> io::Result<()> {
-    let mut tls = ServerConnection::new(config).map_err(io::Error::other)?;
-    while tls.is_handshaking() {
-        tls.complete_io(&mut client)?;
-    }
-    handshakes.fetch_add(1, Ordering::Relaxed);
-    let broker = TcpStream::connect(backend)?;
-    let tls = Arc::new(Mutex::new(tls));
-    // Broker → station side: plaintext in, TLS records out.
-    let (to_client, mut from_broker) = (client.try_clone()?, broker.try_clone()?);
-    let tls_out = Arc::clone(&tls);
-    std::thread::spawn(move || -> io::Result<()> {
-        let mut to_client = to_client;
-        let mut buf = vec![0; 64 * 1024];
-        loop {
-            let n = from_broker.read(&mut buf)?;
-            if n == 0 {
-                let _ = to_client.shutdown(Shutdown::Both);
-                return Ok(());
-            }
-            // Encrypted under the lock, sent after it: a blocked socket never holds it.
-            let mut records = Vec::new();
-            {
-                let mut tls = tls_out.lock().unwrap();
-                tls.writer().write_all(&buf[..n])?;
-                while tls.wants_write() {
-                    tls.write_tls(&mut records)?;
-                }
-            }
-            to_client.write_all(&records)?;
-        }
-    });
-    // Client → broker: TLS records in, plaintext out. The first pass reads nothing: the
-    // client's first request may have arrived with its last handshake message.
-    let mut to_broker = broker;
-    let mut buf = vec![0; 64 * 1024];
-    let mut plain = vec![0; 64 * 1024];
-    let mut n = 0;
-    loop {
-        // Decrypted under the lock, sent after it.
-        let (mut plaintext, mut replies) = (Vec::new(), Vec::new());
-        {
-            let mut tls = tls.lock().unwrap();
-            let mut records = &buf[..n];
-            while !records.is_empty() {
-                tls.read_tls(&mut records)?;
-                tls.process_new_packets().map_err(io::Error::other)?;
-            }
-            loop {
-                match tls.reader().read(&mut plain) {
-                    Ok(0) => break,
-                    Ok(m) => plaintext.extend_from_slice(&plain[..m]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
-                }
-            }
-            while tls.wants_write() {
-                tls.write_tls(&mut replies)?;
-            }
-        }
-        to_broker.write_all(&plaintext)?;
-        client.write_all(&replies)?;
-        n = client.read(&mut buf)?;
-        if n == 0 {
-            let _ = to_broker.shutdown(Shutdown::Both);
-            return Ok(());
-        }
-    }
-}
+/// The broker of this test's own sits at the suite broker's port + 20 (see [`OwnBroker`]).
+const PORT_OFFSET: u16 = 20;
 
 #[test]
 fn records_reach_the_broker_over_tls() {
@@ -152,29 +22,15 @@ fn records_reach_the_broker_over_tls() {
     let ca_file = dir.join("kafka-ca.pem");
     std::fs::write(&ca_file, &ca.pem).unwrap();
     let server = ca.server();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![CertificateDer::from_pem_slice(server.cert_pem.as_bytes()).unwrap()],
-        PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap(),
-    )
-    .unwrap();
-
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let proxy = listener.local_addr().unwrap();
-    tansu(&["start"], Some(proxy));
-    let _guard = BrokerGuard;
-    let handshakes = Arc::new(AtomicUsize::new(0));
-    tls_proxy(
-        listener,
-        Arc::new(config),
-        SocketAddr::from(([127, 0, 0, 1], BROKER_PORT)),
-        Arc::clone(&handshakes),
+    let (broker_cert, broker_key) = server.write(&dir, "kafka-broker");
+    let kafka = OwnBroker::start_fresh(
+        PORT_OFFSET,
+        &[
+            ("KAFKA_TLS_CERT", broker_cert.to_str().unwrap()),
+            ("KAFKA_TLS_KEY", broker_key.to_str().unwrap()),
+        ],
     );
+    let brokers = kafka.listeners["KAFKA_SSL_BROKERS"].clone();
 
     // What every client needs to reach it: TLS, trusting the test CA, checking the name.
     let tls_props: Vec<(String, String)> = [
@@ -185,7 +41,6 @@ fn records_reach_the_broker_over_tls() {
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let brokers = proxy.to_string();
     let topic = format!("kafka-tls-{}", uuid::Uuid::now_v7().simple());
     verify::create_topic_with(&brokers, &topic, 3, &tls_props).expect("create topic over TLS");
 
@@ -247,10 +102,5 @@ fn records_reach_the_broker_over_tls() {
         let expected: Vec<f64> = (1..=LINES).map(|seq| seq as f64).collect();
         assert_eq!(values, &expected, "{zipcode}: every line, in order");
     }
-    let handshakes = handshakes.load(Ordering::Relaxed);
-    eprintln!("{handshakes} TLS handshakes at the broker's proxy");
-    assert!(
-        handshakes >= 3,
-        "the admin client, the producers and the consumer all came through TLS"
-    );
+    drop(kafka);
 }

@@ -41,72 +41,70 @@ fn refused(app: &stormgate::app::App, config: std::sync::Arc<rustls::ClientConfi
 
 #[test]
 fn stations_over_tls_reach_kafka_and_plain_text_is_turned_away() {
-    retry_if_broker_loses_records(|| {
-        let brokers = broker();
-        let topic = fresh_topic(&brokers, "tls");
-        let dir = pki_dir();
-        let ca = Ca::new("Stormgate test CA");
-        let app = start_tls(
-            &dir,
-            &ca.server(),
-            &["--kafka-brokers", &brokers, "--kafka-topic", &topic],
-        );
-        let config = ca.client_config(None);
-        const STATIONS: u64 = 4;
-        const LINES: u64 = 250;
-        let mut stations: Vec<TlsStation> = (0..STATIONS)
-            .map(|_| TlsStation::connect(app.local_addr(), config.clone()).unwrap())
+    let brokers = broker();
+    let topic = fresh_topic(&brokers, "tls");
+    let dir = pki_dir();
+    let ca = Ca::new("Stormgate test CA");
+    let app = start_tls(
+        &dir,
+        &ca.server(),
+        &["--kafka-brokers", &brokers, "--kafka-topic", &topic],
+    );
+    let config = ca.client_config(None);
+    const STATIONS: u64 = 4;
+    const LINES: u64 = 250;
+    let mut stations: Vec<TlsStation> = (0..STATIONS)
+        .map(|_| TlsStation::connect(app.local_addr(), config.clone()).unwrap())
+        .collect();
+    for (i, s) in stations.iter_mut().enumerate() {
+        s.send(&identify(&format!("1000{i}"), None)).unwrap();
+        // Sent in one write each, so that lines cross TLS records and reads.
+        let batch: Vec<u8> = (1..=LINES)
+            .flat_map(|seq| metrics(seq, &format!("temperature={seq}.5")))
             .collect();
-        for (i, s) in stations.iter_mut().enumerate() {
-            s.send(&identify(&format!("1000{i}"), None)).unwrap();
-            // Sent in one write each, so that lines cross TLS records and reads.
-            let batch: Vec<u8> = (1..=LINES)
-                .flat_map(|seq| metrics(seq, &format!("temperature={seq}.5")))
-                .collect();
-            s.send(&batch).unwrap();
-        }
-        for s in &mut stations {
-            s.wait_for_ack(LINES);
-        }
-        // A client that speaks plain text to the TLS port publishes nothing: its bytes are a
-        // failed handshake, and it gets no line back.
-        let mut plain = TcpStream::connect(app.local_addr()).unwrap();
-        plain
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        plain.write_all(&identify("66666", None)).unwrap();
-        plain.write_all(&metrics(1, "plain=1")).unwrap();
-        let mut answer = Vec::new();
-        let _ = plain.read_to_end(&mut answer);
-        assert!(
-            !answer.starts_with(b"{"),
-            "no JSON line for a plain-text client: {answer:?}"
-        );
-        wait_for(
-            "the failed handshake to be counted",
-            Duration::from_secs(10),
-            || app.server().totals().tls_handshake_failures == 1,
-        );
-        let t = app.server().totals();
-        assert_eq!(t.tls_handshakes, STATIONS);
-        assert_eq!(t.records_enqueued, STATIONS * LINES);
-        assert_eq!(t.line_errors_total(), 0);
+        s.send(&batch).unwrap();
+    }
+    for s in &mut stations {
+        s.wait_for_ack(LINES);
+    }
+    // A client that speaks plain text to the TLS port publishes nothing: its bytes are a
+    // failed handshake, and it gets no line back.
+    let mut plain = TcpStream::connect(app.local_addr()).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    plain.write_all(&identify("66666", None)).unwrap();
+    plain.write_all(&metrics(1, "plain=1")).unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"{"),
+        "no JSON line for a plain-text client: {answer:?}"
+    );
+    wait_for(
+        "the failed handshake to be counted",
+        Duration::from_secs(10),
+        || app.server().totals().tls_handshake_failures == 1,
+    );
+    let t = app.server().totals();
+    assert_eq!(t.tls_handshakes, STATIONS);
+    assert_eq!(t.records_enqueued, STATIONS * LINES);
+    assert_eq!(t.line_errors_total(), 0);
 
-        let records = consume(&brokers, &topic, (STATIONS * LINES) as usize);
-        let by_station = by_key(&records);
-        assert_eq!(by_station.len(), STATIONS as usize);
-        for (zipcode, records) in by_station {
-            assert!(zipcode.starts_with("1000"), "{zipcode}");
-            let temps: Vec<f64> = records
-                .iter()
-                .map(|r| r.value["metrics"]["temperature"].as_f64().unwrap())
-                .collect();
-            let expected: Vec<f64> = (1..=LINES).map(|seq| seq as f64 + 0.5).collect();
-            assert_eq!(temps, expected, "{zipcode}: every line, in order");
-            assert_eq!(records[0].value["city"], "Town");
-        }
-        app.stop().unwrap();
-    });
+    let records = consume(&brokers, &topic, (STATIONS * LINES) as usize);
+    let by_station = by_key(&records);
+    assert_eq!(by_station.len(), STATIONS as usize);
+    for (zipcode, records) in by_station {
+        assert!(zipcode.starts_with("1000"), "{zipcode}");
+        let temps: Vec<f64> = records
+            .iter()
+            .map(|r| r.value["metrics"]["temperature"].as_f64().unwrap())
+            .collect();
+        let expected: Vec<f64> = (1..=LINES).map(|seq| seq as f64 + 0.5).collect();
+        assert_eq!(temps, expected, "{zipcode}: every line, in order");
+        assert_eq!(records[0].value["city"], "Town");
+    }
+    app.stop().unwrap();
 }
 
 #[test]

@@ -11,12 +11,12 @@ use clap::Parser;
 use stormgate::app::App;
 use stormgate::cli::Cli;
 
-/// The real Kafka-protocol broker the tests talk to, from `STORMGATE_TEST_KAFKA`
-/// (`deploy/test.sh` starts one and sets it).
+/// The Apache Kafka broker the tests talk to, from `STORMGATE_TEST_KAFKA` (`deploy/test.sh`
+/// starts one with `deploy/kafka/kafka.sh` and sets it).
 pub fn broker() -> String {
     std::env::var("STORMGATE_TEST_KAFKA").expect(
         "STORMGATE_TEST_KAFKA is not set: run the suite with deploy/test.sh, which starts a broker, \
-         or point it at one (e.g. `deploy/kafka/tansu.sh start` prints the address)",
+         or point it at one (e.g. `deploy/kafka/kafka.sh start 19092` prints the address)",
     )
 }
 
@@ -73,67 +73,48 @@ pub struct Out {
     pub timestamp_ms: Option<i64>,
 }
 
-/// The panic payload of [`consume`] when the broker served fewer records than expected.
-#[derive(Debug)]
-pub struct ShortRead {
-    pub topic: String,
-    pub expected: usize,
-    pub read: usize,
-}
-
-/// Runs `test`; if it fails only because [`consume`] read fewer records than Stormgate's
-/// delivery reports counted, runs it once more.
-///
-/// The test broker (Tansu 0.6.0, memory engine) now and then loses records it acknowledged
-/// when several producers write one partition at once; plain rdkafka producers without
-/// Stormgate show it too (`deploy/kafka/concurrent-loss.sh`, about 1 round in 17). Tests
-/// with two shards have two producers. A second short read fails the test, as does anything
-/// else: duplicates, wrong order, wrong contents.
-pub fn retry_if_broker_loses_records(test: impl Fn()) {
-    let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&test)) else {
-        return;
-    };
-    match payload.downcast::<ShortRead>() {
-        Ok(short) => {
-            eprintln!(
-                "the broker served {} of the {} records acknowledged on {} (a known defect \
-                 of the test broker under concurrent producers): running the test again",
-                short.read, short.expected, short.topic
-            );
-            test();
-        }
-        Err(other) => std::panic::resume_unwind(other),
-    }
-}
-
-/// Reads every record of `topic`, expecting `expected` of them. Reading fewer panics with a
-/// [`ShortRead`] (see [`retry_if_broker_loses_records`]).
+/// Reads every record of `topic` from offset 0 to the end of each partition, and checks that
+/// the read is exactly what the broker holds (one record per offset between each partition's
+/// watermarks, none twice) and exactly `expected` records. Anything else fails the test: a
+/// short read, a duplicate, a gap.
 pub fn consume(brokers: &str, topic: &str, expected: usize) -> Vec<Out> {
+    let records = consume_all(brokers, topic, expected);
+    if records.len() != expected {
+        let mut per_partition: BTreeMap<i32, usize> = BTreeMap::new();
+        for r in &records {
+            *per_partition.entry(r.partition).or_default() += 1;
+        }
+        panic!(
+            "{topic}: read {} records, expected {expected}; records per partition: \
+             {per_partition:?}",
+            records.len()
+        );
+    }
+    records
+}
+
+/// Reads `topic` as [`consume`] does, to the end and once it holds at least `at_least`
+/// records, checking that the read is exactly the broker's content; returns however many
+/// there are, for the caller to judge.
+pub fn consume_all(brokers: &str, topic: &str, at_least: usize) -> Vec<Out> {
     let t0 = Instant::now();
     let records =
-        stormgate_kafka::verify::read_topic(brokers, topic, expected, Duration::from_secs(60))
+        stormgate_kafka::verify::read_topic(brokers, topic, at_least, Duration::from_secs(60))
             .expect("read topic");
     eprintln!(
-        "consumed {} of {expected} records from {topic} in {:?}",
+        "consumed {} records (at least {at_least} wanted) from {topic} in {:?}",
         records.len(),
         t0.elapsed()
     );
-    if records.len() != expected {
-        // For diagnosing a short read: per partition, how many records and which offsets.
-        let mut parts: BTreeMap<i32, (usize, i64, i64)> = BTreeMap::new();
-        for r in &records {
-            let e = parts.entry(r.partition).or_insert((0, i64::MAX, -1));
-            *e = (e.0 + 1, e.1.min(r.offset), e.2.max(r.offset));
-        }
-        eprintln!("per partition (count, first offset, last offset): {parts:?}");
-        if records.len() < expected {
-            std::panic::panic_any(ShortRead {
-                topic: topic.to_owned(),
-                expected,
-                read: records.len(),
-            });
-        }
-    }
+    let marks = stormgate_kafka::verify::watermarks(brokers, topic, &[]).expect("watermarks");
+    let errors = stormgate_kafka::verify::offset_errors(
+        records.iter().map(|r| (r.partition, r.offset)),
+        &marks,
+    );
+    assert!(
+        errors.is_empty(),
+        "{topic}: the read is not the broker's content: {errors:?}; watermarks {marks:?}"
+    );
     records
         .into_iter()
         .map(|r| Out {
@@ -168,4 +149,96 @@ pub fn wait_for_ack(mut next: impl FnMut() -> std::io::Result<stormgate_station:
             other => panic!("waiting for the ack of {seq}: {other:?}"),
         }
     }
+}
+
+/// An Apache Kafka broker of a test's own, for tests that stop and start it or need listeners
+/// the suite's broker lacks; run through `deploy/kafka/kafka.sh` like the suite's.
+///
+/// It listens on the suite broker's port (from `STORMGATE_TEST_KAFKA`) plus `offset`, and on
+/// the four ports after that one (controller, SASL, TLS): every port of a suite run derives
+/// from `STORMGATE_TEST_KAFKA_PORT`, so two runs with different ports coexist. Each test
+/// binary that owns a broker takes its own offset (multiples of 10 from 10; `deploy/test.sh`
+/// gives the benchmarks +40). Dropping it stops the broker and deletes its data.
+pub struct OwnBroker {
+    pub port: u16,
+    /// What `kafka.sh start` printed: `KAFKA_BROKERS`, `KAFKA_SASL_BROKERS`, and with TLS
+    /// `KAFKA_SSL_BROKERS` and `KAFKA_SASL_SSL_BROKERS`, each `127.0.0.1:PORT`.
+    pub listeners: BTreeMap<String, String>,
+    env: Vec<(String, String)>,
+}
+
+impl OwnBroker {
+    /// A broker with empty storage on the suite's port + `offset`, started; `env` goes to
+    /// every `kafka.sh` call (e.g. `KAFKA_TLS_CERT`).
+    pub fn start_fresh(offset: u16, env: &[(&str, &str)]) -> OwnBroker {
+        let suite = broker();
+        let suite_port: u16 = suite
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in STORMGATE_TEST_KAFKA={suite}"));
+        let mut own = OwnBroker {
+            port: suite_port + offset,
+            listeners: BTreeMap::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        own.script("reset");
+        own.listeners = own.start();
+        own
+    }
+
+    /// `kafka.sh start`: its `KAFKA_*=host:port` lines.
+    pub fn start(&self) -> BTreeMap<String, String> {
+        self.script("start")
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    /// `kafka.sh stop`: SIGTERM, and SIGKILL if it lingers; the data stays on disk.
+    pub fn stop(&self) {
+        self.script("stop");
+    }
+
+    /// The plaintext listener.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn script(&self, verb: &str) -> String {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kafka/kafka.sh");
+        let t0 = Instant::now();
+        let out = std::process::Command::new(script)
+            .args([verb, &self.port.to_string()])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run deploy/kafka/kafka.sh");
+        assert!(out.status.success(), "kafka.sh {verb} {}", self.port);
+        eprintln!("kafka.sh {verb} {}: {:?}", self.port, t0.elapsed());
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kafka/kafka.sh");
+        let _ = std::process::Command::new(script)
+            .args(["reset", &self.port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Partition count of `topic`, from the broker's metadata.
+pub fn partitions_of(brokers: &str, topic: &str) -> usize {
+    stormgate_kafka::verify::watermarks(brokers, topic, &[])
+        .expect("topic metadata")
+        .len()
 }
