@@ -1,0 +1,275 @@
+//! Hostile and unlucky clients against the real binary: what they may cost the process in
+//! memory, and what a shutdown during a broker outage does with what was accepted.
+//!
+//! Every test here runs `stormgate` as a child process and judges it from outside: its exit,
+//! its statistics file, its spill files, `/metrics`, and its resident memory in /proc.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A running `stormgate` whose JSON log lines are collected.
+struct Process {
+    child: Child,
+    logs: mpsc::Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+    dir: PathBuf,
+}
+
+impl Process {
+    /// Starts the binary on loopback ports with `env` on top; its spill files and statistics
+    /// file go to a directory of its own.
+    fn spawn(env: &[(&str, &str)]) -> Process {
+        let dir = std::env::temp_dir().join(format!("stormgate-hostile-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stormgate"));
+        cmd.env_remove("KAFKA_BROKERS")
+            .env("TCP_LISTEN", "127.0.0.1:0")
+            .env("TCP_SHARDS", "2")
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .env("METRICS_ADDR", "127.0.0.1:0")
+            .env("SPILL_DIR", dir.join("spill"))
+            .env("STATS_FILE", dir.join("stats.json"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn stormgate");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, logs) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let v = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({"raw": line}));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        Process {
+            child,
+            logs,
+            seen: Vec::new(),
+            dir,
+        }
+    }
+
+    /// Waits for a log line whose message contains `needle` and returns it.
+    fn log_line(&mut self, needle: &str) -> serde_json::Value {
+        let matches =
+            |v: &serde_json::Value| v["message"].as_str().is_some_and(|m| m.contains(needle));
+        if let Some(v) = self.seen.iter().find(|v| matches(v)) {
+            return v.clone();
+        }
+        loop {
+            let v = self
+                .logs
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no log line {needle:?}; log: {:#?}", self.seen));
+            self.seen.push(v.clone());
+            if matches(&v) {
+                return v;
+            }
+        }
+    }
+
+    fn addr(&mut self) -> SocketAddr {
+        self.log_line("listening")["addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn metrics_addr(&mut self) -> SocketAddr {
+        self.log_line("operations endpoint listening")["addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as libc::pid_t, sig) },
+            0
+        );
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(v) = self.logs.recv_timeout(Duration::from_secs(2)) {
+                    self.seen.push(v);
+                }
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.dir.join("stats.json")).unwrap()).unwrap()
+    }
+
+    /// Every line of every spill file.
+    fn spilled_lines(&self) -> Vec<serde_json::Value> {
+        let Ok(entries) = std::fs::read_dir(self.dir.join("spill")) else {
+            return Vec::new();
+        };
+        entries
+            .flat_map(|e| {
+                let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+                text.lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `GET path` on the operations endpoint: (status, body), or the I/O error.
+fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
+}
+
+/// Every sample of `/metrics`, summed over its labels, by metric name.
+fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
+    let (status, body) = http_get(addr, "/metrics", Duration::from_secs(10)).unwrap();
+    assert_eq!(status, 200);
+    let mut m = BTreeMap::new();
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let name = name.split('{').next().unwrap().to_owned();
+        *m.entry(name).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+    }
+    m
+}
+
+/// Polls `cond` every 20 ms until it holds, or fails after `limit`.
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How long SIGTERM took to end the process, with a broker that never answers
+/// (`KAFKA_BROKERS=127.0.0.1:1`) and `SHUTDOWN_TIMEOUT=2s`: after one acks station sent
+/// `lines` lines and closed its sending side. Checks that every accepted line was spilled.
+fn sigterm_during_outage(lines: usize) -> Duration {
+    const SHUTDOWN: Duration = Duration::from_secs(2);
+    let mut p = Process::spawn(&[
+        ("KAFKA_BROKERS", "127.0.0.1:1"),
+        ("SHUTDOWN_TIMEOUT", "2s"),
+        ("KAFKA_TOPIC", "weather.metrics"),
+    ]);
+    let addr = p.addr();
+    let ops = p.metrics_addr();
+    let mut station = TcpStream::connect(addr).unwrap();
+    let mut text = String::from("{\"type\":\"identify\",\"zipcode\":\"12345\",\"acks\":true}\n");
+    for seq in 0..lines {
+        text.push_str(&format!(
+            "{{\"type\":\"metrics\",\"seq\":{seq},\"data\":\"t={seq}\"}}\n"
+        ));
+    }
+    // Written by a thread: past the in-flight cap the server stops reading, and the rest
+    // waits in TCP.
+    let writer = {
+        let mut s = station.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = s.write_all(text.as_bytes());
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        })
+    };
+    let want = lines.min(4096) as f64;
+    wait_for("lines accepted", Duration::from_secs(30), || {
+        scrape(ops)["stormgate_records_enqueued_total"] >= want
+    });
+    p.signal(libc::SIGTERM);
+    let signalled = Instant::now();
+    let status = p.wait_exit(Duration::from_secs(60));
+    let took = signalled.elapsed();
+    let status = status.unwrap_or_else(|| panic!("still running 60 s after SIGTERM"));
+    assert!(status.success(), "exit status {status}; log: {:#?}", p.seen);
+    let _ = station.read_to_end(&mut Vec::new());
+    writer.join().unwrap();
+    let stats = p.stats();
+    let t = &stats["totals"];
+    let accepted = t["records_enqueued"].as_u64().unwrap();
+    assert!(accepted as f64 >= want);
+    assert_eq!(t["records_delivered"], 0, "the broker is unreachable");
+    assert_eq!(t["records_spilled"].as_u64().unwrap(), accepted, "{t:#}");
+    assert_eq!(t["records_failed"].as_u64().unwrap(), accepted);
+    assert_eq!(t["spill_failures"], 0);
+    let spilled = p.spilled_lines();
+    assert_eq!(
+        spilled.len() as u64,
+        accepted,
+        "the spill files hold every accepted line"
+    );
+    let mut seqs: Vec<u64> = spilled
+        .iter()
+        .map(|l| l["value"]["seq"].as_u64().unwrap())
+        .collect();
+    seqs.sort_unstable();
+    assert!(
+        seqs.iter().copied().eq(0..accepted),
+        "accepted lines are a gapless prefix"
+    );
+    eprintln!("{lines} lines: {accepted} accepted and spilled; exit {took:?} after SIGTERM");
+    assert!(
+        took < SHUTDOWN + Duration::from_secs(1),
+        "exit took {took:?} after SIGTERM with SHUTDOWN_TIMEOUT={SHUTDOWN:?}"
+    );
+    took
+}
+
+/// SIGTERM during a broker outage ends the process by `SHUTDOWN_TIMEOUT` (+1 s), every
+/// accepted line spilled: one line from a station waiting for its ack, then 5,000 lines on
+/// one connection (4,096 in flight, the rest held back by the in-flight cap).
+#[test]
+fn sigterm_during_an_outage_exits_by_the_deadline_with_every_line_spilled() {
+    sigterm_during_outage(1);
+    sigterm_during_outage(5_000);
+}
