@@ -645,8 +645,10 @@ impl Connection {
                     let raw = dead_letters.then(|| core.raw_line.borrow());
                     // A rejected line that may carry a station's token (an identify rejected
                     // for another reason) is dead-lettered without its text: tokens never go
-                    // to Kafka.
-                    let raw = raw.as_deref().filter(|raw| !mentions_token(raw));
+                    // to Kafka. Judged by what the parser understood (`hides_raw`).
+                    let raw = raw
+                        .as_deref()
+                        .filter(|raw| !stormgate_protocol::dead_letter::hides_raw(&e, raw));
                     self.reject(e.code, raw.map(Vec::as_slice), seq);
                     if self.blocked.is_some() {
                         break;
@@ -838,12 +840,6 @@ fn verify(auth: &dyn StationAuth, credentials: &Credentials<'_>, refused: &mut S
         refused.push_str(credentials.zipcode);
     }
     ok
-}
-
-/// Whether a rejected line may hold a token (`"token"`, or anything else spelling it). Only
-/// rejected lines are searched, and only when they are dead-lettered.
-fn mentions_token(raw: &[u8]) -> bool {
-    raw.windows(5).any(|w| w.eq_ignore_ascii_case(b"token"))
 }
 
 /// The text of a caught panic's payload.

@@ -4,6 +4,8 @@
 //! Every test here runs `stormgate` as a child process and judges it from outside: its exit,
 //! its statistics file, its spill files, `/metrics`, and its resident memory in /proc.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -272,4 +274,46 @@ fn sigterm_during_outage(lines: usize) -> Duration {
 fn sigterm_during_an_outage_exits_by_the_deadline_with_every_line_spilled() {
     sigterm_during_outage(1);
     sigterm_during_outage(5_000);
+}
+
+/// The dead-letter record of a rejected identify whose token key is escaped or repeated
+/// carries no `raw`, and no record carries the token (embedded mock cluster).
+#[test]
+fn a_token_never_reaches_the_dead_letter_topic_however_it_is_spelled() {
+    // The embedded cluster creates only its own topic: the dead letters go there too (no
+    // line here becomes a record).
+    let mut p = Process::spawn(&[("KAFKA_TOPIC", "dlq"), ("KAFKA_DLQ_TOPIC", "dlq")]);
+    let bootstrap = p.log_line("embedded Kafka mock cluster")["bootstrap"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let addr = p.addr();
+    let secret = "5ec2e7".repeat(10);
+    let lines = [
+        format!(r#"{{"type":"identify","zipcode":"12345","\u0074oken":"{secret}","city":5}}"#),
+        format!(r#"{{"type":"identify","zipcode":"12345","token":1,"token":"{secret}","city":5}}"#),
+        format!(r#"{{"type":"identify","zipcode":"12345","\u0054OKEN":"{secret}","city":[]}}"#),
+        format!(r#"{{"type":"identify","zipcode":"12345","\u0074oken":"{secret}"]"#),
+        r#"{"type":"metrics","data":"t=warm"}"#.to_owned(),
+    ];
+    let mut s = TcpStream::connect(addr).unwrap();
+    for line in &lines {
+        s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    }
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answers = String::new();
+    s.read_to_string(&mut answers).unwrap();
+    assert_eq!(answers.lines().count(), lines.len(), "{answers}");
+    let records = support::consume(&bootstrap, "dlq", lines.len());
+    assert_eq!(records.len(), lines.len());
+    for r in &records {
+        let text = r.value.to_string();
+        assert!(!text.contains(&secret), "a token in a dead letter: {text}");
+    }
+    let with_raw: Vec<_> = records
+        .iter()
+        .filter(|r| r.value.get("raw").is_some())
+        .collect();
+    assert_eq!(with_raw.len(), 1, "only the metrics line keeps its text");
+    assert_eq!(with_raw[0].value["raw"], lines[4]);
 }
