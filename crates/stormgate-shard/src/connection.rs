@@ -2,11 +2,13 @@
 //!
 //! The task reads into its shard's read buffer and handles every complete line there, in
 //! place, without awaiting. It awaits only to read, to write error lines back, and when it is
-//! *blocked*: the shard queue is full, or the connection has as many records in flight as it
-//! may. Before it awaits, whatever it has not finished moves into its own backlog, and it does
-//! not read again until that backlog holds no complete line. That is the TCP backpressure: a
-//! blocked connection leaves its bytes in the kernel, the kernel's receive window closes, and
-//! the station's sends slow down. Nothing is dropped.
+//! *blocked*: the shard queue is full, the connection has as many records (or bytes of
+//! records) in flight as it may, the shard holds its byte budget of records, or the answers
+//! the station has not read yet reached [`REPLY_MAX`]. Before it awaits, whatever it has not
+//! finished moves into its own backlog, and it does not read again until that backlog holds
+//! no complete line. That is the TCP backpressure: a blocked connection leaves its bytes in
+//! the kernel, the kernel's receive window closes, and the station's sends slow down. Nothing
+//! is dropped.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -41,6 +43,10 @@ const BACKLOG_READ: usize = 16 * 1024;
 const CARRY_MAX: usize = 4 * 1024;
 /// Reply buffers larger than this are freed after each flush rather than kept.
 const REPLY_KEEP: usize = 1024;
+/// Most bytes of answers a connection queues for its station before it stops handling lines
+/// and waits for them to be written: a station that does not read its answers is not read
+/// either (an error line is ~100 bytes, so ~160 answers; acks coalesce).
+pub(crate) const REPLY_MAX: usize = 16 * 1024;
 /// How long the final error line of a connection the server closes may take to write.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -57,10 +63,11 @@ pub(crate) fn serve(
 ) -> impl Future<Output = ()> + 'static {
     let mut id = uuid::Uuid::encode_buffer();
     let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut id);
-    let flow = match core.config.max_in_flight_per_connection {
-        0 => None,
-        cap => Some(Rc::new(ConnFlow::new(cap))),
-    };
+    let (cap, max_bytes) = (
+        core.config.max_in_flight_per_connection,
+        core.config.max_in_flight_bytes_per_connection,
+    );
+    let flow = (cap > 0 || max_bytes > 0).then(|| Rc::new(ConnFlow::new(cap, max_bytes)));
     let rate = core.config.max_lines_per_sec;
     let registration = core.register(stream.as_raw_fd());
     // A write blocked for the idle timeout is a station that stopped reading its replies.
@@ -171,8 +178,13 @@ enum Blocked {
     /// The shard queue was full; this record goes in first once there is room. Boxed: a
     /// block is rare, and every connection carries room for one.
     Queue(Box<Record>),
-    /// The connection reached its in-flight cap.
+    /// The connection reached its in-flight cap (records or bytes).
     Flow,
+    /// The shard holds its byte budget of records in flight (`TCP_MAX_BYTES_IN_FLIGHT`).
+    Bytes,
+    /// The answers waiting for the station reached [`REPLY_MAX`]: they must be written
+    /// before more lines are handled.
+    Replies,
 }
 
 #[derive(Clone, Copy)]
@@ -233,8 +245,10 @@ impl Connection {
                 self.backlog.push(b"\n", &self.core.backlogs);
                 self.handle_backlog();
             }
-            if self.blocked.is_some() {
-                Box::pin(self.drain_blocks()).await;
+            if self.blocked.is_some()
+                && let Err(e) = Box::pin(self.drain_blocks()).await
+            {
+                return CloseReason::Io(e);
             }
             if self.sink_gone {
                 return CloseReason::SinkStopped;
@@ -472,7 +486,13 @@ impl Connection {
             self.count_read(n);
             Ok(Some(n))
         } else {
-            let area = self.backlog.read_area(BACKLOG_READ, &core.backlogs);
+            // The backlog holds a partial line (it holds no complete one when the connection
+            // reads): read only what can complete it or prove it too long, so that the
+            // backlog never grows past `TCP_MAX_LINE_BYTES` + 2 (+ padding).
+            let want = (core.config.max_line_bytes + 2)
+                .saturating_sub(carry)
+                .clamp(1, BACKLOG_READ);
+            let area = self.backlog.read_area(want, &core.backlogs);
             let stream = &mut self.stream;
             let mut ticket = None;
             let n = poll_fn(|cx| {
@@ -502,27 +522,41 @@ impl Connection {
         self.core.metrics.bytes_received.add(n as u64);
     }
 
-    /// Waits out every block, handling the backlog after each, until nothing blocks.
-    async fn drain_blocks(&mut self) {
+    /// Waits out every block, handling the backlog after each, until nothing blocks. Fails
+    /// only when answers cannot be written.
+    async fn drain_blocks(&mut self) -> io::Result<()> {
         // Held back by the shard, not idle: no read deadline while it waits.
         self.registration.set_deadline(&self.core, None);
         while let Some(blocked) = self.blocked.take() {
-            self.core.metrics.backpressure_waits.incr();
             match blocked {
                 Blocked::Flow => {
+                    self.core.metrics.backpressure_waits.incr();
                     let flow = self.flow.clone().expect("flow blocks need a flow");
                     flow.room().await;
                 }
+                Blocked::Bytes => {
+                    self.core.metrics.backpressure_waits.incr();
+                    let core = Rc::clone(&self.core);
+                    core.ledger.byte_room().await;
+                }
+                Blocked::Replies => {
+                    // Answers are written even to a station we stopped reading: it reads
+                    // them, or its write timeout (`TCP_IDLE_TIMEOUT`) ends it.
+                    self.take_acks();
+                    self.flush_replies().await?;
+                }
                 Blocked::Queue(record) => {
+                    self.core.metrics.backpressure_waits.incr();
                     if let Err(e) = self.queue.send(*record).await {
                         self.lost_sink(e);
-                        return;
+                        return Ok(());
                     }
                     self.core.gate.enqueued();
                 }
             }
             self.handle_backlog();
         }
+        Ok(())
     }
 
     fn handle_backlog(&mut self) {
@@ -551,6 +585,14 @@ impl Connection {
         while !self.sink_gone && self.closing.is_none() {
             if self.flow.as_ref().is_some_and(|f| f.is_full()) {
                 self.blocked = Some(Blocked::Flow);
+                break;
+            }
+            if core.ledger.bytes_full() {
+                self.blocked = Some(Blocked::Bytes);
+                break;
+            }
+            if self.replies.len() >= REPLY_MAX {
+                self.blocked = Some(Blocked::Replies);
                 break;
             }
             let Some(frame) = self.framer.next_frame(&buf[..end], &mut pos) else {
@@ -679,10 +721,13 @@ impl Connection {
             (Some(acks), Some(seq)) if self.acks_on => Some((Rc::clone(acks), acks.open(seq))),
             _ => None,
         };
-        let ticket = self
-            .core
-            .ledger
-            .open(self.stamp.at, self.flow.as_ref(), false, ack);
+        let ticket = self.core.ledger.open(
+            self.stamp.at,
+            self.flow.as_ref(),
+            false,
+            value.capacity(),
+            ack,
+        );
         Record {
             key,
             value,
@@ -779,10 +824,13 @@ impl Connection {
             Some(s) => Rc::clone(s.key()),
             None => Rc::from(self.session.connection_id()),
         };
-        let ticket = self
-            .core
-            .ledger
-            .open(self.stamp.at, self.flow.as_ref(), true, None);
+        let ticket = self.core.ledger.open(
+            self.stamp.at,
+            self.flow.as_ref(),
+            true,
+            value.capacity(),
+            None,
+        );
         let record = Record {
             key,
             value,
@@ -878,11 +926,19 @@ fn acks_ready(acks: Option<&ConnAcks>, cx: &Context<'_>) -> bool {
     false
 }
 
-/// Whether a read must not take its bytes yet: the shard's queue is half full (see `gate`).
+/// Whether a read must not take its bytes yet: the shard holds its byte budget of records
+/// (`TCP_MAX_BYTES_IN_FLIGHT`; not while draining, so that reads see their end of stream),
+/// or its queue is half full (see `gate`).
 /// Checked at every poll of the read, because the socket may turn readable long after the
 /// read began, when the queue has filled meanwhile. `ticket` is this read's place in the
 /// gate's line, so that a wake-up by the socket does not queue the task twice.
 fn gate_closed_to(core: &ShardCore, ticket: &mut Option<u64>, cx: &Context<'_>) -> bool {
+    if core.ledger.bytes_full() && !core.draining.is_fired() {
+        // The shard holds its byte budget of records: reading now would only fill backlogs.
+        core.metrics.backpressure_waits.incr();
+        core.ledger.wait_bytes(cx.waker());
+        return true;
+    }
     if let Some(t) = *ticket
         && core.gate.is_queued(t)
     {

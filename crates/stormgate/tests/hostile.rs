@@ -121,6 +121,10 @@ impl Process {
         None
     }
 
+    fn rss_bytes(&self) -> u64 {
+        rss_bytes(self.child.id())
+    }
+
     fn stats(&self) -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(self.dir.join("stats.json")).unwrap()).unwrap()
     }
@@ -147,6 +151,16 @@ impl Drop for Process {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// `GET path` on the operations endpoint: (status, body), or the I/O error.
@@ -274,6 +288,178 @@ fn sigterm_during_outage(lines: usize) -> Duration {
 fn sigterm_during_an_outage_exits_by_the_deadline_with_every_line_spilled() {
     sigterm_during_outage(1);
     sigterm_during_outage(5_000);
+}
+
+/// Connects `n` clients to `addr`, spread over source addresses 127.0.0.2, .3, ... (100 per
+/// address), each with a small receive buffer so that answers it does not read back up into
+/// the server rather than into the kernel.
+fn connect_many(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| {
+            use socket2::{Domain, Socket, Type};
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            let source: SocketAddr = format!("127.0.0.{}:0", 2 + i / 100).parse().unwrap();
+            socket.bind(&source.into()).unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket.connect(&addr.into()).unwrap();
+            let s: TcpStream = socket.into();
+            s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+            s
+        })
+        .collect()
+}
+
+/// Sends `chunk` on every stream again and again until the server stops reading it (a write
+/// blocks for the 2 s write timeout) or `limit` passes, checking the server's RSS after each
+/// round; returns the peak RSS seen. Fails as soon as the RSS passes `bound`.
+fn flood_until_blocked(
+    p: &Process,
+    streams: &mut [TcpStream],
+    chunk: &[u8],
+    bound: u64,
+    limit: Duration,
+) -> u64 {
+    let start = Instant::now();
+    let mut open: Vec<bool> = vec![true; streams.len()];
+    let mut peak = 0;
+    while open.iter().any(|&o| o) && start.elapsed() < limit {
+        std::thread::scope(|scope| {
+            for (s, o) in streams.iter_mut().zip(open.iter_mut()).filter(|(_, o)| **o) {
+                scope.spawn(move || {
+                    if s.write_all(chunk).is_err() {
+                        *o = false;
+                    }
+                });
+            }
+        });
+        peak = peak.max(p.rss_bytes());
+        assert!(
+            peak <= bound,
+            "RSS {} MiB passed the bound of {} MiB",
+            peak >> 20,
+            bound >> 20
+        );
+    }
+    peak
+}
+
+/// Floods the server, broker unreachable, with records of ~120 KB each (a 60 KiB line of
+/// short metrics doubles in its record) from 8 stations, and returns the peak RSS; fails as
+/// soon as it passes `bound`. The record-count bounds alone (8,192 queued per shard, 4,096 in
+/// flight per connection) would let this reach ~5 GB.
+fn flood_large_records(env: &[(&str, &str)], bound: u64) -> u64 {
+    let mut env = env.to_vec();
+    env.extend([("KAFKA_BROKERS", "127.0.0.1:1"), ("SHUTDOWN_TIMEOUT", "1s")]);
+    let p = &mut Process::spawn(&env);
+    let addr = p.addr();
+    let mut streams = connect_many(addr, 8);
+    for (i, s) in streams.iter_mut().enumerate() {
+        s.write_all(format!("{{\"type\":\"identify\",\"zipcode\":\"{i}\"}}\n").as_bytes())
+            .unwrap();
+    }
+    let data: Vec<String> = (0..6_000).map(|i| format!("m{i:05}=1")).collect();
+    let line = format!("{{\"type\":\"metrics\",\"data\":\"{}\"}}\n", data.join(","));
+    assert!(line.len() < 65_536);
+    let lines = line.repeat(16);
+    let peak = flood_until_blocked(
+        p,
+        &mut streams,
+        lines.as_bytes(),
+        bound,
+        Duration::from_secs(60),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let peak = peak.max(p.rss_bytes());
+    assert!(peak <= bound);
+    let m = scrape(p.metrics_addr());
+    eprintln!(
+        "large records {env:?}: {} in flight, peak RSS {} MiB",
+        m["stormgate_records_in_flight"],
+        peak >> 20
+    );
+    peak
+}
+
+/// Records are bounded in bytes, not only in count: per connection
+/// (`TCP_MAX_BYTES_IN_FLIGHT_PER_CONN`, 2 MiB by default: 8 stations hold ~16 MiB), and per
+/// shard (`TCP_MAX_BYTES_IN_FLIGHT`, here 16 MiB with no per-connection cap: 2 shards hold
+/// ~32 MiB). Bounds: the records, ~25 MiB of process, backlogs and librdkafka's overhead.
+#[test]
+fn large_records_are_bounded_in_bytes_not_only_in_count() {
+    flood_large_records(&[], 100 << 20);
+    flood_large_records(
+        &[
+            ("TCP_MAX_BYTES_IN_FLIGHT_PER_CONN", "0"),
+            ("TCP_MAX_BYTES_IN_FLIGHT", "16MiB"),
+        ],
+        120 << 20,
+    );
+}
+
+/// Stations that send 99 bad lines and one good identify, again and again, and never read
+/// their answers: each connection's answers are bounded (the server stops reading it), so
+/// 100 of them cost a few MiB, not the 2+ MB of answers per 64 KiB read each.
+#[test]
+fn stations_that_never_read_their_answers_are_not_read_either() {
+    let p = &mut Process::spawn(&[("SINK", "null")]);
+    let addr = p.addr();
+    std::thread::sleep(Duration::from_millis(300));
+    let base = p.rss_bytes();
+    let mut streams = connect_many(addr, 100);
+    let mut chunk = String::new();
+    for i in 0..400 {
+        chunk.push_str(&"x\n".repeat(99));
+        chunk.push_str(&format!("{{\"type\":\"identify\",\"zipcode\":\"{i}\"}}\n"));
+    }
+    // Per connection: a backlog of at most one read (68 KiB) and 16 KiB of answers.
+    let bound = base + 100 * (100 << 10) + (16 << 20);
+    let peak = flood_until_blocked(
+        p,
+        &mut streams,
+        chunk.as_bytes(),
+        bound,
+        Duration::from_secs(60),
+    );
+    eprintln!(
+        "unread answers: RSS {} MiB before, peak {} MiB",
+        base >> 20,
+        peak >> 20
+    );
+    let m = scrape(p.metrics_addr());
+    assert!(
+        m["stormgate_connections_active"] == 100.0,
+        "nobody was closed"
+    );
+}
+
+/// 400 connections each holding a 65,000-byte partial line: each costs about the line
+/// (`TCP_MAX_LINE_BYTES`), not twice it.
+#[test]
+fn a_partial_line_costs_about_its_length() {
+    let p = &mut Process::spawn(&[("SINK", "null"), ("TCP_LINE_TIMEOUT", "0s")]);
+    let addr = p.addr();
+    std::thread::sleep(Duration::from_millis(300));
+    let ops = p.metrics_addr();
+    let base = p.rss_bytes();
+    let partial = vec![b'x'; 65_000];
+    let mut streams = connect_many(addr, 400);
+    for chunk in partial.chunks(5_000) {
+        for s in &mut streams {
+            s.write_all(chunk).unwrap();
+        }
+    }
+    wait_for("every byte read", Duration::from_secs(30), || {
+        scrape(ops)["stormgate_bytes_received_total"] >= 400.0 * 65_000.0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let grown = p.rss_bytes().saturating_sub(base);
+    let per_connection = grown / 400;
+    eprintln!("partial lines: {per_connection} bytes per connection");
+    assert!(
+        per_connection < 80_000,
+        "{per_connection} bytes per connection"
+    );
+    drop(streams);
 }
 
 /// The dead-letter record of a rejected identify whose token key is escaped or repeated
