@@ -405,7 +405,7 @@ impl Connection {
     /// Moves the answers that are ready into the replies.
     fn take_acks(&mut self) {
         if let Some(acks) = &self.acks {
-            acks.take_ready(&mut self.replies);
+            acks.take_ready(&mut self.replies, REPLY_MAX);
         }
     }
 
@@ -426,7 +426,7 @@ impl Connection {
                 }
             })
             .await;
-            acks.take_ready(&mut self.replies);
+            acks.take_ready(&mut self.replies, REPLY_MAX);
             self.flush_replies().await?;
         }
         Ok(())
