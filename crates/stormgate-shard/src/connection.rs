@@ -69,6 +69,7 @@ pub(crate) fn serve(
     );
     let flow = (cap > 0 || max_bytes > 0).then(|| Rc::new(ConnFlow::new(cap, max_bytes)));
     let rate = core.config.max_lines_per_sec;
+    let deadline = after(Instant::now(), core.config.idle_timeout);
     let registration = core.register(stream.as_raw_fd());
     // A write blocked for the idle timeout is a station that stopped reading its replies.
     let _ = stream.set_write_timeout(core.config.idle_timeout.filter(|d| !d.is_zero()));
@@ -85,12 +86,13 @@ pub(crate) fn serve(
         replies: Vec::new(),
         payload: Vec::new(),
         stamp: ReadStamp::now(),
+        deadline,
         blocked: None,
         sink_gone: false,
         consecutive_errors: 0,
         auth_failures: 0,
         closing: None,
-        partial_since: None,
+        partial: false,
         completed_line: false,
         acks: None,
         acks_on: false,
@@ -137,6 +139,12 @@ struct Connection {
     payload: Vec<u8>,
     /// When the bytes being handled were read.
     stamp: ReadStamp,
+    /// When the station must next show it is alive, or be closed (`read_deadline`): the
+    /// idle timeout after its last complete, non-blank line (handled or rejected), the
+    /// connection's start or the end of a wait the shard imposed; earlier, the line timeout
+    /// after a partial line began. Bytes of a partial line, blank lines and the tail of an
+    /// oversized line never move it: only the line timeout bounds those.
+    deadline: Option<Instant>,
     blocked: Option<Blocked>,
     /// The shard's sink stopped taking records; the connection must end.
     sink_gone: bool,
@@ -146,8 +154,8 @@ struct Connection {
     auth_failures: u32,
     /// The server decided to close the connection; handle no more lines.
     closing: Option<Closing>,
-    /// When the partial line now in the backlog began to arrive.
-    partial_since: Option<Instant>,
+    /// A partial line is in the backlog, or the rest of an oversized one is being skipped.
+    partial: bool,
     /// The last `handle` completed at least one line.
     completed_line: bool,
     /// Answers owed to the station, once it asked for acknowledgements.
@@ -233,7 +241,7 @@ impl Connection {
             if n == 0 && self.registration.expired(&self.core) {
                 // The shard shut the read side at the deadline (not the station leaving):
                 // a partial line in the backlog is cut, not completed.
-                let code = if self.partial_since.is_some() {
+                let code = if self.partial {
                     ErrorCode::LineTimeout
                 } else {
                     ErrorCode::IdleTimeout
@@ -314,36 +322,35 @@ impl Connection {
         }
     }
 
-    /// When the next read must have happened by: the idle timeout after the last read,
-    /// or earlier the line timeout after a partial line began. The shard expires the
+    /// When the next read must have happened by (see `deadline`). The shard expires the
     /// connection at that moment (`ShardCore::expire_overdue`).
     fn read_deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The deadline of a station that showed it is alive at `at`, with a partial line
+    /// begun then or not.
+    fn deadline_from(&self, at: Instant, partial: bool) -> Option<Instant> {
         let config = &self.core.config;
-        // A timeout too long to add to a clock reading (years) is no deadline.
-        let idle = config
-            .idle_timeout
-            .filter(|d| !d.is_zero())
-            .and_then(|d| self.stamp.at.checked_add(d));
-        let line = config
-            .line_timeout
-            .filter(|d| !d.is_zero())
-            .zip(self.partial_since)
-            .and_then(|(d, since)| since.checked_add(d));
-        match (idle, line) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let idle = after(at, config.idle_timeout);
+        let line = after(at, config.line_timeout).filter(|_| partial);
+        earliest(idle, line)
     }
 
     /// After the backlog was handled and nothing blocks, whatever it still holds is a partial
-    /// line; remember when that line began.
+    /// line, and so is the rest of an oversized line being skipped: moves the deadline for
+    /// what this read showed (see `deadline`).
     fn track_partial_line(&mut self) {
-        if self.backlog.is_empty() {
-            self.partial_since = None;
-        } else if self.completed_line || self.partial_since.is_none() {
-            // The partial line began after the last newline, which arrived in this read.
-            self.partial_since = Some(self.stamp.at);
+        let partial = !self.backlog.is_empty() || self.framer.is_discarding();
+        if self.completed_line {
+            // Alive now; a partial line left began after the last newline, in this read.
+            self.deadline = self.deadline_from(self.stamp.at, partial);
+        } else if partial && !self.partial {
+            // A partial line began: the line timeout, within the idle one.
+            let line = after(self.stamp.at, self.core.config.line_timeout);
+            self.deadline = earliest(self.deadline, line);
         }
+        self.partial = partial;
         self.completed_line = false;
     }
 
@@ -400,6 +407,8 @@ impl Connection {
         // Held back by the shard, not idle: no read deadline while it waits.
         self.registration.set_deadline(&self.core, None);
         futures_lite::future::or(glommio::timer::sleep(wait), self.core.draining.wait()).await;
+        // The wait was the shard's doing: the station's clocks start again.
+        self.deadline = self.deadline_from(Instant::now(), self.partial);
     }
 
     /// Moves the answers that are ready into the replies.
@@ -556,6 +565,8 @@ impl Connection {
             }
             self.handle_backlog();
         }
+        // The wait was the shard's doing: the station's clocks start again.
+        self.deadline = self.deadline_from(Instant::now(), self.partial);
         Ok(())
     }
 
@@ -582,6 +593,7 @@ impl Connection {
         // The zipcode of the last refused identify, for its log line.
         let mut refused = String::new();
         let (mut lines, mut records) = (0u64, 0u64);
+        let discarding = self.framer.is_discarding();
         while !self.sink_gone && self.closing.is_none() {
             if self.flow.as_ref().is_some_and(|f| f.is_full()) {
                 self.blocked = Some(Blocked::Flow);
@@ -697,6 +709,10 @@ impl Connection {
                     }
                 }
             }
+        }
+        if discarding && !self.framer.is_discarding() {
+            // The oversized line being skipped ended here: a line completed.
+            self.completed_line = true;
         }
         core.metrics.lines_received.add(lines);
         core.metrics.records_enqueued.add(records);
@@ -888,6 +904,22 @@ fn verify(auth: &dyn StationAuth, credentials: &Credentials<'_>, refused: &mut S
         refused.push_str(credentials.zipcode);
     }
     ok
+}
+
+/// `at` plus `timeout`; `None` for no timeout (`None` or zero) or one too long to add to a
+/// clock reading (years).
+fn after(at: Instant, timeout: Option<Duration>) -> Option<Instant> {
+    timeout
+        .filter(|d| !d.is_zero())
+        .and_then(|d| at.checked_add(d))
+}
+
+/// The earlier of two deadlines, `None` meaning none.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// The text of a caught panic's payload.

@@ -141,7 +141,8 @@ pub struct Cli {
     #[arg(long, env = "TCP_MAX_ERRORS_PER_CONN", default_value_t = rt::DEFAULT_MAX_ERRORS_PER_CONNECTION, help_heading = "Stations")]
     pub max_errors_per_conn: u32,
 
-    /// Silence after which a connection gets idle_timeout and is closed (0s = never).
+    /// Time without a complete line after which a connection gets idle_timeout and is closed;
+    /// blank lines and bytes of a partial line do not count (0s = never).
     #[arg(long, env = "TCP_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration, help_heading = "Stations")]
     pub idle_timeout: Duration,
 

@@ -503,3 +503,53 @@ fn a_token_never_reaches_the_dead_letter_topic_however_it_is_spelled() {
     assert_eq!(with_raw.len(), 1, "only the metrics line keeps its text");
     assert_eq!(with_raw[0].value["raw"], lines[4]);
 }
+
+/// Reads what the server sends until it closes the connection (or 20 s pass).
+fn read_until_closed(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut text = Vec::new();
+    let _ = s.read_to_end(&mut text);
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+/// What keeps a connection open: complete lines. The rest of an oversized line trickled
+/// without a newline is cut off at the line timeout like any partial line, and blank lines
+/// do not reset the idle timeout.
+#[test]
+fn only_complete_lines_keep_a_connection_alive() {
+    let mut p = Process::spawn(&[
+        ("SINK", "null"),
+        ("TCP_LINE_TIMEOUT", "1s"),
+        ("TCP_IDLE_TIMEOUT", "2s"),
+    ]);
+    let addr = p.addr();
+    let trickle = |mut s: TcpStream, byte: &'static [u8]| {
+        std::thread::spawn(move || {
+            for _ in 0..100 {
+                if s.write_all(byte).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    // An oversized line, then its tail a byte at a time.
+    let mut long = TcpStream::connect(addr).unwrap();
+    long.write_all(&vec![b'x'; 70_000]).unwrap();
+    let t1 = trickle(long.try_clone().unwrap(), b"x");
+    // A station that identified, then sends only blank lines.
+    let mut blank = TcpStream::connect(addr).unwrap();
+    blank
+        .write_all(b"{\"type\":\"identify\",\"zipcode\":\"1\"}\n")
+        .unwrap();
+    let t2 = trickle(blank.try_clone().unwrap(), b"\n");
+    let started = Instant::now();
+    let text = read_until_closed(&mut long);
+    assert!(text.contains("\"line_too_long\""), "{text}");
+    assert!(text.contains("\"line_timeout\""), "{text}");
+    let text = read_until_closed(&mut blank);
+    assert!(text.contains("\"idle_timeout\""), "{text}");
+    eprintln!("both closed {:?} after they began", started.elapsed());
+    t1.join().unwrap();
+    t2.join().unwrap();
+}
