@@ -553,3 +553,38 @@ fn only_complete_lines_keep_a_connection_alive() {
     t1.join().unwrap();
     t2.join().unwrap();
 }
+
+/// Whether the process `pid` runs its own code: the Rust runtime sets SIGPIPE to ignored
+/// just before `main` (what came before is the dynamic loader).
+fn runs_its_own_code(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGPIPE - 1)) != 0)
+}
+
+/// SIGHUP as soon as the process runs its own code, long before it has loaded its settings,
+/// is a reload request once it runs, never its default action (ending the process, status
+/// 129). Twenty times, and again right after it listens.
+#[test]
+fn sighup_right_after_start_does_not_kill_the_process() {
+    for _ in 0..20 {
+        let mut p = Process::spawn(&[("SINK", "null")]);
+        let pid = p.child.id();
+        let start = Instant::now();
+        while !runs_its_own_code(pid) {
+            assert!(start.elapsed() < Duration::from_secs(10), "never started");
+            std::hint::spin_loop();
+        }
+        p.signal(libc::SIGHUP);
+        p.addr();
+        p.signal(libc::SIGHUP);
+        p.signal(libc::SIGTERM);
+        let status = p
+            .wait_exit(Duration::from_secs(30))
+            .expect("exits after SIGTERM");
+        assert!(status.success(), "exit status {status}; log: {:#?}", p.seen);
+    }
+}
