@@ -588,3 +588,37 @@ fn sighup_right_after_start_does_not_kill_the_process() {
         assert!(status.success(), "exit status {status}; log: {:#?}", p.seen);
     }
 }
+
+/// Clients of the operations endpoint that connect and never finish their request (or never
+/// send one) do not delay anyone else: the liveness probe's `/healthz` with a 1 s timeout
+/// keeps succeeding, and `/readyz` and `/metrics` answer, while 40 such clients hold
+/// connections open and more keep arriving.
+#[test]
+fn stalled_clients_do_not_delay_the_operations_endpoint() {
+    let mut p = Process::spawn(&[("SINK", "null")]);
+    let ops = p.metrics_addr();
+    let mut stalled = Vec::new();
+    for i in 0..40 {
+        let mut s = TcpStream::connect(ops).unwrap();
+        if i % 2 == 0 {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+        }
+        stalled.push(s);
+    }
+    for i in 0..10 {
+        stalled.push(TcpStream::connect(ops).unwrap());
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let started = Instant::now();
+            let (status, _) = http_get(ops, path, Duration::from_secs(1)).unwrap_or_else(|e| {
+                panic!(
+                    "{path} (round {i}) failed after {:?}: {e}",
+                    started.elapsed()
+                )
+            });
+            assert_eq!(status, 200, "{path}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(stalled);
+}
