@@ -46,6 +46,10 @@ const MAX_POLLS_PER_DRAIN: usize = 64;
 /// Flush budget if the queue closed without a shutdown deadline (not expected: queues close
 /// only during shutdown).
 const FLUSH_WITHOUT_DEADLINE: Duration = Duration::from_secs(30);
+/// Longest wait, after a purge, for librdkafka to report the purged records: the purge does
+/// not wait for the broker threads (`non_blocking`), which report them within milliseconds.
+/// Bounds how far past `SHUTDOWN_TIMEOUT` the sink may run.
+const PURGE_REPORTS_WAIT: Duration = Duration::from_millis(500);
 
 /// Where spill files go unless configured (relative to the working directory).
 pub const DEFAULT_SPILL_DIR: &str = "spill";
@@ -163,6 +167,7 @@ impl Sink for KafkaSink {
             reports: RefCell::new(Vec::with_capacity(1024)),
             wake: Notify::default(),
             done: Cell::new(false),
+            purged: Cell::new(false),
         });
         let poller = glommio::spawn_local(poll_loop(Rc::clone(&sink)));
         while let Some(record) = records.recv().await {
@@ -195,19 +200,26 @@ struct Running {
     /// Wakes the poller when records go in flight after it went idle.
     wake: Notify,
     done: Cell<bool>,
+    /// librdkafka's queues were purged at the shutdown deadline.
+    purged: Cell<bool>,
 }
 
 impl Running {
     async fn produce(&self, record: Record) {
-        let topic = match (record.dead_letter, &self.dlq_topic) {
-            (false, _) => &self.topic,
-            (true, Some(dlq)) => dlq,
-            (true, None) => {
-                let reason = "dead-letter record without a dead-letter topic".to_owned();
-                self.fail_unsent(&self.topic, &record, DeliveryFailure::Rejected { reason });
-                self.ctx.recycle(record.value);
-                return;
-            }
+        if self.past_deadline() {
+            // Shutdown's deadline passed: what connections still hand over goes straight to
+            // the spill file, so that they (and the shard's drain) are not kept waiting on a
+            // broker that may never answer.
+            let topic = self.topic_of(&record).unwrap_or(&self.topic);
+            self.fail_unsent(topic, &record, DeliveryFailure::ShutdownDeadline);
+            self.ctx.recycle(record.value);
+            return;
+        }
+        let Some(topic) = self.topic_of(&record) else {
+            let reason = "dead-letter record without a dead-letter topic".to_owned();
+            self.fail_unsent(&self.topic, &record, DeliveryFailure::Rejected { reason });
+            self.ctx.recycle(record.value);
+            return;
         };
         loop {
             let r = BaseRecord::<str, [u8], usize>::with_opaque_to(topic, record.ticket.into_raw())
@@ -354,14 +366,12 @@ impl Running {
             self.drain_reports();
         }
         if self.producer.in_flight_count() > 0 {
-            self.producer
-                .purge(PurgeConfig::default().queue().inflight());
-            for _ in 0..1000 {
-                self.drain_reports();
-                if self.producer.in_flight_count() == 0 {
-                    break;
-                }
+            self.purged.set(false);
+            self.purge_at_deadline();
+            let give_up = Instant::now() + PURGE_REPORTS_WAIT;
+            while self.producer.in_flight_count() > 0 && Instant::now() < give_up {
                 sleep(POLL_INTERVAL).await;
+                self.drain_reports();
             }
         }
         // Returns at once: nothing is left to wait for (or its timeout, the deadline, passed).
@@ -372,6 +382,32 @@ impl Running {
 
     fn past_deadline(&self) -> bool {
         self.ctx.deadline().is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// The topic a record goes to, `None` for a dead letter without a dead-letter topic.
+    fn topic_of(&self, record: &Record) -> Option<&str> {
+        match (record.dead_letter, &self.dlq_topic) {
+            (false, _) => Some(&self.topic),
+            (true, dlq) => dlq.as_deref(),
+        }
+    }
+
+    /// At the shutdown deadline, whatever the broker does: purges librdkafka's queues once,
+    /// so that every record it holds is reported failed (and spilled) by the next drains.
+    ///
+    /// Without this the purge waited for the queue to close, which waits for every
+    /// connection to end, while connections waited for room or answers that only a purge
+    /// gives during an outage: the process overran `SHUTDOWN_TIMEOUT` until its supervisor
+    /// killed it, losing what it held.
+    fn purge_at_deadline(&self) {
+        if self.purged.get() || !self.past_deadline() || self.producer.in_flight_count() == 0 {
+            return;
+        }
+        self.purged.set(true);
+        // Non-blocking: a blocking purge waits for every broker thread to empty its queues,
+        // on the shard's thread, stalling every connection of the shard meanwhile.
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight().non_blocking());
     }
 }
 
@@ -389,6 +425,7 @@ fn outcome(result: Result<(), RDKafkaErrorCode>) -> Outcome {
 
 async fn poll_loop(sink: Rc<Running>) {
     loop {
+        sink.purge_at_deadline();
         sink.drain_reports();
         if sink.done.get() && sink.producer.in_flight_count() == 0 {
             return;

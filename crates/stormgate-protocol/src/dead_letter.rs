@@ -12,8 +12,28 @@
 
 use base64::Engine as _;
 
-use crate::ErrorCode;
 use crate::json::{write_int, write_str};
+use crate::{ErrorCode, ParseLineError};
+
+/// Whether a rejected line's text must stay out of its dead letter because it may carry a
+/// station's token: tokens never go to Kafka.
+///
+/// Judged by what the parser understood, not by how the line spells it: a line that parsed
+/// as JSON hides its text when any top-level key reads `token` once unescaped
+/// ([`ParseLineError::token`]), so `"\u0074oken"` and a second `"token"` are caught. A line
+/// that is not JSON was understood as nothing, so its text decides, conservatively: it is
+/// hidden when it spells `token` in any case or holds a `\u` escape, the only ways a JSON key
+/// can spell it. An `auth_failed` identify always carries a token (or should have).
+pub fn hides_raw(error: &ParseLineError, raw: &[u8]) -> bool {
+    match error.code {
+        ErrorCode::AuthFailed => true,
+        ErrorCode::MalformedJson | ErrorCode::InvalidUtf8 => {
+            raw.windows(5).any(|w| w.eq_ignore_ascii_case(b"token"))
+                || raw.windows(2).any(|w| w == b"\\u")
+        }
+        _ => error.token,
+    }
+}
 
 /// What a dead-letter record says about its line.
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +123,47 @@ mod tests {
         assert_eq!(v["peer"], "127.0.0.1:5000");
         assert_eq!(v["received_at_ms"], 1_795_755_441_123_i64);
         assert!(v.get("raw_base64").is_none());
+    }
+
+    /// Parses `line` after an identify (as a connection does, on a copy: parsing is in
+    /// place) and says whether its dead letter would hide its text.
+    fn hidden(line: &str) -> bool {
+        use crate::{LineParser, PARSE_PADDING, Session};
+        let mut parser = LineParser::new();
+        let mut session = Session::new("c");
+        let mut out = Vec::new();
+        let mut parse = |text: &str| {
+            let mut buf = text.as_bytes().to_vec();
+            buf.resize(text.len() + PARSE_PADDING, b' ');
+            parser.parse_line(&mut session, &mut buf, 0..text.len(), 0, &mut out)
+        };
+        parse(r#"{"type":"identify","zipcode":"1"}"#).unwrap();
+        let error = parse(line).expect_err(line);
+        hides_raw(&error, line.as_bytes())
+    }
+
+    #[test]
+    fn raw_is_hidden_by_what_the_parser_understood_not_by_spelling() {
+        for line in [
+            // The escaped and the duplicated key the parser reads as `token`.
+            r#"{"type":"identify","zipcode":"12345","\u0074oken":"SECRET","city":5}"#,
+            r#"{"type":"identify","zipcode":"12345","token":1,"token":"SECRET","city":5}"#,
+            r#"{"type":"identify","zipcode":"12345","\u0074oken":"SECRET","tok\u0065n":"S"}x"#,
+            // Not JSON: the text decides, and any escape might spell it.
+            r#"{"type":"identify","zipcode":"1","token":"SECRET""#,
+            r#"{"type":"identify","zipcode":"1","\u0074oken":"SECRET""#,
+            r#"{"type":"identify","zipcode":"1","TOKEN":"SECRET"]"#,
+        ] {
+            assert!(hidden(line), "{line}");
+        }
+        for line in [
+            r#"{"type":"metrics","data":"t=warm"}"#,
+            r#"{"type":"metrics","data":"token=warm"}"#,
+            r#"{"type":"identify","zipcode":"1","city":5}"#,
+            "not json",
+        ] {
+            assert!(!hidden(line), "{line}");
+        }
     }
 
     #[test]

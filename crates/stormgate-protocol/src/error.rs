@@ -52,11 +52,17 @@ pub enum ErrorCode {
     /// An identify's token is missing or does not match its zipcode's entry in the station
     /// registry (`STATION_AUTH=token`); the connection has no station afterwards.
     AuthFailed,
+    /// An identify's zipcode or city is longer than its limit ([`crate::MAX_ZIPCODE_BYTES`],
+    /// [`crate::MAX_CITY_BYTES`]): every record repeats them, so their length is bounded.
+    FieldTooLong,
+    /// An identify's zipcode holds a control character (U+0000–U+001F, U+007F): it becomes
+    /// the Kafka key, which tools print and compare as text.
+    InvalidZipcode,
 }
 
 impl ErrorCode {
     /// Every code, in discriminant order: `ALL[code as usize] == code`.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::InvalidUtf8,
         ErrorCode::MalformedJson,
         ErrorCode::ExpectedObject,
@@ -76,6 +82,8 @@ impl ErrorCode {
         ErrorCode::IdleTimeout,
         ErrorCode::LineTimeout,
         ErrorCode::AuthFailed,
+        ErrorCode::FieldTooLong,
+        ErrorCode::InvalidZipcode,
     ];
 
     /// Number of codes; the size of a per-code counter array.
@@ -103,6 +111,8 @@ impl ErrorCode {
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::LineTimeout => "line_timeout",
             ErrorCode::AuthFailed => "auth_failed",
+            ErrorCode::FieldTooLong => "field_too_long",
+            ErrorCode::InvalidZipcode => "invalid_zipcode",
         }
     }
 
@@ -138,6 +148,8 @@ impl ErrorCode {
             ErrorCode::AuthFailed => {
                 "identify refused: the token is missing or not valid for this zipcode"
             }
+            ErrorCode::FieldTooLong => "zipcode may be at most 64 bytes and city at most 256",
+            ErrorCode::InvalidZipcode => "zipcode must not contain control characters",
         }
     }
 
@@ -225,6 +237,14 @@ impl ErrorCode {
                 "auth_failed",
                 "identify refused: the token is missing or not valid for this zipcode"
             ),
+            ErrorCode::FieldTooLong => line!(
+                "field_too_long",
+                "zipcode may be at most 64 bytes and city at most 256"
+            ),
+            ErrorCode::InvalidZipcode => line!(
+                "invalid_zipcode",
+                "zipcode must not contain control characters"
+            ),
         }
     }
 }
@@ -245,11 +265,19 @@ pub struct ParseLineError {
     /// The `seq` of a rejected metrics line, when the line was JSON with a readable one (a
     /// station that asked for acknowledgements gets it back in the error line).
     pub seq: Option<u64>,
+    /// The line parsed as JSON and one of its top-level keys reads `token` (in any case,
+    /// once its escapes are undone): its text must not be dead-lettered. Always false for a
+    /// line that is not JSON; [`crate::dead_letter::hides_raw`] judges those by their text.
+    pub token: bool,
 }
 
 impl From<ErrorCode> for ParseLineError {
     fn from(code: ErrorCode) -> Self {
-        ParseLineError { code, seq: None }
+        ParseLineError {
+            code,
+            seq: None,
+            token: false,
+        }
     }
 }
 

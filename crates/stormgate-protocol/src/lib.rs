@@ -32,7 +32,7 @@ pub mod record;
 pub use dead_letter::DeadLetter;
 pub use error::{ErrorCode, ParseLineError};
 pub use framing::{Frame, LineFramer};
-pub use parse::{LineParser, Parsed, Session};
+pub use parse::{LineParser, MAX_CITY_BYTES, MAX_ZIPCODE_BYTES, Parsed, Session};
 pub use record::Station;
 
 /// Bytes that must follow a line inside its buffer so that simd-json can parse it in place

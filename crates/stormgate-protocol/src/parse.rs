@@ -209,6 +209,7 @@ impl LineParser {
             .map_err(|code| ParseLineError {
                 code,
                 seq: metrics_seq(&tape),
+                token: has_token_key(&tape),
             }),
             Err(e) => Err(ParseLineError::from(match e.error() {
                 ErrorType::InvalidUtf8 => ErrorCode::InvalidUtf8,
@@ -218,6 +219,14 @@ impl LineParser {
         self.tape = Some(tape.reset());
         result
     }
+}
+
+/// Whether a line that parsed as JSON has a top-level key that reads `token`, in any case:
+/// every key is looked at, so neither an escape (`"\u0074oken"`) nor a duplicate hides one.
+fn has_token_key(tape: &Tape<'_>) -> bool {
+    let root = tape.as_value();
+    root.as_object()
+        .is_some_and(|obj| obj.iter().any(|(key, _)| key.eq_ignore_ascii_case("token")))
 }
 
 /// The `seq` of a metrics line that parsed as JSON, if it has a readable one.
@@ -245,14 +254,15 @@ fn apply(
         "identify" => {
             let zipcode = obj.get("zipcode").ok_or(ErrorCode::MissingField)?;
             let zipcode = zipcode.into_string().ok_or(ErrorCode::WrongFieldType)?;
-            if zipcode.trim().is_empty() {
-                return Err(ErrorCode::EmptyZipcode);
-            }
+            check_zipcode(zipcode)?;
             let city = match obj.get("city") {
                 None => "",
                 Some(v) if v.is_null() => "",
                 Some(v) => v.into_string().ok_or(ErrorCode::WrongFieldType)?,
             };
+            if city.len() > MAX_CITY_BYTES {
+                return Err(ErrorCode::FieldTooLong);
+            }
             let acks = match obj.get("acks") {
                 None => None,
                 Some(v) if v.is_null() => None,
@@ -312,6 +322,29 @@ fn apply(
     }
 }
 
+/// Longest zipcode, in bytes of UTF-8 once its escapes are undone. Every record carries it
+/// (and it is the Kafka key), so a station may not make every record large with it; postal
+/// codes and station ids are far shorter.
+pub const MAX_ZIPCODE_BYTES: usize = 64;
+/// Longest city, in bytes of UTF-8 once its escapes are undone: longer than any place name,
+/// and every record carries it.
+pub const MAX_CITY_BYTES: usize = 256;
+
+/// A zipcode must hold something other than whitespace, fit [`MAX_ZIPCODE_BYTES`], and have
+/// no control character (it is the Kafka key, printed and compared as text by tools).
+fn check_zipcode(zipcode: &str) -> Result<(), ErrorCode> {
+    if zipcode.trim().is_empty() {
+        return Err(ErrorCode::EmptyZipcode);
+    }
+    if zipcode.len() > MAX_ZIPCODE_BYTES {
+        return Err(ErrorCode::FieldTooLong);
+    }
+    if zipcode.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return Err(ErrorCode::InvalidZipcode);
+    }
+    Ok(())
+}
+
 /// Encodes the text form, `name=value,name=value`. Whitespace around names and values is
 /// ignored; an empty or whitespace-only string holds no metrics.
 fn encode_pairs(
@@ -331,6 +364,11 @@ fn encode_pairs(
             if name.is_empty() {
                 return Err(ErrorCode::InvalidMetric);
             }
+            // A zero has no sign in a record, whichever form it came in (see `push`).
+            let value = match value.strip_prefix('-') {
+                Some(abs) if abs.bytes().all(|b| b == b'0' || b == b'.') => abs,
+                _ => value,
+            };
             names.push(record::push_metric_text(out, names.is_empty(), name, value));
         } else {
             let value: f64 = value.parse().map_err(|_| ErrorCode::InvalidMetric)?;
@@ -372,6 +410,9 @@ fn push(
     if !value.is_finite() {
         return Err(ErrorCode::NonFiniteValue);
     }
+    // -0.0 is written 0.0: the object form reads `-0` as the integer 0, so only dropping the
+    // sign everywhere makes both forms agree.
+    let value = if value == 0.0 { 0.0 } else { value };
     names.push(record::push_metric(out, names.is_empty(), name, value));
     Ok(())
 }
@@ -623,6 +664,120 @@ mod tests {
         assert_eq!(got, ["metrics_before_identify"]);
     }
 
+    #[test]
+    fn identity_fields_are_bounded_and_the_zipcode_is_printable() {
+        let zip64 = "z".repeat(MAX_ZIPCODE_BYTES);
+        let city256 = "é".repeat(MAX_CITY_BYTES / 2);
+        let identify = |zip: &str, city: &str| {
+            format!(r#"{{"type":"identify","zipcode":"{zip}","city":"{city}"}}"#)
+        };
+        let outcome = |line: String| run(&[line.as_bytes()]).remove(0);
+        assert_eq!(outcome(identify(&zip64, &city256)), "identified");
+        assert_eq!(
+            outcome(identify(&format!("{zip64}z"), "")),
+            "field_too_long"
+        );
+        assert_eq!(
+            outcome(identify("1", &format!("{city256}x"))),
+            "field_too_long"
+        );
+        // Escapes are undone before the length is measured: 6 bytes of text, 1 of zipcode.
+        let escaped = r"\u007a".repeat(MAX_ZIPCODE_BYTES);
+        assert_eq!(outcome(identify(&escaped, "")), "identified");
+        for zip in [r"\u0000", r"12\u001f3", r"1\t", r"1\u007f"] {
+            assert_eq!(outcome(identify(zip, "")), "invalid_zipcode", "{zip}");
+        }
+        // Control characters in a city are only text: escaped again in the record.
+        assert_eq!(outcome(identify("1", r"a\u0000b")), "identified");
+        assert_eq!(outcome(identify(" ", "")), "empty_zipcode");
+    }
+
+    #[test]
+    fn a_zero_has_no_sign_in_either_form() {
+        for data in [
+            r#""t=-0""#,
+            r#""t=0""#,
+            r#""t=-0.0""#,
+            r#""t=-0e3""#,
+            r#"{"t":-0}"#,
+            r#"{"t":-0.0}"#,
+            r#"{"t":0}"#,
+        ] {
+            let got = run(&[
+                ID,
+                format!(r#"{{"type":"metrics","data":{data}}}"#).as_bytes(),
+            ]);
+            let v: serde_json::Value = serde_json::from_str(&got[1]).unwrap();
+            let t = v["metrics"]["t"].as_f64().unwrap();
+            assert!(t == 0.0 && t.is_sign_positive(), "{data}: {}", got[1]);
+        }
+        check(
+            r#"{"type":"metrics","data":"t=-0.00"}"#,
+            &record(r#""t":0.00"#),
+        );
+        check(
+            r#"{"type":"metrics","data":"t=-0.5"}"#,
+            &record(r#""t":-0.5"#),
+        );
+    }
+
+    /// A number JSON can write but a 64-bit integer or double cannot hold is refused by the
+    /// JSON parser itself (`malformed_json`), wherever it is; in the text form the server
+    /// parses the value, and an overflow is `non_finite_value`.
+    #[test]
+    fn numbers_out_of_range_are_malformed_json_and_text_overflows_are_non_finite() {
+        let huge = "9".repeat(5_000);
+        for line in [
+            r#"{"type":"metrics","data":{"t":1e400}}"#.to_owned(),
+            format!(r#"{{"type":"metrics","data":{{"t":{huge}}}}}"#),
+            r#"{"type":"metrics","seq":18446744073709551616,"data":"t=1"}"#.to_owned(),
+        ] {
+            assert_eq!(
+                run(&[ID, line.as_bytes()])[1],
+                "malformed_json",
+                "{line:.60}"
+            );
+        }
+        for data in ["t=1e400".to_owned(), format!("t={huge}")] {
+            let line = format!(r#"{{"type":"metrics","data":"{data}"}}"#);
+            assert_eq!(
+                run(&[ID, line.as_bytes()])[1],
+                "non_finite_value",
+                "{data:.60}"
+            );
+        }
+        let max = r#"{"type":"metrics","seq":18446744073709551615,"data":"t=1"}"#;
+        assert!(run(&[ID, max.as_bytes()])[1].contains(r#""seq":18446744073709551615"#));
+    }
+
+    #[test]
+    fn a_token_key_is_reported_however_it_is_spelled() {
+        let token_of = |line: &str| {
+            let mut parser = LineParser::new();
+            let mut session = Session::new(CONN);
+            parse_one(&mut parser, &mut session, line.as_bytes())
+                .unwrap_err()
+                .token
+        };
+        for line in [
+            r#"{"type":"identify","zipcode":"1","token":"s","city":5}"#,
+            r#"{"type":"identify","zipcode":"1","token":"s","city":5}"#,
+            r#"{"type":"identify","zipcode":"1","TOKEN":"s","city":5}"#,
+            r#"{"type":"identify","zipcode":"1","token":null,"token":"s","city":5}"#,
+            r#"{"type":"identify","token":"s"}"#,
+            r#"{"type":"nonsense","ToKeN":"s"}"#,
+        ] {
+            assert!(token_of(line), "{line}");
+        }
+        for line in [
+            r#"{"type":"identify","zipcode":"1","city":5}"#,
+            r#"{"type":"metrics","data":"token=1,x"}"#,
+            r#"{"type":"metrics","data":{"tokens":1,"t":"x"}}"#,
+        ] {
+            assert!(!token_of(line), "{line}");
+        }
+    }
+
     fn parse_one(
         parser: &mut LineParser,
         session: &mut Session,
@@ -845,7 +1000,7 @@ mod tests {
                 &mut |_, _| false,
             )
             .unwrap_err();
-        assert_eq!(err, ParseLineError::from(ErrorCode::AuthFailed));
+        assert_eq!((err.code, err.token), (ErrorCode::AuthFailed, true));
         assert!(session.station().is_none());
         assert_eq!(session.acks(), None);
     }

@@ -18,19 +18,47 @@ use std::task::Waker;
 
 use crate::sink::{DeliveryFailure, Outcome};
 
-/// How a slot ended, or that it has not.
+/// How a slot ended, or that it has not. One byte: a window holds up to
+/// `TCP_MAX_IN_FLIGHT_PER_CONN` slots per connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
     Pending,
     Delivered,
-    Failed(&'static str),
+    Failed(Nack),
 }
+
+/// Why a slot failed: the `code` of its nack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Nack {
+    Shutdown,
+    DeliveryFailed,
+}
+
+impl Nack {
+    fn code(self) -> &'static str {
+        match self {
+            Nack::Shutdown => "shutdown",
+            Nack::DeliveryFailed => "delivery_failed",
+        }
+    }
+}
+
+/// Most slots answered as one run: a coalesced run is one line, one that cannot be
+/// coalesced is one line per slot (~30 bytes each).
+const MAX_RUN: usize = 256;
 
 /// One connection's window of acknowledged lines. See the module doc.
 #[derive(Default)]
 pub(crate) struct ConnAcks {
-    /// (seq, state), oldest first.
-    window: RefCell<VecDeque<(u64, Slot)>>,
+    /// (seq, state, descent), oldest first. A *descent* is a slot whose seq is not above
+    /// every seq opened before it (the station's seqs went down or repeated).
+    window: RefCell<VecDeque<(u64, Slot, bool)>>,
+    /// The highest seq opened so far.
+    max_seq: Cell<Option<u64>>,
+    /// Descents still in the window. While there are any, a run is not coalesced into
+    /// `upto N`: `upto` answers every unanswered seq up to N, and a later slot may hold one
+    /// (seqs 10, 5, 7, 3 must not answer 3 with `upto 7` before its own delivery report).
+    descents: Cell<usize>,
     /// The id of the window's front slot; ids count every slot ever opened.
     front_id: Cell<u64>,
     /// The connection task, waiting for the front slot to settle.
@@ -42,7 +70,13 @@ impl ConnAcks {
     pub(crate) fn open(&self, seq: u64) -> u64 {
         let mut window = self.window.borrow_mut();
         let id = self.front_id.get() + window.len() as u64;
-        window.push_back((seq, Slot::Pending));
+        let descent = self.max_seq.get().is_some_and(|max| seq <= max);
+        if descent {
+            self.descents.set(self.descents.get() + 1);
+        } else {
+            self.max_seq.set(Some(seq));
+        }
+        window.push_back((seq, Slot::Pending, descent));
         id
     }
 
@@ -60,8 +94,8 @@ impl ConnAcks {
         };
         slot.1 = match outcome {
             Outcome::Delivered => Slot::Delivered,
-            Outcome::Failed(DeliveryFailure::ShutdownDeadline) => Slot::Failed("shutdown"),
-            Outcome::Failed(DeliveryFailure::Rejected { .. }) => Slot::Failed("delivery_failed"),
+            Outcome::Failed(DeliveryFailure::ShutdownDeadline) => Slot::Failed(Nack::Shutdown),
+            Outcome::Failed(DeliveryFailure::Rejected { .. }) => Slot::Failed(Nack::DeliveryFailed),
         };
         if i == 0
             && let Some(w) = self.waker.take()
@@ -75,7 +109,7 @@ impl ConnAcks {
         self.window
             .borrow()
             .front()
-            .is_some_and(|(_, s)| *s != Slot::Pending)
+            .is_some_and(|(_, s, _)| *s != Slot::Pending)
     }
 
     /// Whether lines still wait for their answer.
@@ -88,37 +122,73 @@ impl ConnAcks {
         self.waker.set(Some(waker.clone()));
     }
 
-    /// Appends the answers for the settled front of the window to `out`.
-    pub(crate) fn take_ready(&self, out: &mut Vec<u8>) {
+    /// Appends the answers for the settled front of the window to `out`, until `out` holds
+    /// `limit` bytes (it may pass it by one run of at most [`MAX_RUN`] answers).
+    pub(crate) fn take_ready(&self, out: &mut Vec<u8>, limit: usize) {
         let mut window = self.window.borrow_mut();
-        let mut run: Option<(u64, usize)> = None;
-        while let Some(&(seq, slot)) = window.front() {
+        // Slots [run.0, i) are a delivered run with increasing seqs, not answered yet; `run.1`
+        // counts the descents among slots [0, i), which are answered once `i` passes them.
+        let mut run = (0, 0);
+        let mut i = 0;
+        while let Some(&(seq, slot, descent)) = window.get(i) {
+            if out.len() >= limit {
+                // The rest stays ready: answered once these are written.
+                break;
+            }
             match slot {
                 Slot::Pending => break,
                 Slot::Delivered => {
                     // `upto` means every unanswered seq up to N: a run may only grow upwards.
-                    if run.is_some_and(|(last, _)| seq <= last) {
-                        push_ack(out, run.take());
+                    // A run is cut at MAX_RUN slots, which bounds what it may add to `out`
+                    // when it cannot be coalesced.
+                    if i > run.0 && (seq <= window[i - 1].0 || i - run.0 >= MAX_RUN) {
+                        self.push_run(out, &window, run.0..i, run.1);
+                        run.0 = i;
                     }
-                    run = Some((seq, run.map_or(1, |(_, n)| n + 1)));
                 }
-                Slot::Failed(code) => {
-                    push_ack(out, run.take());
-                    push_line(out, b"{\"type\":\"nack\",\"seq\":", seq, code);
+                Slot::Failed(nack) => {
+                    self.push_run(out, &window, run.0..i, run.1);
+                    push_line(out, b"{\"type\":\"nack\",\"seq\":", seq, nack.code());
+                    run.0 = i + 1;
                 }
             }
-            window.pop_front();
-            self.front_id.set(self.front_id.get() + 1);
+            run.1 += usize::from(descent);
+            i += 1;
         }
-        push_ack(out, run);
+        self.push_run(out, &window, run.0..i, run.1);
+        window.drain(..i);
+        self.descents.set(self.descents.get() - run.1);
+        self.front_id.set(self.front_id.get() + i as u64);
     }
-}
 
-fn push_ack(out: &mut Vec<u8>, run: Option<(u64, usize)>) {
-    match run {
-        None => {}
-        Some((seq, 1)) => push_line(out, b"{\"type\":\"ack\",\"seq\":", seq, ""),
-        Some((seq, _)) => push_line(out, b"{\"type\":\"ack\",\"upto\":", seq, ""),
+    /// Answers the delivered run `window[run]` (seqs increasing): one `upto` for all of it,
+    /// unless a slot after it (`passed` of the descents are before its end) may hold a seq
+    /// the `upto` would cover; then one ack each.
+    fn push_run(
+        &self,
+        out: &mut Vec<u8>,
+        window: &VecDeque<(u64, Slot, bool)>,
+        run: std::ops::Range<usize>,
+        passed: usize,
+    ) {
+        let coalesce = self.descents.get() == passed;
+        match run.len() {
+            0 => {}
+            1 => push_line(out, b"{\"type\":\"ack\",\"seq\":", window[run.start].0, ""),
+            _ if coalesce => {
+                push_line(
+                    out,
+                    b"{\"type\":\"ack\",\"upto\":",
+                    window[run.end - 1].0,
+                    "",
+                );
+            }
+            _ => {
+                for &(seq, _, _) in window.range(run) {
+                    push_line(out, b"{\"type\":\"ack\",\"seq\":", seq, "");
+                }
+            }
+        }
     }
 }
 
@@ -139,7 +209,7 @@ mod tests {
 
     fn text(acks: &ConnAcks) -> String {
         let mut out = Vec::new();
-        acks.take_ready(&mut out);
+        acks.take_ready(&mut out, usize::MAX);
         String::from_utf8(out).unwrap()
     }
 
@@ -174,6 +244,7 @@ mod tests {
         );
     }
 
+    /// 5 and 6 are not coalesced: `upto 6` would answer the 3s after them too.
     #[test]
     fn a_seq_that_does_not_increase_ends_a_coalesced_run() {
         let acks = ConnAcks::default();
@@ -183,9 +254,44 @@ mod tests {
         }
         assert_eq!(
             text(&acks),
-            "{\"type\":\"ack\",\"upto\":6}\n{\"type\":\"ack\",\"seq\":3}\n\
-             {\"type\":\"ack\",\"upto\":9}\n"
+            "{\"type\":\"ack\",\"seq\":5}\n{\"type\":\"ack\",\"seq\":6}\n\
+             {\"type\":\"ack\",\"seq\":3}\n{\"type\":\"ack\",\"upto\":9}\n"
         );
+    }
+
+    /// Rule 3 of the ack protocol: `upto N` answers every unanswered seq up to N, so it must
+    /// not be sent while a later line with a lower seq waits for its own answer.
+    #[test]
+    fn an_upto_never_covers_a_later_lower_seq() {
+        let acks = ConnAcks::default();
+        for seq in [10, 5, 7, 3] {
+            let id = acks.open(seq);
+            acks.settle(id, &Outcome::Delivered);
+        }
+        assert_eq!(
+            text(&acks),
+            "{\"type\":\"ack\",\"seq\":10}\n{\"type\":\"ack\",\"seq\":5}\n\
+             {\"type\":\"ack\",\"seq\":7}\n{\"type\":\"ack\",\"seq\":3}\n"
+        );
+        // A lower seq still pending: the run 105, 107 is answered one by one, 50 waits.
+        let ids: Vec<u64> = [5, 7, 3].iter().map(|&s| acks.open(s + 100)).collect();
+        let low = acks.open(50);
+        for id in ids {
+            acks.settle(id, &Outcome::Delivered);
+        }
+        assert_eq!(
+            text(&acks),
+            "{\"type\":\"ack\",\"seq\":105}\n{\"type\":\"ack\",\"seq\":107}\n\
+             {\"type\":\"ack\",\"seq\":103}\n"
+        );
+        acks.settle(low, &Outcome::Delivered);
+        assert_eq!(text(&acks), "{\"type\":\"ack\",\"seq\":50}\n");
+        // Once no lower seq is left behind, runs coalesce again.
+        for seq in [200, 201, 202] {
+            let id = acks.open(seq);
+            acks.settle(id, &Outcome::Delivered);
+        }
+        assert_eq!(text(&acks), "{\"type\":\"ack\",\"upto\":202}\n");
     }
 
     #[test]

@@ -156,7 +156,11 @@ impl Backlog {
             self.buf = pool.take();
         }
         if self.buf.len() < needed {
-            let size = needed.max(self.buf.capacity()).max(2 * self.buf.len());
+            // Exactly what is needed (to the next KiB), not double: a backlog holds one
+            // partial line or one read's worth of lines behind a block, and doubling made a
+            // 64 KiB partial line cost 128 KiB per connection.
+            let size = needed.next_multiple_of(1024).max(self.buf.capacity());
+            self.buf.reserve_exact(size - self.buf.len());
             self.buf.resize(size, 0);
         }
     }
@@ -192,6 +196,21 @@ mod tests {
             1,
             "its buffer went back to the pool"
         );
+    }
+
+    #[test]
+    fn a_growing_backlog_holds_what_it_needs_not_double() {
+        let pool = BufPool::new(1024, 4096, 4);
+        let mut b = Backlog::default();
+        b.push(&[b'x'; 5000], &pool);
+        // As a connection reads onto a long partial line: never more than completes it.
+        while b.len() < 65_002 {
+            let want = (16 * 1024).min(65_002 - b.len());
+            b.read_area(want, &pool);
+            b.commit(want);
+        }
+        let most = 65_002 + PARSE_PADDING + 1024;
+        assert!(b.buf.capacity() <= most, "{} > {most}", b.buf.capacity());
     }
 
     #[test]

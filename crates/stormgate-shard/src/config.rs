@@ -70,6 +70,13 @@ pub struct RuntimeConfig {
     /// stops reading; 0 means no per-connection limit. 1 makes every line wait for its
     /// delivery report before the next is read (`KAFKA_ASYNC=false`).
     pub max_in_flight_per_connection: u32,
+    /// Bytes of record values one connection may have in flight (queued or awaiting
+    /// delivery) before it stops reading, beside the count cap; 0 means no byte cap.
+    pub max_in_flight_bytes_per_connection: usize,
+    /// Bytes of record values a shard may hold in flight, all its connections together
+    /// (its queue, its producer, awaiting delivery); at the budget no connection of the shard
+    /// reads until deliveries free a quarter of it. 0 means no budget.
+    pub max_in_flight_bytes: usize,
     /// Time allowed, once shutdown starts, to deliver what was already read.
     pub shutdown_timeout: Duration,
     /// Size of each shard's read buffer.
@@ -125,6 +132,18 @@ pub struct RuntimeConfig {
 /// connection cannot take all of it, and ~10 ms of a connection at 400K lines/s.
 pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: u32 = 4096;
 
+/// See [`RuntimeConfig::max_in_flight_bytes_per_connection`]: 2 MiB holds the 4,096 records
+/// of the count cap at ~500 bytes each (typical records are ~250), so for ordinary stations
+/// the count binds first; a station sending records of 100 KB gets ~20 in flight instead of
+/// 4,096 (400 MiB).
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES_PER_CONNECTION: usize = 2 << 20;
+
+/// See [`RuntimeConfig::max_in_flight_bytes`]: 64 MiB per shard is ~260,000 typical records,
+/// more than the shard queue (8,192) and librdkafka's queue (100,000) hold together, so it
+/// binds only when records are large; 4 shards × 64 MiB fit the shipped 2 GiB pod with room
+/// for connections (docs/RELIABILITY.md's memory table).
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+
 /// See [`RuntimeConfig::tls_handshake_timeout`]: a real handshake takes a few round trips
 /// (well under a second even over a mobile link); ten seconds bounds how long a client that
 /// connects and stalls holds a descriptor and rustls's handshake state.
@@ -152,6 +171,8 @@ impl Default for RuntimeConfig {
             queue_size: DEFAULT_QUEUE_SIZE,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             max_in_flight_per_connection: 0,
+            max_in_flight_bytes_per_connection: 0,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
             recv_buffer_bytes: DEFAULT_RECV_BUFFER_BYTES,

@@ -2,11 +2,13 @@
 //!
 //! The task reads into its shard's read buffer and handles every complete line there, in
 //! place, without awaiting. It awaits only to read, to write error lines back, and when it is
-//! *blocked*: the shard queue is full, or the connection has as many records in flight as it
-//! may. Before it awaits, whatever it has not finished moves into its own backlog, and it does
-//! not read again until that backlog holds no complete line. That is the TCP backpressure: a
-//! blocked connection leaves its bytes in the kernel, the kernel's receive window closes, and
-//! the station's sends slow down. Nothing is dropped.
+//! *blocked*: the shard queue is full, the connection has as many records (or bytes of
+//! records) in flight as it may, the shard holds its byte budget of records, or the answers
+//! the station has not read yet reached [`REPLY_MAX`]. Before it awaits, whatever it has not
+//! finished moves into its own backlog, and it does not read again until that backlog holds
+//! no complete line. That is the TCP backpressure: a blocked connection leaves its bytes in
+//! the kernel, the kernel's receive window closes, and the station's sends slow down. Nothing
+//! is dropped.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -41,6 +43,10 @@ const BACKLOG_READ: usize = 16 * 1024;
 const CARRY_MAX: usize = 4 * 1024;
 /// Reply buffers larger than this are freed after each flush rather than kept.
 const REPLY_KEEP: usize = 1024;
+/// Most bytes of answers a connection queues for its station before it stops handling lines
+/// and waits for them to be written: a station that does not read its answers is not read
+/// either (an error line is ~100 bytes, so ~160 answers; acks coalesce).
+pub(crate) const REPLY_MAX: usize = 16 * 1024;
 /// How long the final error line of a connection the server closes may take to write.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -57,11 +63,13 @@ pub(crate) fn serve(
 ) -> impl Future<Output = ()> + 'static {
     let mut id = uuid::Uuid::encode_buffer();
     let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut id);
-    let flow = match core.config.max_in_flight_per_connection {
-        0 => None,
-        cap => Some(Rc::new(ConnFlow::new(cap))),
-    };
+    let (cap, max_bytes) = (
+        core.config.max_in_flight_per_connection,
+        core.config.max_in_flight_bytes_per_connection,
+    );
+    let flow = (cap > 0 || max_bytes > 0).then(|| Rc::new(ConnFlow::new(cap, max_bytes)));
     let rate = core.config.max_lines_per_sec;
+    let deadline = after(Instant::now(), core.config.idle_timeout);
     let registration = core.register(stream.as_raw_fd());
     // A write blocked for the idle timeout is a station that stopped reading its replies.
     let _ = stream.set_write_timeout(core.config.idle_timeout.filter(|d| !d.is_zero()));
@@ -78,12 +86,13 @@ pub(crate) fn serve(
         replies: Vec::new(),
         payload: Vec::new(),
         stamp: ReadStamp::now(),
+        deadline,
         blocked: None,
         sink_gone: false,
         consecutive_errors: 0,
         auth_failures: 0,
         closing: None,
-        partial_since: None,
+        partial: false,
         completed_line: false,
         acks: None,
         acks_on: false,
@@ -130,6 +139,12 @@ struct Connection {
     payload: Vec<u8>,
     /// When the bytes being handled were read.
     stamp: ReadStamp,
+    /// When the station must next show it is alive, or be closed (`read_deadline`): the
+    /// idle timeout after its last complete, non-blank line (handled or rejected), the
+    /// connection's start or the end of a wait the shard imposed; earlier, the line timeout
+    /// after a partial line began. Bytes of a partial line, blank lines and the tail of an
+    /// oversized line never move it: only the line timeout bounds those.
+    deadline: Option<Instant>,
     blocked: Option<Blocked>,
     /// The shard's sink stopped taking records; the connection must end.
     sink_gone: bool,
@@ -139,8 +154,8 @@ struct Connection {
     auth_failures: u32,
     /// The server decided to close the connection; handle no more lines.
     closing: Option<Closing>,
-    /// When the partial line now in the backlog began to arrive.
-    partial_since: Option<Instant>,
+    /// A partial line is in the backlog, or the rest of an oversized one is being skipped.
+    partial: bool,
     /// The last `handle` completed at least one line.
     completed_line: bool,
     /// Answers owed to the station, once it asked for acknowledgements.
@@ -171,8 +186,13 @@ enum Blocked {
     /// The shard queue was full; this record goes in first once there is room. Boxed: a
     /// block is rare, and every connection carries room for one.
     Queue(Box<Record>),
-    /// The connection reached its in-flight cap.
+    /// The connection reached its in-flight cap (records or bytes).
     Flow,
+    /// The shard holds its byte budget of records in flight (`TCP_MAX_BYTES_IN_FLIGHT`).
+    Bytes,
+    /// The answers waiting for the station reached [`REPLY_MAX`]: they must be written
+    /// before more lines are handled.
+    Replies,
 }
 
 #[derive(Clone, Copy)]
@@ -221,7 +241,7 @@ impl Connection {
             if n == 0 && self.registration.expired(&self.core) {
                 // The shard shut the read side at the deadline (not the station leaving):
                 // a partial line in the backlog is cut, not completed.
-                let code = if self.partial_since.is_some() {
+                let code = if self.partial {
                     ErrorCode::LineTimeout
                 } else {
                     ErrorCode::IdleTimeout
@@ -233,8 +253,10 @@ impl Connection {
                 self.backlog.push(b"\n", &self.core.backlogs);
                 self.handle_backlog();
             }
-            if self.blocked.is_some() {
-                Box::pin(self.drain_blocks()).await;
+            if self.blocked.is_some()
+                && let Err(e) = Box::pin(self.drain_blocks()).await
+            {
+                return CloseReason::Io(e);
             }
             if self.sink_gone {
                 return CloseReason::SinkStopped;
@@ -300,36 +322,35 @@ impl Connection {
         }
     }
 
-    /// When the next read must have happened by: the idle timeout after the last read,
-    /// or earlier the line timeout after a partial line began. The shard expires the
+    /// When the next read must have happened by (see `deadline`). The shard expires the
     /// connection at that moment (`ShardCore::expire_overdue`).
     fn read_deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The deadline of a station that showed it is alive at `at`, with a partial line
+    /// begun then or not.
+    fn deadline_from(&self, at: Instant, partial: bool) -> Option<Instant> {
         let config = &self.core.config;
-        // A timeout too long to add to a clock reading (years) is no deadline.
-        let idle = config
-            .idle_timeout
-            .filter(|d| !d.is_zero())
-            .and_then(|d| self.stamp.at.checked_add(d));
-        let line = config
-            .line_timeout
-            .filter(|d| !d.is_zero())
-            .zip(self.partial_since)
-            .and_then(|(d, since)| since.checked_add(d));
-        match (idle, line) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let idle = after(at, config.idle_timeout);
+        let line = after(at, config.line_timeout).filter(|_| partial);
+        earliest(idle, line)
     }
 
     /// After the backlog was handled and nothing blocks, whatever it still holds is a partial
-    /// line; remember when that line began.
+    /// line, and so is the rest of an oversized line being skipped: moves the deadline for
+    /// what this read showed (see `deadline`).
     fn track_partial_line(&mut self) {
-        if self.backlog.is_empty() {
-            self.partial_since = None;
-        } else if self.completed_line || self.partial_since.is_none() {
-            // The partial line began after the last newline, which arrived in this read.
-            self.partial_since = Some(self.stamp.at);
+        let partial = !self.backlog.is_empty() || self.framer.is_discarding();
+        if self.completed_line {
+            // Alive now; a partial line left began after the last newline, in this read.
+            self.deadline = self.deadline_from(self.stamp.at, partial);
+        } else if partial && !self.partial {
+            // A partial line began: the line timeout, within the idle one.
+            let line = after(self.stamp.at, self.core.config.line_timeout);
+            self.deadline = earliest(self.deadline, line);
         }
+        self.partial = partial;
         self.completed_line = false;
     }
 
@@ -386,12 +407,14 @@ impl Connection {
         // Held back by the shard, not idle: no read deadline while it waits.
         self.registration.set_deadline(&self.core, None);
         futures_lite::future::or(glommio::timer::sleep(wait), self.core.draining.wait()).await;
+        // The wait was the shard's doing: the station's clocks start again.
+        self.deadline = self.deadline_from(Instant::now(), self.partial);
     }
 
     /// Moves the answers that are ready into the replies.
     fn take_acks(&mut self) {
         if let Some(acks) = &self.acks {
-            acks.take_ready(&mut self.replies);
+            acks.take_ready(&mut self.replies, REPLY_MAX);
         }
     }
 
@@ -412,7 +435,7 @@ impl Connection {
                 }
             })
             .await;
-            acks.take_ready(&mut self.replies);
+            acks.take_ready(&mut self.replies, REPLY_MAX);
             self.flush_replies().await?;
         }
         Ok(())
@@ -472,7 +495,13 @@ impl Connection {
             self.count_read(n);
             Ok(Some(n))
         } else {
-            let area = self.backlog.read_area(BACKLOG_READ, &core.backlogs);
+            // The backlog holds a partial line (it holds no complete one when the connection
+            // reads): read only what can complete it or prove it too long, so that the
+            // backlog never grows past `TCP_MAX_LINE_BYTES` + 2 (+ padding).
+            let want = (core.config.max_line_bytes + 2)
+                .saturating_sub(carry)
+                .clamp(1, BACKLOG_READ);
+            let area = self.backlog.read_area(want, &core.backlogs);
             let stream = &mut self.stream;
             let mut ticket = None;
             let n = poll_fn(|cx| {
@@ -502,27 +531,43 @@ impl Connection {
         self.core.metrics.bytes_received.add(n as u64);
     }
 
-    /// Waits out every block, handling the backlog after each, until nothing blocks.
-    async fn drain_blocks(&mut self) {
+    /// Waits out every block, handling the backlog after each, until nothing blocks. Fails
+    /// only when answers cannot be written.
+    async fn drain_blocks(&mut self) -> io::Result<()> {
         // Held back by the shard, not idle: no read deadline while it waits.
         self.registration.set_deadline(&self.core, None);
         while let Some(blocked) = self.blocked.take() {
-            self.core.metrics.backpressure_waits.incr();
             match blocked {
                 Blocked::Flow => {
+                    self.core.metrics.backpressure_waits.incr();
                     let flow = self.flow.clone().expect("flow blocks need a flow");
                     flow.room().await;
                 }
+                Blocked::Bytes => {
+                    self.core.metrics.backpressure_waits.incr();
+                    let core = Rc::clone(&self.core);
+                    core.ledger.byte_room().await;
+                }
+                Blocked::Replies => {
+                    // Answers are written even to a station we stopped reading: it reads
+                    // them, or its write timeout (`TCP_IDLE_TIMEOUT`) ends it.
+                    self.take_acks();
+                    self.flush_replies().await?;
+                }
                 Blocked::Queue(record) => {
+                    self.core.metrics.backpressure_waits.incr();
                     if let Err(e) = self.queue.send(*record).await {
                         self.lost_sink(e);
-                        return;
+                        return Ok(());
                     }
                     self.core.gate.enqueued();
                 }
             }
             self.handle_backlog();
         }
+        // The wait was the shard's doing: the station's clocks start again.
+        self.deadline = self.deadline_from(Instant::now(), self.partial);
+        Ok(())
     }
 
     fn handle_backlog(&mut self) {
@@ -548,9 +593,18 @@ impl Connection {
         // The zipcode of the last refused identify, for its log line.
         let mut refused = String::new();
         let (mut lines, mut records) = (0u64, 0u64);
+        let discarding = self.framer.is_discarding();
         while !self.sink_gone && self.closing.is_none() {
             if self.flow.as_ref().is_some_and(|f| f.is_full()) {
                 self.blocked = Some(Blocked::Flow);
+                break;
+            }
+            if core.ledger.bytes_full() {
+                self.blocked = Some(Blocked::Bytes);
+                break;
+            }
+            if self.replies.len() >= REPLY_MAX {
+                self.blocked = Some(Blocked::Replies);
                 break;
             }
             let Some(frame) = self.framer.next_frame(&buf[..end], &mut pos) else {
@@ -645,14 +699,20 @@ impl Connection {
                     let raw = dead_letters.then(|| core.raw_line.borrow());
                     // A rejected line that may carry a station's token (an identify rejected
                     // for another reason) is dead-lettered without its text: tokens never go
-                    // to Kafka.
-                    let raw = raw.as_deref().filter(|raw| !mentions_token(raw));
+                    // to Kafka. Judged by what the parser understood (`hides_raw`).
+                    let raw = raw
+                        .as_deref()
+                        .filter(|raw| !stormgate_protocol::dead_letter::hides_raw(&e, raw));
                     self.reject(e.code, raw.map(Vec::as_slice), seq);
                     if self.blocked.is_some() {
                         break;
                     }
                 }
             }
+        }
+        if discarding && !self.framer.is_discarding() {
+            // The oversized line being skipped ended here: a line completed.
+            self.completed_line = true;
         }
         core.metrics.lines_received.add(lines);
         core.metrics.records_enqueued.add(records);
@@ -677,10 +737,13 @@ impl Connection {
             (Some(acks), Some(seq)) if self.acks_on => Some((Rc::clone(acks), acks.open(seq))),
             _ => None,
         };
-        let ticket = self
-            .core
-            .ledger
-            .open(self.stamp.at, self.flow.as_ref(), false, ack);
+        let ticket = self.core.ledger.open(
+            self.stamp.at,
+            self.flow.as_ref(),
+            false,
+            value.capacity(),
+            ack,
+        );
         Record {
             key,
             value,
@@ -777,10 +840,13 @@ impl Connection {
             Some(s) => Rc::clone(s.key()),
             None => Rc::from(self.session.connection_id()),
         };
-        let ticket = self
-            .core
-            .ledger
-            .open(self.stamp.at, self.flow.as_ref(), true, None);
+        let ticket = self.core.ledger.open(
+            self.stamp.at,
+            self.flow.as_ref(),
+            true,
+            value.capacity(),
+            None,
+        );
         let record = Record {
             key,
             value,
@@ -840,10 +906,20 @@ fn verify(auth: &dyn StationAuth, credentials: &Credentials<'_>, refused: &mut S
     ok
 }
 
-/// Whether a rejected line may hold a token (`"token"`, or anything else spelling it). Only
-/// rejected lines are searched, and only when they are dead-lettered.
-fn mentions_token(raw: &[u8]) -> bool {
-    raw.windows(5).any(|w| w.eq_ignore_ascii_case(b"token"))
+/// `at` plus `timeout`; `None` for no timeout (`None` or zero) or one too long to add to a
+/// clock reading (years).
+fn after(at: Instant, timeout: Option<Duration>) -> Option<Instant> {
+    timeout
+        .filter(|d| !d.is_zero())
+        .and_then(|d| at.checked_add(d))
+}
+
+/// The earlier of two deadlines, `None` meaning none.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// The text of a caught panic's payload.
@@ -882,11 +958,19 @@ fn acks_ready(acks: Option<&ConnAcks>, cx: &Context<'_>) -> bool {
     false
 }
 
-/// Whether a read must not take its bytes yet: the shard's queue is half full (see `gate`).
+/// Whether a read must not take its bytes yet: the shard holds its byte budget of records
+/// (`TCP_MAX_BYTES_IN_FLIGHT`; not while draining, so that reads see their end of stream),
+/// or its queue is half full (see `gate`).
 /// Checked at every poll of the read, because the socket may turn readable long after the
 /// read began, when the queue has filled meanwhile. `ticket` is this read's place in the
 /// gate's line, so that a wake-up by the socket does not queue the task twice.
 fn gate_closed_to(core: &ShardCore, ticket: &mut Option<u64>, cx: &Context<'_>) -> bool {
+    if core.ledger.bytes_full() && !core.draining.is_fired() {
+        // The shard holds its byte budget of records: reading now would only fill backlogs.
+        core.metrics.backpressure_waits.incr();
+        core.ledger.wait_bytes(cx.waker());
+        return true;
+    }
     if let Some(t) = *ticket
         && core.gate.is_queued(t)
     {

@@ -304,6 +304,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
     let ledger = Rc::new(Ledger::new(
         Arc::clone(&metrics),
         BufPool::new(PAYLOAD_POOL.0, PAYLOAD_POOL.1, PAYLOAD_POOL.2),
+        config.max_in_flight_bytes,
     ));
     let core = Rc::new(ShardCore {
         read_buf: RefCell::new(ReadBuf::new(config.read_buffer_bytes)),

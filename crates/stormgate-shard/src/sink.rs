@@ -167,53 +167,103 @@ impl SinkContext {
     pub fn in_flight(&self) -> usize {
         self.ledger.pending.borrow().len()
     }
+
+    /// Bytes of the values of the records in flight (their buffers' capacity, as counted
+    /// against `TCP_MAX_BYTES_IN_FLIGHT`).
+    pub fn in_flight_bytes(&self) -> usize {
+        self.ledger.bytes.get()
+    }
 }
 
-/// A shard's book of in-flight records. Shard-local.
+/// A shard's book of in-flight records: every record from the line that made it until the
+/// sink settles it, queued or handed to the producer. Shard-local.
+///
+/// It also bounds them in bytes (`TCP_MAX_BYTES_IN_FLIGHT`): the queue and the per-connection
+/// cap bound records by count, but a station chooses how large its records are.
 pub(crate) struct Ledger {
     pending: RefCell<Slab<Pending>>,
     pub(crate) payloads: BufPool,
     pub(crate) metrics: Arc<ShardMetrics>,
     pub(crate) deadline: Cell<Option<Instant>>,
     failure_log: LogLimiter,
+    /// Value bytes of the records in `pending` (buffer capacities: what they hold in memory).
+    bytes: Cell<usize>,
+    /// At or above this many bytes no connection reads or opens another record; 0 = no limit.
+    max_bytes: usize,
+    /// Tasks waiting for `bytes` to fall back below the limit.
+    byte_waiters: RefCell<Vec<Waker>>,
 }
 
 struct Pending {
     read_at: Instant,
     flow: Option<Rc<ConnFlow>>,
     dead_letter: bool,
+    /// The record value's bytes, as counted in the ledger's and the flow's byte totals.
+    bytes: usize,
     /// The connection's acknowledgement window and this record's slot in it.
     ack: Option<(Rc<ConnAcks>, u64)>,
 }
 
 impl Ledger {
-    pub(crate) fn new(metrics: Arc<ShardMetrics>, payloads: BufPool) -> Ledger {
+    pub(crate) fn new(metrics: Arc<ShardMetrics>, payloads: BufPool, max_bytes: usize) -> Ledger {
         Ledger {
             pending: RefCell::new(Slab::with_capacity(1024)),
             payloads,
             metrics,
             deadline: Cell::new(None),
             failure_log: LogLimiter::default(),
+            bytes: Cell::new(0),
+            max_bytes,
+            byte_waiters: RefCell::new(Vec::new()),
         }
     }
 
-    /// Opens a record's entry; the returned ticket travels with the record.
+    /// Opens the entry of a record whose value holds `bytes`; the returned ticket travels
+    /// with the record.
     pub(crate) fn open(
         &self,
         read_at: Instant,
         flow: Option<&Rc<ConnFlow>>,
         dead_letter: bool,
+        bytes: usize,
         ack: Option<(Rc<ConnAcks>, u64)>,
     ) -> Ticket {
         if let Some(flow) = flow {
             flow.in_flight.set(flow.in_flight.get() + 1);
+            flow.bytes.set(flow.bytes.get() + bytes);
         }
+        self.bytes.set(self.bytes.get() + bytes);
         Ticket(self.pending.borrow_mut().insert(Pending {
             read_at,
             flow: flow.cloned(),
             dead_letter,
+            bytes,
             ack,
         }))
+    }
+
+    /// Whether the shard holds its byte budget of records: connections must not read or
+    /// open another record until [`Ledger::byte_room`].
+    pub(crate) fn bytes_full(&self) -> bool {
+        self.max_bytes > 0 && self.bytes.get() >= self.max_bytes
+    }
+
+    /// Wakes `waker` once the shard is back under its byte budget (at once if it is).
+    pub(crate) fn wait_bytes(&self, waker: &Waker) {
+        self.byte_waiters.borrow_mut().push(waker.clone());
+    }
+
+    /// Completes once the shard is under its byte budget.
+    pub(crate) async fn byte_room(&self) {
+        std::future::poll_fn(|cx| {
+            if self.bytes_full() {
+                self.wait_bytes(cx.waker());
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
     }
 
     pub(crate) fn settle(&self, ticket: Ticket, outcome: Outcome) {
@@ -221,6 +271,15 @@ impl Ledger {
             debug_assert!(false, "settled twice or unknown ticket {ticket:?}");
             return;
         };
+        self.bytes.set(self.bytes.get() - p.bytes);
+        // Waiters go once a quarter of the budget is free again, not at every settle that
+        // dips under it: each wake costs every waiting connection a poll.
+        if self.bytes.get() <= self.max_bytes / 4 * 3 && !self.byte_waiters.borrow().is_empty() {
+            let waiters = std::mem::take(&mut *self.byte_waiters.borrow_mut());
+            for w in waiters {
+                w.wake();
+            }
+        }
         if let Some((acks, id)) = &p.ack {
             acks.settle(*id, &outcome);
         }
@@ -242,7 +301,7 @@ impl Ledger {
             }
         }
         if let Some(flow) = p.flow {
-            flow.release();
+            flow.release(p.bytes);
         }
     }
 
@@ -251,29 +310,38 @@ impl Ledger {
     }
 }
 
-/// One connection's in-flight count, shared between the connection task and the ledger
-/// entries of its records. Shard-local.
+/// One connection's records in flight, in count and in bytes, shared between the connection
+/// task and the ledger entries of its records. Shard-local.
 pub(crate) struct ConnFlow {
+    /// Most records in flight; 0 = no limit.
     cap: u32,
+    /// Most value bytes in flight; 0 = no limit.
+    max_bytes: usize,
     in_flight: Cell<u32>,
+    bytes: Cell<usize>,
     waiter: Cell<Option<Waker>>,
 }
 
 impl ConnFlow {
-    pub(crate) fn new(cap: u32) -> ConnFlow {
+    pub(crate) fn new(cap: u32, max_bytes: usize) -> ConnFlow {
         ConnFlow {
             cap,
+            max_bytes,
             in_flight: Cell::new(0),
+            bytes: Cell::new(0),
             waiter: Cell::new(None),
         }
     }
 
+    /// At its cap in records or in bytes: the connection must not open another record.
     pub(crate) fn is_full(&self) -> bool {
-        self.in_flight.get() >= self.cap
+        (self.cap > 0 && self.in_flight.get() >= self.cap)
+            || (self.max_bytes > 0 && self.bytes.get() >= self.max_bytes)
     }
 
-    fn release(&self) {
+    fn release(&self, bytes: usize) {
         self.in_flight.set(self.in_flight.get() - 1);
+        self.bytes.set(self.bytes.get() - bytes);
         if !self.is_full()
             && let Some(w) = self.waiter.take()
         {

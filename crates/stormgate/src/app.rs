@@ -298,11 +298,56 @@ pub fn replay(cli: &Cli, file: &Path, topic: Option<String>) -> anyhow::Result<R
     Ok(report)
 }
 
+/// Installs the server's handlers for SIGINT, SIGTERM and SIGHUP: from now on they are
+/// queued in the returned [`Signals`] for [`run`] (which reads them once the server runs)
+/// rather than ending the process. Call it first thing in `main`.
+pub fn install_signal_handlers() -> anyhow::Result<Signals> {
+    let signals = Signals::new(SERVER_SIGNALS).context("installing signal handlers")?;
+    // Held pending since the process started (`block_server_signals`): delivered now, to
+    // the handlers.
+    set_server_signals_mask(libc::SIG_UNBLOCK);
+    Ok(signals)
+}
+
+/// The signals the server handles itself.
+const SERVER_SIGNALS: [libc::c_int; 3] = [SIGINT, SIGTERM, SIGHUP];
+
+/// Blocks [`SERVER_SIGNALS`] on the calling thread (and the threads it later starts) until
+/// [`install_signal_handlers`]: for the process's first moments, before `main`, where the
+/// default actions would end the process.
+pub fn block_server_signals() {
+    set_server_signals_mask(libc::SIG_BLOCK);
+}
+
+fn set_server_signals_mask(how: libc::c_int) {
+    // SAFETY: sigset operations on a local set, and pthread_sigmask on the calling thread;
+    // no memory is shared.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in SERVER_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
+/// For a command that is not the server: SIGINT, SIGTERM and SIGHUP end the process as
+/// their default actions would (signal-hook's handlers, once installed, stay installed).
+pub fn default_signal_actions(mut signals: Signals) {
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            let _ = signal_hook::low_level::emulate_default_handler(sig);
+            std::process::exit(128 + sig);
+        }
+    });
+}
+
 /// Runs until SIGINT or SIGTERM, then drains and exits. A second one exits at once. SIGHUP
-/// reloads the station registry and the TLS files.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut signals =
-        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
+/// reloads the station registry and the TLS files. `signals` comes from
+/// [`install_signal_handlers`]: a signal that arrived while the server started is handled
+/// once it runs.
+pub fn run(cli: Cli, mut signals: Signals) -> anyhow::Result<()> {
     let app = start(&cli)?;
     for sig in signals.forever() {
         if sig == SIGHUP {

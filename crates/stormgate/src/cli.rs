@@ -106,6 +106,19 @@ pub struct Cli {
     #[arg(long, env = "TCP_MAX_IN_FLIGHT_PER_CONN", default_value_t = rt::DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION, help_heading = "Stations")]
     pub max_in_flight_per_conn: u32,
 
+    /// Bytes of records one connection may have in flight, beside the count cap: a station
+    /// sending large records reaches it first and is not read until some are delivered.
+    /// 0 = no byte cap.
+    #[arg(long, env = "TCP_MAX_BYTES_IN_FLIGHT_PER_CONN", default_value = "2MiB", value_parser = parse_bytes, help_heading = "Stations")]
+    pub max_bytes_in_flight_per_conn: u64,
+
+    /// Bytes of records each shard may hold in flight (queued, in the producer, awaiting
+    /// delivery), all its connections together; at the budget the shard reads no connection
+    /// until deliveries free a quarter of it. Bounds record memory whatever stations send.
+    /// 0 = no budget.
+    #[arg(long, env = "TCP_MAX_BYTES_IN_FLIGHT", default_value = "64MiB", value_parser = parse_bytes, help_heading = "Stations")]
+    pub max_bytes_in_flight: u64,
+
     /// Acknowledge lines that carry a seq, for connections whose identify does not say
     /// ("acks": true/false); see docs/PROTOCOL.md.
     #[arg(long, env = "TCP_ACKS", default_value = "false", value_parser = BoolishValueParser::new(), action = ArgAction::Set, help_heading = "Stations")]
@@ -129,7 +142,8 @@ pub struct Cli {
     #[arg(long, env = "TCP_MAX_ERRORS_PER_CONN", default_value_t = rt::DEFAULT_MAX_ERRORS_PER_CONNECTION, help_heading = "Stations")]
     pub max_errors_per_conn: u32,
 
-    /// Silence after which a connection gets idle_timeout and is closed (0s = never).
+    /// Time without a complete line after which a connection gets idle_timeout and is closed;
+    /// blank lines and bytes of a partial line do not count (0s = never).
     #[arg(long, env = "TCP_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration, help_heading = "Stations")]
     pub idle_timeout: Duration,
 
@@ -424,6 +438,9 @@ impl Cli {
             } else {
                 1
             },
+            max_in_flight_bytes_per_connection: usize::try_from(self.max_bytes_in_flight_per_conn)
+                .unwrap_or(usize::MAX),
+            max_in_flight_bytes: usize::try_from(self.max_bytes_in_flight).unwrap_or(usize::MAX),
             acks_by_default: self.acks,
             shutdown_timeout: self.shutdown_timeout,
             recv_buffer_bytes: self.recv_buffer,
@@ -646,6 +663,11 @@ mod tests {
         assert_eq!(rt.shards, 0);
         assert_eq!(rt.backlog, 4096);
         assert_eq!(rt.max_in_flight_per_connection, 4096);
+        assert_eq!(
+            rt.max_in_flight_bytes_per_connection,
+            rt::DEFAULT_MAX_IN_FLIGHT_BYTES_PER_CONNECTION
+        );
+        assert_eq!(rt.max_in_flight_bytes, rt::DEFAULT_MAX_IN_FLIGHT_BYTES);
         assert!(!rt.acks_by_default);
         assert_eq!(cli.kafka_topic, "weather.metrics");
         assert_eq!(cli.kafka_compression, Compression::Lz4);

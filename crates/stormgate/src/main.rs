@@ -7,7 +7,29 @@ use stormgate::cli::{BufferCommand, Cli, Command, StationCommand};
 use stormgate::registry::{self, Registry};
 use stormgate::settings::{self, Loaded};
 
+/// Holds SIGHUP, SIGINT and SIGTERM pending from the process's first instruction of its own
+/// (an ELF constructor: after the dynamic loader, before the Rust runtime and `main`) until
+/// `main` has installed its handlers ([`app::install_signal_handlers`] unblocks them). A
+/// SIGHUP sent while the process starts is then a reload once it runs, never the default
+/// action that ends it. Only the dynamic loader's own milliseconds stay uncovered.
+#[cfg(target_os = "linux")]
+#[used]
+#[unsafe(link_section = ".init_array")]
+static HOLD_SIGNALS_UNTIL_MAIN: extern "C" fn() = hold_signals;
+
+#[cfg(target_os = "linux")]
+extern "C" fn hold_signals() {
+    stormgate::app::block_server_signals();
+}
+
 fn main() -> ExitCode {
+    // First, before settings, logging or anything else that takes time: a SIGHUP (a reload
+    // request) or a SIGTERM in the process's first milliseconds must not find the default
+    // actions (end the process at once, SIGTERM without draining) still in place.
+    let signals = match app::install_signal_handlers() {
+        Ok(signals) => signals,
+        Err(e) => return fail(&e),
+    };
     let loaded = match settings::load(std::env::args_os()) {
         Ok(loaded) => loaded,
         Err(e) => match e.downcast::<clap::Error>() {
@@ -15,25 +37,27 @@ fn main() -> ExitCode {
             Err(e) => return fail(&e),
         },
     };
-    match loaded.cli.command.clone() {
-        Some(Command::ConfigDoc) => {
+    let Some(command) = loaded.cli.command.clone() else {
+        let cli = loaded.cli;
+        stormgate::logging::init(cli.log_format);
+        if let Err(e) = cli.validate() {
+            return outcome(Err(e));
+        }
+        return outcome(app::run(cli, signals));
+    };
+    // A command, not the server: the signals do what they would have done.
+    app::default_signal_actions(signals);
+    match command {
+        Command::ConfigDoc => {
             print!("{}", settings::config_doc());
             ExitCode::SUCCESS
         }
-        Some(Command::CheckConfig) => check_config(&loaded),
-        Some(Command::Station { command }) => outcome(station(&loaded.cli, command)),
-        Some(Command::Buffer { command }) => buffer(command),
-        Some(Command::Replay { file, topic }) => {
+        Command::CheckConfig => check_config(&loaded),
+        Command::Station { command } => outcome(station(&loaded.cli, command)),
+        Command::Buffer { command } => buffer(command),
+        Command::Replay { file, topic } => {
             stormgate::logging::init(loaded.cli.log_format);
             outcome(app::replay(&loaded.cli, &file, topic).map(drop))
-        }
-        None => {
-            let cli = loaded.cli;
-            stormgate::logging::init(cli.log_format);
-            if let Err(e) = cli.validate() {
-                return outcome(Err(e));
-            }
-            outcome(app::run(cli))
         }
     }
 }

@@ -7,20 +7,27 @@
 //! takes a lock a shard takes, sends a shard a message, or wakes one; a slow scrape, a slow
 //! client or a stuck log writer slows only these threads.
 //!
-//! - The HTTP server is deliberately small: blocking `std::net`, one connection at a time,
-//!   one request per connection (`Connection: close`), a request head of at most
-//!   [`MAX_REQUEST_BYTES`] that must arrive within [`IO_TIMEOUT`], and the same bound on
-//!   writing the answer. `GET /metrics` is the Prometheus text format 0.0.4, `GET /healthz`
-//!   says the process is alive, `GET /readyz` applies [`OpsState::readiness`]. Any other
-//!   path is 404, any other method 405.
+//! - The HTTP server is hyper's HTTP/1.1, on one thread of its own running a current-thread
+//!   tokio runtime: connections are served concurrently, each in a task of its own, so a
+//!   client that connects and never finishes its request delays nobody (the liveness probe's
+//!   `/healthz` included). One request per connection (`Connection: close`), a request head
+//!   of at most [`MAX_REQUEST_BYTES`] that must arrive within [`IO_TIMEOUT`], a whole
+//!   connection bounded by [`CONNECTION_TIMEOUT`], and at most [`MAX_CONNECTIONS`] at once
+//!   (more are closed at accept, so stalled clients cannot take the process's descriptors).
+//!   `GET /metrics` is the Prometheus text format 0.0.4, `GET /healthz` says the process is
+//!   alive, `GET /readyz` applies [`OpsState::readiness`]. Any other path is 404, any other
+//!   method 405.
 //! - The statistics block ([`StatsBlock`]) is one log event per interval, so with
 //!   `LOG_FORMAT=json` it is one JSON object.
 //!
 //! docs/OBSERVABILITY.md lists every metric and the readiness rules.
 
+use std::cell::Cell;
+use std::convert::Infallible;
 use std::fmt::{Display, Write as _};
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
@@ -32,10 +39,17 @@ use stormgate_shard::ShardInfo;
 use stormgate_telemetry::{LogLimiter, ShardMetrics, Totals};
 use tracing::{info, warn};
 
-/// Longest request head (request line and headers) the endpoint reads.
+/// Longest request head (request line and headers) the endpoint reads (hyper's smallest
+/// buffer limit); a longer one is answered 431.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// Time a client has to send its request head, and to take the answer.
+/// Time a client has to send its request head.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a connection may last, request and answer together: a client that does not take
+/// its answer is closed then.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most connections served at once; more are closed as soon as they are accepted. Far above
+/// what scrapers and probes open, far below the process's descriptors.
+pub const MAX_CONNECTIONS: usize = 512;
 /// Producer statistics older than this (or [`STALE_INTERVALS`] intervals, if longer) make a
 /// shard not ready: its shard polls its producer at least every 100 ms, so silence this long
 /// means the shard or its producer is stuck.
@@ -166,7 +180,7 @@ pub struct Ops {
 
 struct HttpThread {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    stop: tokio::sync::oneshot::Sender<()>,
     thread: JoinHandle<()>,
 }
 
@@ -188,12 +202,20 @@ impl Ops {
         let http = match listener {
             Some(listener) => {
                 let addr = listener.local_addr()?;
-                let stop = Arc::new(AtomicBool::new(false));
+                listener.set_nonblocking(true)?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .enable_time()
+                    .build()?;
+                let (stop, stopped) = tokio::sync::oneshot::channel();
                 let thread = {
-                    let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
+                    let state = Arc::clone(&state);
                     std::thread::Builder::new()
                         .name("ops-http".into())
-                        .spawn(move || serve(&listener, &state, &stop))?
+                        .spawn(move || {
+                            let tasks = tokio::task::LocalSet::new();
+                            runtime.block_on(tasks.run_until(serve(listener, state, stopped)));
+                        })?
                 };
                 info!(%addr, "operations endpoint listening: /metrics /healthz /readyz");
                 Some(HttpThread { addr, stop, thread })
@@ -234,15 +256,9 @@ impl Ops {
             let _ = thread.join();
         }
         if let Some(http) = self.http.take() {
-            http.stop.store(true, Ordering::Relaxed);
-            // Wake the blocking accept with a connection of our own. Should that fail, the
-            // thread is left to end with the process rather than waited for.
-            match TcpStream::connect_timeout(&loopback(http.addr), IO_TIMEOUT) {
-                Ok(_) => {
-                    let _ = http.thread.join();
-                }
-                Err(error) => warn!(%error, "cannot wake the operations endpoint to stop it"),
-            }
+            // The accept loop ends; connections still open end with its runtime.
+            let _ = http.stop.send(());
+            let _ = http.thread.join();
         }
     }
 }
@@ -253,103 +269,89 @@ impl Drop for Ops {
     }
 }
 
-/// `addr` with an unspecified IP replaced by loopback, to connect to a listener on it.
-fn loopback(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
-        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
-        _ => addr,
-    }
-}
-
-fn serve(listener: &TcpListener, state: &OpsState, stop: &AtomicBool) {
-    let errors = LogLimiter::new(Duration::from_secs(10));
-    for stream in listener.incoming() {
-        if stop.load(Ordering::Relaxed) {
+/// Accepts connections until `stopped`, each served by a task of its own (on this thread's
+/// `LocalSet`).
+async fn serve(
+    listener: TcpListener,
+    state: Arc<OpsState>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let errors = Rc::new(LogLimiter::new(Duration::from_secs(10)));
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(error) => {
+            warn!(%error, "operations endpoint: cannot serve its listener");
             return;
         }
-        let result = match stream {
-            Ok(s) => handle(s, state),
-            Err(e) => {
-                // Out of descriptors, most likely: back off instead of spinning on it.
-                std::thread::sleep(Duration::from_millis(10));
-                Err(e)
-            }
-        };
-        match result {
-            // A TCP-only probe connects and leaves without a request: not an error.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
-            Err(error) => {
-                if let Some(suppressed) = errors.allow(Instant::now()) {
-                    warn!(%error, suppressed, "operations endpoint: request failed");
-                }
-            }
-            Ok(()) => {}
-        }
-    }
-}
-
-/// Serves one connection: one request, one response, close.
-fn handle(mut stream: TcpStream, state: &OpsState) -> io::Result<()> {
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let response = match read_head(&mut stream)? {
-        Some(head) => respond(&head, state),
-        None => Response::text(431, "request head too large\n"),
     };
-    response.write_to(&mut stream)?;
-    let _ = stream.shutdown(Shutdown::Write);
-    Ok(())
-}
-
-/// Reads up to the end of the request head; `None` when it does not fit
-/// [`MAX_REQUEST_BYTES`]. The whole head must arrive within [`IO_TIMEOUT`].
-fn read_head(stream: &mut TcpStream) -> io::Result<Option<String>> {
-    let deadline = Instant::now() + IO_TIMEOUT;
-    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
-    let mut len = 0;
+    let open = Rc::new(Cell::new(0usize));
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        stream.set_read_timeout(Some(left))?;
-        let n = stream.read(&mut buf[len..])?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        let from = len.saturating_sub(3);
-        len += n;
-        if let Some(end) = find_head_end(&buf[from..len]) {
-            return Ok(Some(
-                String::from_utf8_lossy(&buf[..from + end]).into_owned(),
-            ));
-        }
-        if len == buf.len() {
-            return Ok(None);
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut stopped => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                if open.get() >= MAX_CONNECTIONS {
+                    drop(stream);
+                    continue;
+                }
+                open.set(open.get() + 1);
+                let (state, open, errors) =
+                    (Arc::clone(&state), Rc::clone(&open), Rc::clone(&errors));
+                tokio::task::spawn_local(async move {
+                    serve_connection(stream, state, &errors).await;
+                    open.set(open.get() - 1);
+                });
+            }
+            Err(error) => {
+                // Out of descriptors, most likely: back off instead of spinning on it.
+                if let Some(suppressed) = errors.allow(Instant::now()) {
+                    warn!(%error, suppressed, "operations endpoint: accept failed");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     }
 }
 
-/// The offset just past the blank line that ends a request head.
-fn find_head_end(bytes: &[u8]) -> Option<usize> {
-    bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4)
-        .or_else(|| bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2))
+/// Serves one connection: one request, one response, close; all within
+/// [`CONNECTION_TIMEOUT`].
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    state: Arc<OpsState>,
+    errors: &LogLimiter,
+) {
+    let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+        let response = respond(request.method().as_str(), request.uri().path(), &state);
+        async move { Ok::<_, Infallible>(response.into_hyper()) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(IO_TIMEOUT)
+        .keep_alive(false)
+        // Header names as the former server wrote them (and as scripts may grep for them).
+        .title_case_headers(true)
+        .max_buf_size(MAX_REQUEST_BYTES)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+        Ok(Err(error)) if !quiet(&error) => {
+            if let Some(suppressed) = errors.allow(Instant::now()) {
+                warn!(%error, suppressed, "operations endpoint: request failed");
+            }
+        }
+        _ => {}
+    }
 }
 
-/// The response to a request head.
-fn respond(head: &str, state: &OpsState) -> Response {
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Response::text(400, "bad request line\n");
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Response::text(400, "HTTP/1.x only\n");
-    }
-    let path = target.split(['?', '#']).next().unwrap_or(target);
+/// Connection errors not worth a warning: a TCP-only probe that connects and leaves, a
+/// client that stalls until the header timeout.
+fn quiet(error: &hyper::Error) -> bool {
+    error.is_incomplete_message() || error.is_timeout() || error.is_closed()
+}
+
+/// The response to `method path`.
+fn respond(method: &str, path: &str, state: &OpsState) -> Response {
     if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
         return Response::text(404, "not found: try /metrics, /healthz or /readyz\n");
     }
@@ -397,30 +399,20 @@ impl Response {
         self
     }
 
-    fn write_to(&self, out: &mut impl Write) -> io::Result<()> {
-        let reason = match self.status {
-            200 => "OK",
-            400 => "Bad Request",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            431 => "Request Header Fields Too Large",
-            503 => "Service Unavailable",
-            _ => "",
-        };
-        let mut head = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\
-             Cache-Control: no-store\r\nConnection: close\r\n",
-            self.status,
-            self.content_type,
-            self.body.len()
-        );
+    fn into_hyper(self) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+        let mut response = hyper::Response::builder()
+            .status(self.status)
+            .header("Content-Type", self.content_type)
+            .header("Cache-Control", "no-store")
+            .header("Connection", "close");
         if let Some((name, value)) = self.extra {
-            let _ = write!(head, "{name}: {value}\r\n");
+            response = response.header(name, value);
         }
-        head.push_str("\r\n");
-        out.write_all(head.as_bytes())?;
-        out.write_all(self.body.as_bytes())?;
-        out.flush()
+        response
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(
+                self.body,
+            )))
+            .expect("static header names and values are valid")
     }
 }
 
@@ -1089,38 +1081,57 @@ mod tests {
         assert_eq!(m["stormgate_ready"], 0.0);
     }
 
+    /// Sends `request` as is to a running endpoint and returns the whole answer ("" when the
+    /// server closed without one).
+    fn exchange(addr: SocketAddr, request: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
     #[test]
     fn requests_are_routed() {
         let (s, _) = state(Vec::new());
-        let status = |head: &str| respond(head, &s).status;
+        let listener = Ops::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ops = Ops::start(s, Some(listener), Duration::ZERO).unwrap();
+        let status = |request: &str| {
+            let out = exchange(addr, request);
+            out.split_whitespace()
+                .nth(1)
+                .map_or(0, |c| c.parse().unwrap())
+        };
         assert_eq!(status("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), 200);
         assert_eq!(status("GET /healthz HTTP/1.0\r\n\r\n"), 200);
         assert_eq!(status("GET /readyz?verbose=1 HTTP/1.1\r\n\r\n"), 200);
         assert_eq!(status("GET /nope HTTP/1.1\r\n\r\n"), 404);
         assert_eq!(status("POST /metrics HTTP/1.1\r\n\r\n"), 405);
         assert_eq!(status("HEAD /healthz HTTP/1.1\r\n\r\n"), 405);
-        assert_eq!(status("GET /metrics\r\n\r\n"), 400);
-        assert_eq!(status("GET /metrics SPDY/3\r\n\r\n"), 400);
-        assert_eq!(status(""), 400);
-        let mut out = Vec::new();
-        respond("PUT /readyz HTTP/1.1\r\n\r\n", &s)
-            .write_to(&mut out)
-            .unwrap();
-        let out = String::from_utf8(out).unwrap();
+        assert_ne!(status("GET /metrics SPDY/3\r\n\r\n"), 200);
+        let huge = format!(
+            "GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n",
+            "x".repeat(MAX_REQUEST_BYTES)
+        );
+        assert_eq!(status(&huge), 431);
+        let out = exchange(addr, "PUT /readyz HTTP/1.1\r\n\r\n");
         assert!(
             out.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
             "{out}"
         );
         assert!(out.contains("\r\nAllow: GET\r\n"), "{out}");
         assert!(out.contains("\r\nConnection: close\r\n"), "{out}");
+        assert!(out.contains("\r\nCache-Control: no-store\r\n"), "{out}");
         assert!(out.ends_with("\r\n\r\nonly GET\n"), "{out}");
-    }
-
-    #[test]
-    fn head_end_is_found_with_either_line_ending() {
-        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(18));
-        assert_eq!(find_head_end(b"GET / HTTP/1.1\n\n"), Some(16));
-        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+        let out = exchange(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+        assert!(
+            out.contains("\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+            "{out}"
+        );
+        ops.stop();
     }
 
     #[test]
@@ -1161,15 +1172,5 @@ mod tests {
             StatsBlock::between(&cur, &cur, 1000, false).scheduled_timers,
             0
         );
-    }
-
-    #[test]
-    fn unspecified_addresses_are_reached_on_loopback() {
-        let a: SocketAddr = "0.0.0.0:9090".parse().unwrap();
-        assert_eq!(loopback(a), "127.0.0.1:9090".parse().unwrap());
-        let b: SocketAddr = "[::]:9090".parse().unwrap();
-        assert_eq!(loopback(b), "[::1]:9090".parse().unwrap());
-        let c: SocketAddr = "10.0.0.1:1".parse().unwrap();
-        assert_eq!(loopback(c), c);
     }
 }
