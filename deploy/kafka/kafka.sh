@@ -341,6 +341,11 @@ num.network.threads=2
 num.io.threads=4
 # Log recovery at start and flushing at stop, one thread per data directory (the default).
 num.recovery.threads.per.data.dir=1
+# The controller fences a broker whose heartbeats (every 2 s) stop for this long, and a fenced
+# node leads no partition: producers then get NOT_LEADER_OR_FOLLOWER from a cluster of one.
+# Kafka's 9 s is for a cluster whose other brokers can take over; on a busy 2-core machine a
+# starved JVM misses that, and fencing the only broker just stops the test cluster. 60 s.
+broker.session.timeout.ms=60000
 
 # SASL/SCRAM on the SASL listeners; users come from the format step (see the script header).
 sasl.enabled.mechanisms=SCRAM-SHA-512
