@@ -266,16 +266,19 @@ impl Running {
         }
         let mut reports = self.reports.borrow_mut();
         context.take_reports(&mut reports);
+        let keeps = self.ctx.keeps_undelivered();
         for report in reports.drain(..) {
             let ticket = Ticket::from_raw(report.ticket);
+            let outcome = outcome(report.result);
+            let kept = keeps && outcome == Outcome::Failed(DeliveryFailure::ShutdownDeadline);
             match &report.spill {
+                // Purged at the deadline but kept upstream (the disk buffer): not spilled.
+                Some(_) if kept => self.ctx.settle(ticket, outcome),
                 Some(line) => {
                     self.spill.borrow_mut().push(line);
-                    self.unsettled
-                        .borrow_mut()
-                        .push((ticket, outcome(report.result)));
+                    self.unsettled.borrow_mut().push((ticket, outcome));
                 }
-                None => self.ctx.settle(ticket, outcome(report.result)),
+                None => self.ctx.settle(ticket, outcome),
             }
         }
         self.flush_spill();
@@ -285,6 +288,14 @@ impl Running {
     /// settled, by the poller's next drain (within a poll interval), together with any
     /// others failed meanwhile.
     fn fail_unsent(&self, topic: &str, record: &Record, failure: DeliveryFailure) {
+        if failure == DeliveryFailure::ShutdownDeadline && self.ctx.keeps_undelivered() {
+            // Kept upstream (the disk buffer) for the next start: not spilled.
+            self.unsettled
+                .borrow_mut()
+                .push((record.ticket, Outcome::Failed(failure)));
+            self.wake.notify();
+            return;
+        }
         let line = SpillLine::new(
             failure.to_string(),
             Some(self.shard_id),

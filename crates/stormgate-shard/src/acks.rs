@@ -32,6 +32,7 @@ enum Slot {
 enum Nack {
     Shutdown,
     DeliveryFailed,
+    BufferFull,
 }
 
 impl Nack {
@@ -39,6 +40,7 @@ impl Nack {
         match self {
             Nack::Shutdown => "shutdown",
             Nack::DeliveryFailed => "delivery_failed",
+            Nack::BufferFull => "buffer_full",
         }
     }
 }
@@ -96,6 +98,7 @@ impl ConnAcks {
             Outcome::Delivered => Slot::Delivered,
             Outcome::Failed(DeliveryFailure::ShutdownDeadline) => Slot::Failed(Nack::Shutdown),
             Outcome::Failed(DeliveryFailure::Rejected { .. }) => Slot::Failed(Nack::DeliveryFailed),
+            Outcome::Failed(DeliveryFailure::BufferFull) => Slot::Failed(Nack::BufferFull),
         };
         if i == 0
             && let Some(w) = self.waker.take()

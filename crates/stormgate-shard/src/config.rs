@@ -1,6 +1,7 @@
 //! Settings of the shard runtime, with their defaults.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -126,7 +127,49 @@ pub struct RuntimeConfig {
     /// 0 = never (`STATION_AUTH_MAX_FAILURES`). Counted over the connection's life, not in a
     /// row: a good identify in between does not reset it.
     pub station_auth_max_failures: u32,
+    /// Where accepted records wait for the sink: `None` in memory only (`BUFFER_TYPE=memory`),
+    /// or a write-ahead log per shard on disk (`BUFFER_TYPE=disk`). Default `None`.
+    pub disk_buffer: Option<DiskBuffer>,
 }
+
+/// The disk buffer's settings (`BUFFER_*`): each shard appends every record it accepts to
+/// its own write-ahead log in `dir/shard-<id>`, and the sink is fed from that log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskBuffer {
+    /// `BUFFER_DIR`: one subdirectory per shard (`shard-0`, `shard-1`, …).
+    pub dir: PathBuf,
+    /// `BUFFER_MAX_BYTES`: a hard bound on the files of every shard together, split evenly.
+    pub max_bytes: u64,
+    /// `BUFFER_WHEN_FULL`: what a shard does once its share is full.
+    pub when_full: WhenFull,
+    /// `BUFFER_SYNC_INTERVAL`: the group-commit window.
+    pub sync_interval: Duration,
+    /// `TCP_ACK_AFTER`: when an acknowledging station's line is answered.
+    pub ack_after: AckAfter,
+}
+
+/// What a shard does when its disk buffer holds `BUFFER_MAX_BYTES` (`BUFFER_WHEN_FULL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Stop reading the sockets until delivered records free room (the default; as the
+    /// memory buffer does when its queue is full).
+    Block,
+    /// Refuse new lines: each is counted as failed, and an acknowledging station gets
+    /// `{"type":"nack","seq":N,"code":"buffer_full"}`.
+    DropNewest,
+}
+
+/// When an acknowledging station's line is answered, with a disk buffer (`TCP_ACK_AFTER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckAfter {
+    /// Once the `fdatasync` covering it completed (the default).
+    Durable,
+    /// Once Kafka acknowledged it, as without a disk buffer.
+    Delivered,
+}
+
+/// See [`DiskBuffer::sync_interval`]: the log's measured default (`stormgate_buffer::config`).
+pub const DEFAULT_BUFFER_SYNC_INTERVAL: Duration = stormgate_buffer::config::DEFAULT_SYNC_INTERVAL;
 
 /// See [`RuntimeConfig::max_in_flight_per_connection`]: half the default shard queue, so one
 /// connection cannot take all of it, and ~10 ms of a connection at 400K lines/s.
@@ -188,6 +231,7 @@ impl Default for RuntimeConfig {
             tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
             station_auth: None,
             station_auth_max_failures: DEFAULT_STATION_AUTH_MAX_FAILURES,
+            disk_buffer: None,
         }
     }
 }

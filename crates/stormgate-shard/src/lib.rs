@@ -41,6 +41,7 @@ pub mod tls;
 mod acks;
 mod buffers;
 mod connection;
+mod disk;
 mod events;
 mod gate;
 mod listener;
@@ -49,7 +50,7 @@ mod shard;
 mod signal;
 
 pub use auth::{Credentials, StationAuth};
-pub use config::RuntimeConfig;
+pub use config::{AckAfter, DiskBuffer, RuntimeConfig, WhenFull};
 pub use server::{Server, ServerHandle, ShardInfo, StartServerError};
 pub use sink::{
     DeliveryFailure, NullSink, NullSinkFactory, Outcome, Record, RecordReceiver, Sink, SinkContext,

@@ -11,7 +11,7 @@ use tracing::info;
 
 use crate::config::{FD_HEADROOM, RuntimeConfig};
 use crate::placement;
-use crate::shard::{self, ConnectionLimit, ShardStart};
+use crate::shard::{self, ConnectionLimit, ShardReady, ShardStart};
 use crate::sink::SinkFactory;
 
 /// Submission queue depth of each io_uring ring. Every idle connection has one poll request
@@ -60,6 +60,18 @@ pub enum StartServerError {
         /// The factory's error.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A shard's disk buffer could not be opened (its directory, a lock held by another
+    /// process, an I/O error): never a silent start-over.
+    #[error("cannot open the disk buffer of shard {shard}: {source}")]
+    Buffer {
+        /// The shard.
+        shard: usize,
+        /// The log's error, naming the path.
+        source: stormgate_buffer::OpenLogError,
+    },
+    /// The disk buffer's settings do not fit the machine (the message names the numbers).
+    #[error("disk buffer: {0}")]
+    BufferSettings(String),
     /// A shard thread could not be spawned or died before reporting.
     #[error("shard thread failed: {0}")]
     Thread(String),
@@ -98,6 +110,10 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        let buffer = match &config.disk_buffer {
+            Some(settings) => Some(crate::disk::prepare(settings, nr_shards)?),
+            None => None,
+        };
         let io_memory = placement::io_memory_per_shard(nr_shards, placement::memlock_limit());
         info!(
             %local_addr, nr_shards, cores = ?cores, io_memory, max_connections, open_files_limit = nofile,
@@ -116,6 +132,7 @@ impl Server {
             local_addr,
             shards: Vec::with_capacity(nr_shards),
             metrics: Vec::with_capacity(nr_shards),
+            buffers: Vec::new(),
             threads: Vec::with_capacity(nr_shards),
             stop: Arc::clone(&stop),
             max_connections,
@@ -137,6 +154,9 @@ impl Server {
                 factory: Arc::clone(&factory),
                 stop: Arc::clone(&stop),
                 ready: ready_tx.clone(),
+                buffer: buffer
+                    .as_ref()
+                    .map(|(cfg, adopted)| (cfg.clone(), adopted[id].clone())),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("shard-{id}"))
@@ -150,7 +170,12 @@ impl Server {
         drop(ready_tx);
         for _ in 0..nr_shards {
             match ready_rx.recv() {
-                Ok(Ok(info)) => handle.shards.push(info),
+                Ok(Ok(ShardReady { info, buffer })) => {
+                    handle.shards.push(info);
+                    if let Some(stats) = buffer {
+                        handle.buffers.push((info.id, stats));
+                    }
+                }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     return Err(StartServerError::Thread(
@@ -160,6 +185,7 @@ impl Server {
             }
         }
         handle.shards.sort_by_key(|s| s.id);
+        handle.buffers.sort_by_key(|(id, _)| *id);
         Ok(handle)
     }
 }
@@ -192,6 +218,7 @@ pub struct ServerHandle {
     local_addr: SocketAddr,
     shards: Vec<ShardInfo>,
     metrics: Vec<Arc<ShardMetrics>>,
+    buffers: Vec<(usize, Arc<stormgate_buffer::LogStats>)>,
     threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     max_connections: usize,
@@ -211,6 +238,11 @@ impl ServerHandle {
     /// Each shard's metrics, by shard id.
     pub fn metrics(&self) -> &[Arc<ShardMetrics>] {
         &self.metrics
+    }
+
+    /// With a disk buffer: each shard's log's counters, by shard id (empty without one).
+    pub fn buffer_stats(&self) -> Vec<Arc<stormgate_buffer::LogStats>> {
+        self.buffers.iter().map(|(_, s)| Arc::clone(s)).collect()
     }
 
     /// All shards' metrics summed.

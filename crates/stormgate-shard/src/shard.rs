@@ -24,11 +24,12 @@ use tracing::{debug, info};
 use crate::buffers::{BufPool, ReadBuf};
 use crate::config::RuntimeConfig;
 use crate::connection;
+use crate::disk::{self, ShardLogs};
 use crate::events::{AcceptFailed, ConnectionRejected};
 use crate::gate::ReadGate;
 use crate::server::{ShardInfo, StartServerError};
 use crate::signal::Signal;
-use crate::sink::{Ledger, Record, RecordReceiver, Sink, SinkContext, SinkFactory};
+use crate::sink::{Ledger, Record, RecordReceiver, Sink, SinkContext, SinkFactory, Stage};
 
 /// How often a shard checks the process's stop flag and its connections' read deadlines,
 /// and refreshes its gauges.
@@ -47,6 +48,8 @@ pub(crate) struct ShardCore {
     pub(crate) config: Arc<RuntimeConfig>,
     pub(crate) metrics: Arc<ShardMetrics>,
     pub(crate) ledger: Rc<Ledger>,
+    /// With a disk buffer: the ledger of the records between the log and the sink.
+    pub(crate) sink_ledger: Option<Rc<Ledger>>,
     pub(crate) parser: RefCell<LineParser>,
     pub(crate) read_buf: RefCell<ReadBuf>,
     pub(crate) backlogs: BufPool,
@@ -273,7 +276,16 @@ pub(crate) struct ShardStart<F> {
     pub(crate) socket: socket2::Socket,
     pub(crate) factory: Arc<F>,
     pub(crate) stop: Arc<AtomicBool>,
-    pub(crate) ready: mpsc::Sender<Result<ShardInfo, StartServerError>>,
+    pub(crate) ready: mpsc::Sender<Result<ShardReady, StartServerError>>,
+    /// With a disk buffer: the log's settings and the directories this shard adopts.
+    pub(crate) buffer: Option<(stormgate_buffer::LogConfig, Vec<std::path::PathBuf>)>,
+}
+
+/// What a shard reports once it serves.
+pub(crate) struct ShardReady {
+    pub(crate) info: ShardInfo,
+    /// Its disk buffer's counters.
+    pub(crate) buffer: Option<Arc<stormgate_buffer::LogStats>>,
 }
 
 /// Runs one shard to completion on the current executor.
@@ -287,6 +299,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         factory,
         stop,
         ready,
+        buffer,
     } = start;
     let sink = match factory.build(&info) {
         Ok(sink) => sink,
@@ -301,11 +314,44 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
     // SAFETY: the fd comes from a listening socket we own and hand over whole.
     let listener =
         unsafe { <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(socket.into_raw_fd()) };
+    let logs = match (&config.disk_buffer, &buffer) {
+        (Some(settings), Some((log_config, adopted))) => {
+            match ShardLogs::open(settings, log_config, info.id, adopted).await {
+                Ok(logs) => Some(logs),
+                Err(source) => {
+                    let _ = ready.send(Err(StartServerError::Buffer {
+                        shard: info.id,
+                        source,
+                    }));
+                    return;
+                }
+            }
+        }
+        _ => None,
+    };
+    let stage = if logs.is_some() {
+        Stage::Durable
+    } else {
+        Stage::Memory
+    };
     let ledger = Rc::new(Ledger::new(
         Arc::clone(&metrics),
         BufPool::new(PAYLOAD_POOL.0, PAYLOAD_POOL.1, PAYLOAD_POOL.2),
         config.max_in_flight_bytes,
+        stage,
     ));
+    let sink_ledger = logs.as_ref().map(|logs| {
+        let link = disk::link(logs, Rc::clone(&ledger));
+        Rc::new(
+            Ledger::new(
+                Arc::clone(&metrics),
+                BufPool::new(PAYLOAD_POOL.0, PAYLOAD_POOL.1, PAYLOAD_POOL.2),
+                0,
+                Stage::Log(link),
+            )
+            .sharing_deadline(&ledger),
+        )
+    });
     let core = Rc::new(ShardCore {
         read_buf: RefCell::new(ReadBuf::new(config.read_buffer_bytes)),
         parser: RefCell::new(LineParser::new()),
@@ -318,19 +364,37 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         all_closed: RefCell::new(None),
         raw_line: RefCell::new(Vec::new()),
         ledger: Rc::clone(&ledger),
+        sink_ledger: sink_ledger.clone(),
         config,
         metrics,
         limits,
     });
     let (tx, rx) = local_channel::new_bounded(core.config.queue_size);
     let queue = Rc::new(tx);
-    let sink_task = glommio::spawn_local(sink.run(
-        RecordReceiver::new(rx, Rc::clone(&core.gate)),
-        SinkContext::new(ledger),
-    ));
+    let records = RecordReceiver::new(rx, Rc::clone(&core.gate));
+    let (sink_task, disk_tasks) = match (&logs, sink_ledger) {
+        (Some(logs), Some(sink_ledger)) => {
+            let tasks = DiskTasks::start(logs, &ledger, &sink_ledger, records);
+            let (tx, rx) = local_channel::new_bounded(core.config.queue_size);
+            let gate = Rc::new(ReadGate::new(core.config.queue_size));
+            let sink_task = glommio::spawn_local(sink.run(
+                RecordReceiver::new(rx, Rc::clone(&gate)),
+                SinkContext::new(Rc::clone(&sink_ledger)),
+            ));
+            tasks.feed(logs, &sink_ledger, Rc::new(tx), &gate);
+            (sink_task, Some(tasks))
+        }
+        _ => (
+            glommio::spawn_local(sink.run(records, SinkContext::new(ledger))),
+            None,
+        ),
+    };
     glommio::spawn_local(housekeeping(Rc::clone(&core), stop, Rc::downgrade(&queue))).detach();
     info!(shard = info.id, core = info.core, "shard ready");
-    let _ = ready.send(Ok(info));
+    let _ = ready.send(Ok(ShardReady {
+        info,
+        buffer: logs.as_ref().map(ShardLogs::stats),
+    }));
     drop(ready);
 
     accept_loop(&core, &listener, &queue).await;
@@ -360,8 +424,81 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         core.all_closed().await;
     }
     drop(queue);
-    sink_task.await;
+    if let (Some(tasks), Some(logs)) = (disk_tasks, &logs) {
+        // Every record the connections handed over goes into the log (or is refused); the
+        // feeders end once they have read it all, which closes the sink's queue.
+        tasks.stage.await;
+        tasks.ended.set(true);
+        sink_task.await;
+        tasks.adopted_stop.set(true);
+        disk::close(logs, info.id).await;
+    } else {
+        sink_task.await;
+    }
     info!(shard = info.id, "shard stopped");
+}
+
+/// The disk buffer's tasks of one shard (see [`crate::disk`]).
+struct DiskTasks {
+    stage: glommio::Task<()>,
+    /// Set once the stage appends no more: the feeders stop at the end of the log.
+    ended: Rc<Cell<bool>>,
+    /// Stops watching adopted logs for removal.
+    adopted_stop: Rc<Cell<bool>>,
+}
+
+impl DiskTasks {
+    /// Starts the stage, between the shard queue and the shard's own log, and the removal
+    /// of adopted logs once delivered.
+    fn start(
+        logs: &ShardLogs,
+        ledger: &Rc<Ledger>,
+        sink_ledger: &Rc<Ledger>,
+        records: RecordReceiver,
+    ) -> DiskTasks {
+        let stage = glommio::spawn_local(disk::stage(
+            records,
+            Rc::clone(ledger),
+            logs.logs[0].clone(),
+            Rc::clone(sink_ledger),
+            logs.settings.clone(),
+        ));
+        let adopted_stop = Rc::new(Cell::new(false));
+        if logs.logs.len() > 1 {
+            glommio::spawn_local(disk::remove_adopted_when_drained(
+                logs.logs[1..].to_vec(),
+                Rc::clone(&adopted_stop),
+            ))
+            .detach();
+        }
+        DiskTasks {
+            stage,
+            ended: Rc::new(Cell::new(false)),
+            adopted_stop,
+        }
+    }
+
+    /// Starts a feeder per log into the sink's queue, which closes once all have ended.
+    fn feed(
+        &self,
+        logs: &ShardLogs,
+        sink_ledger: &Rc<Ledger>,
+        queue: Rc<LocalSender<Record>>,
+        gate: &Rc<ReadGate>,
+    ) {
+        for (i, log) in logs.logs.iter().enumerate() {
+            let reader = log.reader().expect("a log's reader is taken once, here");
+            glommio::spawn_local(disk::feed(
+                i,
+                reader,
+                Rc::clone(sink_ledger),
+                Rc::clone(&queue),
+                Rc::clone(gate),
+                Rc::clone(&self.ended),
+            ))
+            .detach();
+        }
+    }
 }
 
 async fn accept_loop(
@@ -446,7 +583,10 @@ async fn housekeeping(
         if let Some(queue) = queue.upgrade() {
             core.metrics.queue_depth.set(queue.len() as i64);
         }
-        core.metrics.records_in_flight.set(core.ledger.len() as i64);
+        let sink_side = core.sink_ledger.as_ref().map_or(0, |l| l.len());
+        core.metrics
+            .records_in_flight
+            .set((core.ledger.len() + sink_side) as i64);
         core.expire_overdue(Instant::now());
         if stop.load(Ordering::Relaxed) && !core.draining.is_fired() {
             // A timeout too long to add to a clock reading (years) waits a century.

@@ -105,6 +105,9 @@ pub struct ShardMetrics {
     pub dead_letters_delivered: Counter,
     /// Dead-letter records whose delivery finally failed (spilled like any record).
     pub dead_letters_failed: Counter,
+    /// Settlements of a record that was already settled or never opened: a bug in a sink,
+    /// always 0 (tests and benchmarks assert it).
+    pub settle_errors: Counter,
     /// Records taken but not yet settled (queue plus sink).
     pub records_in_flight: Gauge,
     /// Records waiting in the shard queue.
@@ -169,6 +172,8 @@ pub struct Totals {
     pub dead_letters_delivered: u64,
     /// See [`ShardMetrics::dead_letters_failed`].
     pub dead_letters_failed: u64,
+    /// See [`ShardMetrics::settle_errors`].
+    pub settle_errors: u64,
     /// See [`ShardMetrics::records_in_flight`].
     pub records_in_flight: i64,
     /// See [`ShardMetrics::queue_depth`].
@@ -219,6 +224,7 @@ impl Totals {
         self.dead_letters_enqueued += m.dead_letters_enqueued.get();
         self.dead_letters_delivered += m.dead_letters_delivered.get();
         self.dead_letters_failed += m.dead_letters_failed.get();
+        self.settle_errors += m.settle_errors.get();
         self.records_in_flight += m.records_in_flight.get();
         self.queue_depth += m.queue_depth.get();
         self.backpressure_waits += m.backpressure_waits.get();

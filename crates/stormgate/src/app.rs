@@ -155,7 +155,13 @@ pub fn start(cli: &Cli) -> anyhow::Result<App> {
                     (bootstrap, Some(cluster))
                 }
             };
-            let settings = cli.kafka_settings(&brokers)?;
+            let mut settings = cli.kafka_settings(&brokers)?;
+            if runtime.disk_buffer.is_some() {
+                // The disk buffer holds what Kafka has not taken: retriable failures are
+                // retried for as long as it does, never turned into losses or spill lines.
+                settings.delivery_timeout = std::time::Duration::ZERO;
+                settings.max_attempts = 0;
+            }
             if let Some(warning) = cli.idempotence_choice()?.warning() {
                 warn!("{warning}");
             }
@@ -187,6 +193,16 @@ pub fn start(cli: &Cli) -> anyhow::Result<App> {
         AnyFactory::Null(_) => None,
     };
     let timers_per_connection = runtime.idle_timeout.is_some() || runtime.line_timeout.is_some();
+    if let Some(buffer) = &runtime.disk_buffer {
+        info!(
+            dir = %buffer.dir.display(),
+            max_bytes = buffer.max_bytes,
+            when_full = ?buffer.when_full,
+            sync_interval = ?buffer.sync_interval,
+            ack_after = ?buffer.ack_after,
+            "disk buffer: a write-ahead log per shard"
+        );
+    }
     let server = Server::start(runtime, factory).context("starting the shards")?;
     let cores: Vec<usize> = server.shards().iter().map(|s| s.core).collect();
     info!(
@@ -205,7 +221,8 @@ pub fn start(cli: &Cli) -> anyhow::Result<App> {
         producer_stats.is_some(),
         server.max_connections(),
         timers_per_connection,
-    );
+    )
+    .with_buffers(server.buffer_stats());
     let ops = Ops::start(ops_state, ops_listener, cli.stats_interval)
         .context("starting the operations threads")?;
     Ok(App {

@@ -32,6 +32,35 @@ pub enum SinkKind {
     Null,
 }
 
+/// Where accepted records wait for the sink (`BUFFER_TYPE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BufferType {
+    /// In memory only: a crash loses what was accepted and not delivered.
+    Memory,
+    /// A write-ahead log per shard in BUFFER_DIR: outages absorbed on disk, a crash loses
+    /// nothing durable.
+    Disk,
+}
+
+/// What a shard does when its share of `BUFFER_MAX_BYTES` is full (`BUFFER_WHEN_FULL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WhenFull {
+    /// Stop reading the stations until deliveries free room.
+    Block,
+    /// Refuse new lines (counted as failed; acknowledging stations get a buffer_full nack).
+    #[value(name = "drop_newest")]
+    DropNewest,
+}
+
+/// When an acknowledging station's line is answered with a disk buffer (`TCP_ACK_AFTER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AckAfter {
+    /// Once durable in the disk buffer (its fdatasync completed).
+    Durable,
+    /// Once Kafka acknowledged it.
+    Delivered,
+}
+
 /// How stations prove which zipcode they may publish for (`STATION_AUTH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StationAuthMode {
@@ -118,6 +147,12 @@ pub struct Cli {
     /// 0 = no budget.
     #[arg(long, env = "TCP_MAX_BYTES_IN_FLIGHT", default_value = "64MiB", value_parser = parse_bytes, help_heading = "Stations")]
     pub max_bytes_in_flight: u64,
+
+    /// With BUFFER_TYPE=disk, when an acknowledging station's line is answered: `durable`
+    /// (once the fdatasync covering it completed) or `delivered` (once Kafka acknowledged
+    /// it). Without a disk buffer lines are always answered once delivered.
+    #[arg(long, env = "TCP_ACK_AFTER", value_enum, default_value_t = AckAfter::Durable, help_heading = "Stations")]
+    pub ack_after: AckAfter,
 
     /// Acknowledge lines that carry a seq, for connections whose identify does not say
     /// ("acks": true/false); see docs/PROTOCOL.md.
@@ -304,6 +339,40 @@ pub struct Cli {
     #[arg(long, env = "SPILL_DIR", value_name = "DIR", default_value = stormgate_kafka::sink::DEFAULT_SPILL_DIR, help_heading = "Kafka")]
     pub spill_dir: std::path::PathBuf,
 
+    /// Where accepted records wait for Kafka: `memory` (a crash loses what was not delivered)
+    /// or `disk` (a write-ahead log per shard in BUFFER_DIR; Kafka outages are absorbed on
+    /// disk and a crash loses nothing durable). See docs/RELIABILITY.md.
+    #[arg(long, env = "BUFFER_TYPE", value_enum, default_value_t = BufferType::Memory, help_heading = "Disk buffer")]
+    pub buffer_type: BufferType,
+
+    /// Directory of the disk buffer: one subdirectory per shard (shard-0, shard-1, ...).
+    /// Directories of shards that no longer exist are drained by the remaining ones.
+    #[arg(
+        long,
+        env = "BUFFER_DIR",
+        value_name = "DIR",
+        default_value = "buffer",
+        help_heading = "Disk buffer"
+    )]
+    pub buffer_dir: std::path::PathBuf,
+
+    /// Hard bound on the disk buffer's files, all shards together (split evenly; segments
+    /// count at their preallocated size). The server refuses to start when the file system
+    /// cannot hold it.
+    #[arg(long, env = "BUFFER_MAX_BYTES", default_value = "1GiB", value_parser = parse_bytes, help_heading = "Disk buffer")]
+    pub buffer_max_bytes: u64,
+
+    /// What a shard does when its share of BUFFER_MAX_BYTES is full: `block` (stop reading
+    /// stations until deliveries free room) or `drop_newest` (refuse new lines, counted;
+    /// acknowledging stations get a buffer_full nack).
+    #[arg(long, env = "BUFFER_WHEN_FULL", value_enum, default_value_t = WhenFull::Block, help_heading = "Disk buffer")]
+    pub buffer_when_full: WhenFull,
+
+    /// Group-commit window of the disk buffer: how long an accepted line may wait for the
+    /// fdatasync that makes it durable (and, with TCP_ACK_AFTER=durable, for its ack).
+    #[arg(long, env = "BUFFER_SYNC_INTERVAL", default_value = "2ms", value_parser = parse_duration, help_heading = "Disk buffer")]
+    pub buffer_sync_interval: Duration,
+
     /// Write the final per-shard statistics (counters, delivery latency) to this file as JSON
     /// at exit; used by the benchmark harness.
     #[arg(long, env = "STATS_FILE", value_name = "PATH")]
@@ -450,10 +519,28 @@ impl Cli {
             dead_letters: self.sink == SinkKind::Kafka && self.dlq_topic().is_some(),
             station_auth_max_failures: self.station_auth_max_failures,
             tls_handshake_timeout: self.tls_handshake_timeout,
+            disk_buffer: self.disk_buffer(),
             // The registry and the TLS files are loaded by `app::start`, which sets
             // `station_auth` and `tls`.
             ..RuntimeConfig::default()
         }
+    }
+
+    /// The disk buffer's settings, with BUFFER_TYPE=disk.
+    pub fn disk_buffer(&self) -> Option<rt::DiskBuffer> {
+        (self.buffer_type == BufferType::Disk).then(|| rt::DiskBuffer {
+            dir: self.buffer_dir.clone(),
+            max_bytes: self.buffer_max_bytes,
+            when_full: match self.buffer_when_full {
+                WhenFull::Block => rt::WhenFull::Block,
+                WhenFull::DropNewest => rt::WhenFull::DropNewest,
+            },
+            sync_interval: self.buffer_sync_interval,
+            ack_after: match self.ack_after {
+                AckAfter::Durable => rt::AckAfter::Durable,
+                AckAfter::Delivered => rt::AckAfter::Delivered,
+            },
+        })
     }
 
     /// The station registry's path, or why there is none.

@@ -33,6 +33,7 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use stormgate_buffer::LogStats;
 use stormgate_kafka::sink::{ProducerStats, ProducerStatsSnapshot};
 use stormgate_protocol::ErrorCode;
 use stormgate_shard::ShardInfo;
@@ -75,6 +76,8 @@ pub struct OpsState {
     /// Every open connection has a read timer armed (an idle or line timeout is set).
     timers_per_connection: bool,
     draining: AtomicBool,
+    /// With a disk buffer: each shard's log's counters.
+    buffers: Vec<Arc<LogStats>>,
 }
 
 impl OpsState {
@@ -96,7 +99,37 @@ impl OpsState {
             max_connections,
             timers_per_connection,
             draining: AtomicBool::new(false),
+            buffers: Vec::new(),
         }
+    }
+
+    /// With a disk buffer: each shard's log's counters, by shard.
+    pub fn with_buffers(mut self, buffers: Vec<Arc<LogStats>>) -> OpsState {
+        self.buffers = buffers;
+        self
+    }
+
+    /// What `/readyz` says besides `ready`: damage the disk buffer found at start, and
+    /// producers that are down while the disk buffer holds their records.
+    pub fn readiness_notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        for (shard, b) in self.buffers.iter().enumerate() {
+            let quarantined = b.quarantined_records.get();
+            let segments = b.segments_quarantined.get();
+            if quarantined > 0 || segments > 0 {
+                notes.push(format!(
+                    "disk buffer of shard {shard}: {segments} damaged segment(s) set aside in                      quarantine/, {quarantined} record(s) lost to damage (stormgate buffer inspect)"
+                ));
+            }
+        }
+        if !self.buffers.is_empty() {
+            for p in &self.producers {
+                if let Err(reason) = producer_readiness(&p.snapshot()) {
+                    notes.push(format!("{reason} (records wait in the disk buffer)"));
+                }
+            }
+        }
+        notes
     }
 
     /// Marks the server as shutting down: `/readyz` answers 503 from now on.
@@ -124,9 +157,22 @@ impl OpsState {
                 self.shards.len()
             ));
         }
-        for p in &self.producers {
-            if let Err(reason) = producer_readiness(&p.snapshot()) {
-                reasons.push(reason);
+        // With a disk buffer a broker outage is absorbed on disk: the process still takes
+        // traffic (the producers' state is a note), unless its storage fails.
+        if self.buffers.is_empty() {
+            for p in &self.producers {
+                if let Err(reason) = producer_readiness(&p.snapshot()) {
+                    reasons.push(reason);
+                }
+            }
+        }
+        for (shard, b) in self.buffers.iter().enumerate() {
+            let errno = b.last_storage_errno.get();
+            if errno != 0 {
+                reasons.push(format!(
+                    "disk buffer of shard {shard}: storage failing ({})",
+                    std::io::Error::from_raw_os_error(errno as i32)
+                ));
             }
         }
         if reasons.is_empty() {
@@ -371,7 +417,13 @@ fn respond(method: &str, path: &str, state: &OpsState) -> Response {
         }
         "/healthz" => Response::text(200, "ok\n"),
         _ => match state.readiness() {
-            Ok(()) => Response::text(200, "ready\n"),
+            Ok(()) => {
+                let mut body = String::from("ready\n");
+                for note in state.readiness_notes() {
+                    let _ = writeln!(body, "note: {note}");
+                }
+                Response::text(200, &body)
+            }
             Err(reasons) => Response::text(503, &format!("not ready: {reasons}\n")),
         },
     }
@@ -485,6 +537,11 @@ const SHARD_COUNTERS: &[(&str, &str, ShardValue)] = &[
         "stormgate_records_spilled_total",
         "Failed records written to the shard's spill file.",
         |m| m.records_spilled.get() as i64,
+    ),
+    (
+        "stormgate_settle_errors_total",
+        "Settlements of a record already settled or unknown: a bug, always 0.",
+        |m| m.settle_errors.get() as i64,
     ),
     (
         "stormgate_spill_failures_total",
@@ -603,6 +660,161 @@ pub fn render_metrics(state: &OpsState, out: &mut String) {
     );
     if !state.producers.is_empty() {
         render_producers(&mut p, state);
+    }
+    if !state.buffers.is_empty() {
+        render_buffers(&mut p, state);
+    }
+}
+
+/// The disk buffer's families, per shard (`BUFFER_TYPE=disk` only).
+fn render_buffers(p: &mut Prom<'_>, state: &OpsState) {
+    type Read = fn(&LogStats) -> u64;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let gauges: [(&str, &str, Read); 4] = [
+        (
+            "stormgate_buffer_bytes",
+            "Bytes the disk buffer's files occupy (segments at their preallocated size).",
+            |b| b.disk_bytes.get().max(0) as u64,
+        ),
+        (
+            "stormgate_buffer_records",
+            "Records in the disk buffer not yet delivered.",
+            |b| b.records.get().max(0) as u64,
+        ),
+        (
+            "stormgate_buffer_segments",
+            "Segment files in the disk buffer.",
+            |b| b.segments.get().max(0) as u64,
+        ),
+        (
+            "stormgate_buffer_storage_errno",
+            "OS error code of the disk buffer's last storage error (28 ENOSPC, 5 EIO), 0 once writes succeed.",
+            |b| b.last_storage_errno.get().max(0) as u64,
+        ),
+    ];
+    let counters: [(&str, &str, Read); 12] = [
+        (
+            "stormgate_buffer_appended_records_total",
+            "Records written to the disk buffer.",
+            |b| b.appended_records.get(),
+        ),
+        (
+            "stormgate_buffer_written_bytes_total",
+            "Bytes written to the disk buffer's segment files.",
+            |b| b.bytes_written.get(),
+        ),
+        (
+            "stormgate_buffer_fsyncs_total",
+            "fdatasync calls of the disk buffer.",
+            |b| b.fsyncs.get(),
+        ),
+        (
+            "stormgate_buffer_flushes_total",
+            "Group commits of the disk buffer (writes and the fdatasync covering them).",
+            |b| b.flushes.get(),
+        ),
+        (
+            "stormgate_buffer_replayed_records_total",
+            "Records the producer was fed from disk (not from memory): after an outage or a restart.",
+            |b| b.read_disk_records.get(),
+        ),
+        (
+            "stormgate_buffer_memory_records_total",
+            "Records the producer was fed from memory.",
+            |b| b.read_memory_records.get(),
+        ),
+        (
+            "stormgate_buffer_quarantined_records_total",
+            "Valid records lost to damage found in the disk buffer.",
+            |b| b.quarantined_records.get(),
+        ),
+        (
+            "stormgate_buffer_quarantined_segments_total",
+            "Damaged segments moved aside to quarantine/.",
+            |b| b.segments_quarantined.get(),
+        ),
+        (
+            "stormgate_buffer_torn_tails_total",
+            "Torn tails cut at start (the normal trace of a crash).",
+            |b| b.torn_tails.get(),
+        ),
+        (
+            "stormgate_buffer_full_events_total",
+            "Appends refused because the buffer held BUFFER_MAX_BYTES.",
+            |b| b.full_events.get(),
+        ),
+        (
+            "stormgate_buffer_storage_errors_total",
+            "Storage errors of the disk buffer (write, fdatasync, file creation, checkpoint).",
+            |b| b.storage_errors.get(),
+        ),
+        (
+            "stormgate_buffer_checkpoints_total",
+            "Delivered watermarks made durable.",
+            |b| b.checkpoints.get(),
+        ),
+    ];
+    let shards: Vec<String> = (0..state.buffers.len()).map(|i| i.to_string()).collect();
+    for (name, help, read) in gauges {
+        p.family(name, "gauge", help);
+        for (b, shard) in state.buffers.iter().zip(&shards) {
+            p.sample(name, &[("shard", shard)], read(b));
+        }
+    }
+    let name = "stormgate_buffer_oldest_record_age_seconds";
+    p.family(
+        name,
+        "gauge",
+        "Age of the oldest record in the disk buffer not yet delivered, 0 if none.",
+    );
+    for (b, shard) in state.buffers.iter().zip(&shards) {
+        let oldest = b.oldest_timestamp_ms.get();
+        let age = if oldest > 0 {
+            (now_ms - oldest).max(0) as f64 / 1e3
+        } else {
+            0.0
+        };
+        p.sample(name, &[("shard", shard)], age);
+    }
+    for (name, help, read) in counters {
+        p.family(name, "counter", help);
+        for (b, shard) in state.buffers.iter().zip(&shards) {
+            p.sample(name, &[("shard", shard)], read(b));
+        }
+    }
+    type Hist = fn(&LogStats) -> &stormgate_telemetry::LatencyHistogram;
+    let histograms: [(&str, &str, Hist); 2] = [
+        (
+            "stormgate_buffer_fsync_seconds",
+            "Duration of each fdatasync of a disk buffer segment.",
+            |b| &b.fsync_latency,
+        ),
+        (
+            "stormgate_buffer_durable_seconds",
+            "Append to durable: the group-commit wait plus the flush, per flush's oldest record.",
+            |b| &b.durable_latency,
+        ),
+    ];
+    for (name, help, read) in histograms {
+        p.family(name, "histogram", help);
+        let bucket = format!("{name}_bucket");
+        for (b, shard) in state.buffers.iter().zip(&shards) {
+            let h = read(b).snapshot();
+            for le in LATENCY_BUCKETS_SECONDS {
+                let n = h.count_at_most((le * 1e6) as u64);
+                p.sample(&bucket, &[("shard", shard), ("le", &le.to_string())], n);
+            }
+            let count = h.count_at_most(u64::MAX);
+            p.sample(&bucket, &[("shard", shard), ("le", "+Inf")], count);
+            p.sample(
+                &format!("{name}_sum"),
+                &[("shard", shard)],
+                h.sum_micros() as f64 / 1e6,
+            );
+            p.sample(&format!("{name}_count"), &[("shard", shard)], count);
+        }
     }
 }
 
@@ -740,6 +952,46 @@ pub struct StatsSample {
     pub totals: Totals,
     /// Each shard's queue depth, by shard id.
     pub queue_depth: Vec<i64>,
+    /// With a disk buffer: its counters, all shards summed.
+    pub buffer: Option<BufferSample>,
+}
+
+/// The disk buffer's counters at one moment, all shards summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BufferSample {
+    /// Records not yet delivered.
+    pub records: i64,
+    /// Bytes of its files.
+    pub bytes: i64,
+    /// Timestamp (ms since the epoch) of the oldest record not yet delivered, 0 if none.
+    pub oldest_ms: i64,
+    /// Bytes written to segments since start.
+    pub written_bytes: u64,
+    /// fdatasync calls since start.
+    pub fsyncs: u64,
+    /// Records fed to the producer from disk since start.
+    pub replayed: u64,
+}
+
+impl BufferSample {
+    fn take(buffers: &[Arc<LogStats>]) -> Option<BufferSample> {
+        if buffers.is_empty() {
+            return None;
+        }
+        let mut s = BufferSample::default();
+        for b in buffers {
+            s.records += b.records.get();
+            s.bytes += b.disk_bytes.get();
+            let oldest = b.oldest_timestamp_ms.get();
+            if oldest > 0 && (s.oldest_ms == 0 || oldest < s.oldest_ms) {
+                s.oldest_ms = oldest;
+            }
+            s.written_bytes += b.bytes_written.get();
+            s.fsyncs += b.fsyncs.get();
+            s.replayed += b.read_disk_records.get();
+        }
+        Some(s)
+    }
 }
 
 impl StatsSample {
@@ -749,8 +1001,26 @@ impl StatsSample {
             at: Instant::now(),
             totals: state.totals(),
             queue_depth: state.metrics.iter().map(|m| m.queue_depth.get()).collect(),
+            buffer: BufferSample::take(&state.buffers),
         }
     }
+}
+
+/// The disk buffer's part of a statistics block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BufferRates {
+    /// Records in the buffer now.
+    pub records: i64,
+    /// Bytes of its files now.
+    pub bytes: i64,
+    /// Age of its oldest undelivered record now, in seconds (0 if none).
+    pub oldest_age_s: f64,
+    /// Bytes written per second over the interval.
+    pub written_bytes_per_sec: f64,
+    /// fdatasync calls per second over the interval.
+    pub fsyncs_per_sec: f64,
+    /// Records fed from disk per second over the interval.
+    pub replayed_per_sec: f64,
 }
 
 /// One statistics block: the state now and the rates over the interval since the last.
@@ -779,6 +1049,8 @@ pub struct StatsBlock {
     pub delivery_failures_total: u64,
     /// Each shard's queue depth now, by shard id.
     pub queue_depth: Vec<i64>,
+    /// With a disk buffer: its state now and its rates.
+    pub buffer: Option<BufferRates>,
 }
 
 impl StatsBlock {
@@ -814,6 +1086,24 @@ impl StatsBlock {
             delivery_failures: c.records_failed.saturating_sub(p.records_failed),
             delivery_failures_total: c.records_failed,
             queue_depth: cur.queue_depth.clone(),
+            buffer: cur.buffer.map(|b| {
+                let before = prev.buffer.unwrap_or_default();
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                BufferRates {
+                    records: b.records,
+                    bytes: b.bytes,
+                    oldest_age_s: if b.oldest_ms > 0 {
+                        (now_ms - b.oldest_ms).max(0) as f64 / 1e3
+                    } else {
+                        0.0
+                    },
+                    written_bytes_per_sec: rate(before.written_bytes, b.written_bytes),
+                    fsyncs_per_sec: rate(before.fsyncs, b.fsyncs),
+                    replayed_per_sec: rate(before.replayed, b.replayed),
+                }
+            }),
         }
     }
 
@@ -833,6 +1123,18 @@ impl StatsBlock {
             queue_depth = %QueueDepths(&self.queue_depth),
             "statistics"
         );
+        if let Some(b) = &self.buffer {
+            info!(
+                target: "stormgate::stats",
+                buffer_records = b.records,
+                buffer_bytes = b.bytes,
+                buffer_oldest_age_s = b.oldest_age_s,
+                buffer_written_bytes_per_sec = b.written_bytes_per_sec,
+                buffer_fsyncs_per_sec = b.fsyncs_per_sec,
+                buffer_replayed_per_sec = b.replayed_per_sec,
+                "statistics: disk buffer"
+            );
+        }
     }
 }
 
@@ -1165,6 +1467,7 @@ mod tests {
                 delivery_failures: 5,
                 delivery_failures_total: 5,
                 queue_depth: vec![0, 17],
+                buffer: None,
             }
         );
         assert_eq!(QueueDepths(&block.queue_depth).to_string(), "0:0 1:17");

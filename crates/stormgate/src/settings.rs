@@ -10,6 +10,7 @@
 //! |---|---|
 //! | `TCP_<X>` | `<x>` in the `[tcp]` table (`TCP_JOB_QUEUE_SIZE` → `[tcp] job_queue_size`) |
 //! | `KAFKA_<X>` | `<x>` in the `[kafka]` table (`KAFKA_BROKERS` → `[kafka] brokers`) |
+//! | `BUFFER_<X>` | `<x>` in the `[buffer]` table (`BUFFER_MAX_BYTES` → `[buffer] max_bytes`) |
 //! | `KAFKA_PROP_<NAME>` | the librdkafka property in `[kafka.properties]` (`"socket.keepalive.enable" = "true"`) |
 //! | anything else | a top-level key, lowercase (`SHUTDOWN_TIMEOUT` → `shutdown_timeout`) |
 //!
@@ -107,6 +108,8 @@ pub fn toml_key(env: &str) -> Option<String> {
         format!("tcp.{k}")
     } else if let Some(k) = lower.strip_prefix("kafka_") {
         format!("kafka.{k}")
+    } else if let Some(k) = lower.strip_prefix("buffer_") {
+        format!("buffer.{k}")
     } else {
         lower
     })
@@ -269,7 +272,7 @@ fn flatten(path: &Path, table: &toml::Table) -> anyhow::Result<Flattened> {
     let mut properties = Vec::new();
     for (key, value) in table {
         match (key.as_str(), value) {
-            ("tcp" | "kafka", toml::Value::Table(inner)) => {
+            ("tcp" | "kafka" | "buffer", toml::Value::Table(inner)) => {
                 for (k, v) in inner {
                     let full = format!("{key}.{k}");
                     match (full.as_str(), v) {
@@ -285,7 +288,7 @@ fn flatten(path: &Path, table: &toml::Table) -> anyhow::Result<Flattened> {
             }
             (_, toml::Value::Table(_)) => {
                 bail!(
-                    "{}: unknown table `[{key}]` (tables: [tcp], [kafka], [{PROPERTIES_TABLE}])",
+                    "{}: unknown table `[{key}]` (tables: [tcp], [kafka], [buffer], [{PROPERTIES_TABLE}])",
                     path.display()
                 )
             }

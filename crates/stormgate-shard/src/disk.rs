@@ -1,0 +1,555 @@
+//! The disk buffer on a shard's way (`BUFFER_TYPE=disk`).
+//!
+//! With a disk buffer a record makes two hops instead of one:
+//!
+//! ```text
+//! connections → queue → [stage] → log (stormgate-buffer) → [feeders] → queue → sink
+//!              ledger (Durable)                            ledger (Log)
+//! ```
+//!
+//! - The *stage* takes records from the shard queue in order, appends each to the shard's
+//!   log (a memory copy and a CRC) and gives its buffer back at once, so the record's bytes
+//!   leave the connection's and the shard's byte budgets. It settles the record in the first
+//!   ledger once the `fdatasync` covering it completed: the connection's in-flight count
+//!   drops and an acknowledging station gets its `ack` (with `TCP_ACK_AFTER=delivered`
+//!   acknowledged records wait instead for the sink's report, through [`LogLink`]).
+//! - A *feeder* per log reads records back (from memory while the tail is hot, from disk
+//!   after an outage, oldest first) and hands them to the sink through a second queue and a
+//!   second ledger, whose settlements report each record to its log ([`LogLink::settled`]):
+//!   delivered or finally failed (and spilled) records are done; records the sink gave up at
+//!   the shutdown deadline stay in the log for the next start.
+//!
+//! When the log is full the stage stops taking records (`block`: the queue fills and the
+//! connections stop reading, as with a slow broker) or refuses them (`drop_newest`). While
+//! storage fails (ENOSPC, EIO) the log keeps appends in memory up to its staging bound, then
+//! the stage blocks the same way until the error clears.
+//!
+//! Directories of shards that no longer exist (`TCP_SHARDS` lowered) are adopted at start by
+//! shard `n % shards`, opened to drain, fed like the shard's own log, and removed once
+//! everything in them was delivered.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_lite::future;
+use glommio::channels::local_channel::LocalSender;
+use glommio::timer::sleep;
+use stormgate_buffer::{AppendError, Log, LogConfig, LogStats, OpenMode, Reader, RecordKind};
+use tracing::{info, warn};
+
+use crate::config::{AckAfter, DiskBuffer, WhenFull};
+use crate::gate::ReadGate;
+use crate::sink::{DeliveryFailure, Ledger, Outcome, Record, RecordReceiver, Ticket};
+
+/// Records a feeder hands to the sink's queue per read of its log.
+const FEED_BATCH: usize = 64;
+/// How often a task blocked on the log re-checks the shutdown deadline.
+const DEADLINE_CHECK: Duration = Duration::from_millis(50);
+/// How often an adopted log is checked for being delivered, to remove it.
+const ADOPTED_CHECK: Duration = Duration::from_millis(500);
+/// Largest segment file. 64 MiB: large enough that creating, preallocating and removing a
+/// segment is rare (once per ~250,000 typical records), small enough that a delivered
+/// segment frees its space soon.
+const MAX_SEGMENT_BYTES: u64 = 64 << 20;
+/// Smallest segment file (the log's unit of preallocation and removal).
+const MIN_SEGMENT_BYTES: u64 = 1 << 20;
+
+/// The name of shard `id`'s directory in `BUFFER_DIR`.
+pub fn shard_dir_name(id: usize) -> String {
+    format!("shard-{id}")
+}
+
+/// The shard number of a directory named by [`shard_dir_name`].
+pub fn parse_shard_dir_name(name: &str) -> Option<usize> {
+    let digits = name.strip_prefix("shard-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// One shard's log settings from the process-wide ones: an even share of
+/// `BUFFER_MAX_BYTES`, in segments of an eighth of it (1 to 64 MiB), so that a full log is
+/// several segments and a delivered one frees a fraction of the share.
+pub fn log_config(buffer: &DiskBuffer, nr_shards: usize) -> LogConfig {
+    let share = buffer.max_bytes / nr_shards.max(1) as u64;
+    let segment = (share / 8 / MIN_SEGMENT_BYTES * MIN_SEGMENT_BYTES)
+        .clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES);
+    let mut cfg = LogConfig::new(share);
+    cfg.segment_bytes = segment;
+    cfg.max_record_bytes = cfg
+        .max_record_bytes
+        .min((segment - stormgate_buffer::format::SEGMENT_HEADER_BYTES) as usize);
+    cfg.sync_interval = buffer.sync_interval;
+    cfg
+}
+
+/// The directories of `dir` that belong to shards `nr_shards` and above, by adopting shard.
+pub fn adopted_dirs(dir: &Path, nr_shards: usize) -> std::io::Result<Vec<Vec<PathBuf>>> {
+    let mut adopted = vec![Vec::new(); nr_shards];
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(adopted),
+        Err(e) => return Err(e),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let Some(id) = entry.file_name().to_str().and_then(parse_shard_dir_name) else {
+            continue;
+        };
+        if id >= nr_shards && entry.file_type()?.is_dir() {
+            found.push((id, entry.path()));
+        }
+    }
+    found.sort();
+    for (id, path) in found {
+        adopted[id % nr_shards].push(path);
+    }
+    Ok(adopted)
+}
+
+/// Where a record handed out by one of a shard's logs lives: the log (0 is the shard's own,
+/// then the adopted ones) and its sequence number there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LogPlace {
+    log: u32,
+    seq: u64,
+}
+
+/// What the sink's ledger needs to report records to their logs.
+pub(crate) struct LogLink {
+    logs: Vec<Log>,
+    /// The stage's ledger: acknowledged records waiting for delivery are settled there.
+    stage: Rc<Ledger>,
+    /// With `TCP_ACK_AFTER=delivered`: the stage's tickets of acknowledged records, by their
+    /// sequence number in the shard's own log.
+    awaiting: RefCell<HashMap<u64, Ticket>>,
+}
+
+impl LogLink {
+    /// Reports a record's fate to its log; false if it stays there for a later attempt.
+    pub(crate) fn settled(&self, at: LogPlace, outcome: &Outcome) -> bool {
+        let kept = matches!(outcome, Outcome::Failed(DeliveryFailure::ShutdownDeadline));
+        if !kept {
+            self.logs[at.log as usize].done(at.seq);
+        }
+        if at.log == 0 {
+            let waiting = self.awaiting.borrow_mut().remove(&at.seq);
+            if let Some(ticket) = waiting {
+                self.stage.settle(ticket, outcome.clone());
+            }
+        }
+        !kept
+    }
+}
+
+/// A shard's open logs: its own first, then the adopted ones.
+pub(crate) struct ShardLogs {
+    pub(crate) logs: Vec<Log>,
+    pub(crate) settings: DiskBuffer,
+}
+
+impl ShardLogs {
+    /// Opens shard `id`'s log and the adopted ones, and starts their background tasks.
+    pub(crate) async fn open(
+        settings: &DiskBuffer,
+        cfg: &LogConfig,
+        id: usize,
+        adopted: &[PathBuf],
+    ) -> Result<ShardLogs, stormgate_buffer::OpenLogError> {
+        let own = settings.dir.join(shard_dir_name(id));
+        let mut logs = Vec::with_capacity(1 + adopted.len());
+        let (log, _) = Log::open(&own, cfg.clone(), OpenMode::ReadWrite).await?;
+        glommio::spawn_local(log.run()).detach();
+        logs.push(log);
+        for dir in adopted {
+            let (log, report) = Log::open(dir, cfg.clone(), OpenMode::Drain).await?;
+            info!(
+                shard = id,
+                dir = %dir.display(),
+                undelivered = report.undelivered_records,
+                "adopted the disk buffer of a shard that no longer exists"
+            );
+            glommio::spawn_local(log.run()).detach();
+            logs.push(log);
+        }
+        Ok(ShardLogs {
+            logs,
+            settings: settings.clone(),
+        })
+    }
+
+    /// The shard's own log's counters.
+    pub(crate) fn stats(&self) -> Arc<LogStats> {
+        self.logs[0].stats()
+    }
+}
+
+/// Builds the link the sink's ledger reports through.
+pub(crate) fn link(logs: &ShardLogs, stage: Rc<Ledger>) -> LogLink {
+    LogLink {
+        logs: logs.logs.clone(),
+        stage,
+        awaiting: RefCell::new(HashMap::new()),
+    }
+}
+
+/// The stage: takes the shard queue's records into the shard's own log and settles each in
+/// `ledger` once durable. Returns once the queue closed and every record taken is settled.
+pub(crate) async fn stage(
+    records: RecordReceiver,
+    ledger: Rc<Ledger>,
+    log: Log,
+    link: Rc<Ledger>,
+    settings: DiskBuffer,
+) {
+    let durable: Rc<RefCell<VecDeque<(u64, Ticket)>>> = Rc::default();
+    let more = Rc::new(Notify::default());
+    let ended = Rc::new(Cell::new(false));
+    let settler = glommio::spawn_local(settle_durable(
+        log.clone(),
+        Rc::clone(&ledger),
+        Rc::clone(&durable),
+        Rc::clone(&more),
+        Rc::clone(&ended),
+    ));
+    while let Some(record) = records.recv().await {
+        let kind = if record.dead_letter {
+            RecordKind::DeadLetter
+        } else {
+            RecordKind::Metrics
+        };
+        loop {
+            let appended = log.append(
+                record.timestamp_ms,
+                kind,
+                record.key.as_bytes(),
+                &record.value,
+            );
+            let failure = match appended {
+                Ok(seq) => {
+                    ledger.release_bytes(record.ticket);
+                    if settings.ack_after == AckAfter::Delivered && ledger.is_acked(record.ticket) {
+                        awaiting(&link).borrow_mut().insert(seq, record.ticket);
+                    } else {
+                        durable.borrow_mut().push_back((seq, record.ticket));
+                        more.notify();
+                    }
+                    None
+                }
+                Err(AppendError::Full) if settings.when_full == WhenFull::DropNewest => {
+                    Some(DeliveryFailure::BufferFull)
+                }
+                Err(AppendError::Full | AppendError::Busy | AppendError::Failed) => {
+                    if past(&ledger) {
+                        Some(DeliveryFailure::ShutdownDeadline)
+                    } else {
+                        ledger.metrics.backpressure_waits.incr();
+                        future::or(log.writable(), sleep(DEADLINE_CHECK)).await;
+                        continue;
+                    }
+                }
+                Err(AppendError::TooLarge) => Some(DeliveryFailure::Rejected {
+                    reason: "record larger than the disk buffer's largest record".into(),
+                }),
+                Err(AppendError::Closed) => Some(DeliveryFailure::ShutdownDeadline),
+            };
+            if let Some(failure) = failure {
+                ledger.settle(record.ticket, Outcome::Failed(failure));
+            }
+            break;
+        }
+        ledger.payloads.give(record.value);
+    }
+    ended.set(true);
+    more.notify();
+    settler.await;
+    // Acknowledged records waiting for delivery: the sink reports them until the deadline.
+    while !awaiting(&link).borrow().is_empty() && !past(&ledger) {
+        sleep(DEADLINE_CHECK).await;
+    }
+    let left: Vec<Ticket> = awaiting(&link)
+        .borrow_mut()
+        .drain()
+        .map(|(_, t)| t)
+        .collect();
+    for ticket in left {
+        ledger.settle(ticket, Outcome::Failed(DeliveryFailure::ShutdownDeadline));
+    }
+}
+
+/// The `awaiting` map of the sink's ledger's link.
+fn awaiting(sink_ledger: &Ledger) -> &RefCell<HashMap<u64, Ticket>> {
+    &sink_ledger.log_link().awaiting
+}
+
+fn past(ledger: &Ledger) -> bool {
+    ledger.deadline.get().is_some_and(|d| Instant::now() >= d)
+}
+
+/// Settles the stage's records as the log makes them durable: one wait per flush, then
+/// every record it covered. At the shutdown deadline what is not durable yet (storage
+/// failing) is settled as failed: its station is told `shutdown` and resends.
+async fn settle_durable(
+    log: Log,
+    ledger: Rc<Ledger>,
+    records: Rc<RefCell<VecDeque<(u64, Ticket)>>>,
+    more: Rc<Notify>,
+    ended: Rc<Cell<bool>>,
+) {
+    loop {
+        let first = records.borrow().front().map(|&(seq, _)| seq);
+        let Some(first) = first else {
+            if ended.get() {
+                return;
+            }
+            more.notified().await;
+            continue;
+        };
+        let durable = future::or(async { Some(log.wait_durable(first).await) }, async {
+            sleep(DEADLINE_CHECK).await;
+            None
+        })
+        .await;
+        let (upto, outcome) = match durable {
+            Some(upto) => (upto, Outcome::Delivered),
+            None if past(&ledger) => (u64::MAX, Outcome::Failed(DeliveryFailure::ShutdownDeadline)),
+            None => continue,
+        };
+        loop {
+            let next = {
+                let mut records = records.borrow_mut();
+                match records.front() {
+                    Some(&(seq, ticket)) if seq <= upto => {
+                        records.pop_front();
+                        Some(ticket)
+                    }
+                    _ => None,
+                }
+            };
+            let Some(ticket) = next else { break };
+            ledger.settle(ticket, outcome.clone());
+        }
+    }
+}
+
+/// The sink's side: hands one log's records to the sink's queue, each with a ticket of the
+/// sink's ledger. Returns once the log is read to its end and no record can be appended any
+/// more (`ended`, or a log opened to drain), or at the shutdown deadline.
+pub(crate) async fn feed(
+    index: usize,
+    mut reader: Reader,
+    ledger: Rc<Ledger>,
+    queue: Rc<LocalSender<Record>>,
+    gate: Rc<ReadGate>,
+    ended: Rc<Cell<bool>>,
+) {
+    let log = ledger.log_link().logs[index].clone();
+    let appendable = index == 0;
+    let mut batch: Vec<Record> = Vec::with_capacity(FEED_BATCH);
+    loop {
+        if past(&ledger) {
+            return;
+        }
+        let caught_up = reader.next_seq() > log.last_seq();
+        if caught_up && (!appendable || ended.get()) && log.outstanding() == 0 {
+            return;
+        }
+        let mut take = |view: stormgate_buffer::RecordView<'_>| {
+            batch.push(to_record(&ledger, index, view));
+            ControlFlow::Continue(())
+        };
+        if caught_up {
+            // Nothing to read: wait for an append (or a record asked for again) or the next
+            // check of the end of appends and of the deadline.
+            future::or(
+                async {
+                    reader.read(FEED_BATCH, &mut take).await;
+                },
+                sleep(DEADLINE_CHECK),
+            )
+            .await;
+        } else {
+            reader.read(FEED_BATCH, &mut take).await;
+        }
+        for record in batch.drain(..) {
+            gate.enqueued();
+            if let Err(e) = queue.send(record).await {
+                warn!(error = %e, "the sink's queue closed while the disk buffer fed it");
+                return;
+            }
+        }
+    }
+}
+
+/// A record handed out by log `index` as the sink takes it.
+fn to_record(ledger: &Ledger, index: usize, view: stormgate_buffer::RecordView<'_>) -> Record {
+    let dead_letter = view.kind == RecordKind::DeadLetter;
+    // Latency counts from when the line was read, also across a restart.
+    let age = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |now| now.as_millis() as i64)
+        .saturating_sub(view.timestamp_ms)
+        .max(0) as u64;
+    let now = Instant::now();
+    let read_at = now.checked_sub(Duration::from_millis(age)).unwrap_or(now);
+    let at = LogPlace {
+        log: index as u32,
+        seq: view.seq,
+    };
+    let ticket = ledger.open_logged(read_at, dead_letter, at);
+    let mut value = ledger.payloads.take();
+    value.extend_from_slice(view.value);
+    Record {
+        key: Rc::from(String::from_utf8_lossy(view.key).as_ref()),
+        value,
+        timestamp_ms: view.timestamp_ms,
+        ticket,
+        dead_letter,
+    }
+}
+
+/// After the sink finished: closes every log (a last checkpoint; what was not delivered
+/// stays for the next start) and removes the adopted ones that are fully delivered.
+pub(crate) async fn close(logs: &ShardLogs, shard: usize) {
+    for (i, log) in logs.logs.iter().enumerate() {
+        if i == 0 {
+            log.close().await;
+            continue;
+        }
+        // A last checkpoint first: only a checkpointed log counts as drained.
+        log.close().await;
+        info!(
+            shard,
+            dir = %log.dir().display(),
+            delivered = log.is_drained(),
+            "adopted disk buffer closed"
+        );
+    }
+}
+
+/// Removes adopted logs once everything in them was delivered and checkpointed, while the
+/// shard runs.
+pub(crate) async fn remove_adopted_when_drained(logs: Vec<Log>, stop: Rc<Cell<bool>>) {
+    let mut left = logs;
+    while !left.is_empty() && !stop.get() {
+        sleep(ADOPTED_CHECK).await;
+        let mut keep = Vec::with_capacity(left.len());
+        for log in left {
+            if log.is_drained() {
+                let dir = log.dir().to_path_buf();
+                match log.remove_drained().await {
+                    Ok(true) => {
+                        info!(dir = %dir.display(), "adopted disk buffer delivered and removed")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(dir = %dir.display(), error = %e, "cannot remove a delivered disk buffer")
+                    }
+                }
+            } else {
+                keep.push(log);
+            }
+        }
+        left = keep;
+    }
+}
+
+/// Wakes one waiting task; remembers a notification nobody waited for. Shard-local.
+#[derive(Default)]
+struct Notify {
+    notified: Cell<bool>,
+    waiter: Cell<Option<std::task::Waker>>,
+}
+
+impl Notify {
+    fn notify(&self) {
+        self.notified.set(true);
+        if let Some(w) = self.waiter.take() {
+            w.wake();
+        }
+    }
+
+    async fn notified(&self) {
+        std::future::poll_fn(|cx| {
+            if self.notified.replace(false) {
+                std::task::Poll::Ready(())
+            } else {
+                self.waiter.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+    }
+}
+
+/// Checks the disk buffer's settings against the machine before any shard starts: each
+/// shard's share makes a valid log, `BUFFER_DIR` exists (created if missing) and its file
+/// system can hold `BUFFER_MAX_BYTES`. Returns the log settings and, per shard, the
+/// directories it adopts.
+pub(crate) fn prepare(
+    settings: &DiskBuffer,
+    nr_shards: usize,
+) -> Result<(LogConfig, Vec<Vec<PathBuf>>), crate::server::StartServerError> {
+    use crate::server::StartServerError::BufferSettings;
+    let dir = &settings.dir;
+    let cfg = log_config(settings, nr_shards);
+    cfg.validate().map_err(|e| {
+        BufferSettings(format!(
+            "BUFFER_MAX_BYTES {} split over {nr_shards} shards is {} bytes each, too small: {e}",
+            settings.max_bytes, cfg.max_bytes
+        ))
+    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| BufferSettings(format!("cannot create BUFFER_DIR {}: {e}", dir.display())))?;
+    let free = free_bytes(dir)
+        .map_err(|e| BufferSettings(format!("cannot stat BUFFER_DIR {}: {e}", dir.display())))?;
+    let used = used_bytes(dir);
+    if settings.max_bytes > free.saturating_add(used) {
+        return Err(BufferSettings(format!(
+            "BUFFER_MAX_BYTES is {} bytes but the file system of BUFFER_DIR {} can hold {} \
+             ({free} free + {used} already in the buffer); lower BUFFER_MAX_BYTES or free space",
+            settings.max_bytes,
+            dir.display(),
+            free.saturating_add(used),
+        )));
+    }
+    let adopted = adopted_dirs(dir, nr_shards)
+        .map_err(|e| BufferSettings(format!("cannot list BUFFER_DIR {}: {e}", dir.display())))?;
+    Ok((cfg, adopted))
+}
+
+/// Bytes an unprivileged process may still write on the file system of `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `path` is NUL-terminated and `st` is written by the call before it is read.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Bytes the files under `dir` occupy on disk (what the buffer already holds).
+fn used_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => used_bytes(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
