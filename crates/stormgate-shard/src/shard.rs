@@ -57,6 +57,9 @@ pub(crate) struct ShardCore {
     pub(crate) logs: Logs,
     /// Fired when shutdown begins: stop accepting, stop reading.
     pub(crate) draining: Signal,
+    /// Set once the sink finished: housekeeping ends (it holds the core, and with it the
+    /// disk buffer's files and their locks).
+    stopped: Cell<bool>,
     /// Parks connections before they read while the record queue is full.
     pub(crate) gate: Rc<ReadGate>,
     /// Open connections' sockets and read deadlines: shutdown wakes and ends them through
@@ -358,6 +361,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         backlogs: BufPool::new(BACKLOG_POOL.0, BACKLOG_POOL.1, BACKLOG_POOL.2),
         logs: Logs::default(),
         draining: Signal::default(),
+        stopped: Cell::new(false),
         gate: Rc::new(ReadGate::new(config.queue_size)),
         sockets: RefCell::new(Slab::new()),
         next_deadline: Cell::new(None),
@@ -389,7 +393,8 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
             None,
         ),
     };
-    glommio::spawn_local(housekeeping(Rc::clone(&core), stop, Rc::downgrade(&queue))).detach();
+    let housekeeper =
+        glommio::spawn_local(housekeeping(Rc::clone(&core), stop, Rc::downgrade(&queue)));
     info!(shard = info.id, core = info.core, "shard ready");
     let _ = ready.send(Ok(ShardReady {
         info,
@@ -430,11 +435,19 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         tasks.stage.await;
         tasks.ended.set(true);
         sink_task.await;
+        for feeder in tasks.feeders.take() {
+            feeder.await;
+        }
         tasks.adopted_stop.set(true);
+        if let Some(adopted) = tasks.adopted {
+            adopted.await;
+        }
         disk::close(logs, info.id).await;
     } else {
         sink_task.await;
     }
+    core.stopped.set(true);
+    housekeeper.await;
     info!(shard = info.id, "shard stopped");
 }
 
@@ -445,6 +458,10 @@ struct DiskTasks {
     ended: Rc<Cell<bool>>,
     /// Stops watching adopted logs for removal.
     adopted_stop: Rc<Cell<bool>>,
+    /// The task removing adopted logs once delivered.
+    adopted: Option<glommio::Task<()>>,
+    /// One per log, started by [`DiskTasks::feed`].
+    feeders: Cell<Vec<glommio::Task<()>>>,
 }
 
 impl DiskTasks {
@@ -464,17 +481,18 @@ impl DiskTasks {
             logs.settings.clone(),
         ));
         let adopted_stop = Rc::new(Cell::new(false));
-        if logs.logs.len() > 1 {
+        let adopted = (logs.logs.len() > 1).then(|| {
             glommio::spawn_local(disk::remove_adopted_when_drained(
                 logs.logs[1..].to_vec(),
                 Rc::clone(&adopted_stop),
             ))
-            .detach();
-        }
+        });
         DiskTasks {
             stage,
             ended: Rc::new(Cell::new(false)),
             adopted_stop,
+            adopted,
+            feeders: Cell::new(Vec::new()),
         }
     }
 
@@ -486,18 +504,23 @@ impl DiskTasks {
         queue: Rc<LocalSender<Record>>,
         gate: &Rc<ReadGate>,
     ) {
-        for (i, log) in logs.logs.iter().enumerate() {
-            let reader = log.reader().expect("a log's reader is taken once, here");
-            glommio::spawn_local(disk::feed(
-                i,
-                reader,
-                Rc::clone(sink_ledger),
-                Rc::clone(&queue),
-                Rc::clone(gate),
-                Rc::clone(&self.ended),
-            ))
-            .detach();
-        }
+        let feeders = logs
+            .logs
+            .iter()
+            .enumerate()
+            .map(|(i, log)| {
+                let reader = log.reader().expect("a log's reader is taken once, here");
+                glommio::spawn_local(disk::feed(
+                    i,
+                    reader,
+                    Rc::clone(sink_ledger),
+                    Rc::clone(&queue),
+                    Rc::clone(gate),
+                    Rc::clone(&self.ended),
+                ))
+            })
+            .collect();
+        self.feeders.set(feeders);
     }
 }
 
@@ -578,7 +601,7 @@ async fn housekeeping(
     stop: Arc<AtomicBool>,
     queue: Weak<LocalSender<Record>>,
 ) {
-    loop {
+    while !core.stopped.get() {
         sleep(TICK).await;
         if let Some(queue) = queue.upgrade() {
             core.metrics.queue_depth.set(queue.len() as i64);

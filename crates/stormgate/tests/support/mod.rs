@@ -27,18 +27,20 @@ pub fn fresh_topic(brokers: &str, prefix: &str) -> String {
     topic
 }
 
-/// Starts Stormgate in this process on 127.0.0.1:0 with two shards and the given extra flags.
-/// Spill files go to a fresh temporary directory unless `extra` names one.
+/// Starts Stormgate in this process on 127.0.0.1:0 with two shards (unless `extra` says
+/// `--shards`) and the given extra flags. Spill files go to a fresh temporary directory
+/// unless `extra` names one.
 pub fn start(extra: &[&str]) -> App {
     let mut args = vec![
         "stormgate",
         "--listen",
         "127.0.0.1:0",
-        "--shards",
-        "2",
         "--metrics-addr",
         "127.0.0.1:0",
     ];
+    if !extra.contains(&"--shards") {
+        args.extend_from_slice(&["--shards", "2"]);
+    }
     args.extend_from_slice(extra);
     let spill_dir;
     if !extra.contains(&"--spill-dir") {
