@@ -64,6 +64,17 @@ fn acked_station(
     seqs: std::ops::Range<u64>,
     limit: Duration,
 ) -> Answers {
+    acked_station_with(addr, zipcode, seqs, limit, None)
+}
+
+/// [`acked_station`], with every line's data `data` when given.
+fn acked_station_with(
+    addr: SocketAddr,
+    zipcode: &str,
+    seqs: std::ops::Range<u64>,
+    limit: Duration,
+    data: Option<String>,
+) -> Answers {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(limit)).unwrap();
     let identify = format!(
@@ -72,7 +83,13 @@ fn acked_station(
     s.write_all(identify.as_bytes()).unwrap();
     let writer = {
         let mut s = s.try_clone().unwrap();
-        let text = lines(0, seqs.start, seqs.end - seqs.start);
+        let text = match data {
+            None => lines(0, seqs.start, seqs.end - seqs.start),
+            Some(data) => seqs
+                .clone()
+                .map(|i| format!("{{\"type\":\"metrics\",\"seq\":{i},\"data\":\"{data}\"}}\n"))
+                .collect(),
+        };
         std::thread::spawn(move || s.write_all(text.as_bytes()))
     };
     let mut replies = BufReader::new(s);
@@ -790,4 +807,150 @@ fn fewer_shards_drain_the_orphaned_directory() {
     for (zip, seqs) in by_station {
         assert_eq!(seqs, (0..LINES).collect::<Vec<_>>(), "{zip}");
     }
+}
+
+/// A loop-mounted ext4 file system of `mib` MiB, unmounted and removed on drop. Needs root
+/// and loop devices; without them the test fails and says so.
+struct SmallFs {
+    base: PathBuf,
+    mnt: PathBuf,
+}
+
+impl SmallFs {
+    fn new(name: &str, mib: u64) -> SmallFs {
+        fn sh(cmd: &str, args: &[&str]) {
+            let out = Command::new(cmd)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+            assert!(
+                out.status.success(),
+                "this test needs root and loop devices; `{cmd} {}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{name}-{}", uuid::Uuid::now_v7()));
+        let mnt = base.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let img = base.join("img");
+        let img = img.to_str().unwrap();
+        sh("truncate", &["-s", &format!("{mib}M"), img]);
+        sh("mkfs.ext4", &["-q", "-F", img]);
+        sh("mount", &["-o", "loop", img, mnt.to_str().unwrap()]);
+        SmallFs { base, mnt }
+    }
+
+    /// Takes all but `leave` bytes of the free space into one file, returned.
+    fn fill(&self, leave: u64) -> PathBuf {
+        let c = std::ffi::CString::new(self.mnt.to_str().unwrap()).unwrap();
+        // SAFETY: statvfs fills the struct we pass.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        let free = st.f_bavail * st.f_frsize;
+        let path = self.mnt.join("filler");
+        let f = std::fs::File::create(&path).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on an open descriptor.
+        let len = free.saturating_sub(leave) as i64;
+        assert_eq!(
+            unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) },
+            0,
+            "filler"
+        );
+        f.sync_all().unwrap();
+        path
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+        let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
+
+/// Issue test 6: the disk fills up under the buffer (ENOSPC, for real, on a loop-mounted
+/// file system): the shard stops reading instead of acknowledging what it cannot make
+/// durable, the errors are counted, `/readyz` says why, and once space comes back every
+/// line is acknowledged; a restart with the broker delivers them all. (EIO is injected below
+/// the log by stormgate-buffer's own fault tests.)
+#[test]
+fn a_full_disk_stops_reading_and_loses_nothing_acknowledged() {
+    const LINES: u64 = 12_000;
+    let fs = SmallFs::new("stormgate-enospc", 64);
+    let dir = fs.mnt.join("buffer");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let args = |brokers: &str, topic: &str| -> Vec<String> {
+        [
+            "--shards",
+            "1",
+            "--kafka-brokers",
+            brokers,
+            "--kafka-topic",
+            topic,
+            "--shutdown-timeout",
+            "1s",
+            "--buffer-type",
+            "disk",
+            "--buffer-dir",
+            &dir_arg,
+            "--buffer-max-bytes",
+            "32MiB",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let brokers = broker();
+    let topic = fresh_topic(&brokers, "disk-enospc");
+    let first_args = args("127.0.0.1:1", &topic);
+    let app = start(&first_args.iter().map(String::as_str).collect::<Vec<_>>());
+    // ~3 MiB left: the log's first segments fit, the ones after do not.
+    let filler = fs.fill(3 << 20);
+    let addr = app.local_addr();
+    let station = std::thread::spawn(move || {
+        acked_station_with(
+            addr,
+            "70000",
+            0..LINES,
+            Duration::from_secs(180),
+            Some(wide_data()),
+        )
+    });
+    let stats = app.server().buffer_stats();
+    wait_for("storage errors", Duration::from_secs(60), || {
+        stats[0].storage_errors.get() > 0
+    });
+    let readyz = app_readyz(&app);
+    assert!(readyz.contains("storage failing"), "{readyz}");
+    // Reading stopped short of the stations' lines, and only durable lines were answered.
+    std::thread::sleep(Duration::from_secs(1));
+    let received = app.server().totals().lines_received;
+    assert!(received < LINES, "the shard kept reading: {received} lines");
+    assert!(stats[0].durable_seq.get() < LINES as i64);
+
+    std::fs::remove_file(filler).unwrap();
+    let answers = station.join().unwrap();
+    assert!(answers.nacks.is_empty(), "{:?}", answers.nacks);
+    assert_eq!(
+        answers.acked.len() as u64,
+        LINES,
+        "every line acknowledged once space came back"
+    );
+    assert!(app_readyz(&app).starts_with("ready"));
+    app.stop().unwrap();
+
+    let second_args = args(&brokers, &topic);
+    let app = start(&second_args.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_for(
+        "every acknowledged line delivered",
+        Duration::from_secs(120),
+        || app.server().totals().records_delivered == LINES,
+    );
+    app.stop().unwrap();
+    let records = consume(&brokers, &topic, LINES as usize);
+    let (by_station, duplicates) = arrived(&records);
+    assert_eq!(duplicates, 0);
+    assert_eq!(by_station["70000"], (0..LINES).collect::<Vec<_>>());
 }
