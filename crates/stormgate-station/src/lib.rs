@@ -62,7 +62,9 @@ pub enum Reply {
         #[serde(default)]
         seq: Option<u64>,
     },
-    /// Lines are in Kafka: the one with `seq`, or every unanswered one up to `upto`.
+    /// Lines are in Kafka — or, from a server with a disk buffer and
+    /// `TCP_ACK_AFTER=durable`, durable on its disk: the one with `seq`, or every unanswered
+    /// one up to `upto`.
     Ack {
         /// A single line.
         #[serde(default)]
@@ -75,7 +77,8 @@ pub enum Reply {
     Nack {
         /// The line.
         seq: u64,
-        /// Why: `delivery_failed` or `shutdown`.
+        /// Why: `delivery_failed`, `shutdown`, or `buffer_full` (the server's disk buffer
+        /// was full; resend it later).
         code: String,
     },
 }
