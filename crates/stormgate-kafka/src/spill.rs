@@ -232,6 +232,29 @@ impl ReplayReport {
     }
 }
 
+/// Why [`replay`] stopped before it could account for every line.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// A file operation failed; `what` says which, on `path`.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done: "taking over", "opening", "reading", ...
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The replay producer could not be created (its settings).
+    #[error("creating the replay producer: {0}")]
+    Producer(#[from] rdkafka::error::KafkaError),
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ReplayError {
+    let path = path.to_path_buf();
+    move |source| ReplayError::Io { what, path, source }
+}
+
 /// Options of [`replay`].
 #[derive(Debug, Clone, Default)]
 pub struct ReplayOptions {
@@ -245,19 +268,17 @@ pub fn replay(
     path: &Path,
     settings: &KafkaSettings,
     opts: &ReplayOptions,
-) -> anyhow::Result<ReplayReport> {
-    use anyhow::Context as _;
+) -> Result<ReplayReport, ReplayError> {
     let taken = taken_name(path);
-    fs::rename(path, &taken)
-        .with_context(|| format!("taking {} over for the replay", path.display()))?;
-    let file = File::open(&taken).with_context(|| format!("opening {}", taken.display()))?;
+    fs::rename(path, &taken).map_err(io_error("taking over for the replay", path))?;
+    let file = File::open(&taken).map_err(io_error("opening", &taken))?;
     // Waits out a writer that opened the file before the rename; released at once.
-    drop(Flock::exclusive(&file)?);
+    drop(Flock::exclusive(&file).map_err(io_error("locking", &taken))?);
 
     let mut report = ReplayReport::default();
     let mut lines: Vec<Result<SpillLine, String>> = Vec::new();
     for line in BufReader::new(&file).lines() {
-        let line = line.with_context(|| format!("reading {}", taken.display()))?;
+        let line = line.map_err(io_error("reading", &taken))?;
         if line.trim().is_empty() {
             continue;
         }
@@ -268,8 +289,7 @@ pub fn replay(
     let producer: BaseProducer<ReplayContext> = settings
         .client_config(0)
         .set("client.id", "stormgate-replay")
-        .create_with_context(ReplayContext::default())
-        .context("creating the replay producer")?;
+        .create_with_context(ReplayContext::default())?;
     let mut outcome: Vec<Option<Result<(), String>>> = vec![None; lines.len()];
     for (i, line) in lines.iter().enumerate() {
         let line = match line {
@@ -339,10 +359,9 @@ pub fn replay(
         }
     }
     if !keep.is_empty() {
-        append_locked(path, &keep)
-            .with_context(|| format!("writing undelivered lines back to {}", path.display()))?;
+        append_locked(path, &keep).map_err(io_error("writing undelivered lines back to", path))?;
     }
-    fs::remove_file(&taken).with_context(|| format!("removing {}", taken.display()))?;
+    fs::remove_file(&taken).map_err(io_error("removing", &taken))?;
     Ok(report)
 }
 

@@ -553,3 +553,98 @@ fn used_bytes(dir: &Path) -> u64 {
         })
         .sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(dir: &Path, max_bytes: u64) -> DiskBuffer {
+        DiskBuffer {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            when_full: WhenFull::Block,
+            sync_interval: Duration::from_millis(2),
+            ack_after: AckAfter::Durable,
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "stormgate-disk-{name}-{}-{}",
+            std::process::id(),
+            uuid::Uuid::now_v7()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn each_shard_gets_an_even_share_in_segments_of_an_eighth() {
+        let dir = Path::new("/unused");
+        let one = log_config(&settings(dir, 1 << 30), 2);
+        assert_eq!(one.max_bytes, 512 << 20);
+        assert_eq!(one.segment_bytes, 64 << 20);
+        assert_eq!(one.validate(), Ok(()));
+        let small = log_config(&settings(dir, 16 << 20), 1);
+        assert_eq!(small.segment_bytes, 2 << 20);
+        assert!(small.max_record_bytes <= (2 << 20) - 4096);
+        assert_eq!(small.validate(), Ok(()));
+        // Below 1 MiB segments the share cannot hold two: refused by validation.
+        assert!(log_config(&settings(dir, 1 << 20), 4).validate().is_err());
+    }
+
+    #[test]
+    fn shard_directories_are_named_and_parsed_strictly() {
+        assert_eq!(shard_dir_name(7), "shard-7");
+        assert_eq!(parse_shard_dir_name("shard-7"), Some(7));
+        for bad in [
+            "shard-",
+            "shard-x",
+            "shard--1",
+            "shard-1.bak",
+            "Shard-1",
+            "quarantine",
+        ] {
+            assert_eq!(parse_shard_dir_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn directories_of_missing_shards_go_to_shard_n_modulo_the_count() {
+        let dir = temp_dir("adopt");
+        for name in ["shard-0", "shard-1", "shard-2", "shard-5", "other"] {
+            std::fs::create_dir(dir.join(name)).unwrap();
+        }
+        std::fs::write(dir.join("shard-9"), b"a file, not a directory").unwrap();
+        let adopted = adopted_dirs(&dir, 2).unwrap();
+        assert_eq!(adopted[0], vec![dir.join("shard-2")]);
+        assert_eq!(adopted[1], vec![dir.join("shard-5")]);
+        assert!(adopted_dirs(&dir, 8).unwrap().iter().all(Vec::is_empty));
+        assert_eq!(
+            adopted_dirs(&dir.join("absent"), 2).unwrap(),
+            vec![Vec::<PathBuf>::new(); 2]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_bound_the_file_system_cannot_hold_is_refused_with_its_numbers() {
+        let dir = temp_dir("capacity");
+        let err = prepare(&settings(&dir, 1 << 60), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&(1u64 << 60).to_string()), "{err}");
+        assert!(
+            err.contains("free") && err.contains(dir.to_str().unwrap()),
+            "{err}"
+        );
+        let err = prepare(&settings(&dir, 3 << 20), 2)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("3145728") && err.contains("2 shards"), "{err}");
+        let (cfg, adopted) = prepare(&settings(&dir.join("new"), 64 << 20), 2).unwrap();
+        assert!(dir.join("new").is_dir(), "BUFFER_DIR is created");
+        assert_eq!((cfg.max_bytes, adopted.len()), (32 << 20, 2));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -912,6 +912,47 @@ mod tests {
     /// README's configuration table is what operators read: every variable and flag the
     /// binary accepts is in it, with the default `--help` shows.
     #[test]
+    fn the_disk_buffer_is_off_by_default_and_its_settings_map_through() {
+        assert_eq!(parse(&[]).runtime_config().disk_buffer, None);
+        let cli = parse(&[
+            "--buffer-type",
+            "disk",
+            "--buffer-dir",
+            "/data/buffer",
+            "--buffer-max-bytes",
+            "10GiB",
+            "--buffer-when-full",
+            "drop_newest",
+            "--buffer-sync-interval",
+            "5ms",
+            "--ack-after",
+            "delivered",
+        ]);
+        assert_eq!(
+            cli.runtime_config().disk_buffer,
+            Some(rt::DiskBuffer {
+                dir: "/data/buffer".into(),
+                max_bytes: 10 << 30,
+                when_full: rt::WhenFull::DropNewest,
+                sync_interval: Duration::from_millis(5),
+                ack_after: rt::AckAfter::Delivered,
+            })
+        );
+        let defaults = parse(&["--buffer-type", "disk"]).disk_buffer().unwrap();
+        assert_eq!(defaults.dir, std::path::PathBuf::from("buffer"));
+        assert_eq!(defaults.max_bytes, 1 << 30);
+        assert_eq!(defaults.when_full, rt::WhenFull::Block);
+        assert_eq!(defaults.sync_interval, rt::DEFAULT_BUFFER_SYNC_INTERVAL);
+        assert_eq!(defaults.ack_after, rt::AckAfter::Durable);
+        for bad in [
+            ["--buffer-type", "ssd"],
+            ["--buffer-when-full", "drop_oldest"],
+        ] {
+            assert!(Cli::try_parse_from(std::iter::once("stormgate").chain(bad)).is_err());
+        }
+    }
+
+    #[test]
     fn readme_documents_every_setting() {
         use clap::CommandFactory;
         let readme = include_str!("../../../README.md");

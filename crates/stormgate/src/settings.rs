@@ -455,6 +455,7 @@ mod tests {
         );
         assert_eq!(toml_key("KAFKA_DLQ_TOPIC").unwrap(), "kafka.dlq_topic");
         assert_eq!(toml_key("SHUTDOWN_TIMEOUT").unwrap(), "shutdown_timeout");
+        assert_eq!(toml_key("BUFFER_MAX_BYTES").unwrap(), "buffer.max_bytes");
         assert_eq!(toml_key("STORMGATE_CONFIG"), None);
         // Every setting with a variable has a key, and no two share one.
         let keys: Vec<String> = settings().into_iter().filter_map(|s| s.toml).collect();
@@ -493,6 +494,26 @@ mod tests {
         );
         let err = idempotent(&["--config", path.to_str().unwrap()]).unwrap_err();
         assert!(err.to_string().contains("KAFKA_IDEMPOTENCE=true"), "{err}");
+    }
+
+    #[test]
+    fn the_buffer_table_holds_the_disk_buffer_settings() {
+        let path = write(
+            "buffer.toml",
+            r#"
+            [buffer]
+            type = "disk"
+            dir = "/data/stormgate"
+            max_bytes = "2GiB"
+            when_full = "drop_newest"
+            "#,
+        );
+        let loaded = load(["stormgate", "--config", path.to_str().unwrap()]).unwrap();
+        let buffer = loaded.cli.disk_buffer().expect("type = disk");
+        assert_eq!(buffer.dir, PathBuf::from("/data/stormgate"));
+        assert_eq!(buffer.max_bytes, 2 << 30);
+        assert_eq!(buffer.when_full, stormgate_shard::WhenFull::DropNewest);
+        assert_eq!(loaded.sources["buffer_type"], Source::File);
     }
 
     #[test]

@@ -866,7 +866,9 @@ impl SmallFs {
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).status();
+        // Lazily: a file the kernel still holds open for a moment (an io_uring request
+        // being torn down with its ring) must not leave the mount behind.
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
         let _ = std::fs::remove_dir_all(&self.base);
     }
 }
@@ -953,4 +955,67 @@ fn a_full_disk_stops_reading_and_loses_nothing_acknowledged() {
     let (by_station, duplicates) = arrived(&records);
     assert_eq!(duplicates, 0);
     assert_eq!(by_station["70000"], (0..LINES).collect::<Vec<_>>());
+}
+
+/// `TCP_ACK_AFTER=delivered` keeps acknowledgements after Kafka's delivery report, with a
+/// disk buffer too: durable lines are not acknowledged while the broker is down, and every
+/// one is once it is back.
+#[test]
+fn ack_after_delivered_waits_for_kafka_even_when_durable() {
+    const TOPIC: &str = "disk-ack-after";
+    const LINES: u64 = 300;
+    let dir = TempDir::new("buffer-ack-after");
+    let cluster = EmbeddedCluster::start(TOPIC, 6).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    cluster.mock().broker_down(1).unwrap();
+    let app = start(&[
+        "--shards",
+        "1",
+        "--kafka-brokers",
+        &brokers,
+        "--kafka-topic",
+        TOPIC,
+        "--buffer-type",
+        "disk",
+        "--buffer-dir",
+        &dir.arg(),
+        "--buffer-max-bytes",
+        "64MiB",
+        "--ack-after",
+        "delivered",
+    ]);
+    let mut s = TcpStream::connect(app.local_addr()).unwrap();
+    s.write_all(
+        b"{\"type\":\"identify\",\"zipcode\":\"80000\",\"city\":\"Later\",\"acks\":true}\n",
+    )
+    .unwrap();
+    s.write_all(lines(0, 0, LINES).as_bytes()).unwrap();
+    let stats = app.server().buffer_stats();
+    wait_for("every line durable", Duration::from_secs(30), || {
+        stats[0].durable_seq.get() >= LINES as i64
+    });
+    // Durable, yet the broker is down: no answer (a second is many group commits).
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut replies = BufReader::new(s);
+    let silent = Reply::read_from(&mut replies);
+    assert!(
+        silent
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "answered before delivery: {silent:?}"
+    );
+    cluster.mock().broker_up(1).unwrap();
+    replies
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut answered = 0;
+    while answered < LINES {
+        match Reply::read_from(&mut replies).expect("an answer") {
+            Reply::Ack { seq, upto } => answered = upto.or(seq).unwrap() + 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(app.server().totals().records_delivered, LINES);
+    app.stop().unwrap();
 }
