@@ -12,7 +12,7 @@ Every scenario starts what it needs itself: Apache Kafka 4.4 (deploy/kafka/kafka
 BENCH_KAFKA_PORT, default 29092, and the four ports after it), started with empty storage once
 per harness run and stopped at its end, a fresh topic for each Kafka measurement (deleted after
 it), the stormgate server on a free loopback port, and the load generator
-(target/release/stormgate-loadgen). CPU time and memory of the server and of the broker's JVM
+(target/release/stormgate-loadgen; target/$BENCH_PROFILE/ when set). CPU time and memory of the server and of the broker's JVM
 come from /proc/PID/stat and /proc/PID/status; the server's own line-to-delivery-report latency
 histogram comes from its --stats-file; record counts are verified by consuming the topic from
 offset 0 to the end the broker states (its watermarks): every short read, duplicate or gap
@@ -45,7 +45,9 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release"
+# deploy/test.sh runs the smoke scenarios on its test profile's binaries (BENCH_PROFILE=
+# release-checked), so that CI builds librdkafka once; measurements use release.
+BIN = ROOT / "target" / os.environ.get("BENCH_PROFILE", "release")
 STORMGATE = BIN / "stormgate"
 LOADGEN = BIN / "stormgate-loadgen"
 KAFKA_SH = ROOT / "deploy" / "kafka" / "kafka.sh"
@@ -258,15 +260,67 @@ def machine():
     }
 
 
+class CheckFailed(Exception):
+    """A scenario could not check its result (a wait that timed out): the run fails."""
+
+
 def wait_until(condition, timeout, what, interval=0.05):
-    """Polls `condition` until it holds; False (and a log line) if `timeout` seconds pass."""
+    """Polls `condition` until it holds; raises CheckFailed if `timeout` seconds pass, since
+    whatever the caller measures next would be measured on a server not in the state it
+    needs."""
     deadline = time.time() + timeout
     while not condition():
         if time.time() > deadline:
-            log(f"gave up after {timeout} s waiting for {what}")
-            return False
+            raise CheckFailed(f"gave up after {timeout} s waiting for {what}")
         time.sleep(interval)
-    return True
+
+
+def verdict(run, label, **checks):
+    """Records in run["verified"] each named check (True when it holds) and whether all do;
+    logs the ones that failed. Every scenario's result carries at least one verdict."""
+    failed = [name for name, ok in checks.items() if not ok]
+    run.setdefault("verified", {}).update({"checks": sorted(checks), "failed": failed,
+                                          "ok": not failed})
+    if failed:
+        log(f"CHECK FAILED for {label}: {failed}")
+    return run
+
+
+def consume_check(broker, topic, label, delivered, sent, keys, warmup=0, lines_per_conn=None):
+    """Reads `topic` from offset 0 to the end the broker states and checks it against what
+    was sent: `delivered` (+ `warmup` records without a seq) records, exactly the broker's
+    content, equal to the `sent` lines (every line with a seq), from `keys` + 1 (warm-up)
+    stations, no duplicate, no gap, no bad record, no record under another station's key.
+    With `lines_per_conn`, every station's seqs are exactly 0..n. Without it, a station's
+    lost tail still fails: each station's seqs are gapless from 0, so the sum of the
+    stations' counts is the line count only if no station lost its last lines (none can have
+    more than it sent: a seq above that would be `missing` elsewhere or a duplicate).
+    Returns the verified dict."""
+    args = ["consume", "--brokers", broker.brokers, "--topic", topic,
+            "--expect", delivered + warmup, "--timeout", "120s"]
+    if lines_per_conn:
+        args += ["--lines-per-conn", lines_per_conn]
+    check = loadgen(*args, quiet=True, allow_failure=True)
+    v = {k: check[k] for k in ("records", "broker_records", "duplicates", "missing", "keys",
+                               "offset_holes", "bad_records", "key_mismatches",
+                               "without_seq", "unexpected_seq", "seq_out_of_range")}
+    checks = {
+        "records_are_the_broker_content": check["records"] == check["broker_records"],
+        "records_are_the_delivered": check["records"] == delivered + warmup,
+        "delivered_are_the_sent": delivered == sent,
+        "no_duplicates": check["duplicates"] == 0,
+        "no_gaps_nor_lost_tails": check["missing"] == 0 and check["unexpected_seq"] == 0,
+        "no_offset_holes": check["offset_holes"] == 0,
+        "no_bad_records": check["bad_records"] == 0 and check["seq_out_of_range"] == 0,
+        "keys_match_zipcodes": check["key_mismatches"] == 0,
+        "every_line_has_its_seq": check["without_seq"] == warmup,
+        "every_station": check["keys"] == keys + (1 if warmup else 0),
+    }
+    result = verdict({}, label, **checks)
+    v.update(result["verified"])
+    if not v["ok"]:
+        log(f"VERIFY FAILED for {label}: {v} sent={sent} delivered={delivered}")
+    return v
 
 
 def children_cpu_seconds():
@@ -447,20 +501,14 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
     }
     if verify:
         # Everything was delivered before the server exited, so the topic is complete: read
-        # it from offset 0 to the end the broker states. A short read, a duplicate or a gap
-        # fails the run.
-        check = loadgen("consume", "--brokers", broker.brokers, "--topic", topic,
-                        "--expect", delivered + WARMUP_LINES, "--timeout", "120s",
-                        quiet=True, allow_failure=True)
-        result["verified"] = {k: check[k] for k in ("records", "broker_records", "duplicates",
-                                                   "missing", "keys", "offset_holes")}
-        ok = (check["records"] - WARMUP_LINES == delivered == sent["lines_sent"]
-              and check["records"] == check["broker_records"]
-              and check["duplicates"] == 0 and check["missing"] == 0
-              and check["offset_holes"] == 0 and totals["records_failed"] == 0)
-        result["verified"]["ok"] = ok
-        if not ok:
-            log(f"VERIFY FAILED for {label}: {result['verified']} sent={sent['lines_sent']}")
+        # it from offset 0 to the end the broker states. A short read, a duplicate, a gap, a
+        # lost tail, a bad record or a failed one fails the run.
+        result["verified"] = consume_check(
+            broker, topic, label, delivered, sent["lines_sent"], connections,
+            warmup=WARMUP_LINES, lines_per_conn=lines_per_conn)
+        if totals["records_failed"] != 0:
+            result["verified"]["ok"] = False
+            log(f"VERIFY FAILED for {label}: {totals['records_failed']} records failed")
     broker.drop(topic)
     log(f"{label}: {result['records_per_s']:,} records/s, p99 "
         f"{result['latency_us']['p99']} µs, verified={result.get('verified', {}).get('ok')}")
@@ -476,7 +524,7 @@ def scenario_parse_only():
     duration = 2 if SMOKE else 10
     runs = []
     for c in conns:
-        r = parse_only_run(c, duration)
+        r = checked(parse_only_run(c, duration), c, None)
         log(f"parse-only {c} conns: {r['lines_per_s']:,} lines/s, "
             f"{r['cpu_s_per_million_lines']} CPU-s/M, RSS {r['server_rss_mib']} MiB")
         runs.append(r)
@@ -559,7 +607,7 @@ def scenario_shards():
     duration = 2 if SMOKE else 10
     runs = []
     for shards in [1, 2, 4]:
-        r = parse_only_run(conns, duration, shards=shards)
+        r = checked(parse_only_run(conns, duration, shards=shards), conns, None)
         log(f"{shards} shard(s): {r['lines_per_s']:,} lines/s")
         runs.append(r)
     return {"runs": runs}
@@ -581,14 +629,22 @@ def scenario_connections():
                                 opened=lambda: count_established(server.port))
     active = loadgen("send", "--target", server.target, "--connections", 100,
                      "--duration", f"{duration}s", "--rate", 100, "--zip-base", 10000,
-                     quiet=SMOKE)
+                     "--seq", "--drain-timeout", "120s", quiet=SMOKE)
+    # Still holding: the idle connections outlived the active ones' run.
+    if idle_proc.poll() is not None:
+        raise CheckFailed(f"the idle load generator exited {idle_proc.returncode} early")
     idle_proc.kill()
     idle_proc.wait()
     bcpu = broker.cpu() - bcpu0
     stats = server.stop()
-    broker.drop(topic)
     totals = stats["totals"]
+    # The idle connections publish nothing: the topic holds exactly the active ones' lines.
+    verified = consume_check(broker, topic, "connections", totals["records_delivered"],
+                             active["lines_sent"], 100)
+    verified["ok"] = verified["ok"] and totals["records_failed"] == 0
+    broker.drop(topic)
     return {
+        "verified": verified,
         "open_files_limit": {"soft": soft, "hard": hard},
         "broker_cpu_s": round(bcpu, 2),
         "idle_connections": idle,
@@ -668,25 +724,40 @@ def fairness_run(label, normal, rate, duration, flood):
     time.sleep(2)
     bcpu0 = broker.cpu()
     flooder = None
+    flooder_summary = Path(tempfile.mkdtemp(prefix="stormgate-bench-")) / "flooder.json"
     if flood:
         flooder = subprocess.Popen(
             [str(LOADGEN), "send", "--target", server.target, "--connections", "1",
-             "--duration", f"{duration}s", "--zip-base", "90000", "--drain-timeout", "120s"],
+             "--duration", f"{duration}s", "--zip-base", "90000", "--drain-timeout", "120s",
+             "--seq", "--summary", str(flooder_summary)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sent = loadgen("send", "--target", server.target, "--connections", normal, "--rate", rate,
                    "--duration", f"{duration}s", "--seq", "--timestamps",
                    "--drain-timeout", "120s", quiet=True)
+    flooded = 0
     if flooder:
-        flooder.wait(timeout=300)
+        if flooder.wait(timeout=300) != 0:
+            raise CheckFailed(f"the flooder exited {flooder.returncode}")
+        flooded = json.loads(flooder_summary.read_text())["lines_sent"]
+    shutil.rmtree(flooder_summary.parent, ignore_errors=True)
     stats = server.stop()
     consumer.wait(timeout=600)
     consumed = json.loads(consumed_path.read_text())
     consumed_path.unlink()
     bcpu = broker.cpu() - bcpu0
-    broker.drop(topic)
     totals = stats["totals"]
+    # What the following consumer saw proves nothing about completeness (it stops after 5 s
+    # without a record): read the topic again from offset 0 and compare it with what both
+    # senders sent.
+    verified = consume_check(broker, topic, label, totals["records_delivered"] - WARMUP_LINES,
+                             sent["lines_sent"] + flooded, normal + (1 if flood else 0),
+                             warmup=WARMUP_LINES)
+    verified["ok"] = verified["ok"] and totals["records_failed"] == 0
+    broker.drop(topic)
     result = {
         "label": label,
+        "verified": verified,
+        "flooder_lines_sent": flooded,
         "normal_connections": normal,
         "rate_per_connection": rate,
         "flooder": flood,
@@ -770,8 +841,12 @@ def idle_run(idle, tls=None):
 
 
 def checked(run, connections, lines):
-    """Marks a run verified when the server read exactly `lines` lines without an error and,
-    over TLS, completed one handshake per connection and failed none."""
+    """Marks a run verified when the server read exactly `lines` lines (None: every metrics
+    line the load generator sent and each connection's identify) without an error, the load
+    generator's drain did not time out and, over TLS, the server completed one handshake per
+    connection and failed none."""
+    if lines is None:
+        lines = run["loadgen_lines_sent"] + connections
     check = {
         "lines_expected": lines,
         "lines_received": run.get("lines", run.get("lines_received")),
@@ -780,6 +855,7 @@ def checked(run, connections, lines):
         "tls_handshake_failures": run["tls_handshake_failures"],
     }
     check["ok"] = (check["lines_received"] == lines and not check["line_errors"]
+                   and run.get("loadgen_drain_timeouts", 0) == 0
                    and check["tls_handshake_failures"] == 0
                    and check["tls_handshakes"] == (connections if run["tls"] else 0))
     if not check["ok"]:
@@ -876,13 +952,30 @@ def main():
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     failed = []
     for name in names:
-        doc = run_scenario(name)
-        if not verified(doc["result"]):
+        try:
+            doc = run_scenario(name)
+        except CheckFailed as e:
+            log(f"scenario {name}: {e}")
+            failed.append(name)
+            continue
+        if not has_verdict(doc["result"]):
+            log(f"scenario {name} checked nothing: every scenario must verify its result")
+            failed.append(name)
+        elif not verified(doc["result"]):
             failed.append(name)
     if failed:
         log(f"records went missing or were duplicated, or a check failed, in: "
             f"{', '.join(failed)}")
         sys.exit(1)
+
+
+def has_verdict(result):
+    """Whether any run in the result carries a check."""
+    if isinstance(result, dict):
+        return "verified" in result or any(has_verdict(v) for v in result.values())
+    if isinstance(result, list):
+        return any(has_verdict(v) for v in result)
+    return False
 
 
 def verified(result):

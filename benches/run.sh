@@ -4,13 +4,14 @@
 #   benches/run.sh parse-only|e2e|ceiling|before|shards|connections|latency|acks|fairness|tls|all [--smoke]
 #   benches/run.sh report      # benches/results/summary.md and docs/img/*.svg from the results
 #
-# Builds the release binaries first; the harness (benches/harness.py, standard-library Python)
+# Builds the release binaries first (the profile BENCH_PROFILE names, when set: deploy/test.sh
+# smoke-runs its test profile's binaries); the harness (benches/harness.py, standard-library Python)
 # starts its own broker (Apache Kafka, deploy/kafka/kafka.sh), server and load generator. See docs/PERFORMANCE.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 if [[ ${1:-} != report ]]; then
-  cargo build --release --locked -p stormgate -p stormgate-loadgen >&2
+  cargo build --profile "${BENCH_PROFILE:-release}" --locked -p stormgate -p stormgate-loadgen >&2
   deploy/kafka/kafka.sh install >/dev/null
 fi
 exec python3 benches/harness.py "$@"

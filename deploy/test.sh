@@ -4,8 +4,11 @@
 # and runs every test against that broker, then every benchmark scenario in smoke mode so the
 # harness cannot rot. This is the test command README.md documents and .ci/run calls.
 #
-# Everything builds in the release profile: librdkafka is compiled once (build scripts run
-# per profile), and the tests exercise the code users run.
+# Everything builds in one profile, release-checked (Cargo.toml): release code generation, so
+# the tests exercise the code users run, with debug assertions and overflow checks on in our
+# crates, so that an invariant written as `debug_assert!` (a record settled twice, acks out of
+# order) fails the test that breaks it instead of being compiled out. One profile for lints,
+# tests and the smoke benchmarks: librdkafka is compiled once (build scripts run per profile).
 #
 # Ports: all derive from STORMGATE_TEST_KAFKA_PORT (P, default 19092), so two runs with
 # different P coexist on one machine. The suite's broker takes P..P+4 (client, controller,
@@ -47,14 +50,15 @@ deploy/kafka/kafka.sh status "$port" >&2
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy (release, all targets, warnings are errors)"
-cargo clippy --release --workspace --all-targets --locked -- -D warnings
+profile=release-checked
+step "cargo clippy ($profile, all targets, warnings are errors)"
+cargo clippy --profile "$profile" --workspace --all-targets --locked -- -D warnings
 
-step "cargo test (release)"
-cargo test --release --workspace --locked
+step "cargo test ($profile: release with debug assertions and overflow checks)"
+cargo test --profile "$profile" --workspace --locked
 
 step "benchmark harness, smoke mode (every scenario for a second or two; see benches/)"
-benches/run.sh all --smoke
+BENCH_PROFILE=$profile benches/run.sh all --smoke
 
 step "the suite's broker after the tests"
 deploy/kafka/kafka.sh status "$port" >&2

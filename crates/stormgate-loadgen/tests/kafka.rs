@@ -123,3 +123,56 @@ fn produced_records_are_all_consumed_and_checked() {
     assert_eq!(short["records"], 20_001);
     assert_eq!(short["end"], "timeout");
 }
+
+/// The checks on sequence numbers find what they are for: records with seqs, one of them
+/// twice, one missing, one under another station's key, one not a record at all.
+#[test]
+fn consume_reports_duplicates_gaps_key_mismatches_and_bad_records() {
+    let b = broker();
+    let value = |zip: &str, seq: u64| {
+        format!(
+            r#"{{"zipcode":"{zip}","city":"C","received_at_ms":1,"seq":{seq},"metrics":{{"t":1.0}}}}"#
+        )
+        .into_bytes()
+    };
+    let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    // Station 00001: seqs 0..100 but 50. The warm-up record of `produce_prebuilt` is the first
+    // one, sent once more: seq 0 of 00001 twice.
+    for seq in (0..100).filter(|&s| s != 50) {
+        records.push((b"00001".to_vec(), value("00001", seq)));
+    }
+    // Station 00002: seqs 0..100, one of them under 00003's key.
+    for seq in 0..100 {
+        let key: &[u8] = if seq == 7 { b"00003" } else { b"00002" };
+        records.push((key.to_vec(), value("00002", seq)));
+    }
+    records.push((b"00002".to_vec(), b"not a record".to_vec()));
+    let settings = stormgate_kafka::KafkaSettings {
+        topic: b.topic.clone(),
+        ..stormgate_kafka::KafkaSettings::new(b.brokers.clone())
+    };
+    let total = records.len() as u64;
+    let report =
+        stormgate_kafka::ceiling::produce_prebuilt(&settings, &records, total).expect("produce");
+    assert_eq!((report.delivered, report.failed), (total, 0));
+    let expect = format!("--expect={}", total + 1);
+    let (out, consumed) = loadgen(&[
+        "consume",
+        "--brokers",
+        &b.brokers,
+        "--topic",
+        &b.topic,
+        &expect,
+        "--lines-per-conn=100",
+        "--timeout=60s",
+        "--quiet-progress",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(consumed["records"], total + 1);
+    assert_eq!(consumed["duplicates"], 1, "{consumed}");
+    // 00001's seq 50; 00002's seq 7, read under 00003's key; and 00003's seqs but 7.
+    assert_eq!(consumed["missing"], 1 + 1 + 99, "{consumed}");
+    assert_eq!(consumed["key_mismatches"], 1, "{consumed}");
+    assert_eq!(consumed["bad_records"], 1, "{consumed}");
+    assert_eq!(consumed["without_seq"], 0, "{consumed}");
+}

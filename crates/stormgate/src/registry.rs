@@ -768,13 +768,20 @@ mod tests {
             }
         };
         wait("the added station", &|| proves(&live, "2", Some(&second)));
-        // A broken file is not published: both stations still verify.
+        // A broken file is refused (the watcher says so) and not published: both stations
+        // still verify.
+        let where_ = format!("{path:?}");
+        crate::reload::test_log::logged(&[]);
         fs::write(&path, "{broken\n").unwrap();
-        std::thread::sleep(every * 10);
+        wait("the broken file refused", &|| {
+            crate::reload::test_log::logged(&["station registry not reloaded", &where_])
+        });
         assert!(proves(&live, "1", Some(&first)) && proves(&live, "2", Some(&second)));
         // Neither is a missing one.
         fs::remove_file(&path).unwrap();
-        std::thread::sleep(every * 10);
+        wait("the missing file refused", &|| {
+            crate::reload::test_log::logged(&["No such file", &where_])
+        });
         assert_eq!(live.current().len(), 2);
         let third = add(&path, "3").unwrap();
         wait("the new file", &|| proves(&live, "3", Some(&third)));

@@ -132,6 +132,9 @@ mod tests {
 
     use super::*;
 
+    /// An unchanged file is loaded only when asked; a changed one at the next look. The
+    /// watcher looks every 20 ms, so by the time the file changes it has looked at the
+    /// unchanged file many times: a load it should not have done comes out first.
     #[test]
     fn a_look_now_loads_even_an_unchanged_file() {
         let path = std::env::temp_dir().join(format!("stormgate-reload-{}", std::process::id()));
@@ -140,22 +143,82 @@ mod tests {
         let versions = FileVersion::of_all(&paths);
         let (loaded, loads) = mpsc::channel();
         let file = path.clone();
-        // An interval far past the test: only `look_now` can make it load.
         let watcher = Watcher::start(
             "test-reload",
             "test file",
             paths,
             versions,
-            Duration::from_secs(3600),
+            Duration::from_millis(20),
             move || fs::read_to_string(&file),
             move |text| loaded.send(text).unwrap(),
         )
         .unwrap();
-        assert!(loads.recv_timeout(Duration::from_millis(300)).is_err());
+        std::thread::sleep(Duration::from_millis(200));
+        // Replaced whole, as an operator's tools do, so no look sees it half written.
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, "two, longer").unwrap();
+        fs::rename(&tmp, &path).unwrap();
+        let first = loads.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(first, "two, longer", "the unchanged file was not loaded");
         watcher.look_now();
         let text = loads.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert_eq!(text, "one");
+        assert_eq!(text, "two, longer");
         drop(watcher);
+        assert!(
+            loads.try_iter().next().is_none(),
+            "one load per change or ask"
+        );
         fs::remove_file(&path).unwrap();
+    }
+}
+
+/// What unit tests of reloading files read from the log: a refused reload shows only there.
+#[cfg(test)]
+pub(crate) mod test_log {
+    use std::sync::{Mutex, Once};
+
+    use tracing_subscriber::layer::SubscriberExt;
+
+    static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    /// Whether an event logged in this process since the first call contains every one of
+    /// `parts` (its message, then ` field=value` pairs). The first call installs a global
+    /// subscriber that keeps every event.
+    pub(crate) fn logged(parts: &[&str]) -> bool {
+        static INSTALL: Once = Once::new();
+        INSTALL.call_once(|| {
+            let subscriber = tracing_subscriber::registry().with(Capture);
+            tracing::subscriber::set_global_default(subscriber).expect("no other subscriber");
+        });
+        LINES
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| parts.iter().all(|p| l.contains(p)))
+    }
+
+    struct Capture;
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Text(String);
+            impl tracing::field::Visit for Text {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    use std::fmt::Write;
+                    let _ = write!(self.0, " {}={value:?}", field.name());
+                }
+            }
+            let mut text = Text(String::new());
+            event.record(&mut text);
+            LINES.lock().unwrap().push(text.0);
+        }
     }
 }

@@ -599,6 +599,38 @@ mod tests {
         );
     }
 
+    /// Every secret-looking property, from the file or the environment's `KAFKA_PROP_*`, is
+    /// reported as set and never shown, whatever its spelling in librdkafka's list.
+    #[test]
+    fn check_config_hides_every_secret_property() {
+        let secrets = [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.config",
+            "ssl.key.pem",
+        ];
+        let body: String = secrets
+            .iter()
+            .enumerate()
+            .map(|(i, name)| format!("\"{name}\" = \"do-not-print-{i}\"\n"))
+            .collect();
+        let path = write(
+            "kafka-secrets.toml",
+            &format!("[kafka]\nbrokers = \"b:9092\"\n[kafka.properties]\n{body}"),
+        );
+        let loaded = load(["stormgate", "--config", path.to_str().unwrap()]).unwrap();
+        let report = loaded.report();
+        assert!(!report.contains("do-not-print"), "{report}");
+        for name in secrets {
+            assert!(
+                report.contains(&format!("kafka.properties.{name}  (secret, not shown)")),
+                "{name}: {report}"
+            );
+        }
+    }
+
     #[test]
     fn bad_files_are_rejected_naming_the_key() {
         let cases = [

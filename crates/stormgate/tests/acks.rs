@@ -59,15 +59,17 @@ impl Conn {
         got
     }
 
-    /// Nothing arrives within `wait`.
-    fn assert_silent(&mut self, wait: Duration) {
-        self.stream.set_read_timeout(Some(wait)).unwrap();
-        let mut line = String::new();
-        let r = self.answers.read_line(&mut line);
-        assert!(r.is_err(), "unexpected answer {line:?}");
-        self.stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+    /// Proves that nothing was answered before now, without waiting out a silence: sends a
+    /// line the server rejects at once (its error is written in line order, behind any answer
+    /// already due) and requires that error to be the next answer.
+    fn assert_nothing_answered(&mut self) {
+        self.send("{\"type\":\"metrics\",\"data\":\"probe\"}\n");
+        let a = self.answer();
+        assert_eq!(
+            a["type"], "error",
+            "an answer before the probe's error: {a}"
+        );
+        assert_eq!(a["code"], "invalid_metric", "{a}");
     }
 }
 
@@ -114,8 +116,27 @@ fn acks_real_broker() {
     on.send("{\"type\":\"metrics\",\"seq\":1000,\"data\":\"t=warm\"}\n");
     on.send("{\"type\":\"metrics\",\"data\":\"t=1\"}\n");
     on.lines(1001..2000);
-    off.lines(0..500);
-    let answers = on.answers_until(2000);
+    // Every answer is checked when it arrives: the lines it acknowledges are delivered by
+    // then. Only this station's 2,000 lines are in flight, so the shard's delivered count
+    // bounds its acknowledged lines from above.
+    let mut answers = Vec::new();
+    let mut next = 0;
+    while next < 2000 {
+        let a = on.answer();
+        let delivered = app.server().totals().records_delivered;
+        if let Some(n) = a["upto"].as_u64().or(a["seq"].as_u64()) {
+            next = next.max(n + 1);
+        }
+        if a["type"] == "ack" {
+            // Seqs 0..next less the rejected 1000 are acknowledged.
+            let acked = next - u64::from(next > 1000);
+            assert!(
+                delivered >= acked,
+                "{acked} lines acknowledged, {delivered} delivered: {a}"
+            );
+        }
+        answers.push(a);
+    }
     let (errors, acks): (Vec<_>, Vec<_>) = answers.into_iter().partition(|a| a["type"] == "error");
     assert_eq!(errors.len(), 1);
     assert_eq!(errors[0]["seq"], 1000);
@@ -124,13 +145,13 @@ fn acks_real_broker() {
     let lines = check_in_order(&acks, 0..2000);
     eprintln!("2,000 lines acknowledged in {lines} answer lines");
     assert!(lines < 2000, "acks are coalesced");
-    // Every acknowledged record is delivered at that moment.
-    let t = app.server().totals();
-    assert!(t.records_delivered >= 2000, "{}", t.records_delivered);
-    off.assert_silent(Duration::from_millis(300));
+    assert_eq!(app.server().totals().records_delivered, 2000);
+    // The station without acks gets no answer for its delivered lines.
+    off.lines(0..500);
     wait_for("all delivered", Duration::from_secs(30), || {
         app.server().totals().records_delivered == 2000 + 500
     });
+    off.assert_nothing_answered();
     app.stop().unwrap();
     let records = consume(&brokers, &topic, 2500);
     let groups = by_key(&records);
@@ -152,7 +173,12 @@ fn nothing_is_acknowledged_while_the_broker_is_down() {
     check_in_order(&c.answers_until(100), 0..100);
     cluster.mock().broker_down(1).unwrap();
     c.lines(100..300);
-    c.assert_silent(Duration::from_secs(3));
+    // Once the 200 lines are read they are all in flight, and an ack sent before delivery
+    // would be written before the answer to a line read after them.
+    wait_for("the 200 lines read", Duration::from_secs(10), || {
+        app.server().totals().records_enqueued == 300
+    });
+    c.assert_nothing_answered();
     assert_eq!(app.server().totals().records_delivered, 100);
     cluster.mock().broker_up(1).unwrap();
     let t0 = Instant::now();
@@ -200,11 +226,104 @@ fn failed_deliveries_are_nacked_and_the_default_applies() {
         assert_eq!(a["seq"], seq);
         assert_eq!(a["code"], "delivery_failed");
     }
-    opted_out.assert_silent(Duration::from_millis(300));
+    wait_for(
+        "the opted-out lines settled",
+        Duration::from_secs(10),
+        || app.server().totals().records_failed == 20,
+    );
+    opted_out.assert_nothing_answered();
     assert_eq!(
         app.server().totals().records_spilled,
         20,
         "nacked records are spilled"
+    );
+    app.stop().unwrap();
+}
+
+/// Starts Stormgate on a mock cluster of its own whose broker is down, so that accepted lines
+/// wait for their delivery as long as a test needs.
+fn start_with_broker_down(topic: &str) -> (EmbeddedCluster, stormgate::app::App) {
+    let cluster = EmbeddedCluster::start(topic, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let app = start(&["--kafka-brokers", &brokers, "--kafka-topic", topic]);
+    cluster.mock().broker_down(1).unwrap();
+    (cluster, app)
+}
+
+/// PROTOCOL.md ack rule 4: a rejected line is answered at once, before the answers to the
+/// accepted lines before it, which come after their delivery.
+#[test]
+fn an_error_is_answered_at_once_before_earlier_lines_are_acknowledged() {
+    let (cluster, app) = start_with_broker_down("acks-rule-4");
+    let mut c = Conn::open(
+        app.local_addr(),
+        r#"{"type":"identify","zipcode":"70010","acks":true}"#,
+    );
+    c.lines(0..5);
+    c.send("{\"type\":\"metrics\",\"seq\":5,\"data\":\"t=warm\"}\n");
+    let a = c.answer();
+    assert_eq!((&a["type"], &a["seq"]), (&"error".into(), &5.into()), "{a}");
+    assert_eq!(
+        app.server().totals().records_delivered,
+        0,
+        "all still waiting"
+    );
+    cluster.mock().broker_up(1).unwrap();
+    check_in_order(&c.answers_until(5), 0..5);
+    app.stop().unwrap();
+}
+
+/// PROTOCOL.md ack rule 6: a later identify turns acknowledgements off for the lines that
+/// follow (lines already waiting are still answered), and on again.
+#[test]
+fn a_later_identify_switches_acknowledgements() {
+    let (cluster, app) = start_with_broker_down("acks-rule-6");
+    let mut c = Conn::open(
+        app.local_addr(),
+        r#"{"type":"identify","zipcode":"70011","acks":true}"#,
+    );
+    c.lines(0..3);
+    c.send("{\"type\":\"identify\",\"zipcode\":\"70011\",\"acks\":false}\n");
+    c.lines(3..6);
+    wait_for("the six lines read", Duration::from_secs(10), || {
+        app.server().totals().records_enqueued == 6
+    });
+    cluster.mock().broker_up(1).unwrap();
+    check_in_order(&c.answers_until(3), 0..3);
+    wait_for("the six lines delivered", Duration::from_secs(30), || {
+        app.server().totals().records_delivered == 6
+    });
+    // Lines 3..6 were delivered and not answered.
+    c.assert_nothing_answered();
+    c.send("{\"type\":\"identify\",\"zipcode\":\"70011\",\"acks\":true}\n");
+    c.lines(6..7);
+    let a = c.answer();
+    assert_eq!((&a["type"], &a["seq"]), (&"ack".into(), &6.into()), "{a}");
+    app.stop().unwrap();
+}
+
+/// PROTOCOL.md ack rule 7: after the station closes its sending side, the connection stays
+/// open until every line is answered, then the server closes it.
+#[test]
+fn a_half_closed_connection_stays_until_every_line_is_answered() {
+    let (cluster, app) = start_with_broker_down("acks-rule-7");
+    let mut c = Conn::open(
+        app.local_addr(),
+        r#"{"type":"identify","zipcode":"70012","acks":true}"#,
+    );
+    c.lines(0..10);
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    wait_for("the ten lines read", Duration::from_secs(10), || {
+        app.server().totals().records_enqueued == 10
+    });
+    assert_eq!(app.server().totals().connections_active, 1, "still open");
+    cluster.mock().broker_up(1).unwrap();
+    check_in_order(&c.answers_until(10), 0..10);
+    let mut rest = String::new();
+    assert_eq!(
+        std::io::Read::read_to_string(&mut c.answers, &mut rest).unwrap(),
+        0,
+        "closed after the last answer: {rest:?}"
     );
     app.stop().unwrap();
 }

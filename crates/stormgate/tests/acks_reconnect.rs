@@ -67,7 +67,7 @@ fn run() {
         .collect();
     let stats: Vec<ReliableStats> = stations.into_iter().map(|t| t.join().unwrap()).collect();
     let sent_in = t0.elapsed();
-    let cuts = proxy.stop();
+    let (cuts, forwarded) = proxy.stop();
     let totals = app.stop().unwrap().totals;
     eprintln!(
         "stations done after {sent_in:?}, server stopped after {:?}",
@@ -112,6 +112,21 @@ fn run() {
             (0..LINES).collect::<Vec<_>>(),
             "station {zip}: order"
         );
+        // A line is in the topic at most as often as the station's connections carried it to
+        // the server whole: a copy more would be Stormgate's own duplicate.
+        for (&seq, &n) in &copies {
+            let carried = forwarded.get(&(zip.clone(), seq)).copied().unwrap_or(0);
+            assert!(
+                n <= carried,
+                "station {zip}: seq {seq} is in the topic {n} times but was sent whole {carried} \
+                 times"
+            );
+        }
+        let resent_seqs = forwarded
+            .iter()
+            .filter(|((z, _), n)| *z == zip && **n > 1)
+            .count();
+        eprintln!("station {zip}: {resent_seqs} seqs reached the server more than once");
         let duplicates = seqs.len() as u64 - LINES;
         assert!(
             duplicates <= st.resent,
@@ -214,6 +229,7 @@ struct CuttingProxy {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     cuts: Arc<AtomicU64>,
+    forwarded: Arc<Forwarded>,
     accept: JoinHandle<()>,
 }
 
@@ -224,7 +240,8 @@ impl CuttingProxy {
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let cuts = Arc::new(AtomicU64::new(0));
-        let (s, c) = (Arc::clone(&stop), Arc::clone(&cuts));
+        let forwarded = Arc::new(Forwarded::default());
+        let (s, c, f) = (Arc::clone(&stop), Arc::clone(&cuts), Arc::clone(&forwarded));
         let accept = thread::spawn(move || {
             let mut rng = Rng(0x5eed_1234_abcd_0001);
             let mut conns = Vec::new();
@@ -237,8 +254,8 @@ impl CuttingProxy {
                             .is_multiple_of(2)
                             .then(|| rng.between(CUT_AFTER_BYTES));
                         conns.push(thread::spawn({
-                            let c = Arc::clone(&c);
-                            move || carry(client, upstream, life, bytes, &c)
+                            let (c, f) = (Arc::clone(&c), Arc::clone(&f));
+                            move || carry(client, upstream, life, bytes, &c, &f)
                         }));
                     }
                     Err(_) => thread::sleep(Duration::from_millis(1)),
@@ -252,15 +269,55 @@ impl CuttingProxy {
             addr,
             stop,
             cuts,
+            forwarded,
             accept,
         }
     }
 
-    /// Stops accepting, waits for the open connections' cuts; returns how many it cut.
-    fn stop(self) -> u64 {
+    /// Stops accepting, waits for the open connections' cuts; returns how many it cut, and
+    /// how many times each (zipcode, seq) reached the server as a whole line.
+    fn stop(self) -> (u64, BTreeMap<(String, u64), u64>) {
         self.stop.store(true, Ordering::Relaxed);
         self.accept.join().unwrap();
-        self.cuts.load(Ordering::Relaxed)
+        let forwarded = std::mem::take(&mut *self.forwarded.lines.lock().unwrap());
+        (self.cuts.load(Ordering::Relaxed), forwarded)
+    }
+}
+
+/// Whole lines the proxy carried from stations to the server: (zipcode, seq) → times.
+#[derive(Default)]
+struct Forwarded {
+    lines: std::sync::Mutex<BTreeMap<(String, u64), u64>>,
+}
+
+/// Follows one connection's bytes towards the server, line by line, noting each whole metrics
+/// line's (zipcode, seq) in `Forwarded`.
+struct LineTap<'a> {
+    forwarded: &'a Forwarded,
+    zipcode: Option<String>,
+    partial: Vec<u8>,
+}
+
+impl LineTap<'_> {
+    fn carried(&mut self, bytes: &[u8]) {
+        self.partial.extend_from_slice(bytes);
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if v["type"] == "identify" {
+                self.zipcode = v["zipcode"].as_str().map(str::to_owned);
+            } else if let (Some(zip), Some(seq)) = (&self.zipcode, v["seq"].as_u64()) {
+                *self
+                    .forwarded
+                    .lines
+                    .lock()
+                    .unwrap()
+                    .entry((zip.clone(), seq))
+                    .or_insert(0) += 1;
+            }
+        }
     }
 }
 
@@ -272,6 +329,7 @@ fn carry(
     life: Duration,
     bytes: Option<u64>,
     cuts: &AtomicU64,
+    forwarded: &Arc<Forwarded>,
 ) {
     client.set_nonblocking(false).unwrap();
     let Ok(server) = TcpStream::connect(upstream) else {
@@ -293,15 +351,21 @@ fn carry(
     let up = {
         let (from, to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
         let close = Arc::clone(&close);
+        let forwarded = Arc::clone(forwarded);
         thread::spawn(move || {
-            let spent = pump(from, to, bytes.unwrap_or(u64::MAX));
+            let mut tap = LineTap {
+                forwarded: &forwarded,
+                zipcode: None,
+                partial: Vec::new(),
+            };
+            let spent = pump(from, to, bytes.unwrap_or(u64::MAX), |b| tap.carried(b));
             close() && spent
         })
     };
     let down = {
         let close = Arc::clone(&close);
         thread::spawn(move || {
-            pump(server, client, u64::MAX);
+            pump(server, client, u64::MAX, |_| {});
             close();
         })
     };
@@ -317,9 +381,14 @@ fn carry(
     }
 }
 
-/// Copies `from` to `to` until either side ends or `budget` bytes were copied; returns
-/// whether the budget was spent.
-fn pump(mut from: TcpStream, mut to: TcpStream, mut budget: u64) -> bool {
+/// Copies `from` to `to` until either side ends or `budget` bytes were copied, showing
+/// `carried` every chunk written; returns whether the budget was spent.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    mut budget: u64,
+    mut carried: impl FnMut(&[u8]),
+) -> bool {
     let mut buf = [0u8; 16 * 1024];
     while budget > 0 {
         let n = match from.read(&mut buf) {
@@ -329,6 +398,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, mut budget: u64) -> bool {
         if to.write_all(&buf[..n]).is_err() {
             return false;
         }
+        carried(&buf[..n]);
         budget -= n as u64;
     }
     true

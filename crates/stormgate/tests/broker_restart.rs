@@ -104,6 +104,11 @@ fn a_broker_restart_under_load_delivers_every_line_exactly_once_in_order() {
     });
     let rss_before = rss_bytes();
 
+    // What the broker holds when it stops: every record of it must be there after the
+    // restart, at the same offsets (the final read checks them all from offset 0).
+    let before_stop = stormgate_kafka::verify::watermarks(&brokers, &topic, &[]).unwrap();
+    let held_before: i64 = before_stop.values().map(|(low, high)| high - low).sum();
+    assert!(held_before > 0, "records in the topic before the stop");
     kafka.stop();
     // Acknowledgements that were on the wire have arrived; nothing is delivered from now on.
     std::thread::sleep(Duration::from_secs(1));
@@ -175,7 +180,20 @@ fn a_broker_restart_under_load_delivers_every_line_exactly_once_in_order() {
         5,
         "{other} keeps 5 partitions"
     );
-    std::thread::sleep(Duration::from_secs(3));
+    let after_start = stormgate_kafka::verify::watermarks(&brokers, &topic, &[]).unwrap();
+    for (partition, &(low, high)) in &before_stop {
+        let (low_now, high_now) = after_start[partition];
+        assert!(
+            low_now == low && high_now >= high,
+            "partition {partition}: [{low}, {high}) before the stop, [{low_now}, {high_now}) after"
+        );
+    }
+    // The held records flow again before the stations stop sending.
+    wait_for(
+        "deliveries after the restart",
+        Duration::from_secs(60),
+        || totals().records_delivered > acked_by_old,
+    );
     stop.store(true, Ordering::Relaxed);
     let stations: Vec<(Station, u64)> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     wait_for("everything settled", Duration::from_secs(120), || {
@@ -200,6 +218,11 @@ fn a_broker_restart_under_load_delivers_every_line_exactly_once_in_order() {
         "nothing spilled: {spilled:?}"
     );
     assert_eq!(t.records_delivered, t.records_enqueued);
+    assert!(
+        t.records_enqueued as i64 >= held_before,
+        "the topic held {held_before} records before the stop, {} accepted in all",
+        t.records_enqueued
+    );
 
     // Everything from offset 0: what the broker acknowledged before it stopped, and all since.
     let expected = t.records_enqueued as usize;

@@ -110,8 +110,37 @@ fn produce_errors(cluster: &EmbeddedCluster, codes: Option<&[i32]>) {
     }
 }
 
+/// Messages the producers transmitted to `topic`, retransmissions included (`txmsgs` of its
+/// partitions), summed over the producers, each as its latest statistics say. Read from the
+/// full reports the producers log at TRACE; `topic` must be this test's alone.
+fn messages_transmitted(topic: &str) -> u64 {
+    let mut latest: std::collections::BTreeMap<String, u64> = Default::default();
+    for line in log_lines().lock().unwrap().iter() {
+        let Some((_, json)) = line.split_once(" statistics=") else {
+            continue;
+        };
+        let Ok(report) = serde_json::from_str::<serde_json::Value>(json) else {
+            continue;
+        };
+        let Some(partitions) = report["topics"][topic]["partitions"].as_object() else {
+            continue;
+        };
+        let transmitted = partitions
+            .iter()
+            .filter(|(p, _)| *p != "-1")
+            .map(|(_, p)| p["txmsgs"].as_u64().unwrap_or(0))
+            .sum();
+        latest.insert(
+            report["name"].as_str().unwrap_or("").to_owned(),
+            transmitted,
+        );
+    }
+    latest.values().sum()
+}
+
 #[test]
 fn retriable_produce_errors_are_retried_without_loss_duplicates_or_reordering() {
+    log_lines();
     const TOPIC: &str = "faults.retriable";
     const STATIONS: usize = 10;
     const BEFORE: usize = 20;
@@ -168,6 +197,17 @@ fn retriable_produce_errors_are_retried_without_loss_duplicates_or_reordering() 
     assert_eq!(
         t.connections_active, STATIONS as i64,
         "connections stay open"
+    );
+    // The errors were answered and the records sent again: librdkafka's statistics (every
+    // second) count more messages transmitted than the records there were.
+    wait_for(
+        "the retries in the statistics",
+        Duration::from_secs(10),
+        || messages_transmitted(TOPIC) > total as u64,
+    );
+    eprintln!(
+        "{} messages transmitted for {total} records",
+        messages_transmitted(TOPIC)
     );
 
     let totals = app.stop().unwrap().totals;

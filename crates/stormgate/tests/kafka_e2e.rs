@@ -22,6 +22,51 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
+/// The compression codec of every record batch the suite's broker stored for `topic`, read
+/// from its log segments on disk (`deploy/kafka/kafka.sh` keeps them under
+/// `$STORMGATE_CACHE/kafka/PORT/data`, the cache defaulting to the repository's `.cache`):
+/// the codec on the wire, which no consumer API reports.
+fn codecs_on_disk(topic: &str) -> std::collections::BTreeMap<u8, usize> {
+    let brokers = broker();
+    let port = brokers.rsplit(':').next().unwrap();
+    let cache = std::env::var("STORMGATE_CACHE").map_or_else(
+        |_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache"),
+        std::path::PathBuf::from,
+    );
+    let data = cache.join("kafka").join(port).join("data");
+    let mut codecs = std::collections::BTreeMap::new();
+    let dirs = std::fs::read_dir(&data).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; the broker's data must be readable here (run it with deploy/kafka/kafka.sh, \
+             STORMGATE_CACHE as it had)",
+            data.display()
+        )
+    });
+    for dir in dirs.map(|d| d.unwrap().path()) {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        if name.rsplit_once('-').map(|(t, _)| t) != Some(topic) {
+            continue;
+        }
+        for file in std::fs::read_dir(&dir).unwrap().map(|f| f.unwrap().path()) {
+            if file.extension().is_none_or(|e| e != "log") {
+                continue;
+            }
+            // Record batches (magic 2): base offset (8), length (4) of what follows, leader
+            // epoch (4), magic (1), CRC (4), attributes (2; the codec in the low 3 bits).
+            let bytes = std::fs::read(&file).unwrap();
+            let mut at = 0;
+            while at + 23 <= bytes.len() {
+                let len = i32::from_be_bytes(bytes[at + 8..at + 12].try_into().unwrap());
+                assert_eq!(bytes[at + 16], 2, "magic of the batch at {at} in {file:?}");
+                let attributes = u16::from_be_bytes(bytes[at + 21..at + 23].try_into().unwrap());
+                *codecs.entry((attributes & 7) as u8).or_insert(0) += 1;
+                at += 12 + len as usize;
+            }
+        }
+    }
+    codecs
+}
+
 fn zipcode(i: usize) -> String {
     format!("{:05}", 10_000 + i)
 }
@@ -98,6 +143,25 @@ fn stations_to_topic(codec: Compression) {
 
     let records = consume(&brokers, &topic, expected);
     assert_eq!(records.len(), expected, "record count");
+    // The chosen codec on the wire: librdkafka sends a batch uncompressed only when
+    // compressing would not make it smaller (a batch of one short record).
+    let codecs = codecs_on_disk(&topic);
+    let id = match codec {
+        Compression::None => 0,
+        Compression::Gzip => 1,
+        Compression::Snappy => 2,
+        Compression::Lz4 => 3,
+        Compression::Zstd => 4,
+    };
+    eprintln!("record batches by codec id: {codecs:?} (want {id})");
+    assert!(
+        codecs.get(&id).is_some_and(|&n| n > 0),
+        "{codec}: {codecs:?}"
+    );
+    assert!(
+        codecs.keys().all(|&c| c == id || c == 0),
+        "{codec}: batches of another codec: {codecs:?}"
+    );
     let groups = by_key(&records);
     assert_eq!(groups.len(), STATIONS, "one key per station");
     let mut connection_ids = HashSet::new();
@@ -171,7 +235,9 @@ fn stations_to_topic_zstd() {
     stations_to_topic(Compression::Zstd);
 }
 
-/// KAFKA_ASYNC=false: each line waits for its delivery report; everything still arrives.
+/// KAFKA_ASYNC=false: each line waits for its delivery report; everything still arrives. With
+/// a 100 ms linger, a station's 20 lines then take at least 20 lingers (asynchronous, they
+/// share one batch and take about one): a lower bound, which a busy machine only helps.
 #[test]
 fn synchronous_mode_delivers_every_line() {
     synchronous_mode();
@@ -187,19 +253,33 @@ fn synchronous_mode() {
         &topic,
         "--kafka-async",
         "false",
+        "--kafka-batch-timeout",
+        "100ms",
     ]);
     let mut stations: Vec<Station> = (0..10)
         .map(|_| Station::connect(app.local_addr()).unwrap())
         .collect();
+    let sent_at = std::time::Instant::now();
     for (i, s) in stations.iter_mut().enumerate() {
         s.identify(&zipcode(i), "Sync").unwrap();
         for line in 0..20 {
             s.metrics(&[("temperature", line as f64)]).unwrap();
         }
     }
+    // Lock-step: never more than one record in flight per connection.
+    let mut in_flight_max = 0;
     wait_for("200 records", Duration::from_secs(60), || {
-        app.server().totals().records_delivered == 200
+        let t = app.server().totals();
+        in_flight_max = in_flight_max.max(t.records_in_flight);
+        t.records_delivered == 200
     });
+    let took = sent_at.elapsed();
+    eprintln!("synchronous: 200 lines in {took:?}, at most {in_flight_max} in flight");
+    assert!(
+        took >= Duration::from_millis(20 * 100),
+        "20 lines per station in {took:?}: not one linger each"
+    );
+    assert!(in_flight_max <= 10, "{in_flight_max} records in flight");
     app.stop().unwrap();
     let records = consume(&brokers, &topic, 200);
     assert_eq!(records.len(), 200);

@@ -46,11 +46,29 @@ fn a_broker_outage_loses_nothing_and_keeps_connections_open() {
         delivered() == (STATIONS * BEFORE) as u64
     });
 
+    // The outage lasts until every line sent during it is read and both shards' producers
+    // have seen the broker go (their statistics, every second), instead of a fixed sleep:
+    // only then does "nothing delivered while down" say something.
+    let metrics = app.metrics_addr().expect("the operations endpoint");
+    wait_for("both producers connected", Duration::from_secs(10), || {
+        brokers_in_state(metrics, "up") >= 2.0
+    });
     cluster.mock().broker_down(1).unwrap();
+    let down_at = std::time::Instant::now();
     for (i, s) in stations.iter_mut().enumerate() {
         s.send(lines(i, BEFORE, DURING).as_bytes()).unwrap();
     }
-    std::thread::sleep(Duration::from_secs(3));
+    wait_for(
+        "the lines sent while down read",
+        Duration::from_secs(10),
+        || app.server().totals().records_enqueued == (STATIONS * (BEFORE + DURING)) as u64,
+    );
+    wait_for(
+        "both producers without a broker",
+        Duration::from_secs(10),
+        || brokers_in_state(metrics, "up") == 0.0,
+    );
+    eprintln!("broker down for {:?}", down_at.elapsed());
     let t = app.server().totals();
     assert_eq!(
         t.records_delivered,

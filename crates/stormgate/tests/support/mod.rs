@@ -244,3 +244,83 @@ pub fn partitions_of(brokers: &str, topic: &str) -> usize {
         .expect("topic metadata")
         .len()
 }
+
+/// Every event the server logs in this test process from now on, as text (`message` then
+/// ` field=value` pairs), for a test that waits for something that shows only in the log (a
+/// refused reload) instead of sleeping and seeing nothing change. Installs a global subscriber
+/// the first time; events are kept whatever their level.
+pub fn log_lines() -> &'static std::sync::Mutex<Vec<String>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    static LINES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let subscriber = tracing_subscriber::registry().with(Capture(&LINES));
+        tracing::subscriber::set_global_default(subscriber).expect("no other subscriber");
+    });
+    &LINES
+}
+
+/// Waits until a logged event's text contains every one of `parts`.
+pub fn wait_for_log(parts: &[&str], timeout: Duration) {
+    wait_for(&format!("a log line with {parts:?}"), timeout, || {
+        log_lines()
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| parts.iter().all(|p| l.contains(p)))
+    });
+}
+
+struct Capture(&'static std::sync::Mutex<Vec<String>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Text(String);
+        impl tracing::field::Visit for Text {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                use std::fmt::Write;
+                let _ = write!(self.0, " {}={value:?}", field.name());
+            }
+        }
+        let mut text = Text(String::new());
+        event.record(&mut text);
+        self.0.lock().unwrap().push(text.0);
+    }
+}
+
+/// The sum of the samples on the operations endpoint at `addr` (`/metrics`) whose series
+/// (name and labels, as printed) starts with `series`: a metric's name sums it over its
+/// labels, `name{shard="0"` narrows it.
+pub fn metric_sum(addr: std::net::SocketAddr, series: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("a /metrics answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(metric, _)| {
+            metric.starts_with(series)
+                && (series.contains('{') || metric.split('{').next() == Some(series))
+        })
+        .map(|(_, value)| value.parse::<f64>().expect("a number"))
+        .sum()
+}
+
+/// Brokers the shards' producers see in `state` (`up` or `down`), summed over the shards,
+/// from their librdkafka statistics (every second).
+pub fn brokers_in_state(addr: std::net::SocketAddr, state: &str) -> f64 {
+    (0..8)
+        .map(|shard| {
+            metric_sum(
+                addr,
+                &format!("stormgate_kafka_brokers{{shard=\"{shard}\",state=\"{state}\"}}"),
+            )
+        })
+        .sum()
+}

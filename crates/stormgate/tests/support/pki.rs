@@ -1,6 +1,6 @@
 //! Certificates for the TLS tests, made on the spot (rcgen), and a blocking TLS station.
 
-use std::io::{self, BufReader, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -69,13 +69,22 @@ impl Ca {
 
     /// A client configuration that trusts this CA, presenting `identity` when given.
     pub fn client_config(&self, identity: Option<&Leaf>) -> Arc<ClientConfig> {
+        self.client_config_for(identity, rustls::DEFAULT_VERSIONS)
+    }
+
+    /// [`Ca::client_config`] speaking only the TLS `versions` given.
+    pub fn client_config_for(
+        &self,
+        identity: Option<&Leaf>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<ClientConfig> {
         let mut roots = RootCertStore::empty();
         roots
             .add(CertificateDer::from_pem_slice(self.pem.as_bytes()).unwrap())
             .unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots);
         Arc::new(match identity {
@@ -144,6 +153,11 @@ impl TlsStation {
         })
     }
 
+    /// The TLS version the handshake settled on.
+    pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
+        self.stream.get_ref().conn.protocol_version()
+    }
+
     /// The server's certificate, DER.
     pub fn server_certificate(&self) -> Vec<u8> {
         self.stream.get_ref().conn.peer_certificates().unwrap()[0].to_vec()
@@ -158,6 +172,16 @@ impl TlsStation {
     /// The next reply line, parsed.
     pub fn reply(&mut self) -> io::Result<Reply> {
         Reply::read_from(&mut self.stream)
+    }
+
+    /// Fails unless the server's next move is an orderly TLS close: its close_notify, with no
+    /// more bytes before it (an abrupt TCP close is `UnexpectedEof`, silence a timeout).
+    pub fn expect_close_notify(&mut self) {
+        let mut rest = Vec::new();
+        match self.stream.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty(), "bytes before the close: {rest:?}"),
+            Err(e) => panic!("not an orderly TLS close: {e} ({:?})", e.kind()),
+        }
     }
 
     /// Reads until `seq` is acknowledged; any other reply fails.
