@@ -52,6 +52,8 @@ const FEED_BATCH: usize = 64;
 const DEADLINE_CHECK: Duration = Duration::from_millis(50);
 /// How often an adopted log is checked for being delivered, to remove it.
 const ADOPTED_CHECK: Duration = Duration::from_millis(500);
+/// How long past the shutdown deadline closing a log may take (its last flush and checkpoint).
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Largest segment file. 64 MiB: large enough that creating, preallocating and removing a
 /// segment is rare (once per ~250,000 typical records), small enough that a delivered
 /// segment frees its space soon.
@@ -416,21 +418,32 @@ fn to_record(ledger: &Ledger, index: usize, view: stormgate_buffer::RecordView<'
 }
 
 /// After the sink finished: closes every log (a last checkpoint; what was not delivered
-/// stays for the next start) and removes the adopted ones that are fully delivered.
-pub(crate) async fn close(logs: &ShardLogs, shard: usize) {
-    for (i, log) in logs.logs.iter().enumerate() {
-        if i == 0 {
-            log.close().await;
-            continue;
+/// stays for the next start). Bounded: past the shutdown deadline plus [`CLOSE_GRACE`] a log
+/// whose storage still fails is left as it is — what was durable stays, and nothing that was
+/// not durable was acknowledged — so that a failing disk cannot hold the process past its
+/// deadline.
+pub(crate) async fn close(logs: &ShardLogs, shard: usize, deadline: Option<Instant>) {
+    let give_up = deadline.unwrap_or_else(Instant::now) + CLOSE_GRACE;
+    for log in &logs.logs {
+        let closed = future::or(
+            async {
+                log.close().await;
+                true
+            },
+            async {
+                sleep(give_up.saturating_duration_since(Instant::now())).await;
+                false
+            },
+        )
+        .await;
+        if !closed {
+            warn!(
+                shard,
+                dir = %log.dir().display(),
+                "disk buffer not closed by the shutdown deadline (storage failing?): its \
+                 durable records stay for the next start, the others were not acknowledged"
+            );
         }
-        // A last checkpoint first: only a checkpointed log counts as drained.
-        log.close().await;
-        info!(
-            shard,
-            dir = %log.dir().display(),
-            delivered = log.is_drained(),
-            "adopted disk buffer closed"
-        );
     }
 }
 

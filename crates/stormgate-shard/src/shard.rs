@@ -442,7 +442,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         if let Some(adopted) = tasks.adopted {
             adopted.await;
         }
-        disk::close(logs, info.id).await;
+        disk::close(logs, info.id, core.ledger.deadline.get()).await;
     } else {
         sink_task.await;
     }
