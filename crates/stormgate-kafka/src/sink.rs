@@ -11,11 +11,9 @@
 //! shard's own thread.
 
 use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
-use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures_lite::future;
@@ -24,8 +22,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, PurgeConfig};
 use rdkafka::types::RDKafkaErrorCode;
 use stormgate_shard::{
-    DeliveryFailure, Outcome, Record, RecordReceiver, ShardInfo, Sink, SinkContext, SinkFactory,
-    Ticket,
+    DeliveryFailure, Notify, Outcome, Record, RecordReceiver, ShardInfo, Sink, SinkContext,
+    SinkFactory, Ticket,
 };
 use stormgate_telemetry::LogLimiter;
 use tracing::{error, info};
@@ -446,33 +444,5 @@ async fn poll_loop(sink: Rc<Running>) {
         } else {
             future::or(sink.wake.notified(), sleep(IDLE_POLL_INTERVAL)).await;
         }
-    }
-}
-
-/// Wakes one waiting task; remembers a notification nobody waited for. Shard-local.
-#[derive(Default)]
-struct Notify {
-    notified: Cell<bool>,
-    waiter: Cell<Option<Waker>>,
-}
-
-impl Notify {
-    fn notify(&self) {
-        self.notified.set(true);
-        if let Some(w) = self.waiter.take() {
-            w.wake();
-        }
-    }
-
-    async fn notified(&self) {
-        poll_fn(|cx| {
-            if self.notified.replace(false) {
-                Poll::Ready(())
-            } else {
-                self.waiter.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        })
-        .await;
     }
 }

@@ -44,6 +44,7 @@ use tracing::{info, warn};
 
 use crate::config::{AckAfter, DiskBuffer, WhenFull};
 use crate::gate::ReadGate;
+use crate::signal::Notify;
 use crate::sink::{DeliveryFailure, Ledger, Outcome, Record, RecordReceiver, Ticket};
 
 /// Records a feeder hands to the sink's queue per read of its log.
@@ -471,34 +472,6 @@ pub(crate) async fn remove_adopted_when_drained(logs: Vec<Log>, stop: Rc<Cell<bo
             }
         }
         left = keep;
-    }
-}
-
-/// Wakes one waiting task; remembers a notification nobody waited for. Shard-local.
-#[derive(Default)]
-struct Notify {
-    notified: Cell<bool>,
-    waiter: Cell<Option<std::task::Waker>>,
-}
-
-impl Notify {
-    fn notify(&self) {
-        self.notified.set(true);
-        if let Some(w) = self.waiter.take() {
-            w.wake();
-        }
-    }
-
-    async fn notified(&self) {
-        std::future::poll_fn(|cx| {
-            if self.notified.replace(false) {
-                std::task::Poll::Ready(())
-            } else {
-                self.waiter.set(Some(cx.waker().clone()));
-                std::task::Poll::Pending
-            }
-        })
-        .await;
     }
 }
 

@@ -52,6 +52,7 @@ mod signal;
 pub use auth::{Credentials, StationAuth};
 pub use config::{AckAfter, DiskBuffer, RuntimeConfig, WhenFull};
 pub use server::{Server, ServerHandle, ShardInfo, StartServerError};
+pub use signal::Notify;
 pub use sink::{
     DeliveryFailure, NullSink, NullSinkFactory, Outcome, Record, RecordReceiver, Sink, SinkContext,
     SinkFactory, Ticket,

@@ -1,4 +1,4 @@
-//! Shard-local one-shot signals.
+//! Shard-local signals: a one-shot [`Signal`] and a [`Notify`] that wakes one waiter.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -68,5 +68,45 @@ impl Drop for Wait<'_> {
         {
             *w = None;
         }
+    }
+}
+
+/// Wakes one waiting task, and remembers a notification nobody waited for (the next wait
+/// completes at once). Shard-local, for one waiter: a second waiter replaces the first.
+/// Sinks use it too (the Kafka sink's poller waits on one).
+#[derive(Default)]
+pub struct Notify {
+    notified: Cell<bool>,
+    waiter: Cell<Option<Waker>>,
+}
+
+impl std::fmt::Debug for Notify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notify")
+            .field("notified", &self.notified.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Notify {
+    /// Wakes the waiting task, or lets the next wait complete at once.
+    pub fn notify(&self) {
+        self.notified.set(true);
+        if let Some(w) = self.waiter.take() {
+            w.wake();
+        }
+    }
+
+    /// Completes after a [`Notify::notify`] made since the last wait completed.
+    pub async fn notified(&self) {
+        std::future::poll_fn(|cx| {
+            if self.notified.replace(false) {
+                Poll::Ready(())
+            } else {
+                self.waiter.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await;
     }
 }

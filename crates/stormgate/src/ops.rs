@@ -37,7 +37,7 @@ use stormgate_buffer::LogStats;
 use stormgate_kafka::sink::{ProducerStats, ProducerStatsSnapshot};
 use stormgate_protocol::ErrorCode;
 use stormgate_shard::ShardInfo;
-use stormgate_telemetry::{LogLimiter, ShardMetrics, Totals};
+use stormgate_telemetry::{HistogramSnapshot, LogLimiter, ShardMetrics, Totals};
 use tracing::{info, warn};
 
 /// Longest request head (request line and headers) the endpoint reads (hyper's smallest
@@ -798,47 +798,22 @@ fn render_buffers(p: &mut Prom<'_>, state: &OpsState) {
         ),
     ];
     for (name, help, read) in histograms {
-        p.family(name, "histogram", help);
-        let bucket = format!("{name}_bucket");
-        for (b, shard) in state.buffers.iter().zip(&shards) {
-            let h = read(b).snapshot();
-            for le in LATENCY_BUCKETS_SECONDS {
-                let n = h.count_at_most((le * 1e6) as u64);
-                p.sample(&bucket, &[("shard", shard), ("le", &le.to_string())], n);
-            }
-            let count = h.count_at_most(u64::MAX);
-            p.sample(&bucket, &[("shard", shard), ("le", "+Inf")], count);
-            p.sample(
-                &format!("{name}_sum"),
-                &[("shard", shard)],
-                h.sum_micros() as f64 / 1e6,
-            );
-            p.sample(&format!("{name}_count"), &[("shard", shard)], count);
-        }
+        let shards = state.buffers.iter().zip(&shards);
+        p.histogram(
+            name,
+            help,
+            shards.map(|(b, shard)| (shard.as_str(), read(b).snapshot())),
+        );
     }
 }
 
 fn render_latency(p: &mut Prom<'_>, state: &OpsState, shard_label: &[String]) {
-    let name = "stormgate_delivery_latency_seconds";
-    p.family(
-        name,
-        "histogram",
+    let shards = state.metrics.iter().zip(shard_label);
+    p.histogram(
+        "stormgate_delivery_latency_seconds",
         "Line read to settlement (delivered or failed), per metrics record.",
+        shards.map(|(m, shard)| (shard.as_str(), m.delivery_latency.snapshot())),
     );
-    let bucket = format!("{name}_bucket");
-    for (m, shard) in state.metrics.iter().zip(shard_label) {
-        let h = m.delivery_latency.snapshot();
-        for le in LATENCY_BUCKETS_SECONDS {
-            let n = h.count_at_most((le * 1e6) as u64);
-            p.sample(&bucket, &[("shard", shard), ("le", &le.to_string())], n);
-        }
-        // Buckets, +Inf and count from the same copy, so that they never disagree.
-        let count = h.count_at_most(u64::MAX);
-        p.sample(&bucket, &[("shard", shard), ("le", "+Inf")], count);
-        let sum = h.sum_micros() as f64 / 1e6;
-        p.sample(&format!("{name}_sum"), &[("shard", shard)], sum);
-        p.sample(&format!("{name}_count"), &[("shard", shard)], count);
-    }
 }
 
 fn render_producers(p: &mut Prom<'_>, state: &OpsState) {
@@ -929,6 +904,30 @@ impl Prom<'_> {
             self.out.push('}');
         }
         let _ = writeln!(self.out, " {value}");
+    }
+
+    /// A histogram family in seconds from microsecond histograms, one per shard: the
+    /// buckets of [`LATENCY_BUCKETS_SECONDS`], `+Inf`, `_sum` and `_count`, each shard's from
+    /// one copy so that they never disagree.
+    fn histogram<'s>(
+        &mut self,
+        name: &str,
+        help: &str,
+        shards: impl Iterator<Item = (&'s str, HistogramSnapshot)>,
+    ) {
+        self.family(name, "histogram", help);
+        let bucket = format!("{name}_bucket");
+        for (shard, h) in shards {
+            for le in LATENCY_BUCKETS_SECONDS {
+                let n = h.count_at_most((le * 1e6) as u64);
+                self.sample(&bucket, &[("shard", shard), ("le", &le.to_string())], n);
+            }
+            let count = h.count_at_most(u64::MAX);
+            self.sample(&bucket, &[("shard", shard), ("le", "+Inf")], count);
+            let sum = h.sum_micros() as f64 / 1e6;
+            self.sample(&format!("{name}_sum"), &[("shard", shard)], sum);
+            self.sample(&format!("{name}_count"), &[("shard", shard)], count);
+        }
     }
 
     fn gauge(&mut self, name: &str, help: &str, value: impl Display) {

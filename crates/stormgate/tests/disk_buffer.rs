@@ -6,15 +6,15 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use stormgate_kafka::EmbeddedCluster;
 use stormgate_station::Reply;
+use support::process::{Process, scrape};
 use support::*;
 
 /// A fresh directory for one test's buffer, removed on drop.
@@ -40,6 +40,14 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Starts Stormgate in this process with a disk buffer in `dir` and the given extra flags.
+fn start_disk(dir: &TempDir, extra: &[&str]) -> stormgate::app::App {
+    let dir = dir.arg();
+    let mut args = vec!["--buffer-type", "disk", "--buffer-dir", &dir];
+    args.extend_from_slice(extra);
+    start(&args)
 }
 
 /// `count` metrics lines with seqs `from..from + count`.
@@ -147,104 +155,6 @@ fn arrived(records: &[Out]) -> (BTreeMap<String, Vec<u64>>, usize) {
     (by_station, duplicates)
 }
 
-/// A `stormgate` child process whose JSON log lines are collected.
-struct Process {
-    child: Child,
-    logs: mpsc::Receiver<serde_json::Value>,
-    seen: Vec<serde_json::Value>,
-}
-
-impl Process {
-    fn spawn(env: &[(&str, &str)]) -> Process {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stormgate"));
-        cmd.env_remove("KAFKA_BROKERS")
-            .env("TCP_LISTEN", "127.0.0.1:0")
-            .env("TCP_SHARDS", "2")
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .env("METRICS_ADDR", "127.0.0.1:0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn stormgate");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, logs) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let v = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| serde_json::json!({"raw": line}));
-                if tx.send(v).is_err() {
-                    break;
-                }
-            }
-        });
-        Process {
-            child,
-            logs,
-            seen: Vec::new(),
-        }
-    }
-
-    fn log_line(&mut self, needle: &str) -> serde_json::Value {
-        let matches =
-            |v: &serde_json::Value| v["message"].as_str().is_some_and(|m| m.contains(needle));
-        if let Some(v) = self.seen.iter().find(|v| matches(v)) {
-            return v.clone();
-        }
-        loop {
-            let v = self
-                .logs
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("no log line {needle:?}; log: {:#?}", self.seen));
-            self.seen.push(v.clone());
-            if matches(&v) {
-                return v;
-            }
-        }
-    }
-
-    fn addr(&mut self, message: &str) -> SocketAddr {
-        self.log_line(message)["addr"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `GET /metrics`: every sample summed over its labels, by name.
-fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    let mut m = BTreeMap::new();
-    for line in body.lines().filter(|l| !l.starts_with('#')) {
-        let Some((name, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let name = name.split('{').next().unwrap().to_owned();
-        *m.entry(name).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
-    }
-    m
-}
-
 /// Issue test 1: with the broker unreachable from the start, 20 stations × 2,000 lines are
 /// all acknowledged (durable); `kill -9`; a new process on the same directory with the
 /// broker back delivers every acknowledged line.
@@ -262,7 +172,7 @@ fn acknowledged_lines_survive_kill_9_and_arrive_once_the_broker_is_back() {
         ("KAFKA_TOPIC", topic.as_str()),
     ];
     let mut first = Process::spawn(&[&common[..], &[("KAFKA_BROKERS", "127.0.0.1:1")]].concat());
-    let addr = first.addr("listening");
+    let addr = first.addr();
     let answers: Vec<Answers> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..STATIONS)
             .map(|i| {
@@ -295,7 +205,7 @@ fn acknowledged_lines_survive_kill_9_and_arrive_once_the_broker_is_back() {
 
     let mut second =
         Process::spawn(&[&common[..], &[("KAFKA_BROKERS", brokers.as_str())]].concat());
-    let ops = second.addr("operations endpoint listening");
+    let ops = second.metrics_addr();
     let total = STATIONS as u64 * LINES;
     wait_for(
         "every buffered record delivered",
@@ -347,22 +257,21 @@ fn an_outage_longer_than_the_producer_queue_is_absorbed_on_disk() {
     let dir = TempDir::new("buffer-outage");
     let cluster = EmbeddedCluster::start(TOPIC, 6).unwrap();
     let brokers = cluster.bootstrap_servers();
-    let app = start(&[
-        "--kafka-brokers",
-        &brokers,
-        "--kafka-topic",
-        TOPIC,
-        "--kafka-queue-max-records",
-        "500",
-        "--queue-size",
-        "256",
-        "--buffer-type",
-        "disk",
-        "--buffer-dir",
-        &dir.arg(),
-        "--buffer-max-bytes",
-        "64MiB",
-    ]);
+    let app = start_disk(
+        &dir,
+        &[
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-topic",
+            TOPIC,
+            "--kafka-queue-max-records",
+            "500",
+            "--queue-size",
+            "256",
+            "--buffer-max-bytes",
+            "64MiB",
+        ],
+    );
     let mut stations: Vec<TcpStream> = (0..STATIONS)
         .map(|i| {
             let mut s = TcpStream::connect(app.local_addr()).unwrap();
@@ -468,18 +377,17 @@ fn wide_data() -> String {
 #[test]
 fn a_full_buffer_blocks_within_its_bound() {
     let dir = TempDir::new("buffer-block");
-    let app = start(&[
-        "--shards",
-        "1",
-        "--kafka-brokers",
-        "127.0.0.1:1",
-        "--buffer-type",
-        "disk",
-        "--buffer-dir",
-        &dir.arg(),
-        "--buffer-max-bytes",
-        "4MiB",
-    ]);
+    let app = start_disk(
+        &dir,
+        &[
+            "--shards",
+            "1",
+            "--kafka-brokers",
+            "127.0.0.1:1",
+            "--buffer-max-bytes",
+            "4MiB",
+        ],
+    );
     let mut station = TcpStream::connect(app.local_addr()).unwrap();
     station
         .write_all(b"{\"type\":\"identify\",\"zipcode\":\"50000\",\"city\":\"Full\"}\n")
@@ -546,20 +454,19 @@ fn a_full_buffer_blocks_within_its_bound() {
 #[test]
 fn a_full_buffer_drops_the_newest_with_a_nack() {
     let dir = TempDir::new("buffer-drop");
-    let app = start(&[
-        "--shards",
-        "1",
-        "--kafka-brokers",
-        "127.0.0.1:1",
-        "--buffer-type",
-        "disk",
-        "--buffer-dir",
-        &dir.arg(),
-        "--buffer-max-bytes",
-        "4MiB",
-        "--buffer-when-full",
-        "drop_newest",
-    ]);
+    let app = start_disk(
+        &dir,
+        &[
+            "--shards",
+            "1",
+            "--kafka-brokers",
+            "127.0.0.1:1",
+            "--buffer-max-bytes",
+            "4MiB",
+            "--buffer-when-full",
+            "drop_newest",
+        ],
+    );
     // ~2 MiB of segment room in 1 MiB segments: 6,000 lines of ~1 KB cannot all fit.
     let data = wide_data();
     let mut s = TcpStream::connect(app.local_addr()).unwrap();
@@ -619,20 +526,19 @@ fn a_full_buffer_drops_the_newest_with_a_nack() {
 /// Writes `count` acknowledged lines per station into a buffer with the broker unreachable,
 /// then stops (the lines stay in the log): a buffer directory to damage or adopt.
 fn fill_buffer(dir: &TempDir, shards: &str, stations: usize, count: u64) -> Vec<i64> {
-    let app = start(&[
-        "--shards",
-        shards,
-        "--kafka-brokers",
-        "127.0.0.1:1",
-        "--shutdown-timeout",
-        "1s",
-        "--buffer-type",
-        "disk",
-        "--buffer-dir",
-        &dir.arg(),
-        "--buffer-max-bytes",
-        "256MiB",
-    ]);
+    let app = start_disk(
+        dir,
+        &[
+            "--shards",
+            shards,
+            "--kafka-brokers",
+            "127.0.0.1:1",
+            "--shutdown-timeout",
+            "1s",
+            "--buffer-max-bytes",
+            "256MiB",
+        ],
+    );
     let addr = app.local_addr();
     std::thread::scope(|scope| {
         for i in 0..stations {
@@ -691,20 +597,19 @@ fn damaged_buffers_start_deliver_what_is_valid_and_quarantine_the_rest() {
 
     let brokers = broker();
     let topic = fresh_topic(&brokers, "disk-damage");
-    let app = start(&[
-        "--shards",
-        "1",
-        "--kafka-brokers",
-        &brokers,
-        "--kafka-topic",
-        &topic,
-        "--buffer-type",
-        "disk",
-        "--buffer-dir",
-        &dir.arg(),
-        "--buffer-max-bytes",
-        "256MiB",
-    ]);
+    let app = start_disk(
+        &dir,
+        &[
+            "--shards",
+            "1",
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-topic",
+            &topic,
+            "--buffer-max-bytes",
+            "256MiB",
+        ],
+    );
     let stats = app.server().buffer_stats();
     let quarantined = stats[0].quarantined_records.get();
     assert!(
@@ -774,20 +679,19 @@ fn fewer_shards_drain_the_orphaned_directory() {
     let topic = fresh_topic(&brokers, "disk-adopt");
     let orphan = dir.path().join("shard-1");
     assert!(orphan.exists());
-    let app = start(&[
-        "--shards",
-        "1",
-        "--kafka-brokers",
-        &brokers,
-        "--kafka-topic",
-        &topic,
-        "--buffer-type",
-        "disk",
-        "--buffer-dir",
-        &dir.arg(),
-        "--buffer-max-bytes",
-        "256MiB",
-    ]);
+    let app = start_disk(
+        &dir,
+        &[
+            "--shards",
+            "1",
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-topic",
+            &topic,
+            "--buffer-max-bytes",
+            "256MiB",
+        ],
+    );
     let total = STATIONS as u64 * LINES;
     wait_for(
         "every record of both shards delivered",
@@ -968,22 +872,21 @@ fn ack_after_delivered_waits_for_kafka_even_when_durable() {
     let cluster = EmbeddedCluster::start(TOPIC, 6).unwrap();
     let brokers = cluster.bootstrap_servers();
     cluster.mock().broker_down(1).unwrap();
-    let app = start(&[
-        "--shards",
-        "1",
-        "--kafka-brokers",
-        &brokers,
-        "--kafka-topic",
-        TOPIC,
-        "--buffer-type",
-        "disk",
-        "--buffer-dir",
-        &dir.arg(),
-        "--buffer-max-bytes",
-        "64MiB",
-        "--ack-after",
-        "delivered",
-    ]);
+    let app = start_disk(
+        &dir,
+        &[
+            "--shards",
+            "1",
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-topic",
+            TOPIC,
+            "--buffer-max-bytes",
+            "64MiB",
+            "--ack-after",
+            "delivered",
+        ],
+    );
     let mut s = TcpStream::connect(app.local_addr()).unwrap();
     s.write_all(
         b"{\"type\":\"identify\",\"zipcode\":\"80000\",\"city\":\"Later\",\"acks\":true}\n",

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod pki;
+pub mod process;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
