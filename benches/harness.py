@@ -907,19 +907,23 @@ def outage_run(method):
     kafka.sh stop and start (SIGTERM, a controlled shutdown: connections are refused as in a
     real outage; the start takes 5-15 s more); "pause" is SIGSTOP and SIGCONT (connections
     stay open and requests wait; beyond librdkafka's 30 s request timeout they fail and are
-    retried). Measures the drain
-    rate while they do (delivered records per second from the first delivery after the
-    restart until the backlog is gone, against the lines arriving meanwhile), the time from
-    the broker answering again to the buffer back at its steady level (and to 0), and
-    checks that every line arrived."""
+    retried).
+
+    Measures the drain rate while the stations send (delivered records per second from the
+    first delivery after the restart until the buffer is back at its steady level, or until
+    the stations' last line if that comes first, against the lines arriving meanwhile), the
+    time from the broker answering again to that level and to 0, and checks that every line
+    arrived and was acknowledged."""
     conns, per_conn, steady, down, after = (
-        (10, 200, 1, 3, 3) if SMOKE else (100, 300, 15, 60, 60))
+        (10, 200, 1, 3, 3) if SMOKE else (100, 300, 15, 60, 90))
     broker = Broker.get()
     topic = broker.topic("buffer-outage")
     buf = BufferDir()
     # 4 GiB: a 60 s outage at 30K lines/s is ~1.8M records, ~0.5 GB on disk, with room.
-    # Smoke: a producer queue smaller than the outage's lines, so that the catch-up reads
-    # from disk as a long outage's does (the default queue, 100,000, holds seconds of it).
+    # Smoke: a producer queue smaller than the outage's lines, so that the backlog waits in
+    # the log as a long outage's does, not in librdkafka's queue (the default, 100,000
+    # records, holds seconds of it). At smoke sizes the feeder still reads it from the log's
+    # memory tail, not from disk (replayed_records 0).
     small_queue = ["--kafka-queue-max-records", 1000] if SMOKE else []
     server = Server("--kafka-brokers", broker.brokers, "--kafka-topic", topic,
                     *buf.args("4GiB"), *small_queue, metrics=True)
@@ -995,6 +999,8 @@ def outage_run(method):
     stalled = at(samples, t_stopped)["delivered"]
     first = next((s for s in samples if s["t"] >= t_start and s["delivered"] > stalled), None)
     empty = next((s for s in samples if s["t"] > t_up and s["buffered"] == 0), None)
+    # The stations' last line: the first sample with every line received.
+    sending_end = next(s for s in samples if s["received"] == samples[-1]["received"])
     result = {
         "label": "buffer-outage",
         "connections": conns,
@@ -1022,24 +1028,31 @@ def outage_run(method):
         "first_delivery_after_start_s": round(first["t"] - t_up, 2) if first else None,
         "caught_up_after_start_s": round(caught["t"] - t_up, 2) if caught else None,
         "time_to_empty_s": round(empty["t"] - t_up, 2) if empty else None,
-        "emptied_while_sending": bool(empty and empty["t"] < t_sent),
+        "sending_ended_at_s": sending_end["t"],
+        "caught_up_while_sending": bool(caught and caught["t"] <= sending_end["t"]),
         "drain_records_per_s": None,
         "incoming_during_drain_per_s": None,
         "drain_over_incoming": None,
+        "drain_after_sending_records_per_s": None,
         "latency_us": totals["delivery_latency_us"],
         # One sample a second, for the plot: time, lines received, records delivered, records
         # in the buffer.
         "timeline": [[s["t"], int(s["received"]), int(s["delivered"]), int(s["buffered"])]
                      for s in samples[::4]],
     }
-    end = caught or empty
-    if first and end and end["t"] > first["t"]:
+    # The drain while lines keep arriving: from the first delivery after the outage to the
+    # catch-up, or to the stations' last line if that came first.
+    end = min(caught or empty or sending_end, sending_end, key=lambda s: s["t"])
+    if first and end["t"] > first["t"]:
         span = end["t"] - first["t"]
         drain = (end["delivered"] - first["delivered"]) / span
         incoming = (end["received"] - first["received"]) / span
         result["drain_records_per_s"] = round(drain)
         result["incoming_during_drain_per_s"] = round(incoming)
         result["drain_over_incoming"] = round(drain / max(incoming, 1), 2)
+    if empty and empty["t"] > sending_end["t"]:
+        result["drain_after_sending_records_per_s"] = round(
+            (empty["delivered"] - sending_end["delivered"]) / (empty["t"] - sending_end["t"]))
     result["verified"] = verify_topic(broker, topic, "buffer-outage", delivered,
                                       sent["lines_sent"], totals)
     broker.drop(topic)
