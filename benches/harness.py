@@ -4,7 +4,7 @@
 Usage (through benches/run.sh, which builds the binaries first):
 
     benches/run.sh SCENARIO [--smoke]     one of: parse-only e2e ceiling before shards
-                                          connections latency acks fairness tls all
+                                          connections latency acks buffer fairness tls all
     benches/run.sh report                 tables (benches/results/summary.md) and plots
                                           (docs/img/*.svg) from the latest results
 
@@ -30,6 +30,7 @@ import argparse
 import atexit
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -286,7 +287,8 @@ def verdict(run, label, **checks):
     return run
 
 
-def consume_check(broker, topic, label, delivered, sent, keys, warmup=0, lines_per_conn=None):
+def consume_check(broker, topic, label, delivered, sent, keys, warmup=0, lines_per_conn=None,
+                  extra=0, extra_keys=0):
     """Reads `topic` from offset 0 to the end the broker states and checks it against what
     was sent: `delivered` (+ `warmup` records without a seq) records, exactly the broker's
     content, equal to the `sent` lines (every line with a seq), from `keys` + 1 (warm-up)
@@ -295,9 +297,10 @@ def consume_check(broker, topic, label, delivered, sent, keys, warmup=0, lines_p
     lost tail still fails: each station's seqs are gapless from 0, so the sum of the
     stations' counts is the line count only if no station lost its last lines (none can have
     more than it sent: a seq above that would be `missing` elsewhere or a duplicate).
-    Returns the verified dict."""
+    `extra` records from `extra_keys` more stations (an `AckProbe`) come on top, each with
+    its seq. Returns the verified dict."""
     args = ["consume", "--brokers", broker.brokers, "--topic", topic,
-            "--expect", delivered + warmup, "--timeout", "120s"]
+            "--expect", delivered + warmup + extra, "--timeout", "120s"]
     if lines_per_conn:
         args += ["--lines-per-conn", lines_per_conn]
     check = loadgen(*args, quiet=True, allow_failure=True)
@@ -306,7 +309,7 @@ def consume_check(broker, topic, label, delivered, sent, keys, warmup=0, lines_p
                                "without_seq", "unexpected_seq", "seq_out_of_range")}
     checks = {
         "records_are_the_broker_content": check["records"] == check["broker_records"],
-        "records_are_the_delivered": check["records"] == delivered + warmup,
+        "records_are_the_delivered": check["records"] == delivered + warmup + extra,
         "delivered_are_the_sent": delivered == sent,
         "no_duplicates": check["duplicates"] == 0,
         "no_gaps_nor_lost_tails": check["missing"] == 0 and check["unexpected_seq"] == 0,
@@ -314,7 +317,7 @@ def consume_check(broker, topic, label, delivered, sent, keys, warmup=0, lines_p
         "no_bad_records": check["bad_records"] == 0 and check["seq_out_of_range"] == 0,
         "keys_match_zipcodes": check["key_mismatches"] == 0,
         "every_line_has_its_seq": check["without_seq"] == warmup,
-        "every_station": check["keys"] == keys + (1 if warmup else 0),
+        "every_station": check["keys"] == keys + extra_keys + (1 if warmup else 0),
     }
     result = verdict({}, label, **checks)
     v.update(result["verified"])
@@ -439,21 +442,28 @@ SMOKE_RATE = 2000
 
 
 def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, verify=True,
-              lines_per_conn=None, send_args=()):
+              lines_per_conn=None, send_args=(), buffer_metrics=False, probe_rate=0):
     """Stations → stormgate → broker, then consume the topic and check every record.
 
     The rate is delivered records over the time from the first line sent to the end of the
     server's drain (SIGTERM after the load stops; exit after the last delivery report), so a
-    server that buffers instead of delivering does not look faster than it is."""
+    server that buffers instead of delivering does not look faster than it is.
+
+    With `buffer_metrics` the server's operations endpoint is scraped before and after the
+    load, and the disk buffer's figures over the load (see `buffer_figures`) go in `buffer`.
+    With `probe_rate`, one more station (`AckProbe`) sends that many lines a second beside
+    the load and times each line's acknowledgement: `ack_probe`."""
     broker = Broker.get()
     topic = broker.topic(label)
     server = Server("--kafka-brokers", broker.brokers, "--kafka-topic", topic, *server_args,
-                    env=env)
+                    env=env, metrics=buffer_metrics)
     # Warm up: the first records of a fresh idempotent producer wait for its producer id; the
     # measurement starts after that.
     loadgen("send", "--target", server.target, "--connections", 1, "--lines-per-conn",
             WARMUP_LINES, "--zip-base", 99000, quiet=True)
     time.sleep(1.5)
+    scrape0 = scrape(server) if buffer_metrics else None
+    probe = AckProbe(server.port, probe_rate) if probe_rate else None
     cpu0 = server.cpu()
     bcpu0 = broker.cpu()
     t0 = time.time()
@@ -468,14 +478,18 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
         "--rate", rate, "--seq", "--timestamps", "--drain-timeout", "120s", *send_args,
         quiet=SMOKE,
     )
+    probed = probe.stop() if probe else None
     cpu_load = server.cpu() - cpu0
+    load_s = time.time() - t0
+    scrape1 = scrape(server) if buffer_metrics else None
     rss, hwm = server.memory()
     bcpu = broker.cpu() - bcpu0
     # The server's CPU is sampled before SIGTERM; the drain's share is small and excluded.
     stats = server.stop()
     elapsed = time.time() - t0
     totals = stats["totals"]
-    delivered = totals["records_delivered"] - WARMUP_LINES
+    # The probe's lines are records too, beside the load generator's.
+    delivered = totals["records_delivered"] - WARMUP_LINES - (probed["sent"] if probed else 0)
     result = {
         "label": label,
         "connections": connections,
@@ -499,13 +513,21 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
         "acked_lines": sent.get("acked_lines", 0),
         "nacks": sent.get("nacks", 0),
     }
+    if buffer_metrics:
+        result["load_s"] = round(load_s, 2)
+        result["buffer"] = buffer_figures(scrape0, scrape1, load_s, delivered)
+    if probed:
+        result["ack_probe"] = probed
     if verify:
         # Everything was delivered before the server exited, so the topic is complete: read
         # it from offset 0 to the end the broker states. A short read, a duplicate, a gap, a
-        # lost tail, a bad record or a failed one fails the run.
+        # lost tail, a bad record or a failed one fails the run. An ack probe's station is
+        # one more key, with its own seqs.
+        extra = probed["sent"] if probed else 0
         result["verified"] = consume_check(
             broker, topic, label, delivered, sent["lines_sent"], connections,
-            warmup=WARMUP_LINES, lines_per_conn=lines_per_conn)
+            warmup=WARMUP_LINES, lines_per_conn=None if probed else lines_per_conn,
+            extra=extra, extra_keys=1 if probed else 0)
         if totals["records_failed"] != 0:
             result["verified"]["ok"] = False
             log(f"VERIFY FAILED for {label}: {totals['records_failed']} records failed")
@@ -513,6 +535,174 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
     log(f"{label}: {result['records_per_s']:,} records/s, p99 "
         f"{result['latency_us']['p99']} µs, verified={result.get('verified', {}).get('ok')}")
     return result
+
+
+class AckProbe:
+    """One acknowledging station beside the load: `rate` lines a second, each with its `seq`,
+    and the time from writing a line to reading the ack that covers it (`ack` with `seq`,
+    or `upto` for a coalesced range), as a station sees it. The load generator counts acks
+    but does not time them; this probe does, at a rate low enough for Python.
+
+    Two threads: one paces the lines, one reads the replies."""
+
+    ZIPCODE = "99500"
+
+    def __init__(self, port, rate):
+        import threading
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        identify = {"type": "identify", "zipcode": self.ZIPCODE, "city": "Bench City",
+                    "acks": True}
+        self.sock.sendall((json.dumps(identify) + "\n").encode())
+        self.rate = rate
+        self.sent_at = {}  # seq → perf_counter() when written; bounded by the acks
+        self.latencies_ms = []
+        self.nacks = 0
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.sender = threading.Thread(target=self.send, daemon=True)
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.sent = 0
+        self.reader.start()
+        self.sender.start()
+
+    def send(self):
+        start = time.perf_counter()
+        while not self.stopping.is_set():
+            line = (f'{{"type":"metrics","seq":{self.sent},"data":"temperature=21.5,'
+                    f'humidity=40.0,pressure=1013.2"}}\n').encode()
+            with self.lock:
+                self.sent_at[self.sent] = time.perf_counter()
+            self.sock.sendall(line)
+            self.sent += 1
+            pause = start + self.sent / self.rate - time.perf_counter()
+            if pause > 0:
+                self.stopping.wait(pause)
+
+    def read(self):
+        buf = b""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            now = time.perf_counter()
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                self.answer(json.loads(line), now)
+
+    def answer(self, reply, now):
+        last = reply.get("upto", reply.get("seq"))
+        if reply.get("type") == "nack":
+            self.nacks += 1
+        if reply.get("type") not in ("ack", "nack") or last is None:
+            return
+        with self.lock:
+            for seq in [q for q in self.sent_at if q <= last]:
+                sent = self.sent_at.pop(seq)
+                if reply["type"] == "ack":
+                    self.latencies_ms.append((now - sent) * 1e3)
+
+    def stop(self):
+        """Stops sending, waits (up to 10 s) for the last acks; the figures."""
+        self.stopping.set()
+        self.sender.join()
+        wait_until(lambda: not self.sent_at, 10, "the probe's last acks")
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.reader.join(timeout=5)
+        lat = sorted(self.latencies_ms)
+
+        def q(p):
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else None
+
+        return {"rate": self.rate, "sent": self.sent, "acked": len(lat), "nacks": self.nacks,
+                "unanswered": len(self.sent_at), "p50_ms": q(0.5), "p99_ms": q(0.99),
+                "max_ms": round(lat[-1], 2) if lat else None}
+
+
+def scrape(server):
+    """Every sample of the server's /metrics as {(name, labels without `shard`): [value per
+    shard]} (labels as a sorted tuple of (key, value) pairs)."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        text = answer.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        name, _, rest = head.partition("{")
+        labels = tuple(sorted(
+            tuple(kv.split("=", 1)) for kv in rest.rstrip("}").split(",") if kv
+            and not kv.startswith("shard=")))
+        labels = tuple((k, v.strip('"')) for k, v in labels)
+        out.setdefault((name, labels), []).append(float(value))
+    return out
+
+
+def sample(scraped, name, over_shards=sum):
+    """One metric without labels but `shard` from `scrape`, summed over shards (or
+    `over_shards`: max for an age), 0 if absent."""
+    return over_shards(scraped.get((name, ()), [0.0]))
+
+
+def histogram_ms(before, after, name):
+    """p50 and p99 in milliseconds of histogram `name` between two scrapes, interpolated
+    linearly inside the bucket that holds each (the buckets are 0.5, 1, 2.5, 5, 10, 25 ms,
+    ...: coarse), and the count and the shares of observations within 5 and 10 ms."""
+    bucket = f"{name}_bucket"
+    cum = []
+    for (n, labels), v in after.items():
+        le = dict(labels).get("le")
+        if n == bucket and le is not None:
+            cum.append((float(le), sum(v) - sum(before.get((n, labels), [0.0]))))
+    cum.sort()
+    total = cum[-1][1] if cum else 0
+    out = {"count": int(total)}
+    if not total:
+        return out
+    for q in (0.5, 0.99):
+        target, prev_le, prev_n = q * total, 0.0, 0.0
+        for le, n in cum:
+            if n >= target:
+                # Past the last finite bucket: its bound is all that is known.
+                value = prev_le if math.isinf(le) else (
+                    prev_le + (le - prev_le) * (target - prev_n) / max(n - prev_n, 1e-9))
+                out[f"p{q * 100:g}"] = round(value * 1e3, 2)
+                break
+            prev_le, prev_n = le, n
+    for le_ms in (5, 10):
+        within = next((n for le, n in cum if abs(le - le_ms / 1e3) < 1e-12), None)
+        if within is not None:
+            out[f"share_within_{le_ms}ms"] = round(within / total, 4)
+    return out
+
+
+def buffer_figures(before, after, seconds, records):
+    """The disk buffer's work between two scrapes `seconds` apart that moved `records`
+    records: fdatasyncs and group commits per second, MB/s written, bytes written per
+    record, and the append → durable and fdatasync histograms. All zero for a memory
+    buffer (the families are absent)."""
+    def delta(name):
+        return sample(after, name) - sample(before, name)
+
+    written = delta("stormgate_buffer_written_bytes_total")
+    return {
+        "fsyncs_per_s": round(delta("stormgate_buffer_fsyncs_total") / seconds, 1),
+        "flushes_per_s": round(delta("stormgate_buffer_flushes_total") / seconds, 1),
+        "written_mb_per_s": round(written / seconds / 1e6, 2),
+        "written_bytes_per_record": round(written / records, 1) if records else None,
+        "appended_records": int(delta("stormgate_buffer_appended_records_total")),
+        "replayed_records": int(delta("stormgate_buffer_replayed_records_total")),
+        # Per group commit: its oldest record's wait from append to the end of the
+        # fdatasync, the longest any record in it waited before its ack could be sent.
+        "durable_ms": histogram_ms(before, after, "stormgate_buffer_durable_seconds"),
+        "fsync_ms": histogram_ms(before, after, "stormgate_buffer_fsync_seconds"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -702,6 +892,341 @@ def scenario_acks():
     return {"off": off, "on": on,
             "throughput_ratio": round(on["records_per_s"] / max(off["records_per_s"], 1), 2),
             "p99_ratio": round(on["latency_us"]["p99"] / max(off["latency_us"]["p99"], 1), 2)}
+
+
+# Lines per second of the station that times its acks (AckProbe) beside the load.
+PROBE_RATE = 200
+
+# The disk buffer's group-commit window (BUFFER_SYNC_INTERVAL, the server's default): the
+# durable-ack target is this plus 5 ms.
+BUFFER_SYNC_INTERVAL_MS = 2
+
+
+class BufferDir:
+    """A fresh disk-buffer directory for one server, removed after it. Under BENCH_BUFFER_DIR
+    if set, else the system's temporary directory: a tmpfs there would make every fdatasync
+    free, so the file system's type goes in the result."""
+
+    def __init__(self):
+        root = os.environ.get("BENCH_BUFFER_DIR") or None
+        self.path = Path(tempfile.mkdtemp(prefix="stormgate-bench-buffer-", dir=root))
+        self.fs_type = fs_type(self.path)
+        if self.fs_type in ("tmpfs", "ramfs"):
+            log(f"the disk buffer is on {self.fs_type}: fdatasync costs nothing there")
+
+    def args(self, max_bytes="1GiB"):
+        return ["--buffer-type", "disk", "--buffer-dir", self.path,
+                "--buffer-max-bytes", max_bytes,
+                "--buffer-sync-interval", f"{BUFFER_SYNC_INTERVAL_MS}ms"]
+
+    def remove(self):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def fs_type(path):
+    """The type of the file system holding `path`, from /proc/mounts (longest mount point)."""
+    best, kind = "", "unknown"
+    with open("/proc/mounts") as f:
+        for line in f:
+            mount, fstype = line.split()[1:3]
+            if str(path).startswith(mount) and len(mount) > len(best):
+                best, kind = mount, fstype
+    return kind
+
+
+def buffered_run(label, connections, duration, rate=0):
+    """`kafka_run` with the disk buffer (acknowledging stations, TCP_ACK_AFTER=durable)."""
+    buf = BufferDir()
+    try:
+        r = kafka_run(label, connections, duration, server_args=buf.args(), rate=rate,
+                      send_args=["--acks"], buffer_metrics=True, probe_rate=PROBE_RATE)
+    finally:
+        buf.remove()
+    r["buffer"]["fs_type"] = buf.fs_type
+    return acks_checked(r)
+
+
+def acks_checked(r):
+    """Every line acknowledged, none refused: else the run fails."""
+    if r["acked_lines"] != r["lines_sent"] or r["nacks"]:
+        log(f"ACKS MISSING in {r['label']}: {r['acked_lines']:,} of {r['lines_sent']:,} "
+            f"lines acknowledged, {r['nacks']} nacks")
+        r.setdefault("verified", {})["ok"] = False
+    return r
+
+
+def scenario_buffer():
+    """BUFFER_TYPE=disk against memory, same load, same run; then a broker outage with the
+    stations still sending, and the catch-up after it. Stations ask for acknowledgements
+    (answered once durable with the disk buffer, once delivered without)."""
+    conns, duration = (10, 1) if SMOKE else (100, 10)
+    memory = kafka_run("buffer-memory", conns, duration, send_args=["--acks"],
+                       buffer_metrics=True, probe_rate=PROBE_RATE)
+    acks_checked(memory)
+    disk = buffered_run("buffer-disk", conns, duration)
+    # Smoke runs are paced already (SMOKE_RATE); a third run would only cost time.
+    half = disk if SMOKE else buffered_run(
+        "buffer-disk-half", conns, duration, rate=max(1, disk["records_per_s"] // 2 // conns))
+    throughput = disk["records_per_s"] / max(memory["records_per_s"], 1)
+    cpu = (disk["cpu_s_per_million_records"] or 0) / max(
+        memory["cpu_s_per_million_records"] or 0, 1e-9)
+    # The target is the station's view (the probe's send → ack); the server's histogram
+    # says how much of it is the group commit.
+    p99 = half["ack_probe"]["p99_ms"]
+    p99_target = BUFFER_SYNC_INTERVAL_MS + 5
+    targets = {
+        "throughput_ratio_min": 0.8,
+        "cpu_ratio_max": 1.3,
+        "durable_p99_ms_max": p99_target,
+        "drain_over_incoming_min": 2,
+    }
+    outage = outage_run(os.environ.get("BENCH_OUTAGE", "pause" if SMOKE else "stop"))
+    met = {
+        "throughput": throughput >= targets["throughput_ratio_min"],
+        "cpu": cpu <= targets["cpu_ratio_max"],
+        "durable_p99": p99 is not None and p99 <= p99_target,
+        "drain": (outage["drain_over_incoming"] or 0) >= targets["drain_over_incoming_min"],
+    }
+    log(f"buffer: disk/memory {throughput:.2f}× records/s, {cpu:.2f}× CPU per record; "
+        f"durable p99 {p99} ms at {half['records_per_s']:,}/s; outage drain "
+        f"{outage['drain_over_incoming']}× incoming, empty after {outage['time_to_empty_s']} s; "
+        f"targets met: {met}")
+    return {
+        "memory": memory,
+        "disk": disk,
+        "disk_half": None if SMOKE else half,
+        "disk_over_memory": {"records_per_s": round(throughput, 2),
+                             "cpu_s_per_million_records": round(cpu, 2)},
+        "durable_ack_ms": {"at_records_per_s": half["records_per_s"],
+                           "station_send_to_ack": half["ack_probe"],
+                           "server_append_to_durable": half["buffer"]["durable_ms"]},
+        "outage": outage,
+        "targets": targets,
+        "targets_met": met,
+    }
+
+
+class Sampler:
+    """Samples the server's counters every `interval` seconds on a thread of its own (the
+    broker's stop and start block the scenario for seconds): a list of dicts with `t`
+    (seconds since start) and the metrics in `NAMES`."""
+
+    NAMES = {
+        "received": "stormgate_lines_received_total",
+        "delivered": "stormgate_records_delivered_total",
+        "failed": "stormgate_records_failed_total",
+        "buffered": "stormgate_buffer_records",
+        "buffer_bytes": "stormgate_buffer_bytes",
+        "oldest_age_s": "stormgate_buffer_oldest_record_age_seconds",  # the oldest shard's
+        "replayed": "stormgate_buffer_replayed_records_total",
+    }
+
+    def __init__(self, server, t0, interval):
+        import threading
+        self.server, self.t0, self.interval = server, t0, interval
+        self.samples = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stopping.is_set():
+            t = time.time() - self.t0
+            try:
+                scraped = scrape(self.server)
+            except OSError:
+                self.stopping.wait(self.interval)
+                continue
+            s = {"t": round(t, 2)}
+            s.update({k: sample(scraped, n, max if k == "oldest_age_s" else sum)
+                      for k, n in self.NAMES.items()})
+            self.samples.append(s)
+            self.stopping.wait(self.interval)
+
+    def last(self):
+        return self.samples[-1] if self.samples else None
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join()
+        return self.samples
+
+
+def at(samples, t):
+    """The first sample at or after `t`, else the last."""
+    return next((s for s in samples if s["t"] >= t), samples[-1])
+
+
+def outage_run(method):
+    """A steady paced load into the disk buffer; the harness's broker stopped for `down`
+    seconds, then started; the stations keep sending throughout. `method` "stop" is
+    kafka.sh stop and start (SIGTERM, a controlled shutdown: connections are refused as in a
+    real outage; the start takes 5-15 s more); "pause" is SIGSTOP and SIGCONT (connections
+    stay open and requests wait; beyond librdkafka's 30 s request timeout they fail and are
+    retried).
+
+    Measures the drain rate while the stations send (delivered records per second from the
+    last sample before the first delivery after the restart until the buffer is back at its steady level, or until
+    the stations' last line if that comes first, against the lines arriving meanwhile), the
+    time from the broker answering again to that level and to 0, and checks that every line
+    arrived and was acknowledged."""
+    conns, per_conn, steady, down, after = (
+        (10, 200, 1, 3, 3) if SMOKE else (100, 300, 15, 60, 90))
+    broker = Broker.get()
+    topic = broker.topic("buffer-outage")
+    buf = BufferDir()
+    # 4 GiB: a 60 s outage at 30K lines/s is ~1.8M records, ~0.5 GB on disk, with room.
+    # Smoke: a producer queue smaller than the outage's lines, so that the backlog waits in
+    # the log as a long outage's does, not in librdkafka's queue (the default, 100,000
+    # records, holds seconds of it). At smoke sizes the feeder still reads it from the log's
+    # memory tail, not from disk (replayed_records 0).
+    small_queue = ["--kafka-queue-max-records", 1000] if SMOKE else []
+    server = Server("--kafka-brokers", broker.brokers, "--kafka-topic", topic,
+                    *buf.args("4GiB"), *small_queue, metrics=True)
+    loadgen("send", "--target", server.target, "--connections", 1, "--lines-per-conn",
+            WARMUP_LINES, "--zip-base", 99000, quiet=True)
+    time.sleep(1.5)
+    scrape0 = scrape(server)
+    cpu0 = server.cpu()
+    t0 = time.time()
+    sampler = Sampler(server, t0, 0.25)
+    summary_path = Path(tempfile.mkstemp(suffix=".json")[1])
+    sending_s = steady + down + after
+    sender = subprocess.Popen(
+        [str(LOADGEN), "send", "--target", server.target, "--connections", str(conns),
+         "--rate", str(per_conn), "--duration", f"{sending_s}s", "--seq", "--timestamps",
+         "--acks", "--drain-timeout", "120s", "--quiet-progress", "--summary",
+         str(summary_path)],
+        stdout=subprocess.DEVNULL)
+    time.sleep(steady)
+    # The steady level: records between append and delivery while the broker is up (never
+    # exactly 0 under load): the most seen in the steady phase's second half, and at least
+    # 50 ms of arrivals.
+    steady_max = max([conns * per_conn / 20] + [
+        s["buffered"] for s in sampler.samples[len(sampler.samples) // 2:]])
+    t_stop = time.time() - t0
+    pid = broker.pid()
+    if method == "pause":
+        os.kill(pid, signal.SIGSTOP)
+    else:
+        kafka_sh("stop", KAFKA_PORT)
+    try:
+        t_stopped = time.time() - t0
+        time.sleep(max(0.0, t0 + t_stop + down - time.time()))
+        t_start = time.time() - t0
+    finally:
+        if method == "pause":
+            os.kill(pid, signal.SIGCONT)
+        else:
+            kafka_sh("start", KAFKA_PORT)
+    t_up = time.time() - t0
+    log(f"outage: broker stopped at {t_stop:.1f} s (down in {t_stopped - t_stop:.1f} s), "
+        f"started at {t_start:.1f} s, answering at {t_up:.1f} s; "
+        f"{sampler.last()['buffered']:,.0f} records in the buffer")
+    # Caught up: back at the steady level in two samples in a row.
+    caught = None
+
+    def caught_up():
+        nonlocal caught
+        s = sampler.samples
+        if len(s) >= 2 and s[-2]["t"] > t_up and all(x["buffered"] <= steady_max
+                                                      for x in s[-2:]):
+            caught = s[-2]
+            return True
+        return sender.poll() is not None and s[-1]["buffered"] == 0
+
+    wait_until(caught_up, 600, "the disk buffer to drain", interval=0.25)
+    if sender.wait(timeout=900) != 0:
+        raise RuntimeError(f"the load generator exited {sender.returncode}")
+    t_sent = time.time() - t0
+    wait_until(lambda: sampler.last()["buffered"] == 0 and sampler.last()["t"] > t_sent, 600,
+               "the disk buffer to empty", interval=0.25)
+    samples = sampler.stop()
+    cpu = server.cpu() - cpu0
+    scrape1 = scrape(server)
+    sent = json.loads(summary_path.read_text())
+    summary_path.unlink()
+    stats = server.stop()
+    buf.remove()
+    totals = stats["totals"]
+    delivered = totals["records_delivered"] - WARMUP_LINES
+    # Nothing is delivered from the broker's stop to its start: the first sample after the
+    # start with more delivered than at the stop is the first delivery after the outage.
+    stalled = at(samples, t_stopped)["delivered"]
+    first = next((s for s in samples if s["t"] >= t_start and s["delivered"] > stalled), None)
+    empty = next((s for s in samples if s["t"] > t_up and s["buffered"] == 0), None)
+    # The stations' last line: the first sample with every line received.
+    sending_end = next(s for s in samples if s["received"] == samples[-1]["received"])
+    result = {
+        "label": "buffer-outage",
+        "connections": conns,
+        "rate_per_connection": per_conn,
+        "incoming_per_s": conns * per_conn,
+        "steady_s": steady,
+        "outage": method,
+        "broker_stopped_at_s": round(t_stop, 2),
+        "broker_started_at_s": round(t_start, 2),
+        "broker_answering_at_s": round(t_up, 2),
+        "broker_down_s": round(t_up - t_stop, 2),
+        "sending_s": sending_s,
+        "steady_buffered_records_max": int(steady_max),
+        "peak_buffered_records": int(max(s["buffered"] for s in samples)),
+        "peak_buffer_bytes": int(max(s["buffer_bytes"] for s in samples)),
+        "peak_oldest_record_age_s": max(s["oldest_age_s"] for s in samples),
+        "lines_sent": sent["lines_sent"],
+        "acked_lines": sent.get("acked_lines", 0),
+        "nacks": sent.get("nacks", 0),
+        "records_delivered": delivered,
+        "records_failed": totals["records_failed"],
+        "replayed_records": int(sample(scrape1, "stormgate_buffer_replayed_records_total")
+                                - sample(scrape0, "stormgate_buffer_replayed_records_total")),
+        "server_cpu_s": round(cpu, 2),
+        "first_delivery_after_start_s": round(first["t"] - t_up, 2) if first else None,
+        "caught_up_after_start_s": round(caught["t"] - t_up, 2) if caught else None,
+        "time_to_empty_s": round(empty["t"] - t_up, 2) if empty else None,
+        "sending_ended_at_s": sending_end["t"],
+        "caught_up_while_sending": bool(caught and caught["t"] <= sending_end["t"]),
+        "drain_records_per_s": None,
+        "incoming_during_drain_per_s": None,
+        "drain_over_incoming": None,
+        "drain_after_sending_records_per_s": None,
+        "latency_us": totals["delivery_latency_us"],
+        # One sample a second, for the plot: time, lines received, records delivered, records
+        # in the buffer.
+        "timeline": [[s["t"], int(s["received"]), int(s["delivered"]), int(s["buffered"])]
+                     for s in samples[::4]],
+    }
+    # The drain while lines keep arriving: from the first delivery after the outage to the
+    # catch-up, or to the stations' last line if that came first.
+    # It starts at the sample before the first delivery: a short backlog drains within one
+    # sampling interval.
+    end = min(caught or empty or sending_end, sending_end, key=lambda s: s["t"])
+    start = samples[samples.index(first) - 1] if first else None
+    if first and end["t"] < first["t"]:
+        end = first
+    if start and end["t"] > start["t"]:
+        span = end["t"] - start["t"]
+        drain = (end["delivered"] - start["delivered"]) / span
+        incoming = (end["received"] - start["received"]) / span
+        result["drain_records_per_s"] = round(drain)
+        result["incoming_during_drain_per_s"] = round(incoming)
+        result["drain_over_incoming"] = round(drain / max(incoming, 1), 2)
+    if empty and empty["t"] > sending_end["t"]:
+        result["drain_after_sending_records_per_s"] = round(
+            (empty["delivered"] - sending_end["delivered"]) / (empty["t"] - sending_end["t"]))
+    result["verified"] = consume_check(broker, topic, "buffer-outage", delivered,
+                                       sent["lines_sent"], conns, warmup=WARMUP_LINES)
+    if totals["records_failed"] != 0:
+        result["verified"]["ok"] = False
+        log(f"VERIFY FAILED for buffer-outage: {totals['records_failed']} records failed")
+    broker.drop(topic)
+    acks_checked(result)
+    log(f"outage: {result['broker_down_s']} s down, peak {result['peak_buffered_records']:,} "
+        f"records buffered; drain {result['drain_records_per_s']} records/s against "
+        f"{result['incoming_during_drain_per_s']} incoming; caught up "
+        f"{result['caught_up_after_start_s']} s, empty {result['time_to_empty_s']} s after the "
+        f"broker answered; verified={result['verified']['ok']}")
+    return result
 
 
 def fairness_run(label, normal, rate, duration, flood):
@@ -910,6 +1435,7 @@ SCENARIOS = {
     "connections": scenario_connections,
     "latency": scenario_latency,
     "acks": scenario_acks,
+    "buffer": scenario_buffer,
     "fairness": scenario_fairness,
     "tls": scenario_tls,
 }

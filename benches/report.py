@@ -4,7 +4,7 @@ by hand so the harness needs nothing installed).
     benches/run.sh report
 
 writes benches/results/summary.md (the tables docs/PERFORMANCE.md quotes) and
-docs/img/parse-throughput.svg, docs/img/latency-cdf.svg.
+docs/img/parse-throughput.svg, docs/img/latency-cdf.svg, docs/img/buffer-outage.svg.
 """
 
 import json
@@ -108,6 +108,8 @@ def summary(docs):
                 f"{fmt(r['latency_us']['p99'])} | {fmt(r.get('acked_lines', 0))} | "
                 f"{verified(r)} |")
         add(f"\nthroughput on/off {d['throughput_ratio']}, p99 on/off {d['p99_ratio']}.\n")
+    if "buffer" in docs:
+        buffer_summary(docs["buffer"], add)
     if "fairness" in docs:
         d = docs["fairness"]["result"]
         add(f"### one flooding connection beside paced ones (1 shard), "
@@ -124,6 +126,56 @@ def summary(docs):
     if "tls" in docs:
         tls_summary(docs["tls"], add)
     return "\n".join(lines) + "\n"
+
+
+def buffer_summary(doc, add):
+    d = doc["result"]
+    add(f"### disk buffer vs memory, {doc['started_at']}, {doc['git']}\n")
+    mem = d["memory"]
+    add(f"{mem['connections']} acknowledging connections, same load, same run "
+        "(`TCP_ACK_AFTER=durable`: a disk run's lines are answered once their fdatasync "
+        "completed). Ack = one more station's send → ack, as it sees it; durable = a group "
+        "commit's oldest record, append → fdatasync done, in the server.\n")
+    add("| buffer | records/s | CPU-s per M | fsyncs/s | MB/s written | ack p50 ms | ack p99 ms "
+        "| durable p50 ms | durable p99 ms | acked | verified |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = [("memory", mem), ("disk", d["disk"])]
+    if d.get("disk_half"):
+        rows.append(("disk, half rate", d["disk_half"]))
+    for label, r in rows:
+        b = r["buffer"]
+        disk = label != "memory"
+        dur = b["durable_ms"]
+        probe = r.get("ack_probe", {})
+        add(f"| {label} | {fmt(r['records_per_s'])} | {r['cpu_s_per_million_records']} | "
+            f"{fmt(b['fsyncs_per_s']) if disk else '—'} | "
+            f"{b['written_mb_per_s'] if disk else '—'} | {fmt(probe.get('p50_ms'))} | "
+            f"{fmt(probe.get('p99_ms'))} | {fmt(dur.get('p50'))} | "
+            f"{fmt(dur.get('p99'))} | {fmt(r['acked_lines'])} of {fmt(r['lines_sent'])} | "
+            f"{verified(r)} |")
+    q, t, met = d["disk_over_memory"], d["targets"], d["targets_met"]
+    ack = d["durable_ack_ms"]
+    station = ack.get("station_send_to_ack", {}).get("p99_ms")
+    server = ack.get("server_append_to_durable", ack).get("p99")
+    yes = {True: "met", False: "**not met**"}
+    add(f"\ndisk/memory: **{q['records_per_s']}×** records/s (target ≥ "
+        f"{t['throughput_ratio_min']}: {yes[met['throughput']]}), "
+        f"**{q['cpu_s_per_million_records']}×** CPU per record (target ≤ {t['cpu_ratio_max']}: "
+        f"{yes[met['cpu']]}); durable-ack p99 **{station} ms** at the station ({server} ms "
+        f"append → durable in the server) at {fmt(ack['at_records_per_s'])} records/s "
+        f"(target ≤ {t['durable_p99_ms_max']} ms: {yes[met['durable_p99']]}).\n")
+    o = d["outage"]
+    add(f"Outage: {fmt(o['incoming_per_s'])} lines/s from {o['connections']} stations; the "
+        f"broker stopped at {o['broker_stopped_at_s']} s and answered again "
+        f"{o['broker_down_s']} s later; peak {fmt(o['peak_buffered_records'])} records "
+        f"({o['peak_buffer_bytes'] / 2**20:.0f} MiB of segments) in the buffer. After the "
+        f"restart: first delivery {o['first_delivery_after_start_s']} s, drain "
+        f"{fmt(o['drain_records_per_s'])} records/s against {fmt(o['incoming_during_drain_per_s'])} "
+        f"arriving = **{o['drain_over_incoming']}×** (target ≥ {t['drain_over_incoming_min']}: "
+        f"{yes[met['drain']]}); back at the steady level after {o['caught_up_after_start_s']} s, "
+        f"empty after {o['time_to_empty_s']} s; {fmt(o['replayed_records'])} records fed from "
+        f"disk; {fmt(o['acked_lines'])} of {fmt(o['lines_sent'])} lines acknowledged; "
+        f"verified: {verified(o)}.\n")
 
 
 def tls_summary(doc, add):
@@ -251,7 +303,25 @@ def plots(docs):
         out["latency-cdf.svg"] = svg(
             "line read → delivery report, at half and a quarter of peak load", "percentile",
             "milliseconds", series, xlog=True, xticks=ticks)
+    if "buffer" in docs:
+        out["buffer-outage.svg"] = outage_plot(docs["buffer"]["result"]["outage"])
     return out
+
+
+def outage_plot(o):
+    """Records in the disk buffer and records delivered per second through the outage."""
+    tl = o.get("timeline", [])
+    buffered = [(t, b) for t, _, _, b in tl]
+    rate = [(t1, (d1 - d0) / (t1 - t0)) for (t0, _, d0, _), (t1, _, d1, _) in zip(tl, tl[1:])
+            if t1 > t0]
+    down, up = o["broker_stopped_at_s"], o["broker_answering_at_s"]
+    last = tl[-1][0] if tl else 0
+    ticks = [(x, f"{x:.0f}") for x in range(0, int(last) + 1, max(1, int(last) // 8 or 1))]
+    return svg(f"broker outage (down {down:.0f}–{up:.0f} s), {o['incoming_per_s']:,} lines/s "
+               "arriving", "seconds", "records",
+               [("in the disk buffer", "#1f77b4", buffered),
+                ("delivered per second", "#2ca02c", rate)],
+               xticks=ticks)
 
 
 def main(results, img_dir):
