@@ -73,12 +73,14 @@ impl Delivery {
         self.watermark
     }
 
-    /// Records handed out and not yet done.
+    /// Records handed out and not yet done. Kept as a count: the window holds up to the
+    /// producer's queue of entries, too many to walk per call.
     pub(crate) fn outstanding(&self) -> usize {
-        self.window
-            .iter()
-            .filter(|e| e.state != State::Done)
-            .count()
+        debug_assert_eq!(
+            self.outstanding,
+            self.window.iter().filter(|e| e.state != State::Done).count()
+        );
+        self.outstanding
     }
 
     /// Notes a record handed out for the first time. Sequence numbers only increase.
@@ -94,6 +96,7 @@ impl Delivery {
             at,
             state: State::Outstanding,
         });
+        self.outstanding += 1;
     }
 
     /// Notes that the reader skipped every sequence number up to `last` (a quarantined or
