@@ -102,5 +102,65 @@ fn records_reach_the_broker_over_tls() {
         let expected: Vec<f64> = (1..=LINES).map(|seq| seq as f64).collect();
         assert_eq!(values, &expected, "{zipcode}: every line, in order");
     }
+
+    // A broker whose certificate another CA signed is refused, with librdkafka's default
+    // verification (no verification property set): the line is nacked at the delivery
+    // timeout and nothing is delivered.
+    let other_ca_file = dir.join("other-ca.pem");
+    std::fs::write(&other_ca_file, Ca::new("Another CA").pem).unwrap();
+    let refused = |props: &[(&str, &str)]| {
+        let mut args = vec![
+            "--kafka-brokers".to_owned(),
+            brokers.clone(),
+            "--kafka-topic".to_owned(),
+            topic.clone(),
+            "--kafka-delivery-timeout".to_owned(),
+            "3s".to_owned(),
+        ];
+        for (name, value) in props {
+            args.extend(["--kafka-prop".to_owned(), format!("{name}={value}")]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let app = start(&args);
+        let mut s = stormgate_station::Station::connect(app.local_addr()).unwrap();
+        s.send(&identify("20099", None)).unwrap();
+        s.send(&metrics(1, "refused=1")).unwrap();
+        let reply = s.reply().unwrap();
+        assert!(
+            matches!(&reply, stormgate_station::Reply::Nack { seq: 1, code } if code == "delivery_failed"),
+            "{props:?}: {reply:?}"
+        );
+        let t = app.stop().unwrap().totals;
+        assert_eq!((t.records_delivered, t.records_failed), (0, 1), "{props:?}");
+    };
+    refused(&[
+        ("security.protocol", "ssl"),
+        ("ssl.ca.location", other_ca_file.to_str().unwrap()),
+    ]);
+    // The right CA, and nothing else changed, still works: the refusal was the CA's.
+    let count = verify::read_topic_with(&brokers, &topic, &opts_again(&ca_file))
+        .expect("read the topic over TLS")
+        .len();
+    assert_eq!(
+        count,
+        (STATIONS * LINES) as usize,
+        "nothing added by the refused runs"
+    );
     drop(kafka);
+}
+
+/// Reading options for the TLS broker, trusting `ca_file`.
+fn opts_again(ca_file: &std::path::Path) -> ScanOptions {
+    ScanOptions {
+        expect: Some(0),
+        timeout: Duration::from_secs(60),
+        properties: [
+            ("security.protocol", "ssl"),
+            ("ssl.ca.location", ca_file.to_str().unwrap()),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+        ..ScanOptions::default()
+    }
 }
