@@ -216,7 +216,12 @@ class Server:
         self.log.close()
         if rc != 0:
             raise RuntimeError(f"server exited {rc}: {self.log_path.read_text()[-2000:]}")
-        return json.loads(self.stats_path.read_text())
+        stats = json.loads(self.stats_path.read_text())
+        # A record settled twice (or never opened) is a bug in a sink: no run may show one.
+        settle_errors = stats["totals"].get("settle_errors", 0)
+        if settle_errors:
+            raise RuntimeError(f"server counted {settle_errors} settle errors")
+        return stats
 
 
 def loadgen(*args, quiet=False, allow_failure=False):

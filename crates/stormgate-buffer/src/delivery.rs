@@ -78,7 +78,10 @@ impl Delivery {
     pub(crate) fn outstanding(&self) -> usize {
         debug_assert_eq!(
             self.outstanding,
-            self.window.iter().filter(|e| e.state != State::Done).count()
+            self.window
+                .iter()
+                .filter(|e| e.state != State::Done)
+                .count()
         );
         self.outstanding
     }

@@ -99,6 +99,7 @@ fn totals_json(t: &Totals) -> Value {
         "records_failed": t.records_failed,
         "records_spilled": t.records_spilled,
         "spill_failures": t.spill_failures,
+        "settle_errors": t.settle_errors,
         "dead_letters_enqueued": t.dead_letters_enqueued,
         "dead_letters_delivered": t.dead_letters_delivered,
         "dead_letters_failed": t.dead_letters_failed,
