@@ -311,7 +311,8 @@ def consume_check(broker, topic, label, delivered, sent, keys, warmup=0, lines_p
     check = loadgen(*args, quiet=True, allow_failure=True)
     v = {k: check[k] for k in ("records", "broker_records", "duplicates", "missing", "keys",
                                "offset_holes", "bad_records", "key_mismatches",
-                               "without_seq", "unexpected_seq", "seq_out_of_range")}
+                               "without_seq", "unexpected_seq", "seq_out_of_range",
+                               "out_of_order")}
     checks = {
         "records_are_the_broker_content": check["records"] == check["broker_records"],
         "records_are_the_delivered": check["records"] == delivered + warmup + extra,
@@ -321,6 +322,7 @@ def consume_check(broker, topic, label, delivered, sent, keys, warmup=0, lines_p
         "no_offset_holes": check["offset_holes"] == 0,
         "no_bad_records": check["bad_records"] == 0 and check["seq_out_of_range"] == 0,
         "keys_match_zipcodes": check["key_mismatches"] == 0,
+        "in_order_per_station": check["out_of_order"] == 0,
         "every_line_has_its_seq": check["without_seq"] == warmup,
         "every_station": check["keys"] == keys + extra_keys + (1 if warmup else 0),
     }

@@ -149,6 +149,9 @@ impl SeqSet {
 struct KeyTrack {
     records: u64,
     seqs: SeqSet,
+    /// The seq of the key's last record read (a key's records are in one partition, read in
+    /// offset order: their seqs must increase).
+    last_seq: Option<u64>,
 }
 
 /// The fields of a Stormgate record value the checks need.
@@ -177,6 +180,7 @@ pub struct Checker {
     bad_records: u64,
     first_bad: Option<String>,
     key_mismatches: u64,
+    out_of_order: u64,
     /// Per partition, the offset after the last record read.
     next_offset: HashMap<i32, i64>,
     offset_holes: u64,
@@ -197,6 +201,7 @@ impl Checker {
             bad_records: 0,
             first_bad: None,
             key_mismatches: 0,
+            out_of_order: 0,
             next_offset: HashMap::new(),
             offset_holes: 0,
             offsets_skipped: 0,
@@ -236,6 +241,10 @@ impl Checker {
         match v.seq {
             Some(seq) if seq <= MAX_TRACKED_SEQ => {
                 track.seqs.insert(seq);
+                if track.last_seq.is_some_and(|last| seq < last) {
+                    self.out_of_order += 1;
+                }
+                track.last_seq = Some(seq);
             }
             Some(_) => self.seq_out_of_range += 1,
             None => self.without_seq += 1,
@@ -300,6 +309,7 @@ impl Checker {
             bad_records: self.bad_records,
             first_bad: self.first_bad.clone(),
             key_mismatches: self.key_mismatches,
+            out_of_order: self.out_of_order,
             offset_holes: self.offset_holes,
             offsets_skipped: self.offsets_skipped,
             broker_records: 0,
@@ -344,6 +354,9 @@ pub struct ConsumeReport {
     pub first_bad: Option<String>,
     /// Records whose key is not their value's zipcode.
     pub key_mismatches: u64,
+    /// Records whose seq is below the previous one read under the same key: a station's
+    /// lines out of order in its partition.
+    pub out_of_order: u64,
     /// Jumps in a partition's offsets (see [`Checker::offset`]).
     pub offset_holes: u64,
     /// Offsets skipped by those jumps: records the broker acknowledged but did not serve.
@@ -504,7 +517,7 @@ mod tests {
         for seq in [0, 1, 1, 3] {
             rec(&mut c, "10000", Some(seq));
         }
-        for seq in [0, 1, 2, 3, 4] {
+        for seq in [0, 2, 1, 3, 4] {
             rec(&mut c, "10001", Some(seq));
         }
         rec(&mut c, "10002", None);
@@ -522,6 +535,8 @@ mod tests {
         assert_eq!(r.bad_records, 2);
         assert!(r.first_bad.unwrap().contains("not json"));
         assert_eq!(r.key_mismatches, 1);
+        // 10001's 1 after its 2; 10000's repeated 1 is a duplicate, not out of order.
+        assert_eq!(r.out_of_order, 1);
         assert_eq!(r.records_per_s, 6.5);
         assert_eq!(r.consume_latency_us.count, 10);
         // Three significant digits: 5000 µs reads as the top of its 4 µs bucket.

@@ -99,6 +99,7 @@ fn produced_records_are_all_consumed_and_checked() {
     assert_eq!(consumed["offset_holes"], 0);
     assert_eq!(consumed["bad_records"], 0);
     assert_eq!(consumed["key_mismatches"], 0);
+    assert_eq!(consumed["out_of_order"], 0);
     // The ceiling's records carry no seq, but every one has sent_us.
     assert_eq!(consumed["without_seq"], 20_001);
     assert_eq!(
