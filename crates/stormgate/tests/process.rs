@@ -433,10 +433,32 @@ fn connection_churn_returns_fds_and_memory_to_baseline() {
 /// each station's accepted lines are a gapless prefix of what it sent.
 #[test]
 fn sigterm_under_load_delivers_or_spills_every_accepted_line() {
-    sigterm_under_load();
+    // Every attempt is checked in full. Which paths a 15 ms deadline cuts depends on timing
+    // (whether requests are in flight when it purges), so attempts repeat, at most three,
+    // until both the spill path and the possibly-delivered path have run.
+    let mut exercised = (false, false);
+    for attempt in 1..=3 {
+        let (spilled, maybe) = sigterm_under_load();
+        exercised.0 |= spilled > 0;
+        exercised.1 |= maybe > 0;
+        if exercised == (true, true) {
+            return;
+        }
+        eprintln!("attempt {attempt}: {spilled} spilled, {maybe} possibly delivered: again");
+    }
+    assert!(
+        exercised.0,
+        "nothing was ever left at the 15 ms deadline to spill"
+    );
+    assert!(
+        exercised.1,
+        "nothing was ever spilled as possibly delivered"
+    );
 }
 
-fn sigterm_under_load() {
+/// One run of the scenario, every invariant checked; returns (spilled, spilled as possibly
+/// delivered).
+fn sigterm_under_load() -> (usize, usize) {
     const STATIONS: usize = 20;
     const LINES: usize = 2_000;
     let brokers = broker();
@@ -501,11 +523,6 @@ fn sigterm_under_load() {
     let delivered = t["records_delivered"].as_u64().unwrap() as usize;
     let spilled = t["records_spilled"].as_u64().unwrap() as usize;
     assert!(accepted > 0, "some lines were read before the signal");
-    // The deadline must have cut something short, or the spill path is not exercised.
-    assert!(
-        spilled > 0,
-        "nothing was left at the 15 ms deadline to spill"
-    );
     assert_eq!(t["records_failed"].as_u64().unwrap() as usize, spilled);
     assert_eq!(t["spill_failures"], 0);
     assert_eq!(delivered + spilled, accepted, "every accepted line settled");
@@ -513,7 +530,13 @@ fn sigterm_under_load() {
 
     // (zipcode, seq) → possibly delivered, for every spilled record.
     let mut in_spill: BTreeMap<(String, u64), bool> = BTreeMap::new();
-    for entry in std::fs::read_dir(&spill_dir).unwrap() {
+    let spill_files = match std::fs::read_dir(&spill_dir) {
+        Ok(entries) => entries.collect::<Vec<_>>(),
+        // Created with the first spilled record.
+        Err(_) if spilled == 0 => Vec::new(),
+        Err(e) => panic!("{}: {e}", spill_dir.display()),
+    };
+    for entry in spill_files {
         let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
         for line in text.lines() {
             let l: stormgate_kafka::spill::SpillLine = serde_json::from_str(line).unwrap();
@@ -532,10 +555,9 @@ fn sigterm_under_load() {
         "the spill file holds exactly the rest"
     );
     let maybe = in_spill.values().filter(|&&m| m).count();
-    // The flush sends the lingering batches at SIGTERM, so requests are in flight when the
-    // 15 ms deadline purges them: that path must be exercised too (measured: 22,000 of
-    // 28,000 spilled; 144 of 30,249 in an earlier run).
-    assert!(maybe > 0, "nothing was spilled as possibly delivered");
+    // The flush sends the lingering batches at SIGTERM, so requests are usually in flight
+    // when the 15 ms deadline purges them (measured: 22,000 of 28,000 spilled; 144 of 30,249
+    // in an earlier run; none in one CI run): the caller requires that path to run.
     // Purged in-flight records the broker did store are read on top of the delivered ones.
     let records = consume_all(&brokers, &topic, delivered);
     let mut in_topic: BTreeSet<(String, u64)> = BTreeSet::new();
@@ -567,6 +589,7 @@ fn sigterm_under_load() {
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
+    (spilled, maybe)
 }
 
 /// `stormgate check-config`: flags beat variables, variables beat the file, the file beats
