@@ -35,12 +35,10 @@ fn refused(app: &stormgate::app::App, config: std::sync::Arc<rustls::ClientConfi
     };
     match TlsStation::connect(app.local_addr(), config) {
         Err(e) => alert(&e),
-        Ok(mut s) => {
-            // The identify may still be written before the alert arrives.
-            let _ = s.send(&identify("12345", None));
-            let _ = s.send(&metrics(1, "intruder=1"));
-            s.reply().as_ref().err().is_some_and(alert)
-        }
+        // With TLS 1.3 the client's side of the handshake ends before the server has judged
+        // its certificate: the refusal is the next thing read. Nothing is written first, as
+        // a write racing the server's close could fail with EPIPE before the alert is read.
+        Ok(mut s) => s.reply().as_ref().err().is_some_and(alert),
     }
 }
 
