@@ -35,6 +35,12 @@ pub use framing::{Frame, LineFramer};
 pub use parse::{LineParser, MAX_CITY_BYTES, MAX_ZIPCODE_BYTES, Parsed, Session};
 pub use record::Station;
 
+/// The line a stopping server sends a station just before it closes the connection
+/// (`TCP_DRAIN_PERIOD`, docs/PROTOCOL.md): every line it read has been handled (and, for an
+/// acknowledging station, answered); the station should connect again, to another instance
+/// on the same address or to this one once it is back.
+pub const RECONNECT_LINE: &str = "{\"type\":\"reconnect\"}\n";
+
 /// Bytes that must follow a line inside its buffer so that simd-json can parse it in place
 /// with wide loads (see [`simd_json::fill_tape_padded`]). Buffers that hold lines keep this
 /// much spare capacity past the last byte they read.

@@ -23,6 +23,12 @@ pub const DEFAULT_QUEUE_SIZE: usize = 8192;
 pub const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024;
 /// How long a shutdown may take to deliver what was read (`SHUTDOWN_TIMEOUT`).
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Over how long a stopping server spreads the ends of its connections (`TCP_DRAIN_PERIOD`).
+/// 0, the default, ends them all at once: right for one process, whose stations have
+/// nowhere else to go until it is back. Several instances on one address set it (the
+/// template unit: 10 s) so that a restarting instance's stations reconnect to the others
+/// over that period rather than in the same second.
+pub const DEFAULT_DRAIN_PERIOD: Duration = Duration::ZERO;
 /// Size of each shard's read buffer. One read can carry ~1000 typical lines; the buffer is
 /// shared by all connections of the shard, so its size does not multiply by connections.
 pub const DEFAULT_READ_BUFFER_BYTES: usize = 64 * 1024;
@@ -80,6 +86,12 @@ pub struct RuntimeConfig {
     pub max_in_flight_bytes: usize,
     /// Time allowed, once shutdown starts, to deliver what was already read.
     pub shutdown_timeout: Duration,
+    /// Once shutdown starts, each connection is told `{"type":"reconnect"}` and ended at a
+    /// moment of its own, drawn uniformly from this period (so a random order, evenly
+    /// spread); until then it is served as before. Zero ends every connection at once.
+    /// Should be shorter than `shutdown_timeout`: at the deadline whatever is still open is
+    /// ended anyway.
+    pub drain_period: Duration,
     /// Size of each shard's read buffer.
     pub read_buffer_bytes: usize,
     /// Kernel receive buffer of each station socket in bytes; 0 leaves autotuning on.
@@ -217,6 +229,7 @@ impl Default for RuntimeConfig {
             max_in_flight_bytes_per_connection: 0,
             max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            drain_period: DEFAULT_DRAIN_PERIOD,
             read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
             recv_buffer_bytes: DEFAULT_RECV_BUFFER_BYTES,
             max_errors_per_connection: DEFAULT_MAX_ERRORS_PER_CONNECTION,

@@ -223,8 +223,8 @@ impl Connection {
             return reason;
         }
         loop {
-            if self.core.draining.is_fired() {
-                return CloseReason::Shutdown;
+            if self.registration.drained(&self.core) {
+                return Box::pin(self.reconnect()).await;
             }
             let n = match self.read_and_handle(self.read_deadline()).await {
                 Ok(Some(n)) => n,
@@ -248,7 +248,7 @@ impl Connection {
                 };
                 return Box::pin(self.close_with(code)).await;
             }
-            if n == 0 && !self.core.draining.is_fired() && !self.backlog.is_empty() {
+            if n == 0 && !self.registration.drained(&self.core) && !self.backlog.is_empty() {
                 // The station closed without a final newline: its last line is complete.
                 self.backlog.push(b"\n", &self.core.backlogs);
                 self.handle_backlog();
@@ -285,8 +285,8 @@ impl Connection {
                 Box::pin(self.throttle(wait)).await;
             }
             if n == 0 {
-                return if self.core.draining.is_fired() {
-                    CloseReason::Shutdown
+                return if self.registration.drained(&self.core) {
+                    Box::pin(self.reconnect()).await
                 } else {
                     CloseReason::PeerClosed
                 };
@@ -365,6 +365,20 @@ impl Connection {
         }
     }
 
+    /// Ends a connection shutdown reached (see `ShardCore::drain_connections`): answers every
+    /// line it read (they settle by the shutdown deadline at the latest), then tells the
+    /// station `reconnect`, best effort and bounded in time like any farewell.
+    async fn reconnect(&mut self) -> CloseReason {
+        if let Err(e) = self.answer_the_rest().await {
+            return CloseReason::Io(e);
+        }
+        self.take_acks();
+        self.replies
+            .extend_from_slice(stormgate_protocol::RECONNECT_LINE.as_bytes());
+        self.farewell().await;
+        CloseReason::Shutdown
+    }
+
     /// Writes the pending error lines of a connection the server is closing, giving up after
     /// [`FAREWELL_TIMEOUT`] (the station may not be reading).
     async fn farewell(&mut self) {
@@ -401,12 +415,24 @@ impl Connection {
     }
 
     /// Waits out an overdrawn line budget without reading (the station's writes block in
-    /// TCP: nothing is dropped), or until shutdown begins.
+    /// TCP: nothing is dropped), or until shutdown begins (once it has, until the deadline).
     async fn throttle(&mut self, wait: Duration) {
         self.core.metrics.rate_limited_waits.incr();
         // Held back by the shard, not idle: no read deadline while it waits.
         self.registration.set_deadline(&self.core, None);
-        futures_lite::future::or(glommio::timer::sleep(wait), self.core.draining.wait()).await;
+        if self.core.draining.is_fired() {
+            // Still served until its moment of the drain period: the limit holds, up to the
+            // shutdown deadline.
+            let left = self
+                .core
+                .ledger
+                .deadline
+                .get()
+                .map_or(wait, |d| d.saturating_duration_since(Instant::now()));
+            glommio::timer::sleep(wait.min(left)).await;
+        } else {
+            futures_lite::future::or(glommio::timer::sleep(wait), self.core.draining.wait()).await;
+        }
         // The wait was the shard's doing: the station's clocks start again.
         self.deadline = self.deadline_from(Instant::now(), self.partial);
     }
@@ -465,7 +491,7 @@ impl Connection {
                 if acks_ready(acks.as_deref(), cx) {
                     return Poll::Ready(Ok(None));
                 }
-                if gate_closed_to(&core, &mut ticket, cx) {
+                if gate_closed_to(&core, registration, &mut ticket, cx) {
                     arm(&core, registration, None, &mut armed);
                     return Poll::Pending;
                 }
@@ -505,7 +531,7 @@ impl Connection {
             let stream = &mut self.stream;
             let mut ticket = None;
             let n = poll_fn(|cx| {
-                if gate_closed_to(&core, &mut ticket, cx) {
+                if gate_closed_to(&core, registration, &mut ticket, cx) {
                     arm(&core, registration, None, &mut armed);
                     return Poll::Pending;
                 }
@@ -959,13 +985,19 @@ fn acks_ready(acks: Option<&ConnAcks>, cx: &Context<'_>) -> bool {
 }
 
 /// Whether a read must not take its bytes yet: the shard holds its byte budget of records
-/// (`TCP_MAX_BYTES_IN_FLIGHT`; not while draining, so that reads see their end of stream),
+/// (`TCP_MAX_BYTES_IN_FLIGHT`; not once shutdown reached the connection, so that its read
+/// sees its end of stream),
 /// or its queue is half full (see `gate`).
 /// Checked at every poll of the read, because the socket may turn readable long after the
 /// read began, when the queue has filled meanwhile. `ticket` is this read's place in the
 /// gate's line, so that a wake-up by the socket does not queue the task twice.
-fn gate_closed_to(core: &ShardCore, ticket: &mut Option<u64>, cx: &Context<'_>) -> bool {
-    if core.ledger.bytes_full() && !core.draining.is_fired() {
+fn gate_closed_to(
+    core: &ShardCore,
+    registration: &Registration,
+    ticket: &mut Option<u64>,
+    cx: &Context<'_>,
+) -> bool {
+    if core.ledger.bytes_full() && !registration.drained(core) {
         // The shard holds its byte budget of records: reading now would only fill backlogs.
         core.metrics.backpressure_waits.incr();
         core.ledger.wait_bytes(cx.waker());

@@ -91,6 +91,9 @@ impl ShardCore {
             fd,
             deadline: None,
             expired: false,
+            // A connection whose task starts after the drain began (accepted just before
+            // the listener closed) is ended at once.
+            drained: self.draining.is_fired(),
         });
         Registration { key }
     }
@@ -151,14 +154,59 @@ impl ShardCore {
         .await;
     }
 
-    /// Shuts down one or both directions of every open connection. `SHUT_RD` makes pending
-    /// and future reads return end-of-file, which ends idle connections at once and busy ones
-    /// after the bytes they already hold; `SHUT_RDWR` also fails writes, for connections that
-    /// are still stuck at the deadline.
-    fn shut_down_sockets(&self, how: libc::c_int) {
-        for (_, socket) in self.sockets.borrow().iter() {
+    /// Ends every connection as shutdown begins, over `TCP_DRAIN_PERIOD`: each at a moment
+    /// drawn uniformly from the period (all at once when it is zero), never past
+    /// `deadline`. Ending one marks it drained and shuts its read side: its pending read
+    /// returns end-of-file, and it handles what it had read, answers, tells the station
+    /// `reconnect` and closes. The moments are taken in housekeeping ticks, so a period
+    /// costs a sleep per tick, not a timer per connection. Returns once every connection was
+    /// told (or had left).
+    async fn drain_connections(&self, deadline: Instant) {
+        let period = self.config.drain_period;
+        let start = Instant::now();
+        // Latest first: the due ones are popped off the end.
+        let mut due: Vec<(Duration, usize)> = self
+            .sockets
+            .borrow()
+            .iter()
+            .map(|(key, _)| (period.mul_f64(fastrand::f64()), key))
+            .collect();
+        due.sort_unstable_by_key(|&(at, _)| std::cmp::Reverse(at));
+        while let Some(&(at, _)) = due.last() {
+            let now = Instant::now();
+            if start + at > now && now < deadline {
+                let wake = (start + at).min(deadline);
+                sleep(wake.saturating_duration_since(now).max(TICK)).await;
+            }
+            let now = Instant::now();
+            while let Some(&(at, key)) = due.last() {
+                if start + at > now && now < deadline {
+                    break;
+                }
+                due.pop();
+                self.drain_one(key);
+            }
+        }
+    }
+
+    /// Marks connection `key` drained and shuts its read side (nothing if it has left).
+    fn drain_one(&self, key: usize) {
+        if let Some(socket) = self.sockets.borrow_mut().get_mut(key)
+            && !socket.drained
+        {
+            socket.drained = true;
             // SAFETY: the fd belongs to a live connection (it deregisters before closing).
-            unsafe { libc::shutdown(socket.fd, how) };
+            unsafe { libc::shutdown(socket.fd, libc::SHUT_RD) };
+        }
+    }
+
+    /// At the deadline: shuts down both directions of every connection still open (drained
+    /// or not), so that one stuck writing to a station that does not read ends too.
+    fn shut_down_all_sockets(&self) {
+        for (_, socket) in self.sockets.borrow_mut().iter_mut() {
+            socket.drained = true;
+            // SAFETY: the fd belongs to a live connection (it deregisters before closing).
+            unsafe { libc::shutdown(socket.fd, libc::SHUT_RDWR) };
         }
     }
 }
@@ -170,6 +218,9 @@ struct Socket {
     deadline: Option<Instant>,
     /// Past its deadline: its read side was shut down.
     expired: bool,
+    /// Shutdown reached it (see `ShardCore::drain_connections`): its read side was shut
+    /// down, and it is to tell its station `reconnect` and close.
+    drained: bool,
 }
 
 /// A connection's entry in its shard's socket table. The connection removes it when it
@@ -189,6 +240,15 @@ impl Registration {
         {
             core.next_deadline.set(Some(d));
         }
+    }
+
+    /// Whether shutdown reached the connection (see `ShardCore::drain_connections`): the end
+    /// of stream it reads is the server stopping, not the station leaving.
+    pub(crate) fn drained(&self, core: &ShardCore) -> bool {
+        core.sockets
+            .borrow()
+            .get(self.key)
+            .is_some_and(|socket| socket.drained)
     }
 
     /// Whether the connection was expired (see `ShardCore::expire_overdue`): its read side
@@ -405,7 +465,6 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
     accept_loop(&core, &listener, &queue).await;
     drop(listener);
     debug!(shard = info.id, "stopped accepting; draining connections");
-    core.shut_down_sockets(libc::SHUT_RD);
     let deadline = core
         .ledger
         .deadline
@@ -413,6 +472,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         .expect("draining sets the deadline");
     let in_time = future::or(
         async {
+            core.drain_connections(deadline).await;
             core.all_closed().await;
             true
         },
@@ -425,7 +485,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
     if !in_time {
         // Past the deadline: end connections still blocked writing to a station that does not
         // read; the sink is already failing what it cannot deliver, which unblocks the rest.
-        core.shut_down_sockets(libc::SHUT_RDWR);
+        core.shut_down_all_sockets();
         core.all_closed().await;
     }
     drop(queue);

@@ -535,8 +535,85 @@ fn shutdown_delivers_what_was_read_and_refuses_new_connections() {
         "listener still open after shutdown"
     );
     for s in &mut stations {
-        assert_eq!(s.read_to_close(), "");
+        assert_eq!(s.read_to_close(), stormgate_protocol::RECONNECT_LINE);
     }
+}
+
+/// With `TCP_DRAIN_PERIOD`, each connection is told `reconnect` at a moment of its own
+/// within the period, and until then it is served: a line sent after shutdown began is
+/// handled if its connection's moment has not come.
+#[test]
+fn a_drain_period_spreads_the_reconnects_and_serves_each_connection_until_its_moment() {
+    const STATIONS: usize = 40;
+    let period = Duration::from_millis(2000);
+    let server = start_null(RuntimeConfig {
+        drain_period: period,
+        shutdown_timeout: Duration::from_secs(10),
+        ..config()
+    });
+    let addr = server.local_addr();
+    let mut stations: Vec<Station> = (0..STATIONS).map(|_| Station::connect(addr)).collect();
+    for (i, s) in stations.iter_mut().enumerate() {
+        s.identify(&i.to_string());
+        s.metrics(1);
+    }
+    wait_for("every first line read", || {
+        server.totals().lines_received == 2 * STATIONS as u64
+    });
+    let t0 = Instant::now();
+    server.shutdown();
+    // Each station: one more line a quarter of the period in, then wait for its reconnect.
+    let handles: Vec<_> = stations
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                std::thread::sleep(period / 4);
+                let sent_at = t0.elapsed();
+                // May fail if the server already closed it (its moment came first).
+                let _ = s
+                    .stream
+                    .write_all(b"{\"type\":\"metrics\",\"data\":\"after=1\"}\n");
+                let rest = s.read_to_close();
+                (sent_at, t0.elapsed(), rest)
+            })
+        })
+        .collect();
+    let ends: Vec<(Duration, Duration, String)> =
+        handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let metrics: Vec<_> = server.metrics().to_vec();
+    server.join().unwrap();
+    let t = stormgate_telemetry::Totals::sum(metrics.iter().map(|m| &**m));
+    for (_, _, rest) in &ends {
+        assert_eq!(
+            rest,
+            stormgate_protocol::RECONNECT_LINE,
+            "told, then closed"
+        );
+    }
+    let mut told: Vec<Duration> = ends.iter().map(|&(_, end, _)| end).collect();
+    told.sort();
+    eprintln!("reconnects at {told:?}");
+    // Spread: the first within the first third of the period, the last in its last third,
+    // none long after it.
+    assert!(told[0] < period / 3, "{told:?}");
+    assert!(told[STATIONS - 1] > period * 2 / 3, "{told:?}");
+    assert!(
+        told[STATIONS - 1] < period + Duration::from_millis(500),
+        "{told:?}"
+    );
+    // Served until its moment: every station told well after its extra line had that line
+    // handled (the ones told before it may or may not have).
+    let served_late = ends
+        .iter()
+        .filter(|&&(sent, end, _)| end > sent + Duration::from_millis(200))
+        .count() as u64;
+    assert!(served_late > 0, "{told:?}");
+    assert!(
+        t.lines_received >= 2 * STATIONS as u64 + served_late,
+        "{} lines read, {served_late} stations told 200 ms after their extra line",
+        t.lines_received
+    );
+    assert_eq!(t.records_delivered, t.lines_received - STATIONS as u64);
 }
 
 #[test]

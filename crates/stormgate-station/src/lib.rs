@@ -81,6 +81,10 @@ pub enum Reply {
         /// was full; resend it later).
         code: String,
     },
+    /// The server is stopping and closes this connection next: every line it read has been
+    /// answered; connect again (another instance on the address takes the connection, or
+    /// this one once it is back) and send there what is still unanswered.
+    Reconnect,
 }
 
 impl Reply {
@@ -188,6 +192,8 @@ mod tests {
         );
         let r: Reply =
             serde_json::from_str(r#"{"type":"nack","seq":3,"code":"shutdown"}"#).unwrap();
+        let reconnect: Reply = serde_json::from_str(r#"{"type":"reconnect"}"#).unwrap();
+        assert_eq!(reconnect, Reply::Reconnect);
         assert_eq!(
             r,
             Reply::Nack {

@@ -22,6 +22,10 @@
 //!   new line is written on this connection any more: once every line written on it is
 //!   answered, the station opens a new one (without delay) and writes the nacked line there,
 //!   before the lines that waited.
+//! - `reconnect`: the server is stopping (its drain, `TCP_DRAIN_PERIOD`) and has answered
+//!   every line it read on this connection. The station connects again at once, without a
+//!   backoff — on an address several instances share, to one of the others — and writes the
+//!   lines still unanswered there.
 //!
 //! A connection fails when a write fails, when its reader sees end of stream, an error or a
 //! reply that is not one of the above, or when lines written on it get no answer for
@@ -193,6 +197,9 @@ pub struct ReliableStats {
     pub unmatched: u64,
     /// Connections opened after the first one.
     pub reconnects: u64,
+    /// `reconnect` answers: the server was stopping and closed the connection after
+    /// answering every line it had read.
+    pub told_to_reconnect: u64,
     /// Connection attempts that failed (refused, timed out, or the identify could not be
     /// written).
     pub connect_failures: u64,
@@ -413,6 +420,17 @@ impl ReliableStation {
                 seq: None,
                 upto: None,
             } => 0,
+            Reply::Reconnect => {
+                // Every line the server read is answered; the rest were not read. Connect
+                // again at once (the server spreads its stations' reconnects over its drain
+                // period) and send them there, without a backoff.
+                self.stats.told_to_reconnect += 1;
+                self.backoff.reset();
+                self.link = None;
+                self.connect_at = Instant::now();
+                self.connect_if_due();
+                return;
+            }
         };
         if settled == 0 {
             self.stats.unmatched += 1;

@@ -191,6 +191,12 @@ pub struct Cli {
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration, help_heading = "Stations")]
     pub shutdown_timeout: Duration,
 
+    /// On SIGTERM/SIGINT, tell each station {"type":"reconnect"} and end its connection at a
+    /// random moment within this period, so that stations reconnect to the other instances on
+    /// the address spread over it (0s = all at once). Shorter than SHUTDOWN_TIMEOUT.
+    #[arg(long, env = "TCP_DRAIN_PERIOD", default_value = "0s", value_parser = parse_duration, help_heading = "Stations")]
+    pub drain_period: Duration,
+
     /// How stations prove which zipcode they may publish for: `none` (any station may identify
     /// as any zipcode), `token` (identify must carry the zipcode's token from
     /// STATION_REGISTRY, or come with a client certificate whose subject is CN=<zipcode>) or
@@ -512,6 +518,7 @@ impl Cli {
             max_in_flight_bytes: usize::try_from(self.max_bytes_in_flight).unwrap_or(usize::MAX),
             acks_by_default: self.acks,
             shutdown_timeout: self.shutdown_timeout,
+            drain_period: self.drain_period,
             recv_buffer_bytes: self.recv_buffer,
             max_errors_per_connection: self.max_errors_per_conn,
             idle_timeout: Some(self.idle_timeout).filter(|d| !d.is_zero()),
@@ -590,6 +597,15 @@ impl Cli {
             if v == 0 {
                 bail!("{name} must be at least 1");
             }
+        }
+        if !self.drain_period.is_zero() && self.drain_period >= self.shutdown_timeout {
+            bail!(
+                "TCP_DRAIN_PERIOD ({}) must be shorter than SHUTDOWN_TIMEOUT ({}): the \
+                 connections are ended over the drain period, and what they read is delivered \
+                 before the deadline",
+                humantime::format_duration(self.drain_period),
+                humantime::format_duration(self.shutdown_timeout)
+            );
         }
         if self.station_auth == StationAuthMode::Token {
             let path = self.registry_path().context("STATION_AUTH=token")?;

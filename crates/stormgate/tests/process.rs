@@ -243,8 +243,8 @@ fn sigterm_flush(sig: libc::c_int) {
     for s in &mut stations {
         assert_eq!(
             s.read_to_close().unwrap(),
-            "",
-            "connection closed by the server"
+            "{\"type\":\"reconnect\"}\n",
+            "told to reconnect, then closed by the server"
         );
     }
     let records = consume(&brokers, &topic, 1000);
