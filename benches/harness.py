@@ -4,7 +4,7 @@
 Usage (through benches/run.sh, which builds the binaries first):
 
     benches/run.sh SCENARIO [--smoke]     one of: parse-only e2e ceiling before shards
-                                          connections latency acks buffer fairness tls all
+                                          connections latency acks buffer fairness tls fleet all
     benches/run.sh report                 tables (benches/results/summary.md) and plots
                                           (docs/img/*.svg) from the latest results
 
@@ -150,10 +150,11 @@ class Server:
     """The stormgate binary on a free loopback port, with its statistics file.
 
     With `metrics`, its operations endpoint listens on another free loopback port, for
-    `metric()` to read counters while it runs."""
+    `metric()` to read counters while it runs. With `port`, it listens there: several
+    servers on one port share it (SO_REUSEPORT), as in the fleet scenario."""
 
-    def __init__(self, *args, env=None, metrics=False):
-        self.port = free_port()
+    def __init__(self, *args, env=None, metrics=False, port=None):
+        self.port = port or free_port()
         self.metrics_port = free_port() if metrics else None
         self.dir = Path(tempfile.mkdtemp(prefix="stormgate-bench-"))
         self.stats_path = self.dir / "stats.json"
@@ -857,6 +858,168 @@ def scenario_connections():
     }
 
 
+def kernel_memory():
+    """The kernel's memory the sockets draw on: `Slab` from /proc/meminfo in bytes, and the
+    TCP line of /proc/net/sockstat (sockets in use, allocated, and `mem`, pages of socket
+    buffers)."""
+    with open("/proc/meminfo") as f:
+        slab = next(int(line.split()[1]) * 1024 for line in f if line.startswith("Slab:"))
+    with open("/proc/net/sockstat") as f:
+        tcp = next(line.split()[1:] for line in f if line.startswith("TCP:"))
+    fields = dict(zip(tcp[0::2], map(int, tcp[1::2])))
+    return {"slab_bytes": slab, "tcp_inuse": fields.get("inuse", 0),
+            "tcp_alloc": fields.get("alloc", 0), "tcp_mem_pages": fields.get("mem", 0)}
+
+
+def merged(scrapes):
+    """Several servers' scrapes as one: each sample's per-shard values side by side, so that
+    `sample` sums them and `histogram_ms` reads one histogram over every instance."""
+    out = {}
+    for scraped in scrapes:
+        for key, values in scraped.items():
+            out.setdefault(key, []).extend(values)
+    return out
+
+
+def scenario_fleet():
+    """Several instances on one address (SO_REUSEPORT across processes), as operators run
+    them per NUMA node, per container or for rolling restarts: 3 single-shard servers on one
+    port, 54,000 idle stations from 3 client processes (each identifies, sends one metrics
+    line and waits, like a station reporting once a minute), and 1,000 active stations at
+    10 lines/s measured alone first, then beside the idle ones.
+
+    Reports the connections each instance holds, RSS per idle station per instance, the
+    servers' CPU per idle station per second while only the idle ones are connected
+    (housekeeping), the kernel's memory per socket (Slab and sockstat before and after),
+    and the active stations' line-to-delivery latency (p50/p99 over the three instances,
+    from their histograms scraped around each active run) beside the idle ones against
+    alone (target ≤ 1.5×)."""
+    instances = 3
+    idle = 300 if SMOKE else 54_000
+    active, active_rate = (30, 10) if SMOKE else (1_000, 10)
+    duration = 2 if SMOKE else 20
+    quiet_s = 2 if SMOKE else 20
+    broker = Broker.get()
+    topic = broker.topic("fleet")
+    port = free_port()
+    servers = [Server("--kafka-brokers", broker.brokers, "--kafka-topic", topic,
+                      "--shards", 1, metrics=True, port=port) for _ in range(instances)]
+    target = servers[0].target
+    loadgen("send", "--target", target, "--connections", 1, "--lines-per-conn",
+            WARMUP_LINES, "--zip-base", 99000, quiet=True)
+
+    def active_run(zip_base, seconds=duration):
+        before = [scrape(s) for s in servers]
+        sent = loadgen("send", "--target", target, "--connections", active,
+                       "--rate", active_rate, "--duration", f"{seconds}s", "--seq",
+                       "--zip-base", zip_base, "--drain-timeout", "60s", quiet=SMOKE)
+        time.sleep(1)  # the last deliveries' reports
+        after = [scrape(s) for s in servers]
+        latency = histogram_ms(merged(before), merged(after),
+                               "stormgate_delivery_latency_seconds")
+        log(f"fleet: {active} active stations, {sent['lines_sent']:,} lines: "
+            f"p50 {latency.get('p50')} ms, p99 {latency.get('p99')} ms")
+        return sent, latency
+
+    # A first, unmeasured run: the producers' first batches and the broker's JIT warm up.
+    warm_sent, _ = active_run(10_000 + 2 * active, 2)
+    alone_sent, alone = active_run(10_000)
+    time.sleep(1)
+    # The servers' own CPU with no station connected (librdkafka's threads, housekeeping):
+    # the idle stations' cost is what they add to it.
+    base0 = [s.cpu() for s in servers]
+    time.sleep(quiet_s)
+    base = sum(s.cpu() - c for s, c in zip(servers, base0)) / quiet_s
+    kernel0 = kernel_memory()
+    rss0 = [s.memory()[0] for s in servers]
+    t0 = time.time()
+    idle_proc = subprocess.Popen(
+        [str(LOADGEN), "send", "--target", target, "--connections", str(idle),
+         "--idle", "--lines-per-conn", "1", "--seq", "--processes", str(instances),
+         "--duration", f"{quiet_s + duration + 120}s", "--zip-base", "20000",
+         "--quiet-progress"],
+        stdout=subprocess.DEVNULL, start_new_session=True)
+
+    def held():
+        if idle_proc.poll() is not None:
+            raise CheckFailed(f"the idle load generator exited {idle_proc.returncode}")
+        return [sample(scrape(s), "stormgate_connections_active") for s in servers]
+
+    # Every idle station connected, identified and its one line delivered.
+    wait_until(lambda: sum(held()) >= idle, 180, f"{idle} idle stations to connect")
+    connect_s = time.time() - t0
+    wait_until(lambda: sum(s.metric("stormgate_records_delivered_total") for s in servers)
+               >= WARMUP_LINES + warm_sent["lines_sent"] + alone_sent["lines_sent"] + idle, 120,
+               "the idle stations' lines to be delivered")
+    time.sleep(2)
+    per_instance = held()
+    rss1 = [s.memory()[0] for s in servers]
+    kernel1 = kernel_memory()
+    cpu0 = [s.cpu() for s in servers]
+    time.sleep(quiet_s)
+    cpu1 = [s.cpu() for s in servers]
+    beside_sent, beside = active_run(10_000 + active)
+    still = held()
+    # The load generator and its child processes, one per instance's share.
+    os.killpg(idle_proc.pid, signal.SIGKILL)
+    idle_proc.wait()
+    finals = [s.stop() for s in servers]
+    delivered = sum(f["totals"]["records_delivered"] for f in finals) - WARMUP_LINES
+    failed = sum(f["totals"]["records_failed"] for f in finals)
+    sent = (warm_sent["lines_sent"] + alone_sent["lines_sent"] + beside_sent["lines_sent"]
+            + idle)
+    # Each active run uses zipcodes of its own (the same ones would restart their seqs):
+    # 3 × active + idle stations.
+    verified = consume_check(broker, topic, "fleet", delivered, sent, 3 * active + idle,
+                             warmup=WARMUP_LINES)
+    # Every idle station held by some instance until the end.
+    verified["ok"] = verified["ok"] and failed == 0 and sum(per_instance) == idle \
+        and sum(still) == idle
+    broker.drop(topic)
+    sockets = kernel1["tcp_inuse"] - kernel0["tcp_inuse"]
+    idle_cpu = [b - a for a, b in zip(cpu0, cpu1)]
+    p99_ratio = (beside.get("p99") or 0) / max(alone.get("p99") or 0, 1e-9)
+    result = {
+        "verified": verified,
+        "instances": instances,
+        "shards_per_instance": 1,
+        "idle_stations": idle,
+        "idle_lines_per_station": 1,
+        "connect_s": round(connect_s, 2),
+        "held_per_instance": per_instance,
+        "held_at_end_per_instance": still,
+        "rss_bytes_per_idle_station": [round((b - a) / max(n, 1))
+                                       for a, b, n in zip(rss0, rss1, per_instance)],
+        "server_rss_mib": [round(r / 2**20, 1) for r in rss1],
+        # CPU-s per second of all instances, without stations and with only the idle ones.
+        "cpu_share_no_stations": round(base, 4),
+        "cpu_share_idle": round(sum(idle_cpu) / quiet_s, 4),
+        "cpu_us_per_idle_station_per_s": round(
+            max(sum(idle_cpu) / quiet_s - base, 0) / max(idle, 1) * 1e6, 3),
+        "kernel": {
+            "tcp_sockets_added": sockets,
+            "slab_bytes_added": kernel1["slab_bytes"] - kernel0["slab_bytes"],
+            "slab_bytes_per_socket": round(
+                (kernel1["slab_bytes"] - kernel0["slab_bytes"]) / max(sockets, 1)),
+            "tcp_mem_pages_before": kernel0["tcp_mem_pages"],
+            "tcp_mem_pages_idle": kernel1["tcp_mem_pages"],
+        },
+        "active_stations": active,
+        "active_rate_per_station": active_rate,
+        "active_alone_latency_ms": alone,
+        "active_beside_idle_latency_ms": beside,
+        "p99_beside_over_alone": round(p99_ratio, 2),
+        "target_p99_ratio_max": 1.5,
+        "target_met": p99_ratio <= 1.5,
+    }
+    log(f"fleet: {idle:,} idle held {per_instance} per instance, "
+        f"{result['rss_bytes_per_idle_station']} bytes RSS each, "
+        f"{result['cpu_us_per_idle_station_per_s']} µs CPU per idle station per s, "
+        f"kernel {result['kernel']['slab_bytes_per_socket']} bytes slab per socket; "
+        f"active p99 {p99_ratio:.2f}× beside idle")
+    return result
+
+
 def count_established(port):
     """Established TCP connections to the server's port, from /proc/net/tcp (no ss needed)."""
     n = 0
@@ -1445,6 +1608,7 @@ SCENARIOS = {
     "buffer": scenario_buffer,
     "fairness": scenario_fairness,
     "tls": scenario_tls,
+    "fleet": scenario_fleet,
 }
 
 SMOKE = False

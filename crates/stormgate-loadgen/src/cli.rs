@@ -88,8 +88,9 @@ pub struct SendArgs {
     #[arg(long, value_name = "Z", default_value_t = 10_000)]
     pub zip_base: u64,
 
-    /// Connect and identify only, then hold the connections open for --duration (to measure
-    /// the server's memory per connection).
+    /// Connect and identify, send --lines-per-conn lines (none by default), then hold the
+    /// connections open for --duration (to measure the server's memory per connection; with
+    /// one line, like a station that reports once a minute).
     #[arg(long)]
     pub idle: bool,
 
@@ -160,8 +161,8 @@ impl SendArgs {
             if self.duration.is_none() {
                 return Err("--idle needs --duration".into());
             }
-            if self.lines_per_conn.is_some() || self.rate > 0.0 {
-                return Err("--idle sends no metrics: drop --lines-per-conn and --rate".into());
+            if self.rate > 0.0 {
+                return Err("--idle sends its --lines-per-conn at once: drop --rate".into());
             }
         } else if self.duration.is_none() && self.lines_per_conn.is_none() {
             return Err("give --duration and/or --lines-per-conn (or --idle)".into());
@@ -421,7 +422,12 @@ mod tests {
         assert!(send(&["--idle"]).validate().is_err());
         assert!(send(&["--idle", "--duration=1s"]).validate().is_ok());
         assert!(
-            send(&["--idle", "--duration=1s", "--lines-per-conn=5"])
+            send(&["--idle", "--duration=1s", "--lines-per-conn=1"])
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            send(&["--idle", "--duration=1s", "--rate=5"])
                 .validate()
                 .is_err()
         );

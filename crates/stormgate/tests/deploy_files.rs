@@ -115,7 +115,12 @@ fn config_str<'a>(config: &'a toml::Table, path: &[&str]) -> &'a toml::Value {
 
 /// `KEY=VALUE` lines of the systemd unit, in order, without comments.
 fn unit_settings() -> Vec<(String, String)> {
-    read("deploy/systemd/stormgate.service")
+    unit_file_settings("deploy/systemd/stormgate.service")
+}
+
+/// `KEY=VALUE` lines of a unit file, in order, without comments and section headers.
+fn unit_file_settings(rel: &str) -> Vec<(String, String)> {
+    read(rel)
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with(['#', ';', '[']))
@@ -451,6 +456,65 @@ fn the_systemd_unit_lets_io_uring_through_and_outlasts_the_drain() {
             && v.split_whitespace()
                 .any(|a| a == "SPILL_DIR=/var/lib/stormgate/spill")),
         "the unit should set SPILL_DIR=/var/lib/stormgate/spill"
+    );
+}
+
+#[test]
+fn the_instance_template_keeps_the_units_limits_and_separates_each_instances_state() {
+    let single = unit_settings();
+    let template = unit_file_settings("deploy/systemd/stormgate@.service");
+    // From `Restart=` on (restart policy, stop, limits, hardening) the two units are the same
+    // lines: a change to one that is not made to the other fails here.
+    let tail = |unit: &[(String, String)]| -> Vec<(String, String)> {
+        let start = unit.iter().position(|(k, _)| k == "Restart").unwrap();
+        unit[start..].to_vec()
+    };
+    assert_eq!(
+        tail(&template),
+        tail(&single),
+        "stormgate@.service's limits and hardening differ from stormgate.service's"
+    );
+
+    // Each instance has its own state, spill files, disk buffer and overrides.
+    assert_eq!(unit_value(&template, "StateDirectory"), "stormgate/%i");
+    assert_eq!(
+        unit_value(&template, "WorkingDirectory"),
+        "/var/lib/stormgate/%i"
+    );
+    let env: BTreeMap<String, String> = template
+        .iter()
+        .filter(|(k, _)| k == "Environment")
+        .filter_map(|(_, v)| v.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert_eq!(env["SPILL_DIR"], "/var/lib/stormgate/%i/spill");
+    assert_eq!(env["BUFFER_DIR"], "/var/lib/stormgate/%i/buffer");
+    let files: Vec<&String> = template
+        .iter()
+        .filter(|(k, _)| k == "EnvironmentFile")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(
+        files,
+        [
+            "-/etc/stormgate/stormgate.env",
+            "/etc/stormgate/stormgate-%i.env"
+        ],
+        "shared overrides first, then the instance's own (required: its METRICS_ADDR)"
+    );
+
+    // The spread of reconnections fits in the drain, and the drain before systemd's SIGKILL.
+    let period = humantime::parse_duration(&env["TCP_DRAIN_PERIOD"]).unwrap();
+    let config = example_config();
+    let drain = config_str(&config, &["shutdown_timeout"])
+        .as_str()
+        .map_or(Duration::from_secs(30), |s| {
+            humantime::parse_duration(s).unwrap()
+        });
+    let stop = humantime::parse_duration(&unit_value(&template, "TimeoutStopSec")).unwrap();
+    assert!(
+        period < drain && drain < stop,
+        "TCP_DRAIN_PERIOD {period:?} < SHUTDOWN_TIMEOUT {drain:?} < TimeoutStopSec {stop:?}"
     );
 }
 

@@ -449,8 +449,15 @@ impl<'a> Worker<'a> {
 
     /// Whether connection `c` may build more lines now, and how many.
     fn allowance(&self, c: &Conn) -> u64 {
-        if self.cfg.idle || !matches!(self.phase, Phase::Running { .. }) {
+        if !matches!(self.phase, Phase::Running { .. }) {
             return 0;
+        }
+        if self.cfg.idle {
+            // Its lines at once, then nothing: held until the end.
+            return self
+                .cfg
+                .lines_per_conn
+                .map_or(0, |limit| limit.saturating_sub(c.lines));
         }
         let mut n = self
             .cfg
