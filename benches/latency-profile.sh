@@ -6,7 +6,8 @@
 #
 #   benches/latency-profile.sh [LINES_PER_SEC_PER_CONN] [-- SERVER FLAGS...]
 #
-# Default: 100 connections x 8,500 lines/s (half the measured peak), defaults otherwise;
+# Default: 100 connections x 8,500 lines/s (give half the measured peak: 4,700 on the 2-core
+# VM of docs/PERFORMANCE.md), defaults otherwise;
 # e.g. `benches/latency-profile.sh 8500 -- --kafka-batch-timeout 1ms`. Needs `perf` with
 # access to sched tracepoints (root); without it the scheduling part is skipped.
 set -euo pipefail
@@ -22,13 +23,29 @@ deploy/kafka/kafka.sh start "$port" >/dev/null
 trap 'deploy/kafka/kafka.sh reset "$port" >/dev/null 2>&1 || true' EXIT
 topic=latency-profile-$$
 deploy/kafka/kafka.sh create-topic "$topic" 6 "$port" >/dev/null
-LOG_FORMAT=json RUST_LOG=info,stormgate::librdkafka_stats=trace ./target/release/stormgate \
-  --listen "$listen" --shards 2 --kafka-brokers "127.0.0.1:$port" --kafka-topic "$topic" \
-  --metrics-addr "$metrics" --max-lines-per-sec 0 --stats-file "$out/stats.json" "$@" \
-  2>"$out/server.log" &
-server=$!
-sleep 1
-# Warm-up: the idempotent producer's id, before the measurement.
+server=
+# Whatever ends the script, the server goes too (it would otherwise outlive the broker).
+trap 'kill -KILL $server 2>/dev/null || true; deploy/kafka/kafka.sh reset "$port" >/dev/null 2>&1 || true' EXIT
+# start_server LOG: the server on $listen, its statistics in $out/stats.json.
+start_server() {
+  LOG_FORMAT=json RUST_LOG=info,stormgate::librdkafka_stats=trace ./target/release/stormgate \
+    --listen "$listen" --shards 2 --kafka-brokers "127.0.0.1:$port" --kafka-topic "$topic" \
+    --metrics-addr "$metrics" --max-lines-per-sec 0 --stats-file "$out/stats.json" "${server_flags[@]}" \
+    2>"$1" &
+  server=$!
+  sleep 1
+}
+server_flags=("$@")
+# Warm-up, with a server of its own: 15 s of the same load, so that the fresh broker's JVM
+# has compiled its hot paths before the measurement (without it, two runs gave p50 19 and
+# 47 ms, and the JIT compiler threads were among the most delayed).
+start_server "$out/warm-up.log"
+./target/release/stormgate-loadgen send --target "$listen" --connections 100 --duration 15s \
+  --rate "$rate" --zip-base 50000 --quiet-progress >/dev/null 2>&1
+kill -TERM "$server"
+wait "$server" || true
+# The measured server: its producer's id first, then the load.
+start_server "$out/server.log"
 ./target/release/stormgate-loadgen send --target "$listen" --connections 1 --lines-per-conn 2 \
   --zip-base 99000 --quiet-progress >/dev/null 2>&1
 sleep 1.5
@@ -37,7 +54,8 @@ sleep 1.5
 loadgen=$!
 sleep 4
 if perf sched record -a -o "$out/sched.data" -- sleep 3 >/dev/null 2>&1; then
-  perf sched latency -i "$out/sched.data" --sort max 2>/dev/null | head -12 >"$out/sched.txt"
+  # `head` closes the pipe early: under pipefail perf's SIGPIPE would end the script here.
+  perf sched latency -i "$out/sched.data" --sort max 2>/dev/null | head -12 >"$out/sched.txt" || true
 else
   echo "perf sched unavailable: scheduling delays not recorded" >"$out/sched.txt"
 fi
