@@ -758,6 +758,18 @@ mod tests {
         Cli::try_parse_from(std::iter::once("stormgate").chain(args.iter().copied())).unwrap()
     }
 
+    /// The runtime's own defaults are the server's: a shard test built on
+    /// `RuntimeConfig::default()` runs with the caps production runs with. Compared whole
+    /// (through `Debug`), so a field whose default drifts on either side fails here.
+    #[test]
+    fn the_runtime_defaults_are_the_command_line_defaults() {
+        let from_cli = parse(&[]).runtime_config();
+        assert_eq!(
+            format!("{from_cli:?}"),
+            format!("{:?}", RuntimeConfig::default())
+        );
+    }
+
     #[test]
     fn defaults() {
         let cli = parse(&[]);
