@@ -58,7 +58,9 @@ impl SmallFs {
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).status();
+        // Lazily: a file the log still holds open would make a plain umount fail with EBUSY
+        // and leave the mount behind (seen after test runs: one per run).
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
         let _ = std::fs::remove_dir_all(&self.base);
     }
 }
