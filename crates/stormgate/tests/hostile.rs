@@ -99,13 +99,8 @@ fn sigterm_during_an_outage_exits_by_the_deadline_with_every_line_spilled() {
 fn connect_many(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     (0..n)
         .map(|i| {
-            use socket2::{Domain, Socket, Type};
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-            let source: SocketAddr = format!("127.0.0.{}:0", 2 + i / 100).parse().unwrap();
-            socket.bind(&source.into()).unwrap();
-            socket.set_recv_buffer_size(4096).unwrap();
-            socket.connect(&addr.into()).unwrap();
-            let s: TcpStream = socket.into();
+            let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i / 100) as u8);
+            let s = support::connect_from(addr, source, Some(4096)).unwrap();
             s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
             s
         })

@@ -352,17 +352,9 @@ fn churn(addr: SocketAddr, n: usize, threads: usize) {
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             std::thread::spawn(move || {
-                let source: SocketAddr = format!("127.0.0.{}:0", 2 + t).parse().unwrap();
+                let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + t as u8);
                 for i in 0..per_thread {
-                    let socket = socket2::Socket::new(
-                        socket2::Domain::IPV4,
-                        socket2::Type::STREAM,
-                        None,
-                    )
-                    .unwrap();
-                    socket.bind(&source.into()).unwrap();
-                    socket.connect(&addr.into()).unwrap();
-                    let mut s: std::net::TcpStream = socket.into();
+                    let mut s = connect_from(addr, source, None).unwrap();
                     let line = format!(
                         "{{\"type\":\"identify\",\"zipcode\":\"{t}{i:06}\"}}\n{{\"type\":\"metrics\",\"data\":\"t=1\"}}\n"
                     );

@@ -325,3 +325,40 @@ pub fn brokers_in_state(addr: std::net::SocketAddr, state: &str) -> f64 {
         })
         .sum()
 }
+
+/// A socket connected to `addr` from loopback address `source` (e.g. 127.0.0.7), with its
+/// receive buffer set to `recv_buffer` bytes when given.
+///
+/// The port is picked at connect time (`IP_BIND_ADDRESS_NO_PORT`), per destination: a socket
+/// bound to port 0 otherwise takes a port from the whole ephemeral range for every destination,
+/// and 100,000 such connections in TIME_WAIT leave the next test's plain `connect` to
+/// 127.0.0.1 with no port at all (EADDRNOTAVAIL).
+pub fn connect_from(
+    addr: std::net::SocketAddr,
+    source: std::net::Ipv4Addr,
+    recv_buffer: Option<usize>,
+) -> std::io::Result<std::net::TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    use std::os::fd::AsRawFd;
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.bind(&std::net::SocketAddr::from((source, 0)).into())?;
+    if let Some(bytes) = recv_buffer {
+        socket.set_recv_buffer_size(bytes)?;
+    }
+    socket.connect(&addr.into())?;
+    Ok(socket.into())
+}
