@@ -197,7 +197,7 @@ impl Connection {
                 let station = self.session.station().expect("an identify sets a station");
                 Outcome::Identified {
                     zipcode: station.zipcode().to_owned(),
-                    city: station.city().to_owned(),
+                    city: station.city(),
                 }
             }
             Ok(Parsed::Record { seq }) => {

@@ -12,6 +12,8 @@
 
 use std::rc::Rc;
 
+use simd_json::prelude::*;
+
 use crate::json;
 
 /// Who a connection speaks for, as its latest identify said.
@@ -20,7 +22,6 @@ use crate::json;
 #[derive(Debug, Clone)]
 pub struct Station {
     zipcode: Rc<str>,
-    city: Box<str>,
     /// `{"connection_id":"…","zipcode":"…","city":"…","received_at_ms":`
     prefix: Box<[u8]>,
 }
@@ -37,7 +38,6 @@ impl Station {
         prefix.extend_from_slice(b",\"received_at_ms\":");
         Station {
             zipcode: zipcode.into(),
-            city: city.into(),
             prefix: prefix.into(),
         }
     }
@@ -52,9 +52,18 @@ impl Station {
         &self.zipcode
     }
 
-    /// The station's city (empty when identify carried none).
-    pub fn city(&self) -> &str {
-        &self.city
+    /// The station's city (empty when identify carried none), decoded from the record
+    /// prefix. Not kept apart: every idle station would pay for it, and only checks ask.
+    pub fn city(&self) -> String {
+        let mut doc = Vec::with_capacity(self.prefix.len() + 2);
+        doc.extend_from_slice(&self.prefix);
+        doc.extend_from_slice(b"0}");
+        let value = simd_json::to_owned_value(&mut doc).expect("the prefix is a JSON object");
+        value
+            .get("city")
+            .and_then(|c| c.as_str())
+            .expect("the prefix has a city")
+            .to_owned()
     }
 
     /// Starts a record: writes everything up to and including `"metrics":{`.
