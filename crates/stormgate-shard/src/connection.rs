@@ -373,6 +373,9 @@ impl Connection {
         self.replies
             .extend_from_slice(stormgate_protocol::RECONNECT_LINE.as_bytes());
         self.farewell().await;
+        if let Some(fd) = self.stream.raw_fd() {
+            linger(fd, self.core.ledger.deadline.get()).await;
+        }
         CloseReason::Shutdown
     }
 
@@ -935,6 +938,87 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
+
+/// How often [`linger`] looks whether the station closed its side.
+const LINGER_POLL: Duration = Duration::from_millis(10);
+/// Most bytes [`linger`] discards: more than a station that reads its replies can still
+/// have on its way when the `reconnect` line reaches it (the receive window is at most
+/// `TCP_RECV_BUFFER`, 256 KiB by default, and refills once while the line travels).
+const LINGER_MAX_BYTES: usize = 1024 * 1024;
+
+/// After telling a drained station to reconnect: waits until the station closes its side
+/// of the stream — at most [`FAREWELL_TIMEOUT`], not past `deadline`, and discarding at
+/// most [`LINGER_MAX_BYTES`] of what it still sends — so that the server's close is the
+/// orderly one that follows.
+///
+/// Closing a socket with received bytes unread makes the kernel answer with a reset instead
+/// of an orderly close, and a reset destroys what is still on its way to the station: the
+/// `reconnect` line itself, acknowledgements. A station that keeps writing until it reads
+/// the line (as every busy one does) always has bytes in flight at that moment. The bytes
+/// discarded are lines the server was never going to read: a station with acknowledgements
+/// sends them again after reconnecting; one that does not read what the server writes
+/// cannot learn of the reconnect, keeps sending past the bounds, and is reset as before.
+///
+/// The read side was shut down when the connection was drained, so a read cannot tell the
+/// station's close from an empty queue: the socket's TCP state can (`CLOSE_WAIT` once the
+/// station's FIN came). The server's side stays open meanwhile: with both sides shut, the
+/// kernel would answer any byte still arriving with a reset (RFC 1122, `TCPAbortOnData`).
+/// Plain non-blocking `recv`s, off the hot path: this runs once per connection, at
+/// shutdown.
+async fn linger(fd: std::os::fd::RawFd, deadline: Option<Instant>) {
+    let until = earliest(after(Instant::now(), Some(FAREWELL_TIMEOUT)), deadline)
+        .expect("a timeout is set");
+    let mut discarded = 0;
+    loop {
+        discarded += discard_queued(fd);
+        if peer_closed(fd) || discarded > LINGER_MAX_BYTES || Instant::now() >= until {
+            // Whatever arrived since: a reset only if the station is still sending.
+            discard_queued(fd);
+            return;
+        }
+        glommio::timer::sleep(LINGER_POLL).await;
+    }
+}
+
+/// Reads and drops whatever the socket holds now, without waiting; returns how much.
+fn discard_queued(fd: std::os::fd::RawFd) -> usize {
+    let mut scratch = [0u8; 4096];
+    let mut total = 0;
+    loop {
+        // SAFETY: a valid fd and a buffer of the stated length.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                scratch.as_mut_ptr().cast(),
+                scratch.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 || total > LINGER_MAX_BYTES {
+            return total;
+        }
+        total += n as usize;
+    }
+}
+
+/// Whether the station closed its side, or the connection is no longer established.
+fn peer_closed(fd: std::os::fd::RawFd) -> bool {
+    // SAFETY: tcp_info is plain integers, for which all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid fd, and a tcp_info buffer of the stated length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    const TCP_ESTABLISHED: u8 = 1;
+    rc != 0 || info.tcpi_state != TCP_ESTABLISHED
 }
 
 /// Where a read puts the station's bytes.

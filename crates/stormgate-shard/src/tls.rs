@@ -52,6 +52,16 @@ impl StationStream {
         }
     }
 
+    /// The socket's descriptor (`None` once gone).
+    pub(crate) fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match self {
+            StationStream::Plain(s) => Some(s.as_raw_fd()),
+            StationStream::Tls(s) => Some(s.get_ref().0.as_raw_fd()),
+            StationStream::Gone => None,
+        }
+    }
+
     /// Runs the server side of a TLS handshake on the socket, giving up after `timeout`
     /// (a client that connects and stalls, or trickles its hello, holds a descriptor and
     /// rustls's buffers until then). On success the stream is TLS; on failure it is gone.

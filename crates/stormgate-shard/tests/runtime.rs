@@ -573,8 +573,13 @@ fn a_drain_period_spreads_the_reconnects_and_serves_each_connection_until_its_mo
                 let _ = s
                     .stream
                     .write_all(b"{\"type\":\"metrics\",\"data\":\"after=1\"}\n");
-                let rest = s.read_to_close();
-                (sent_at, t0.elapsed(), rest)
+                // Like a station: reads the line, closes its side, and sees the end.
+                let mut line = String::new();
+                s.replies.read_line(&mut line).unwrap();
+                let told = t0.elapsed();
+                s.stream.shutdown(std::net::Shutdown::Write).unwrap();
+                line.push_str(&s.read_to_close());
+                (sent_at, told, line)
             })
         })
         .collect();
@@ -614,6 +619,58 @@ fn a_drain_period_spreads_the_reconnects_and_serves_each_connection_until_its_mo
         t.lines_received
     );
     assert_eq!(t.records_delivered, t.lines_received - STATIONS as u64);
+}
+
+/// A station still sending when its drain moment comes reads the `reconnect` line and then
+/// an orderly end of stream once it stops and closes its side: the server waits for that
+/// rather than closing with the station's bytes unread, which makes the kernel answer with
+/// a reset — and a reset can destroy the line (and acknowledgements) still on their way.
+#[test]
+fn a_busy_station_is_told_to_reconnect_and_ends_without_a_reset() {
+    let server = start_null(RuntimeConfig {
+        shards: 1,
+        ..config()
+    });
+    let mut s = Station::connect(server.local_addr());
+    // Flat out, but with a send buffer a station on a network might have, not the
+    // loopback's autotuned megabytes: what it has in flight when it reads the line is then
+    // the server's receive window plus this.
+    socket2::SockRef::from(&s.stream)
+        .set_send_buffer_size(64 * 1024)
+        .unwrap();
+    s.identify("00001");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writer = s.stream.try_clone().unwrap();
+    let flag = Arc::clone(&stop);
+    let sender = std::thread::spawn(move || {
+        let batch = "{\"type\":\"metrics\",\"data\":\"t=1\"}\n".repeat(64);
+        // Like the reference client: sends until it reads `reconnect`, then closes.
+        while !flag.load(Ordering::Relaxed) {
+            if writer.write_all(batch.as_bytes()).is_err() {
+                return false;
+            }
+        }
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+        true
+    });
+    wait_for("lines flowing", || server.totals().lines_received > 10_000);
+    server.shutdown();
+    let mut line = String::new();
+    s.replies.read_line(&mut line).unwrap();
+    assert_eq!(line, stormgate_protocol::RECONNECT_LINE);
+    stop.store(true, Ordering::Relaxed);
+    let mut rest = Vec::new();
+    let end = s.replies.read_to_end(&mut rest);
+    assert!(
+        end.is_ok(),
+        "after reconnect: {end:?} instead of an orderly end"
+    );
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(
+        sender.join().unwrap(),
+        "the station's writes failed before it stopped"
+    );
+    server.join().unwrap();
 }
 
 #[test]
