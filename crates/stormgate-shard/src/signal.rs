@@ -5,18 +5,26 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
+use slab::Slab;
+
 /// A one-shot event on one shard: once [`fire`](Signal::fire)d, every current and future
 /// [`wait`](Signal::wait) completes. Not `Send`: it never leaves its shard.
+///
+/// Bound: a slot per pending [`Wait`] that has been polled, freed when the `Wait` is dropped
+/// and reused by the next, so the slab is as large as the most waits ever pending at once
+/// (a throttled connection makes one per read, for as long as it lives).
 #[derive(Debug, Default)]
 pub(crate) struct Signal {
     fired: Cell<bool>,
-    waiters: RefCell<Vec<Option<Waker>>>,
+    waiters: RefCell<Slab<Waker>>,
 }
 
 impl Signal {
     pub(crate) fn fire(&self) {
         self.fired.set(true);
-        for w in self.waiters.borrow_mut().drain(..).flatten() {
+        // Taken out first: a woken task may drop its `Wait`, which borrows the slab.
+        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        for (_, w) in waiters {
             w.wake();
         }
     }
@@ -49,10 +57,9 @@ impl Future for Wait<'_> {
         }
         let mut waiters = self.signal.waiters.borrow_mut();
         match self.slot {
-            Some(i) => waiters[i] = Some(cx.waker().clone()),
+            Some(i) => waiters[i].clone_from(cx.waker()),
             None => {
-                waiters.push(Some(cx.waker().clone()));
-                let i = waiters.len() - 1;
+                let i = waiters.insert(cx.waker().clone());
                 drop(waiters);
                 self.slot = Some(i);
             }
@@ -63,10 +70,12 @@ impl Future for Wait<'_> {
 
 impl Drop for Wait<'_> {
     fn drop(&mut self) {
+        // After `fire` the slab is empty and the slot already gone.
         if let Some(i) = self.slot
-            && let Some(w) = self.signal.waiters.borrow_mut().get_mut(i)
+            && !self.signal.is_fired()
         {
-            *w = None;
+            let removed = self.signal.waiters.borrow_mut().try_remove(i);
+            debug_assert!(removed.is_some(), "a pending wait owns its slot");
         }
     }
 }
@@ -108,5 +117,84 @@ impl Notify {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    use super::*;
+
+    /// A waker that counts its wakes.
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn poll(wait: Pin<&mut Wait<'_>>, waker: &Waker) -> Poll<()> {
+        wait.poll(&mut Context::from_waker(waker))
+    }
+
+    #[test]
+    fn a_dropped_wait_gives_its_slot_back() {
+        // A throttled connection makes one wait per read, for as long as it lives.
+        let signal = Signal::default();
+        for _ in 0..10_000 {
+            let mut wait = pin!(signal.wait());
+            assert!(poll(wait.as_mut(), Waker::noop()).is_pending());
+        }
+        let slots = signal.waiters.borrow().capacity();
+        assert!(
+            slots <= 4,
+            "10,000 waits, one at a time, left {slots} slots"
+        );
+    }
+
+    #[test]
+    fn slots_are_bounded_by_the_waits_alive_at_once() {
+        let signal = Signal::default();
+        let mut kept = Vec::new();
+        for round in 0..1_000 {
+            let mut waits: Vec<_> = (0..8).map(|_| Box::pin(signal.wait())).collect();
+            for w in &mut waits {
+                assert!(poll(w.as_mut(), Waker::noop()).is_pending());
+            }
+            if round % 100 == 0 {
+                kept.push(waits.pop().expect("eight waits"));
+            }
+        }
+        let slots = signal.waiters.borrow().capacity();
+        assert!(slots <= 32, "at most 18 waits alive at once, {slots} slots");
+    }
+
+    #[test]
+    fn fire_wakes_every_live_wait_once_and_completes_later_ones() {
+        let signal = Signal::default();
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(wakes.clone());
+        let mut first = pin!(signal.wait());
+        let mut second = pin!(signal.wait());
+        let mut dropped = Box::pin(signal.wait());
+        assert!(poll(first.as_mut(), &waker).is_pending());
+        // Polled again: the same slot, not a second wake.
+        assert!(poll(first.as_mut(), &waker).is_pending());
+        assert!(poll(second.as_mut(), &waker).is_pending());
+        assert!(poll(dropped.as_mut(), &waker).is_pending());
+        drop(dropped);
+
+        signal.fire();
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+        assert!(poll(first.as_mut(), &waker).is_ready());
+        assert!(poll(second.as_mut(), &waker).is_ready());
+        assert!(poll(pin!(signal.wait()), Waker::noop()).is_ready());
+        assert_eq!(signal.waiters.borrow().len(), 0);
     }
 }
