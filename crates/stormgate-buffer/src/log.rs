@@ -614,7 +614,6 @@ fn recover(dir: &Path, cfg: &LogConfig, mode: OpenMode) -> Result<Recovered, Ope
 
 /// Takes the directory's lock: one process, one shard per directory.
 fn lock_dir(dir: &Path) -> Result<std::fs::File, OpenLogError> {
-    use std::os::fd::AsRawFd;
     let path = dir.join(recovery::LOCK_FILE);
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -622,17 +621,13 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, OpenLogError> {
         .write(true)
         .open(&path)
         .map_err(|e| OpenLogError::io("opening", &path, e))?;
-    // SAFETY: plain syscall on an open descriptor.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(OpenLogError::Locked {
-                dir: dir.to_path_buf(),
-            });
-        }
-        return Err(OpenLogError::io("locking", &path, err));
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenLogError::Locked {
+            dir: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(OpenLogError::io("locking", &path, e)),
     }
-    Ok(file)
 }
 
 async fn open_segments(

@@ -27,7 +27,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -182,33 +181,20 @@ fn append_locked(path: &Path, bytes: &[u8]) -> io::Result<()> {
         fs::create_dir_all(dir)?;
     }
     let file = OpenOptions::new().create(true).append(true).open(path)?;
-    let _lock = Flock::exclusive(&file)?;
+    lock(&file)?;
     (&file).write_all(bytes)?;
     file.sync_data()
 }
 
-/// An exclusive `flock` on an open file, released on drop.
-struct Flock<'a>(&'a File);
-
-impl<'a> Flock<'a> {
-    fn exclusive(file: &'a File) -> io::Result<Flock<'a>> {
-        loop {
-            // SAFETY: flock on a valid, open descriptor.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(Flock(file));
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
+/// Takes `file`'s exclusive lock (`flock` on Linux, which is what a writer of another
+/// process takes too), waiting for it; closing the file releases it. A signal's interruption
+/// is waited through, as `flock` without `SA_RESTART` would not.
+fn lock(file: &File) -> io::Result<()> {
+    loop {
+        match file.lock() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            done => return done,
         }
-    }
-}
-
-impl Drop for Flock<'_> {
-    fn drop(&mut self) {
-        // SAFETY: as above; closing the file would release it too.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
     }
 }
 
@@ -273,7 +259,9 @@ pub fn replay(
     fs::rename(path, &taken).map_err(io_error("taking over for the replay", path))?;
     let file = File::open(&taken).map_err(io_error("opening", &taken))?;
     // Waits out a writer that opened the file before the rename; released at once.
-    drop(Flock::exclusive(&file).map_err(io_error("locking", &taken))?);
+    lock(&file).map_err(io_error("locking", &taken))?;
+    // Closing the file would release it too: a failed unlock only delays that.
+    let _ = file.unlock();
 
     let mut report = ReplayReport::default();
     let mut lines: Vec<Result<SpillLine, String>> = Vec::new();
