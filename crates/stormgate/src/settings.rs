@@ -315,27 +315,12 @@ fn scalar(path: &Path, key: &str, value: &toml::Value) -> anyhow::Result<String>
 /// ", did you mean `x`?" for the known key closest to `key`, if any is close.
 fn suggestion<'a>(key: &str, known: impl Iterator<Item = &'a String>) -> String {
     let best = known
-        .map(|k| (edit_distance(key, k), k))
+        .map(|k| (strsim::levenshtein(key, k), k))
         .min_by_key(|(d, _)| *d);
     match best {
         Some((d, k)) if d <= 3 => format!(", did you mean `{k}`?"),
         _ => " (see docs/CONFIGURATION.md)".to_owned(),
     }
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 impl Loaded {
