@@ -52,6 +52,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use data_encoding::{HEXLOWER, HEXLOWER_PERMISSIVE};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use stormgate_shard::{Credentials, StationAuth};
@@ -211,8 +212,8 @@ impl Registry {
             let entry = &self.stations[zipcode];
             let line = EntryLine {
                 zipcode: zipcode.clone(),
-                salt: encode_hex(&entry.salt),
-                hash: encode_hex(&entry.hash),
+                salt: HEXLOWER.encode(&entry.salt),
+                hash: HEXLOWER.encode(&entry.hash),
                 created_at: entry.created_at.clone(),
             };
             out.push_str(&serde_json::to_string(&line).expect("strings serialize"));
@@ -247,7 +248,7 @@ impl Registry {
         }
         let mut random = [0u8; TOKEN_BYTES + SALT_BYTES];
         getrandom::fill(&mut random).map_err(|e| RegistryError::Random(e.to_string()))?;
-        let token = encode_hex(&random[..TOKEN_BYTES]);
+        let token = HEXLOWER.encode(&random[..TOKEN_BYTES]);
         let mut salt = [0u8; SALT_BYTES];
         salt.copy_from_slice(&random[TOKEN_BYTES..]);
         let entry = Entry {
@@ -316,28 +317,13 @@ pub fn hashes_equal(a: &[u8; HASH_BYTES], b: &[u8; HASH_BYTES]) -> bool {
     a[..].ct_eq(&b[..]).into()
 }
 
-fn encode_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(2 * bytes.len());
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    out
-}
-
 /// Exactly `2 * N` hex digits (either case) into `N` bytes.
 fn decode_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    let text = text.as_bytes();
-    if text.len() != 2 * N {
-        return None;
-    }
-    let digit = |c: u8| char::from(c).to_digit(16).map(|d| d as u8);
-    let mut out = [0u8; N];
-    for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
-        *byte = (digit(pair[0])? << 4) | digit(pair[1])?;
-    }
-    Some(out)
+    HEXLOWER_PERMISSIVE
+        .decode(text.as_bytes())
+        .ok()?
+        .try_into()
+        .ok()
 }
 
 /// Changes the registry at `path` (an absent file is an empty registry) under an exclusive
@@ -539,9 +525,18 @@ mod tests {
     fn the_hash_is_sha256_of_salt_then_token() {
         // SHA-256("abc"), the FIPS 180-2 example: salt "ab", token "c".
         assert_eq!(
-            encode_hex(&hash_token(b"ab", "c")),
+            HEXLOWER.encode(&hash_token(b"ab", "c")),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn hex_is_read_in_either_case_and_at_exactly_its_length() {
+        assert_eq!(decode_hex::<2>("0aF1"), Some([0x0a, 0xf1]));
+        for bad in ["0af", "0af1f2", "0ag1", " 0af1", ""] {
+            assert_eq!(decode_hex::<2>(bad), None, "{bad:?}");
+        }
+        assert_eq!(HEXLOWER.encode(&[0x0a, 0xf1]), "0af1");
     }
 
     #[test]
