@@ -12,11 +12,14 @@
 //!   hashing and checking, atomic changes for `stormgate station`.
 //! - [`tls`]: the station listener's TLS (`TLS_CERT`, `TLS_KEY`, `TLS_CLIENT_CA`) and what a
 //!   client certificate proves (`STATION_AUTH=certificate`).
+//! - `atomic_file`: replacing a file whole (write beside, fsync, rename, fsync the
+//!   directory), for the registry and the report.
 //! - [`reload`]: the threads that reload the registry and the TLS files on change or SIGHUP.
 //!
 //! This is the only crate that uses `anyhow`; libraries below it return typed errors.
 
 pub mod app;
+mod atomic_file;
 pub mod cli;
 pub mod logging;
 pub mod ops;

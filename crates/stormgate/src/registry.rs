@@ -45,8 +45,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, OpenOptions};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -59,6 +59,7 @@ use stormgate_shard::{Credentials, StationAuth};
 use subtle::ConstantTimeEq;
 use tracing::info;
 
+use crate::atomic_file;
 use crate::reload::{FileVersion, Watcher};
 use crate::tls::certificate_names;
 
@@ -358,7 +359,7 @@ pub fn update<T>(
         Err(e) => return Err(e),
     };
     let out = change(&mut registry)?;
-    replace_file(path, registry.to_text().as_bytes()).map_err(io_err("replacing", path))?;
+    atomic_file::replace(path, registry.to_text().as_bytes()).map_err(io_err("replacing", path))?;
     Ok(out)
 }
 
@@ -384,43 +385,6 @@ fn sidecar(path: &Path, suffix: &str) -> Result<PathBuf, RegistryError> {
     let mut name = name.to_owned();
     name.push(suffix);
     Ok(path.with_file_name(name))
-}
-
-/// Writes `contents` to a temporary file beside `path`, fsyncs it, renames it over `path`
-/// and fsyncs the directory: afterwards `path` is the old file or the new one, whole, even
-/// across a crash. The new file keeps the old one's permissions.
-fn replace_file(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;
-    // Writers hold the lock, so one temporary name per process is enough.
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = write_and_rename(&tmp, path, dir, contents);
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-fn write_and_rename(tmp: &Path, path: &Path, dir: &Path, contents: &[u8]) -> io::Result<()> {
-    let mut file = File::create(tmp)?;
-    if let Ok(old) = fs::metadata(path) {
-        file.set_permissions(old.permissions())?;
-    }
-    file.write_all(contents)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(tmp, path)?;
-    // The rename itself reaches the disk only with its directory.
-    File::open(dir)?.sync_all()
 }
 
 /// The registry every shard asks, replaced whole when the file changes.

@@ -10,6 +10,8 @@ use stormgate_shard::ShardInfo;
 use stormgate_telemetry::{HistogramSnapshot, Totals};
 use tracing::info;
 
+use crate::atomic_file;
+
 /// One shard's final numbers.
 #[derive(Debug, Clone)]
 pub struct ShardReport {
@@ -69,10 +71,8 @@ impl Report {
 
     /// Writes [`Report::to_json`] to `path`, replacing it atomically.
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
-        let tmp = path.with_extension("tmp");
         let body = serde_json::to_vec_pretty(&self.to_json())?;
-        std::fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+        atomic_file::replace(path, &body).with_context(|| format!("writing {}", path.display()))
     }
 }
 
