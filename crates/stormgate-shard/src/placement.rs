@@ -63,33 +63,25 @@ pub(crate) fn memlock_limit() -> Option<u64> {
 }
 
 /// Raises the soft open-files limit to the hard limit (as Go's runtime and most servers do)
-/// and returns the resulting soft limit.
+/// and returns the resulting soft limit (the one it was, if raising it failed; 1024, the
+/// kernel's default, if it cannot be read). The load generator raises its own the same way:
+/// Linux never lets the hard limit exceed `fs.nr_open` (`setrlimit` refuses), so "up to the
+/// hard limit" needs no special case for an unlimited one.
 pub(crate) fn raise_nofile_limit() -> u64 {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
-            return 1024;
-        }
-        if rl.rlim_cur < rl.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: rl.rlim_max,
-                rlim_max: rl.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                rl.rlim_cur = rl.rlim_max;
-            }
-        }
-    }
-    rl.rlim_cur
+    rlimit::utils::increase_nofile_limit(u64::MAX)
+        .or_else(|_| rlimit::Resource::NOFILE.get().map(|(soft, _)| soft))
+        .unwrap_or(1024)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_soft_open_files_limit_ends_at_the_hard_limit() {
+        let limit = raise_nofile_limit();
+        assert_eq!(rlimit::Resource::NOFILE.get().unwrap(), (limit, limit));
+    }
 
     #[test]
     fn shards_wrap_around_cores() {
