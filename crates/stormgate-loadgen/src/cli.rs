@@ -57,6 +57,13 @@ pub struct SendArgs {
     #[arg(long, default_value_t = 4)]
     pub sources: usize,
 
+    /// Kernel send buffer of each connection in bytes (SO_SNDBUF); 0 = kernel autotuning.
+    /// A station's is small: on one host with the server, autotuned client buffers (up to
+    /// `tcp_wmem`'s 4 MiB each) take the host's TCP memory (`tcp_mem`) from the server's
+    /// receive queues, which no deployment has to share with its stations.
+    #[arg(long, default_value_t = 0)]
+    pub send_buffer: usize,
+
     /// Metrics lines per second per connection; 0 = as fast as the server takes them.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
@@ -186,6 +193,7 @@ impl SendArgs {
             format!("--connections={connections}"),
             format!("--zip-base={}", self.zip_base + offset as u64),
             format!("--sources={}", self.sources),
+            format!("--send-buffer={}", self.send_buffer),
             format!("--rate={}", self.rate),
             format!("--threads={}", self.threads),
             "--processes=1".to_owned(),

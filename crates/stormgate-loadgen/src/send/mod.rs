@@ -79,6 +79,7 @@ fn run_here(args: &SendArgs, tls: Option<TlsClient>) -> Result<SendSummary, Load
     let cfg = WorkerConfig {
         target: args.target,
         sources: args.sources,
+        send_buffer: args.send_buffer,
         rate: args.rate,
         duration: args.duration,
         lines_per_conn: args.lines_per_conn,

@@ -66,6 +66,8 @@ pub struct WorkerConfig {
     pub target: SocketAddr,
     /// Loopback source addresses (see [`plan::source_addr`]).
     pub sources: usize,
+    /// SO_SNDBUF of each connection; 0 = autotuning.
+    pub send_buffer: usize,
     /// Lines per second per connection; 0 = unlimited.
     pub rate: f64,
     /// How long to send (or hold, when idle) after the connect phase.
@@ -323,9 +325,10 @@ impl<'a> Worker<'a> {
 
     fn connect(&mut self, i: usize) {
         let source = plan::source_addr(self.cfg.target, self.conns[i].index, self.cfg.sources);
-        let opened = open_socket(self.cfg.target, source).and_then(|socket| {
-            Stream::new(TcpStream::from_std(socket.into()), self.cfg.tls.as_ref())
-        });
+        let opened =
+            open_socket(self.cfg.target, source, self.cfg.send_buffer).and_then(|socket| {
+                Stream::new(TcpStream::from_std(socket.into()), self.cfg.tls.as_ref())
+            });
         match opened {
             Ok(mut stream) => {
                 let interest = Interest::READABLE | Interest::WRITABLE;
@@ -827,7 +830,11 @@ impl<'a> Worker<'a> {
 }
 
 /// A nonblocking TCP socket, bound to `source` if given, with a connect to `target` started.
-fn open_socket(target: SocketAddr, source: Option<SocketAddr>) -> io::Result<Socket> {
+fn open_socket(
+    target: SocketAddr,
+    source: Option<SocketAddr>,
+    send_buffer: usize,
+) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(target),
         Type::STREAM,
@@ -835,6 +842,9 @@ fn open_socket(target: SocketAddr, source: Option<SocketAddr>) -> io::Result<Soc
     )?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
+    if send_buffer > 0 {
+        socket.set_send_buffer_size(send_buffer)?;
+    }
     if let Some(source) = source {
         // Pick the port at connect time, per destination, rather than at bind time from the
         // whole range: without this a bound socket holds its port for every destination.
