@@ -48,7 +48,8 @@ pub const DEFAULT_LINE_TIMEOUT: Duration = Duration::from_secs(30);
 /// 256 KiB holds ~2500 typical lines, far more than a station sends between two reads, and
 /// keeps what a stalled shard can have waiting in the kernel to 256 KiB per busy connection
 /// (autotuning would let each grow to `tcp_rmem`'s maximum). An idle connection costs nothing
-/// of it: the kernel allocates receive memory only for data it holds.
+/// of it: the kernel allocates receive memory only for data it holds. Lowered at start so
+/// that every connection's full queue fits under `net.ipv4.tcp_mem` (`recv_buffer_for`).
 pub const DEFAULT_RECV_BUFFER_BYTES: usize = 256 * 1024;
 /// File descriptors kept free for everything that is not a station connection (broker
 /// sockets, librdkafka's internal pipes, /proc reads, the spill file) when the connection

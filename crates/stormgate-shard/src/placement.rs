@@ -48,6 +48,46 @@ pub(crate) fn io_memory_per_shard(nr_shards: usize, memlock_limit: Option<u64>) 
     (share & !4095).clamp(FLOOR, CEILING)
 }
 
+/// The receive buffer (`SO_RCVBUF`) station sockets get: `configured`, lowered so that
+/// `max_connections` sockets with full receive queues fit under the host's TCP memory
+/// pressure threshold (`tcp_mem`'s second value, in pages); 0 (kernel autotuning) is left
+/// as it is.
+///
+/// The kernel accounts up to twice `SO_RCVBUF` per socket. Past the pressure threshold it
+/// trims queues, and at `tcp_mem`'s third value it drops arriving segments: the stations'
+/// kernels then retransmit on an exponentially backed-off timer, and the connections stall
+/// for tens of seconds after the shard has caught up. That is what made one flat-out run
+/// in three at 10,000 connections take 20-100 s to drain (`TCPRcvQDrop`, `TCPTimeouts` in
+/// `nstat`; docs/TUNING.md). Stormgate stops reading a connection to push back, so every
+/// connection's queue can be full at once, and the bound must hold for all of them.
+///
+/// Returns the buffer and, when it was lowered, the budget it was lowered to fit (bytes).
+pub(crate) fn recv_buffer_for(
+    configured: usize,
+    max_connections: usize,
+    tcp_mem_pressure_pages: Option<u64>,
+) -> (usize, Option<u64>) {
+    const FLOOR: usize = 4 << 10;
+    let Some(pages) = tcp_mem_pressure_pages else {
+        return (configured, None);
+    };
+    if configured == 0 {
+        return (0, None);
+    }
+    let budget = pages.saturating_mul(4096);
+    let fits = budget / (2 * max_connections.max(1) as u64);
+    if fits >= configured as u64 {
+        return (configured, None);
+    }
+    ((fits as usize & !4095).max(FLOOR), Some(budget))
+}
+
+/// `net.ipv4.tcp_mem`'s pressure threshold, in pages (`None` if it cannot be read).
+pub(crate) fn tcp_mem_pressure_pages() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem").ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// The soft `RLIMIT_MEMLOCK`, or `None` when unlimited.
 pub(crate) fn memlock_limit() -> Option<u64> {
     let mut rl = libc::rlimit {
@@ -88,6 +128,30 @@ mod tests {
         let cores = [2, 5];
         let got: Vec<usize> = (0..5).map(|s| core_for(s, &cores)).collect();
         assert_eq!(got, [2, 5, 2, 5, 2]);
+    }
+
+    #[test]
+    fn the_receive_buffer_fits_every_connection_under_tcp_mem() {
+        // This VM: tcp_mem's pressure threshold 383,877 pages (1.46 GiB), 20,000 connections.
+        assert_eq!(
+            recv_buffer_for(256 << 10, 20_000, Some(383_877)),
+            (36 << 10, Some(1_572_360_192))
+        );
+        let (buf, _) = recv_buffer_for(256 << 10, 20_000, Some(383_877));
+        assert!(20_000 * 2 * buf as u64 <= 383_877 * 4096);
+        // Few connections: the configured size fits.
+        assert_eq!(
+            recv_buffer_for(256 << 10, 1_000, Some(383_877)),
+            (256 << 10, None)
+        );
+        // Autotuning, or no tcp_mem to go by: left alone.
+        assert_eq!(recv_buffer_for(0, 20_000, Some(383_877)), (0, None));
+        assert_eq!(recv_buffer_for(256 << 10, 20_000, None), (256 << 10, None));
+        // Far too many connections for the host: the floor, not zero.
+        assert_eq!(
+            recv_buffer_for(256 << 10, 10_000_000, Some(1_000)).0,
+            4 << 10
+        );
     }
 
     #[test]

@@ -100,16 +100,27 @@ impl Server {
             0 => (nofile as usize).saturating_sub(FD_HEADROOM).max(1),
             n => n,
         };
-        let (sockets, local_addr) = crate::listener::bind_group(
-            config.listen,
-            nr_shards,
-            config.backlog,
+        let (recv_buffer, budget) = placement::recv_buffer_for(
             config.recv_buffer_bytes,
-        )
-        .map_err(|source| StartServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+            max_connections,
+            placement::tcp_mem_pressure_pages(),
+        );
+        if let Some(budget) = budget {
+            info!(
+                configured = config.recv_buffer_bytes,
+                recv_buffer,
+                max_connections,
+                tcp_mem_pressure_bytes = budget,
+                "lowered TCP_RECV_BUFFER so that every connection's full receive queue fits \
+                 under net.ipv4.tcp_mem's pressure threshold (docs/TUNING.md)"
+            );
+        }
+        let (sockets, local_addr) =
+            crate::listener::bind_group(config.listen, nr_shards, config.backlog, recv_buffer)
+                .map_err(|source| StartServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let buffer = match &config.disk_buffer {
             Some(settings) => Some(crate::disk::prepare(settings, nr_shards)?),
             None => None,
