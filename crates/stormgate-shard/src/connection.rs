@@ -384,10 +384,12 @@ impl Connection {
     async fn farewell(&mut self) {
         let _ = glommio::timer::timeout(FAREWELL_TIMEOUT, async {
             self.flush_replies().await?;
-            if matches!(self.stream, StationStream::Tls(_)) {
-                // TLS's close_notify, so that the station's TLS stack sees an orderly end
-                // rather than a truncation.
-                self.stream.close().await?;
+            // TLS's close_notify, so that the station's TLS stack sees an orderly end rather
+            // than a truncation. Queued and flushed, not `close`d: that would also shut the
+            // socket's write side, and a drained connection's read side is shut already —
+            // with both shut, Linux resets on any byte still arriving (see `linger`).
+            if self.stream.queue_close_notify() {
+                self.stream.flush().await?;
             }
             Ok(())
         })

@@ -52,6 +52,18 @@ impl StationStream {
         }
     }
 
+    /// Queues TLS's close_notify for the next flush; whether there was a TLS session to end.
+    /// The socket stays open both ways until it is closed.
+    pub(crate) fn queue_close_notify(&mut self) -> bool {
+        match self {
+            StationStream::Tls(s) => {
+                s.get_mut().1.send_close_notify();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The socket's descriptor (`None` once gone).
     pub(crate) fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;
