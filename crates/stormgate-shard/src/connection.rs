@@ -1171,13 +1171,13 @@ pub(crate) mod tests {
     /// In test builds, a connection that receives this line panics while handling it.
     pub(crate) const PANIC_LINE: &[u8] = b"{\"type\":\"__injected_panic__\"}";
 
-    /// An idle connection costs its task (this state plus the small `run` future) and
-    /// glommio's poll source; nothing else stays allocated (docs/PERFORMANCE.md). A field
-    /// added here is paid by every one of 50,000 idle connections: keep rare state boxed.
     /// The size of the last connection future spawned, in test builds.
     pub(crate) static TASK_BYTES: std::sync::atomic::AtomicUsize =
         std::sync::atomic::AtomicUsize::new(0);
 
+    /// An idle connection costs its task (this state plus the small `run` future) and
+    /// glommio's poll source; nothing else stays allocated (docs/PERFORMANCE.md). A field
+    /// added here is paid by every one of 50,000 idle connections: keep rare state boxed.
     #[test]
     fn a_connection_stays_small() {
         let size = std::mem::size_of::<super::Connection>();
