@@ -169,7 +169,8 @@ pub struct Cli {
     pub max_line_bytes: usize,
 
     /// Kernel receive buffer of each station socket in bytes (0 = kernel autotuning); bounds
-    /// what can wait in the kernel behind a busy shard.
+    /// what can wait in the kernel behind a busy shard. Lowered at start, and logged, so that
+    /// the connection limit's full queues fit under net.ipv4.tcp_mem's pressure threshold.
     #[arg(long, env = "TCP_RECV_BUFFER", default_value_t = rt::DEFAULT_RECV_BUFFER_BYTES, help_heading = "Stations")]
     pub recv_buffer: usize,
 
