@@ -211,7 +211,10 @@ fn a_second_signal_exits_at_once() {
 fn sigterm_flush(sig: libc::c_int) {
     let brokers = broker();
     let topic = fresh_topic(&brokers, "sigterm");
-    let stats_dir = std::env::temp_dir().join(format!("stormgate-stats-{}", std::process::id()));
+    // One directory per signal: the SIGTERM and SIGINT tests run at once, in one process,
+    // and each removes its directory at the end.
+    let stats_dir =
+        std::env::temp_dir().join(format!("stormgate-stats-{}-{sig}", std::process::id()));
     std::fs::create_dir_all(&stats_dir).unwrap();
     let stats_file = stats_dir.join("stats.json");
     let stats_path = stats_file.to_str().unwrap();
