@@ -116,6 +116,11 @@ impl ErrorCode {
         }
     }
 
+    /// The code named `name` (its [`ErrorCode::as_str`]), if there is one.
+    pub fn from_name(name: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
     /// A human explanation, written for the person debugging a station.
     pub const fn message(self) -> &'static str {
         match self {
@@ -332,6 +337,7 @@ mod tests {
                 "{s}"
             );
             assert!(seen.insert(s), "duplicate {s}");
+            assert_eq!(ErrorCode::from_name(s), Some(code));
         }
     }
 }

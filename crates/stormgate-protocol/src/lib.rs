@@ -19,6 +19,8 @@
 //! - [`error`]: [`ErrorCode`], the closed set of reasons a line is rejected, and the error
 //!   line sent back to the station.
 //! - [`dead_letter`]: [`DeadLetter`], a rejected line as a record for the dead-letter topic.
+//! - [`reply`]: every line the server sends back — acks, nacks ([`NackCode`]), error lines,
+//!   `reconnect` — written without allocating, and [`Reply::parse`] to read them.
 //!
 //! Everything that touches sockets, timers or Kafka lives in other crates.
 
@@ -28,18 +30,14 @@ pub mod framing;
 mod json;
 pub mod parse;
 pub mod record;
+pub mod reply;
 
 pub use dead_letter::DeadLetter;
 pub use error::{ErrorCode, ParseLineError};
 pub use framing::{Frame, LineFramer};
 pub use parse::{LineParser, MAX_CITY_BYTES, MAX_ZIPCODE_BYTES, Parsed, Session};
 pub use record::Station;
-
-/// The line a stopping server sends a station just before it closes the connection
-/// (`TCP_DRAIN_PERIOD`, docs/PROTOCOL.md): every line it read has been handled (and, for an
-/// acknowledging station, answered); the station should connect again, to another instance
-/// on the same address or to this one once it is back.
-pub const RECONNECT_LINE: &str = "{\"type\":\"reconnect\"}\n";
+pub use reply::{NackCode, ParseReplyError, RECONNECT_LINE, Reply};
 
 /// Bytes that must follow a line inside its buffer so that simd-json can parse it in place
 /// with wide loads (see [`simd_json::fill_tape_padded`]). Buffers that hold lines keep this

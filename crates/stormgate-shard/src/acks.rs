@@ -9,12 +9,17 @@
 //!   for a run of one), N being the run's last seq;
 //! - a failed slot becomes `{"type":"nack","seq":N,"code":"…"}`.
 //!
+//! The lines themselves are `stormgate_protocol::reply`'s.
+//!
 //! Answers therefore go out in the order the lines were read, whatever order the deliveries
 //! complete in (records of different zipcodes go to different partitions). Shard-local.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::task::Waker;
+
+use stormgate_protocol::NackCode;
+use stormgate_protocol::reply::{push_ack, push_ack_upto, push_nack};
 
 use crate::sink::{DeliveryFailure, Outcome};
 
@@ -24,25 +29,7 @@ use crate::sink::{DeliveryFailure, Outcome};
 enum Slot {
     Pending,
     Delivered,
-    Failed(Nack),
-}
-
-/// Why a slot failed: the `code` of its nack.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Nack {
-    Shutdown,
-    DeliveryFailed,
-    BufferFull,
-}
-
-impl Nack {
-    fn code(self) -> &'static str {
-        match self {
-            Nack::Shutdown => "shutdown",
-            Nack::DeliveryFailed => "delivery_failed",
-            Nack::BufferFull => "buffer_full",
-        }
-    }
+    Failed(NackCode),
 }
 
 /// Most slots answered as one run: a coalesced run is one line, one that cannot be
@@ -96,9 +83,11 @@ impl ConnAcks {
         };
         slot.1 = match outcome {
             Outcome::Delivered => Slot::Delivered,
-            Outcome::Failed(DeliveryFailure::ShutdownDeadline) => Slot::Failed(Nack::Shutdown),
-            Outcome::Failed(DeliveryFailure::Rejected { .. }) => Slot::Failed(Nack::DeliveryFailed),
-            Outcome::Failed(DeliveryFailure::BufferFull) => Slot::Failed(Nack::BufferFull),
+            Outcome::Failed(DeliveryFailure::ShutdownDeadline) => Slot::Failed(NackCode::Shutdown),
+            Outcome::Failed(DeliveryFailure::Rejected { .. }) => {
+                Slot::Failed(NackCode::DeliveryFailed)
+            }
+            Outcome::Failed(DeliveryFailure::BufferFull) => Slot::Failed(NackCode::BufferFull),
         };
         if i == 0
             && let Some(w) = self.waker.take()
@@ -151,7 +140,7 @@ impl ConnAcks {
                 }
                 Slot::Failed(nack) => {
                     self.push_run(out, &window, run.0..i, run.1);
-                    push_line(out, b"{\"type\":\"nack\",\"seq\":", seq, nack.code());
+                    push_nack(out, seq, nack);
                     run.0 = i + 1;
                 }
             }
@@ -177,33 +166,15 @@ impl ConnAcks {
         let coalesce = self.descents.get() == passed;
         match run.len() {
             0 => {}
-            1 => push_line(out, b"{\"type\":\"ack\",\"seq\":", window[run.start].0, ""),
-            _ if coalesce => {
-                push_line(
-                    out,
-                    b"{\"type\":\"ack\",\"upto\":",
-                    window[run.end - 1].0,
-                    "",
-                );
-            }
+            1 => push_ack(out, window[run.start].0),
+            _ if coalesce => push_ack_upto(out, window[run.end - 1].0),
             _ => {
                 for &(seq, _, _) in window.range(run) {
-                    push_line(out, b"{\"type\":\"ack\",\"seq\":", seq, "");
+                    push_ack(out, seq);
                 }
             }
         }
     }
-}
-
-fn push_line(out: &mut Vec<u8>, head: &[u8], seq: u64, code: &str) {
-    out.extend_from_slice(head);
-    out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
-    if !code.is_empty() {
-        out.extend_from_slice(b",\"code\":\"");
-        out.extend_from_slice(code.as_bytes());
-        out.push(b'"');
-    }
-    out.extend_from_slice(b"}\n");
 }
 
 #[cfg(test)]
