@@ -14,6 +14,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection, StreamOwned};
 use serde_json::Value;
+use stormgate_protocol::ErrorCode;
 
 /// What one connection sent, as the test server saw it.
 #[derive(Debug, Default)]
@@ -156,11 +157,12 @@ fn serve(stream: impl LineStream, behaviour: Behaviour) -> Seen {
                         .reject_every
                         .is_some_and(|n| seq.is_multiple_of(n))
                     {
-                        let reply = br#"{"type":"error","code":"malformed_json","message":"line is not valid JSON"}"#;
-                        let _ = reader.get_mut().write_all(&[&reply[..], b"\n"].concat());
-                    } else if acks {
-                        let reply = format!("{{\"type\":\"ack\",\"seq\":{seq}}}\n");
+                        let reply = ErrorCode::MalformedJson.error_line();
                         let _ = reader.get_mut().write_all(reply.as_bytes());
+                    } else if acks {
+                        let mut reply = Vec::new();
+                        stormgate_protocol::reply::push_ack(&mut reply, seq);
+                        let _ = reader.get_mut().write_all(&reply);
                     }
                 }
             }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use stormgate_protocol::ErrorCode;
+use stormgate_protocol::{ErrorCode, Reply};
 use stormgate_shard::{
     Credentials, NullSinkFactory, Outcome, RecordReceiver, RuntimeConfig, Server, ServerHandle,
     ShardInfo, Sink, SinkContext, SinkFactory, StationAuth,
@@ -82,10 +82,24 @@ impl Station {
         self.send(batch.as_bytes());
     }
 
-    fn reply(&mut self) -> serde_json::Value {
+    /// The next reply line, as sent.
+    fn line(&mut self) -> String {
         let mut line = String::new();
         self.replies.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
+        line
+    }
+
+    fn reply(&mut self) -> Reply {
+        let line = self.line();
+        Reply::parse(line.as_bytes()).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
+    }
+
+    /// The next reply, which must be an error line without a seq.
+    fn error_code(&mut self) -> ErrorCode {
+        match self.reply() {
+            Reply::Error { code, seq: None } => code,
+            other => panic!("expected an error line, got {other:?}"),
+        }
     }
 
     /// Reads until the server closes the connection; returns what it sent.
@@ -138,16 +152,13 @@ fn bad_lines_are_answered_counted_and_do_not_disturb_good_ones() {
     let server = start_null(config());
     let mut s = Station::connect(server.local_addr());
     s.send(b"{\"type\":\"metrics\",\"data\":\"t=1\"}\n");
-    assert_eq!(s.reply()["code"], "metrics_before_identify");
+    assert_eq!(s.error_code(), ErrorCode::MetricsBeforeIdentify);
     s.identify("12345");
     s.metrics(1);
     s.send(b"this is not json\n");
-    let r = s.reply();
-    assert_eq!(r["type"], "error");
-    assert_eq!(r["code"], "malformed_json");
-    assert!(r["message"].as_str().unwrap().contains("JSON"));
+    assert_eq!(s.line(), ErrorCode::MalformedJson.error_line());
     s.send(b"{\"type\":\"metrics\",\"data\":\"t=NaN\"}\n{\"type\":\"metrics\",\"data\":\"t=1\"}\n");
-    assert_eq!(s.reply()["code"], "non_finite_value");
+    assert_eq!(s.error_code(), ErrorCode::NonFiniteValue);
     wait_for("2 records", || server.totals().records_delivered == 2);
     let t = server.totals();
     assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify), 1);
@@ -189,7 +200,7 @@ fn oversized_lines_are_skipped_without_buffering_them() {
         rss_read >> 20
     );
     s.send(b"\n");
-    assert_eq!(s.reply()["code"], "line_too_long");
+    assert_eq!(s.error_code(), ErrorCode::LineTooLong);
     s.metrics(3);
     wait_for("3 records", || server.totals().records_delivered == 3);
     assert_eq!(server.totals().line_error(ErrorCode::LineTooLong), 1);
@@ -244,9 +255,10 @@ fn connections_over_the_limit_are_told_and_closed() {
     let _b = Station::connect(server.local_addr());
     wait_for("2 accepted", || server.totals().connections_accepted == 2);
     let mut c = Station::connect(server.local_addr());
-    let rest = c.read_to_close();
-    let v: serde_json::Value = serde_json::from_str(rest.trim()).unwrap();
-    assert_eq!(v["code"], "too_many_connections");
+    assert_eq!(
+        c.read_to_close(),
+        ErrorCode::TooManyConnections.error_line()
+    );
     assert_eq!(server.totals().connections_rejected, 1);
 }
 
@@ -262,8 +274,10 @@ fn connections_over_the_per_shard_limit_are_told_and_closed() {
     let _b = Station::connect(server.local_addr());
     wait_for("2 accepted", || server.totals().connections_accepted == 2);
     let mut c = Station::connect(server.local_addr());
-    let v: serde_json::Value = serde_json::from_str(c.read_to_close().trim()).unwrap();
-    assert_eq!(v["code"], "too_many_connections");
+    assert_eq!(
+        c.read_to_close(),
+        ErrorCode::TooManyConnections.error_line()
+    );
     assert_eq!(server.totals().connections_rejected, 1);
     // A place freed on the shard is a place for the next station.
     drop(a);
@@ -284,8 +298,10 @@ fn connections_over_the_per_source_limit_are_told_and_closed_and_others_are_not(
     let _b = Station::connect_from(addr, "127.0.0.7");
     wait_for("2 accepted", || server.totals().connections_accepted == 2);
     let mut c = Station::connect_from(addr, "127.0.0.7");
-    let v: serde_json::Value = serde_json::from_str(c.read_to_close().trim()).unwrap();
-    assert_eq!(v["code"], "too_many_connections");
+    assert_eq!(
+        c.read_to_close(),
+        ErrorCode::TooManyConnections.error_line()
+    );
     // Another source is not affected; across both shards it gets exactly its two places.
     // The kernel picks each connection's shard: connect until both shards have seen this
     // source, so that the limit is shown to hold across them, not within one.
@@ -477,7 +493,7 @@ fn a_connection_held_back_by_a_full_queue_is_not_idle() {
     });
     assert_eq!(server.totals().idle_timeouts, 0);
     // Now silent: closed at the idle timeout.
-    assert_eq!(s.reply()["code"], "idle_timeout");
+    assert_eq!(s.error_code(), ErrorCode::IdleTimeout);
     wait_for("the idle close", || server.totals().idle_timeouts == 1);
 }
 
@@ -686,7 +702,7 @@ fn a_connection_with_too_many_bad_lines_in_a_row_is_closed() {
     s.metrics(1);
     s.send(b"x\nx\n");
     for _ in 0..4 {
-        assert_eq!(s.reply()["code"], "malformed_json");
+        assert_eq!(s.error_code(), ErrorCode::MalformedJson);
     }
     s.metrics(1);
     // Now three in a row: the third is answered, then the connection is closed, and the good
@@ -694,9 +710,9 @@ fn a_connection_with_too_many_bad_lines_in_a_row_is_closed() {
     s.send(b"x\nx\nx\n");
     s.metrics(1);
     for _ in 0..3 {
-        assert_eq!(s.reply()["code"], "malformed_json");
+        assert_eq!(s.error_code(), ErrorCode::MalformedJson);
     }
-    assert_eq!(s.reply()["code"], "too_many_errors");
+    assert_eq!(s.error_code(), ErrorCode::TooManyErrors);
     assert_eq!(s.read_to_close(), "");
     wait_for("connection closed", || {
         server.totals().connections_closed == 1
@@ -722,7 +738,7 @@ fn a_silent_connection_is_closed_at_the_idle_timeout() {
         std::thread::sleep(Duration::from_millis(100));
         busy.metrics(1);
     }
-    assert_eq!(quiet.reply()["code"], "idle_timeout");
+    assert_eq!(quiet.error_code(), ErrorCode::IdleTimeout);
     assert_eq!(quiet.read_to_close(), "");
     assert!(started.elapsed() >= Duration::from_millis(250));
     // The connection that kept sending is still open and served.
@@ -768,7 +784,7 @@ fn a_line_trickled_byte_by_byte_is_cut_off_at_the_line_timeout() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(sent < line.len(), "the whole line was accepted");
-    assert_eq!(s.reply()["code"], "line_timeout");
+    assert_eq!(s.error_code(), ErrorCode::LineTimeout);
     assert_eq!(s.read_to_close(), "");
     assert_eq!(server.totals().records_delivered, 1);
     assert_eq!(server.totals().line_error(ErrorCode::LineTimeout), 1);
@@ -790,7 +806,11 @@ fn a_long_line_arriving_in_pieces_is_read_onto_the_backlog_and_arrives_whole() {
         s.send(piece);
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(s.reply()["code"], "malformed_json", "the line after it");
+    assert_eq!(
+        s.error_code(),
+        ErrorCode::MalformedJson,
+        "the line after it"
+    );
     wait_for("1 record", || server.totals().records_delivered == 1);
     assert_eq!(server.totals().line_errors_total(), 1);
 }
@@ -933,8 +953,9 @@ fn a_connection_over_its_line_rate_is_slowed_not_cut() {
     let mut acked = 0;
     while acked < 200 {
         let a = other.reply();
-        assert_eq!(a["type"], "ack", "{a}");
-        acked = 1 + a["upto"].as_u64().or(a["seq"].as_u64()).unwrap();
+        acked = 1 + a
+            .acked_upto()
+            .unwrap_or_else(|| panic!("not an ack: {a:?}"));
     }
     let other_took = sent_at.elapsed();
     let early = server.totals();
@@ -995,18 +1016,18 @@ fn with_station_auth_only_the_zipcodes_own_token_identifies() {
         ("12345", Some("other")),
     ] {
         s.send(&identify_line(zipcode, token));
-        assert_eq!(s.reply()["code"], "auth_failed", "{zipcode} {token:?}");
+        assert_eq!(s.error_code(), ErrorCode::AuthFailed, "{zipcode} {token:?}");
         s.metrics(1);
-        assert_eq!(s.reply()["code"], "metrics_before_identify");
+        assert_eq!(s.error_code(), ErrorCode::MetricsBeforeIdentify);
     }
     s.send(&identify_line("12345", Some("good")));
     s.metrics(3);
     wait_for("3 records", || server.totals().records_delivered == 3);
     // A refused identify takes the station away from a connection that had one.
     s.send(&identify_line("99999", Some("good")));
-    assert_eq!(s.reply()["code"], "auth_failed");
+    assert_eq!(s.error_code(), ErrorCode::AuthFailed);
     s.metrics(1);
-    assert_eq!(s.reply()["code"], "metrics_before_identify");
+    assert_eq!(s.error_code(), ErrorCode::MetricsBeforeIdentify);
     let t = server.totals();
     assert_eq!(t.records_delivered, 3);
     assert_eq!(t.line_error(ErrorCode::AuthFailed), 4);
@@ -1031,9 +1052,9 @@ fn a_connection_is_closed_after_too_many_refused_identifies() {
     s.metrics(1);
     s.send(&identify_line("99999", None));
     s.metrics(1);
-    assert_eq!(s.reply()["code"], "auth_failed");
-    assert_eq!(s.reply()["code"], "auth_failed");
-    assert_eq!(s.reply()["code"], "too_many_errors");
+    assert_eq!(s.error_code(), ErrorCode::AuthFailed);
+    assert_eq!(s.error_code(), ErrorCode::AuthFailed);
+    assert_eq!(s.error_code(), ErrorCode::TooManyErrors);
     assert_eq!(s.read_to_close(), "", "closed; the line behind is not read");
     wait_for("connection closed", || {
         server.totals().connections_closed == 1

@@ -26,11 +26,11 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use serde::Deserialize;
-
 pub mod reliable;
 
 pub use reliable::{FlushError, ReliableStation, ReliableStationBuilder, ReliableStats};
+/// What the server answers: the protocol crate's reply vocabulary, read by [`read_reply`].
+pub use stormgate_protocol::{ErrorCode, NackCode, Reply};
 
 /// The `identify` line for a station.
 pub fn identify_line(zipcode: &str, city: &str) -> String {
@@ -48,56 +48,16 @@ pub fn metrics_line(metrics: &[(&str, f64)]) -> String {
     line
 }
 
-/// A reply from the server.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Reply {
-    /// A line was rejected.
-    Error {
-        /// Stable snake_case reason.
-        code: String,
-        /// Human explanation.
-        message: String,
-        /// The rejected line's seq, on a connection that asked for acknowledgements.
-        #[serde(default)]
-        seq: Option<u64>,
-    },
-    /// Lines are in Kafka — or, from a server with a disk buffer and
-    /// `TCP_ACK_AFTER=durable`, durable on its disk: the one with `seq`, or every unanswered
-    /// one up to `upto`.
-    Ack {
-        /// A single line.
-        #[serde(default)]
-        seq: Option<u64>,
-        /// Every line not yet answered with a seq up to and including this one.
-        #[serde(default)]
-        upto: Option<u64>,
-    },
-    /// The line with `seq` finally failed delivery (the server spilled it to disk).
-    Nack {
-        /// The line.
-        seq: u64,
-        /// Why: `delivery_failed`, `shutdown`, or `buffer_full` (the server's disk buffer
-        /// was full; resend it later).
-        code: String,
-    },
-    /// The server is stopping and closes this connection next: every line it read has been
-    /// answered; connect again (another instance on the address takes the connection, or
-    /// this one once it is back) and send there what is still unanswered.
-    Reconnect,
-}
-
-impl Reply {
-    /// Reads the next reply line from `replies` (the server's side of a connection, plain
-    /// or TLS); end of stream is `UnexpectedEof`.
-    pub fn read_from(replies: &mut impl BufRead) -> io::Result<Reply> {
-        let mut line = String::new();
-        if replies.read_line(&mut line)? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        serde_json::from_str(&line)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {line:?}")))
+/// Reads the next reply line from `replies` (the server's side of a connection, plain or
+/// TLS) with [`Reply::parse`]; end of stream is `UnexpectedEof`, a line that is not a reply
+/// `InvalidData`.
+pub fn read_reply(replies: &mut impl BufRead) -> io::Result<Reply> {
+    let mut line = String::new();
+    if replies.read_line(&mut line)? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
     }
+    Reply::parse(line.as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {line:?}")))
 }
 
 /// A connected station.
@@ -138,7 +98,7 @@ impl Station {
 
     /// Reads the next reply line.
     pub fn reply(&mut self) -> io::Result<Reply> {
-        Reply::read_from(&mut self.replies)
+        read_reply(&mut self.replies)
     }
 
     /// Stops sending (the server sees end of stream) but keeps reading.
@@ -171,35 +131,28 @@ mod tests {
     }
 
     #[test]
-    fn error_replies_parse() {
-        let r: Reply =
-            serde_json::from_str(r#"{"type":"error","code":"x","message":"y"}"#).unwrap();
+    fn replies_are_read_line_by_line() {
+        let mut replies: &[u8] =
+            b"{\"type\":\"error\",\"code\":\"malformed_json\",\"message\":\"y\"}\n\
+            {\"type\":\"ack\",\"upto\":7}\n{\"type\":\"nack\",\"seq\":3,\"code\":\"shutdown\"}\n\
+            {\"type\":\"reconnect\"}\n{\"type\":\"hello\"}\n";
+        let code = ErrorCode::MalformedJson;
         assert_eq!(
-            r,
-            Reply::Error {
-                code: "x".into(),
-                message: "y".into(),
-                seq: None,
-            }
+            read_reply(&mut replies).unwrap(),
+            Reply::Error { code, seq: None }
         );
-        let r: Reply = serde_json::from_str(r#"{"type":"ack","upto":7}"#).unwrap();
         assert_eq!(
-            r,
-            Reply::Ack {
-                seq: None,
-                upto: Some(7)
-            }
+            read_reply(&mut replies).unwrap(),
+            Reply::AckUpto { upto: 7 }
         );
-        let r: Reply =
-            serde_json::from_str(r#"{"type":"nack","seq":3,"code":"shutdown"}"#).unwrap();
-        let reconnect: Reply = serde_json::from_str(r#"{"type":"reconnect"}"#).unwrap();
-        assert_eq!(reconnect, Reply::Reconnect);
+        let code = NackCode::Shutdown;
         assert_eq!(
-            r,
-            Reply::Nack {
-                seq: 3,
-                code: "shutdown".into()
-            }
+            read_reply(&mut replies).unwrap(),
+            Reply::Nack { seq: 3, code }
         );
+        assert_eq!(read_reply(&mut replies).unwrap(), Reply::Reconnect);
+        let kind = |r: io::Result<Reply>| r.unwrap_err().kind();
+        assert_eq!(kind(read_reply(&mut replies)), io::ErrorKind::InvalidData);
+        assert_eq!(kind(read_reply(&mut replies)), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -376,9 +376,7 @@ impl ReliableStation {
     fn answer(&mut self, reply: Reply) {
         let generation = self.generation;
         let settled = match reply {
-            Reply::Ack {
-                upto: Some(upto), ..
-            } => {
+            Reply::AckUpto { upto } => {
                 let acked: Vec<u64> = self
                     .window
                     .range(..=upto)
@@ -391,7 +389,7 @@ impl ReliableStation {
                 self.stats.acked += acked.len() as u64;
                 acked.len()
             }
-            Reply::Ack { seq: Some(seq), .. } => {
+            Reply::Ack { seq } => {
                 let n = self.settle(seq, generation);
                 self.stats.acked += n as u64;
                 n
@@ -416,10 +414,6 @@ impl ReliableStation {
                 }
                 _ => 0,
             },
-            Reply::Ack {
-                seq: None,
-                upto: None,
-            } => 0,
             Reply::Reconnect => {
                 // Every line the server read is answered; the rest were not read. Connect
                 // again at once (the server spreads its stations' reconnects over its drain
@@ -606,7 +600,7 @@ fn read_replies(stream: TcpStream, tx: Sender<Event>) {
         line.clear();
         let event = match replies.read_line(&mut line) {
             Ok(0) | Err(_) => Event::Ended,
-            Ok(_) => match serde_json::from_str(&line) {
+            Ok(_) => match Reply::parse(line.as_bytes()) {
                 Ok(reply) => Event::Reply(reply),
                 Err(_) => Event::Ended,
             },

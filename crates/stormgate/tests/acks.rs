@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use stormgate_kafka::EmbeddedCluster;
+use stormgate_protocol::{ErrorCode, NackCode, Reply};
 use support::*;
 
 /// A raw station connection that reads answers line by line.
@@ -39,19 +40,19 @@ impl Conn {
         self.send(&text);
     }
 
-    fn answer(&mut self) -> serde_json::Value {
+    fn answer(&mut self) -> Reply {
         let mut line = String::new();
         assert!(self.answers.read_line(&mut line).unwrap() > 0, "closed");
-        serde_json::from_str(&line).unwrap()
+        Reply::parse(line.as_bytes()).unwrap_or_else(|e| panic!("{line:?}: {e}"))
     }
 
     /// Reads answers until every seq below `end` is answered; returns them.
-    fn answers_until(&mut self, end: u64) -> Vec<serde_json::Value> {
+    fn answers_until(&mut self, end: u64) -> Vec<Reply> {
         let mut got = Vec::new();
         let mut next = 0;
         while next < end {
             let a = self.answer();
-            if let Some(n) = a["upto"].as_u64().or(a["seq"].as_u64()) {
+            if let Some(n) = answered_upto(&a) {
                 next = next.max(n + 1);
             }
             got.push(a);
@@ -65,30 +66,37 @@ impl Conn {
     fn assert_nothing_answered(&mut self) {
         self.send("{\"type\":\"metrics\",\"data\":\"probe\"}\n");
         let a = self.answer();
-        assert_eq!(
-            a["type"], "error",
-            "an answer before the probe's error: {a}"
-        );
-        assert_eq!(a["code"], "invalid_metric", "{a}");
+        let probe = Reply::Error {
+            code: ErrorCode::InvalidMetric,
+            seq: None,
+        };
+        assert_eq!(a, probe, "an answer before the probe's error");
+    }
+}
+
+/// The highest seq `a` answers: an ack's, an upto's, a nack's, an error line's.
+fn answered_upto(a: &Reply) -> Option<u64> {
+    match *a {
+        Reply::Nack { seq, .. } | Reply::Error { seq: Some(seq), .. } => Some(seq),
+        _ => a.acked_upto(),
     }
 }
 
 /// Checks that `answers` acknowledge exactly `seqs` in order, each once, and returns how many
 /// answer lines there were.
-fn check_in_order(answers: &[serde_json::Value], seqs: std::ops::Range<u64>) -> usize {
+fn check_in_order(answers: &[Reply], seqs: std::ops::Range<u64>) -> usize {
     let (mut next, end) = (seqs.start, seqs.end);
     for a in answers {
-        assert_eq!(a["type"], "ack", "{a}");
-        match (a["seq"].as_u64(), a["upto"].as_u64()) {
-            (Some(seq), None) => {
+        match *a {
+            Reply::Ack { seq } => {
                 assert_eq!(seq, next, "a single ack answers the next line");
                 next += 1;
             }
-            (None, Some(upto)) => {
-                assert!(upto >= next, "upto never goes back: {a}");
+            Reply::AckUpto { upto } => {
+                assert!(upto >= next, "upto never goes back: {a:?}");
                 next = upto + 1;
             }
-            _ => panic!("{a}"),
+            _ => panic!("not an ack: {a:?}"),
         }
     }
     assert_eq!(next, end);
@@ -124,23 +132,27 @@ fn acks_real_broker() {
     while next < 2000 {
         let a = on.answer();
         let delivered = app.server().totals().records_delivered;
-        if let Some(n) = a["upto"].as_u64().or(a["seq"].as_u64()) {
+        if let Some(n) = answered_upto(&a) {
             next = next.max(n + 1);
         }
-        if a["type"] == "ack" {
+        if a.acked_upto().is_some() {
             // Seqs 0..next less the rejected 1000 are acknowledged.
             let acked = next - u64::from(next > 1000);
             assert!(
                 delivered >= acked,
-                "{acked} lines acknowledged, {delivered} delivered: {a}"
+                "{acked} lines acknowledged, {delivered} delivered: {a:?}"
             );
         }
         answers.push(a);
     }
-    let (errors, acks): (Vec<_>, Vec<_>) = answers.into_iter().partition(|a| a["type"] == "error");
-    assert_eq!(errors.len(), 1);
-    assert_eq!(errors[0]["seq"], 1000);
-    assert_eq!(errors[0]["code"], "invalid_metric");
+    let (errors, acks): (Vec<_>, Vec<_>) = answers
+        .into_iter()
+        .partition(|a| matches!(a, Reply::Error { .. }));
+    let rejected = Reply::Error {
+        code: ErrorCode::InvalidMetric,
+        seq: Some(1000),
+    };
+    assert_eq!(errors, [rejected]);
     // Acks skip the rejected seq: it is not in the window, so upto jumps over it.
     let lines = check_in_order(&acks, 0..2000);
     eprintln!("2,000 lines acknowledged in {lines} answer lines");
@@ -223,10 +235,8 @@ fn failed_deliveries_are_nacked_and_the_default_applies() {
     by_default.lines(10..20);
     opted_out.lines(0..10);
     for seq in 10..20 {
-        let a = by_default.answer();
-        assert_eq!(a["type"], "nack", "{a}");
-        assert_eq!(a["seq"], seq);
-        assert_eq!(a["code"], "delivery_failed");
+        let code = NackCode::DeliveryFailed;
+        assert_eq!(by_default.answer(), Reply::Nack { seq, code });
     }
     wait_for(
         "the opted-out lines settled",
@@ -264,7 +274,7 @@ fn an_error_is_answered_at_once_before_earlier_lines_are_acknowledged() {
     c.lines(0..5);
     c.send("{\"type\":\"metrics\",\"seq\":5,\"data\":\"t=warm\"}\n");
     let a = c.answer();
-    assert_eq!((&a["type"], &a["seq"]), (&"error".into(), &5.into()), "{a}");
+    assert!(matches!(a, Reply::Error { seq: Some(5), .. }), "{a:?}");
     assert_eq!(
         app.server().totals().records_delivered,
         0,
@@ -299,8 +309,7 @@ fn a_later_identify_switches_acknowledgements() {
     c.assert_nothing_answered();
     c.send("{\"type\":\"identify\",\"zipcode\":\"70011\",\"acks\":true}\n");
     c.lines(6..7);
-    let a = c.answer();
-    assert_eq!((&a["type"], &a["seq"]), (&"ack".into(), &6.into()), "{a}");
+    assert_eq!(c.answer(), Reply::Ack { seq: 6 });
     app.stop().unwrap();
 }
 

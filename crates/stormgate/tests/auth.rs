@@ -23,9 +23,9 @@ fn registry_dir() -> PathBuf {
 }
 
 /// The next reply, which must be an error line; returns its code.
-fn error_code(s: &mut Station) -> String {
+fn error_code(s: &mut Station) -> &'static str {
     match s.reply().expect("a reply") {
-        Reply::Error { code, .. } => code,
+        Reply::Error { code, .. } => code.as_str(),
         other => panic!("expected an error line, got {other:?}"),
     }
 }
@@ -42,9 +42,9 @@ fn try_identify(app: &stormgate::app::App, zipcode: &str, token: &str) -> bool {
     s.send(&identify(zipcode, Some(token))).unwrap();
     s.send(&metrics(1, "probe=1")).unwrap();
     match s.reply().expect("a reply") {
-        Reply::Ack { .. } => true,
+        Reply::Ack { .. } | Reply::AckUpto { .. } => true,
         Reply::Error { code, .. } => {
-            assert_eq!(code, "auth_failed");
+            assert_eq!(code, ErrorCode::AuthFailed);
             assert_eq!(error_code(&mut s), "metrics_before_identify");
             false
         }

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use stormgate_kafka::EmbeddedCluster;
-use stormgate_station::Reply;
+use stormgate_station::{NackCode, Reply, read_reply};
 use support::process::{Process, scrape};
 use support::*;
 
@@ -61,7 +61,7 @@ fn lines(station: usize, from: u64, count: u64) -> String {
 #[derive(Debug, Default)]
 struct Answers {
     acked: BTreeSet<u64>,
-    nacks: BTreeMap<u64, String>,
+    nacks: BTreeMap<u64, NackCode>,
 }
 
 /// Connects as station `zipcode` with acknowledgements, sends `seqs`, and reads answers until
@@ -106,15 +106,15 @@ fn acked_station_with(
     let deadline = Instant::now() + limit;
     let mut unanswered: BTreeSet<u64> = seqs.clone().collect();
     while (answers.acked.len() + answers.nacks.len()) < want as usize && Instant::now() < deadline {
-        let Ok(reply) = Reply::read_from(&mut replies) else {
+        let Ok(reply) = read_reply(&mut replies) else {
             break;
         };
         match reply {
-            Reply::Ack { seq: Some(n), .. } => {
+            Reply::Ack { seq: n } => {
                 unanswered.remove(&n);
                 answers.acked.insert(n);
             }
-            Reply::Ack { upto: Some(n), .. } => {
+            Reply::AckUpto { upto: n } => {
                 let done: Vec<u64> = unanswered.range(..=n).copied().collect();
                 for seq in done {
                     unanswered.remove(&seq);
@@ -484,14 +484,13 @@ fn a_full_buffer_drops_the_newest_with_a_nack() {
     let (mut acked, mut nacked) = (BTreeSet::new(), BTreeSet::new());
     let mut next = 0u64;
     while next < 6_000 {
-        match Reply::read_from(&mut replies).expect("an answer for every line") {
-            Reply::Ack { seq, upto } => {
-                let end = upto.or(seq).unwrap();
+        match read_reply(&mut replies).expect("an answer for every line") {
+            Reply::Ack { seq: end } | Reply::AckUpto { upto: end } => {
                 acked.extend(next..=end);
                 next = end + 1;
             }
             Reply::Nack { seq, code } => {
-                assert_eq!(code, "buffer_full");
+                assert_eq!(code, NackCode::BufferFull);
                 assert_eq!(seq, next, "answers in order");
                 nacked.insert(seq);
                 next = seq + 1;
@@ -906,7 +905,7 @@ fn ack_after_delivered_waits_for_kafka_even_when_durable() {
     // Durable, yet the broker is down: no answer (a second is many group commits).
     s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
     let mut replies = BufReader::new(s);
-    let silent = Reply::read_from(&mut replies);
+    let silent = read_reply(&mut replies);
     assert!(
         silent
             .as_ref()
@@ -920,8 +919,8 @@ fn ack_after_delivered_waits_for_kafka_even_when_durable() {
         .unwrap();
     let mut answered = 0;
     while answered < LINES {
-        match Reply::read_from(&mut replies).expect("an answer") {
-            Reply::Ack { seq, upto } => answered = upto.or(seq).unwrap() + 1,
+        match read_reply(&mut replies).expect("an answer") {
+            Reply::Ack { seq: n } | Reply::AckUpto { upto: n } => answered = n + 1,
             other => panic!("unexpected {other:?}"),
         }
     }

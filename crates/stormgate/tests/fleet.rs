@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use stormgate_station::{ReliableStation, ReliableStats, Reply};
+use stormgate_station::{ReliableStation, ReliableStats, Reply, read_reply};
 use support::process::{Process, scrape};
 use support::*;
 
@@ -292,8 +292,8 @@ fn one_line(addr: SocketAddr, zip: &str, seq: u64) -> Result<BufReader<TcpStream
     );
     s.write_all(lines.as_bytes()).map_err(|_| Outcome::Cut)?;
     let mut replies = BufReader::new(s);
-    match Reply::read_from(&mut replies) {
-        Ok(Reply::Ack { .. }) => Ok(replies),
+    match read_reply(&mut replies) {
+        Ok(Reply::Ack { .. } | Reply::AckUpto { .. }) => Ok(replies),
         // Stopping already: told before the line was read; it is sent again elsewhere.
         Ok(Reply::Reconnect) => Err(Outcome::Told),
         Ok(other) => panic!("{zip}: {other:?}"),

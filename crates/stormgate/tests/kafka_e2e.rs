@@ -115,7 +115,9 @@ fn stations_to_topic(codec: Compression) {
     for s in &mut stations {
         for _ in 0..LINES / BAD_EVERY {
             match s.reply().unwrap() {
-                stormgate_station::Reply::Error { code, .. } => assert_eq!(code, "invalid_metric"),
+                stormgate_station::Reply::Error { code, .. } => {
+                    assert_eq!(code, stormgate_station::ErrorCode::InvalidMetric)
+                }
                 other => panic!("{other:?}"),
             }
         }
@@ -357,7 +359,7 @@ fn dead_letters() {
     s.send(&stream).unwrap();
     for (_, code) in &bad {
         match s.reply().unwrap() {
-            stormgate_station::Reply::Error { code: got, .. } => assert_eq!(&got, code),
+            stormgate_station::Reply::Error { code: got, .. } => assert_eq!(got.as_str(), *code),
             other => panic!("{other:?}"),
         }
     }

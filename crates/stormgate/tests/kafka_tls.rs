@@ -127,7 +127,11 @@ fn records_reach_the_broker_over_tls() {
         s.send(&metrics(1, "refused=1")).unwrap();
         let reply = s.reply().unwrap();
         assert!(
-            matches!(&reply, stormgate_station::Reply::Nack { seq: 1, code } if code == "delivery_failed"),
+            reply
+                == stormgate_station::Reply::Nack {
+                    seq: 1,
+                    code: stormgate_station::NackCode::DeliveryFailed
+                },
             "{props:?}: {reply:?}"
         );
         let t = app.stop().unwrap().totals;

@@ -182,7 +182,13 @@ fn a_client_certificate_proves_its_zipcode_and_no_other() {
     let mut s = TlsStation::connect(app.local_addr(), config.clone()).unwrap();
     s.send(&identify("99999", None)).unwrap();
     assert!(
-        matches!(s.reply().unwrap(), Reply::Error { code, .. } if code == "auth_failed"),
+        matches!(
+            s.reply().unwrap(),
+            Reply::Error {
+                code: ErrorCode::AuthFailed,
+                ..
+            }
+        ),
         "a certificate for 12345 does not speak for 99999"
     );
     s.send(&identify("12345", Some("a token proves nothing here")))
@@ -221,7 +227,13 @@ fn a_client_certificate_proves_its_zipcode_and_no_other() {
     s.wait_for_ack(2);
     // ...but not for one it has neither for.
     s.send(&identify("88888", None)).unwrap();
-    assert!(matches!(s.reply().unwrap(), Reply::Error { code, .. } if code == "auth_failed"));
+    assert!(matches!(
+        s.reply().unwrap(),
+        Reply::Error {
+            code: ErrorCode::AuthFailed,
+            ..
+        }
+    ));
     let t = app.server().totals();
     assert_eq!(t.records_enqueued, 2);
     assert_eq!(t.line_error(ErrorCode::AuthFailed), 1);
@@ -324,7 +336,7 @@ fn a_stalled_handshake_is_closed_at_the_timeout_and_an_idle_connection_at_its_ow
     let mut quiet = TlsStation::connect(app.local_addr(), ca.client_config(None)).unwrap();
     quiet.send(&identify("12345", None)).unwrap();
     match quiet.reply().unwrap() {
-        Reply::Error { code, .. } => assert_eq!(code, "idle_timeout"),
+        Reply::Error { code, .. } => assert_eq!(code, ErrorCode::IdleTimeout),
         other => panic!("{other:?}"),
     }
     quiet.expect_close_notify();

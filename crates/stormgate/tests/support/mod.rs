@@ -145,10 +145,8 @@ pub fn wait_for_ack(mut next: impl FnMut() -> std::io::Result<stormgate_station:
     use stormgate_station::Reply;
     loop {
         match next().expect("a reply") {
-            Reply::Ack { seq: Some(n), .. } | Reply::Ack { upto: Some(n), .. } if n >= seq => {
-                return;
-            }
-            Reply::Ack { .. } => {}
+            Reply::Ack { seq: n } | Reply::AckUpto { upto: n } if n >= seq => return,
+            Reply::Ack { .. } | Reply::AckUpto { .. } => {}
             other => panic!("waiting for the ack of {seq}: {other:?}"),
         }
     }

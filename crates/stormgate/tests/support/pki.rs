@@ -12,7 +12,7 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
-use stormgate_station::Reply;
+use stormgate_station::{Reply, read_reply};
 
 /// A certificate authority that signs server and station certificates.
 pub struct Ca {
@@ -171,7 +171,7 @@ impl TlsStation {
 
     /// The next reply line, parsed.
     pub fn reply(&mut self) -> io::Result<Reply> {
-        Reply::read_from(&mut self.stream)
+        read_reply(&mut self.stream)
     }
 
     /// Fails unless the server's next move is an orderly TLS close: its close_notify, with no
