@@ -341,7 +341,7 @@ fn idle_station(
                     st.cut += 1;
                     break;
                 }
-                Ok(_) if line.contains("\"reconnect\"") => {
+                Ok(_) if Reply::parse(line.as_bytes()) == Ok(Reply::Reconnect) => {
                     told.lock().unwrap().push(Instant::now());
                     break;
                 }

@@ -246,7 +246,7 @@ fn sigterm_flush(sig: libc::c_int) {
     for s in &mut stations {
         assert_eq!(
             s.read_to_close().unwrap(),
-            "{\"type\":\"reconnect\"}\n",
+            stormgate_protocol::RECONNECT_LINE,
             "told to reconnect, then closed by the server"
         );
     }
