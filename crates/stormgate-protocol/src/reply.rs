@@ -13,7 +13,8 @@
 //! - `{"type":"reconnect"}` — the server is stopping; [`RECONNECT_LINE`].
 //!
 //! The encoders append to a caller's buffer and never allocate: they are on the ack path of
-//! every acknowledged line. [`Reply::parse`] reads any of them back into a typed [`Reply`];
+//! every acknowledged line, and `#[inline]` so that the shard's ack writer compiles them in
+//! place as it did when it held its own copy. [`Reply::parse`] reads any of them back into a typed [`Reply`];
 //! clients, the load generator and tests share it, so the vocabulary is written once.
 //! docs/PROTOCOL.md documents these lines; `tests/protocol_doc.rs` keeps it equal to them.
 
@@ -73,18 +74,21 @@ impl fmt::Display for NackCode {
 }
 
 /// Appends `{"type":"ack","seq":N}` and a newline.
+#[inline]
 pub fn push_ack(out: &mut Vec<u8>, seq: u64) {
     push_seq_line(out, b"{\"type\":\"ack\",\"seq\":", seq);
     out.extend_from_slice(b"}\n");
 }
 
 /// Appends `{"type":"ack","upto":N}` and a newline.
+#[inline]
 pub fn push_ack_upto(out: &mut Vec<u8>, upto: u64) {
     push_seq_line(out, b"{\"type\":\"ack\",\"upto\":", upto);
     out.extend_from_slice(b"}\n");
 }
 
 /// Appends `{"type":"nack","seq":N,"code":"…"}` and a newline.
+#[inline]
 pub fn push_nack(out: &mut Vec<u8>, seq: u64, code: NackCode) {
     push_seq_line(out, b"{\"type\":\"nack\",\"seq\":", seq);
     out.extend_from_slice(b",\"code\":\"");
@@ -93,6 +97,7 @@ pub fn push_nack(out: &mut Vec<u8>, seq: u64, code: NackCode) {
 }
 
 /// `head` then `n` in decimal, formatted on the stack.
+#[inline]
 fn push_seq_line(out: &mut Vec<u8>, head: &[u8], n: u64) {
     out.extend_from_slice(head);
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
