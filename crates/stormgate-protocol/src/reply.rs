@@ -104,7 +104,12 @@ fn push_seq_line(out: &mut Vec<u8>, head: &[u8], n: u64) {
 }
 
 /// One line from the server, read by [`Reply::parse`] and written by [`Reply::encode`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// A nack or error whose code this version does not know (a newer server's) is still a
+/// nack or a rejection: [`Reply::OtherNack`] and [`Reply::OtherError`] keep its code as
+/// sent, so that a client settles the line as it would for a known code rather than
+/// taking the connection for broken.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// `{"type":"ack","seq":N}`: the line with this seq is in Kafka — or, from a server with
     /// a disk buffer and `TCP_ACK_AFTER=durable`, durable on its disk.
@@ -133,6 +138,21 @@ pub enum Reply {
         /// The rejected line's seq, on a connection that asked for acknowledgements.
         seq: Option<u64>,
     },
+    /// A nack with a code this version does not know: the line with `seq` finally failed.
+    OtherNack {
+        /// The line's seq.
+        seq: u64,
+        /// The code as sent.
+        code: Box<str>,
+    },
+    /// An error line with a code this version does not know: a rejection, like
+    /// [`Reply::Error`].
+    OtherError {
+        /// The code as sent.
+        code: Box<str>,
+        /// The rejected line's seq, on a connection that asked for acknowledgements.
+        seq: Option<u64>,
+    },
     /// `{"type":"reconnect"}`: the server is stopping and closes this connection next: every
     /// line it read has been answered; connect again (another instance on the address takes
     /// the connection, or this one once it is back) and send there what is still unanswered.
@@ -148,14 +168,6 @@ pub enum ParseReplyError {
     /// A `type` other than `ack`, `nack`, `error` and `reconnect`.
     #[error("unknown reply type {0:?}")]
     UnknownType(String),
-    /// A nack or error `code` this version does not know.
-    #[error("unknown {kind} code {code:?}")]
-    UnknownCode {
-        /// `"nack"` or `"error"`.
-        kind: &'static str,
-        /// The code as sent.
-        code: String,
-    },
     /// A field the reply's type requires is absent (an ack has exactly one of `seq` and
     /// `upto`).
     #[error("{kind} reply without {field}")]
@@ -186,10 +198,6 @@ impl Reply {
         let raw: RawReply<'_> =
             serde_json::from_slice(line).map_err(|e| ParseReplyError::Malformed(e.to_string()))?;
         let missing = |kind, field| ParseReplyError::MissingField { kind, field };
-        let unknown = |kind, code: &str| ParseReplyError::UnknownCode {
-            kind,
-            code: code.to_owned(),
-        };
         match &*raw.kind {
             "ack" => match (raw.seq, raw.upto) {
                 (Some(seq), None) => Ok(Reply::Ack { seq }),
@@ -202,13 +210,23 @@ impl Reply {
             "nack" => {
                 let seq = raw.seq.ok_or_else(|| missing("nack", "seq"))?;
                 let name = raw.code.ok_or_else(|| missing("nack", "code"))?;
-                let code = NackCode::from_name(&name).ok_or_else(|| unknown("nack", &name))?;
-                Ok(Reply::Nack { seq, code })
+                Ok(match NackCode::from_name(&name) {
+                    Some(code) => Reply::Nack { seq, code },
+                    None => Reply::OtherNack {
+                        seq,
+                        code: name.into(),
+                    },
+                })
             }
             "error" => {
                 let name = raw.code.ok_or_else(|| missing("error", "code"))?;
-                let code = ErrorCode::from_name(&name).ok_or_else(|| unknown("error", &name))?;
-                Ok(Reply::Error { code, seq: raw.seq })
+                Ok(match ErrorCode::from_name(&name) {
+                    Some(code) => Reply::Error { code, seq: raw.seq },
+                    None => Reply::OtherError {
+                        code: name.into(),
+                        seq: raw.seq,
+                    },
+                })
             }
             "reconnect" => Ok(Reply::Reconnect),
             other => Err(ParseReplyError::UnknownType(other.to_owned())),
@@ -216,25 +234,43 @@ impl Reply {
     }
 
     /// Appends the reply's line, newline included, exactly as the server writes it.
+    ///
+    /// An [`Reply::OtherNack`] or [`Reply::OtherError`] is written with its code as it came
+    /// (an error line without its message, which was not kept).
     pub fn encode(&self, out: &mut Vec<u8>) {
-        match *self {
-            Reply::Ack { seq } => push_ack(out, seq),
-            Reply::AckUpto { upto } => push_ack_upto(out, upto),
-            Reply::Nack { seq, code } => push_nack(out, seq, code),
+        match self {
+            Reply::Ack { seq } => push_ack(out, *seq),
+            Reply::AckUpto { upto } => push_ack_upto(out, *upto),
+            Reply::Nack { seq, code } => push_nack(out, *seq, *code),
             Reply::Error { code, seq: None } => out.extend_from_slice(code.error_line().as_bytes()),
             Reply::Error {
                 code,
                 seq: Some(seq),
-            } => code.push_error_line_with_seq(seq, out),
+            } => code.push_error_line_with_seq(*seq, out),
+            Reply::OtherNack { seq, code } => {
+                push_seq_line(out, b"{\"type\":\"nack\",\"seq\":", *seq);
+                out.extend_from_slice(b",\"code\":");
+                crate::json::write_str(out, code);
+                out.extend_from_slice(b"}\n");
+            }
+            Reply::OtherError { code, seq } => {
+                out.extend_from_slice(b"{\"type\":\"error\",\"code\":");
+                crate::json::write_str(out, code);
+                if let Some(seq) = seq {
+                    out.extend_from_slice(b",\"seq\":");
+                    out.extend_from_slice(itoa::Buffer::new().format(*seq).as_bytes());
+                }
+                out.extend_from_slice(b"}\n");
+            }
             Reply::Reconnect => out.extend_from_slice(RECONNECT_LINE.as_bytes()),
         }
     }
 
     /// The highest seq this reply settles as acknowledged, if it is an ack.
     pub fn acked_upto(&self) -> Option<u64> {
-        match *self {
-            Reply::Ack { seq } => Some(seq),
-            Reply::AckUpto { upto } => Some(upto),
+        match self {
+            Reply::Ack { seq } => Some(*seq),
+            Reply::AckUpto { upto } => Some(*upto),
             _ => None,
         }
     }
@@ -244,7 +280,7 @@ impl Reply {
 mod tests {
     use super::*;
 
-    fn encoded(reply: Reply) -> String {
+    fn encoded(reply: &Reply) -> String {
         let mut out = Vec::new();
         reply.encode(&mut out);
         String::from_utf8(out).unwrap()
@@ -306,7 +342,7 @@ mod tests {
             (Reply::Reconnect, "{\"type\":\"reconnect\"}\n".to_owned()),
         ];
         for (reply, bytes) in cases {
-            assert_eq!(encoded(reply), bytes, "{reply:?}");
+            assert_eq!(encoded(&reply), bytes, "{reply:?}");
         }
     }
 
@@ -333,10 +369,10 @@ mod tests {
         }
         replies.extend(ErrorCode::ALL.map(|code| Reply::Error { code, seq: None }));
         for reply in replies {
-            let line = encoded(reply);
-            assert_eq!(Reply::parse(line.as_bytes()), Ok(reply), "{line}");
+            let line = encoded(&reply);
+            assert_eq!(Reply::parse(line.as_bytes()), Ok(reply.clone()), "{line}");
             let bare = line.trim_end().as_bytes();
-            assert_eq!(Reply::parse(bare), Ok(reply), "{line}");
+            assert_eq!(Reply::parse(bare), Ok(reply.clone()), "{line}");
             let crlf = format!("{}\r\n", line.trim_end());
             assert_eq!(Reply::parse(crlf.as_bytes()), Ok(reply), "{line}");
         }
@@ -366,31 +402,58 @@ mod tests {
             (r#"{"type":"reconnect","after_ms":5}"#, Reply::Reconnect),
         ];
         for (line, reply) in cases {
-            assert_eq!(Reply::parse(line.as_bytes()), Ok(reply), "{line}");
+            assert_eq!(Reply::parse(line.as_bytes()), Ok(reply.clone()), "{line}");
         }
+    }
+
+    /// A newer server's codes are still nacks and rejections, kept as sent.
+    #[test]
+    fn unknown_codes_are_still_nacks_and_rejections() {
+        let cases = [
+            (
+                "{\"type\":\"nack\",\"seq\":1,\"code\":\"lost\"}\n",
+                Reply::OtherNack {
+                    seq: 1,
+                    code: "lost".into(),
+                },
+            ),
+            (
+                "{\"type\":\"error\",\"code\":\"teapot\"}\n",
+                Reply::OtherError {
+                    code: "teapot".into(),
+                    seq: None,
+                },
+            ),
+            (
+                "{\"type\":\"error\",\"code\":\"te\\\"a\",\"seq\":7}\n",
+                Reply::OtherError {
+                    code: "te\"a".into(),
+                    seq: Some(7),
+                },
+            ),
+        ];
+        for (line, reply) in cases {
+            assert_eq!(Reply::parse(line.as_bytes()).unwrap(), reply, "{line}");
+            assert_eq!(encoded(&reply), line);
+        }
+        // The message of an unknown error is not kept.
+        assert_eq!(
+            Reply::parse(br#"{"type":"error","code":"teapot","message":"short and stout"}"#)
+                .unwrap(),
+            Reply::OtherError {
+                code: "teapot".into(),
+                seq: None
+            }
+        );
     }
 
     #[test]
     fn what_is_not_a_known_reply_is_an_error() {
         let missing = |kind, field| ParseReplyError::MissingField { kind, field };
-        let cases: [(&str, ParseReplyError); 7] = [
+        let cases: [(&str, ParseReplyError); 5] = [
             (
                 r#"{"type":"welcome"}"#,
                 ParseReplyError::UnknownType("welcome".into()),
-            ),
-            (
-                r#"{"type":"nack","seq":1,"code":"lost"}"#,
-                ParseReplyError::UnknownCode {
-                    kind: "nack",
-                    code: "lost".into(),
-                },
-            ),
-            (
-                r#"{"type":"error","code":"teapot","message":"x"}"#,
-                ParseReplyError::UnknownCode {
-                    kind: "error",
-                    code: "teapot".into(),
-                },
             ),
             (r#"{"type":"ack"}"#, missing("ack", "seq or upto")),
             (

@@ -394,26 +394,29 @@ impl ReliableStation {
                 self.stats.acked += n as u64;
                 n
             }
-            Reply::Error { seq: Some(seq), .. } => {
+            // A code this version does not know is still a rejection or a nack.
+            Reply::Error { seq: Some(seq), .. } | Reply::OtherError { seq: Some(seq), .. } => {
                 let n = self.settle(seq, generation);
                 self.stats.rejected += n as u64;
                 n
             }
-            Reply::Error { seq: None, .. } => {
+            Reply::Error { seq: None, .. } | Reply::OtherError { seq: None, .. } => {
                 self.stats.errors += 1;
                 return;
             }
-            Reply::Nack { seq, .. } => match self.window.get_mut(&seq) {
-                Some(p) if p.link == generation => {
-                    p.link = 0;
-                    self.stats.nacked += 1;
-                    if let Some(link) = &mut self.link {
-                        link.rotating = true;
+            Reply::Nack { seq, .. } | Reply::OtherNack { seq, .. } => {
+                match self.window.get_mut(&seq) {
+                    Some(p) if p.link == generation => {
+                        p.link = 0;
+                        self.stats.nacked += 1;
+                        if let Some(link) = &mut self.link {
+                            link.rotating = true;
+                        }
+                        1
                     }
-                    1
+                    _ => 0,
                 }
-                _ => 0,
-            },
+            }
             Reply::Reconnect => {
                 // Every line the server read is answered; the rest were not read. Connect
                 // again at once (the server spreads its stations' reconnects over its drain
@@ -944,6 +947,29 @@ mod tests {
             (st.acked, st.rejected, st.resent, st.reconnects),
             (4, 1, 0, 0)
         );
+    }
+
+    /// Codes from a newer server: still a rejection and a nack, not a broken connection
+    /// (which would send the lines again, to the same answers, forever).
+    #[test]
+    fn codes_this_version_does_not_know_still_settle_their_lines() {
+        let fake = Fake::start(|conn, seen| match (conn, seen) {
+            (0, Seen::Line(_, Some(1))) => vec![Act::Reply(
+                "{\"type\":\"error\",\"code\":\"from_the_future\",\"message\":\"m\",\"seq\":1}\n"
+                    .into(),
+            )],
+            (0, Seen::Line(_, Some(2))) => vec![Act::Reply(
+                "{\"type\":\"nack\",\"seq\":2,\"code\":\"also_new\"}\n".into(),
+            )],
+            (_, Seen::Line(_, Some(seq))) => vec![ack(seq)],
+            _ => vec![],
+        });
+        let mut s = station(&fake);
+        send_n(&mut s, 4);
+        s.flush(FLUSH).unwrap();
+        let st = s.stats();
+        assert_eq!((st.rejected, st.nacked, st.resent), (1, 1, 1));
+        assert_eq!(st.acked, 3, "0, 3 and the nacked 2 again");
     }
 
     #[test]

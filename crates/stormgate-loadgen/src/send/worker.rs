@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Protocol, Socket, Type};
-use stormgate_protocol::{ParseReplyError, Reply};
+use stormgate_protocol::Reply;
 
 use super::stream::Stream;
 use crate::lines::{self, MetricsLines};
@@ -886,17 +886,14 @@ fn count_reply(report: &mut WorkerReport, answered: &mut u64, line: &[u8]) {
     let code: Cow<'_, str> = match Reply::parse(line) {
         Ok(Reply::Error { code, .. }) => code.as_str().into(),
         // A newer server's code is still counted under its own name.
-        Err(ParseReplyError::UnknownCode {
-            kind: "error",
-            code,
-        }) => code.into(),
+        Ok(Reply::OtherError { code, .. }) => String::from(code).into(),
         Ok(Reply::Ack { seq: last } | Reply::AckUpto { upto: last }) => {
             report.ack_replies += 1;
             report.acked_lines += (last + 1).saturating_sub(*answered);
             *answered = (*answered).max(last + 1);
             return;
         }
-        Ok(Reply::Nack { seq, .. }) => {
+        Ok(Reply::Nack { seq, .. } | Reply::OtherNack { seq, .. }) => {
             report.nacks += 1;
             *answered = (*answered).max(seq + 1);
             return;
