@@ -10,8 +10,8 @@ use glommio::io::{DmaBuffer, DmaFile};
 
 use crate::config::LogConfig;
 use crate::io::FileIo;
-use crate::log::Inner;
 use crate::notify::Waiters;
+use crate::state::Inner;
 use crate::stats::LogStats;
 use crate::writer::FlushBatch;
 

@@ -60,6 +60,7 @@ pub mod offline;
 mod reader;
 pub mod recovery;
 pub mod scan;
+mod state;
 mod stats;
 mod writer;
 

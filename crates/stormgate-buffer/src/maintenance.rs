@@ -18,8 +18,8 @@ use futures_lite::future;
 
 use crate::flush::{MAX_BACKOFF, MIN_BACKOFF, wait_until};
 use crate::format::{BLOCK, CheckpointSlot};
-use crate::log::Inner;
 use crate::recovery::OpenMode;
+use crate::state::Inner;
 use crate::writer::Spare;
 
 /// Runs until the log is closed and the flusher has finished, then writes a last checkpoint;

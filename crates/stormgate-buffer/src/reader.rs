@@ -14,7 +14,8 @@ use crate::format::{
     BLOCK, Parsed, RecordView, SEGMENT_HEADER_BYTES, align_down, align_up, decode_trusted,
     parse_record,
 };
-use crate::log::{Cursor, Inner, Log};
+use crate::log::Log;
+use crate::state::{Cursor, Inner};
 
 /// Attempts at reading a record from disk before it is given up as damaged.
 const READ_ATTEMPTS: u32 = 3;

@@ -21,7 +21,7 @@ use std::task::Waker;
 use stormgate_protocol::NackCode;
 use stormgate_protocol::reply::{push_ack, push_ack_upto, push_nack};
 
-use crate::sink::{DeliveryFailure, Outcome};
+use crate::contract::{DeliveryFailure, Outcome};
 
 /// How a slot ended, or that it has not. One byte: a window holds up to
 /// `TCP_MAX_IN_FLIGHT_PER_CONN` slots per connection.

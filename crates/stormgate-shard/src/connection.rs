@@ -29,11 +29,12 @@ use stormgate_protocol::{DeadLetter, ErrorCode, Frame, LineFramer, Parsed, Sessi
 use crate::acks::ConnAcks;
 use crate::auth::{Credentials, StationAuth};
 use crate::buffers::Backlog;
+use crate::contract::{DeliveryFailure, Outcome, Record};
+use crate::core::{Registration, ShardCore};
 use crate::events::{
     CloseReason, ConnectionClosed, LineRejected, StationAuthFailed, TlsHandshakeFailed,
 };
-use crate::shard::{Registration, ShardCore};
-use crate::sink::{ConnFlow, DeliveryFailure, Outcome, Record};
+use crate::ledger::ConnFlow;
 use crate::tls::StationStream;
 
 /// How much a read into a connection's own backlog asks for.

@@ -12,10 +12,10 @@
 //!   leave the connection's and the shard's byte budgets. It settles the record in the first
 //!   ledger once the `fdatasync` covering it completed: the connection's in-flight count
 //!   drops and an acknowledging station gets its `ack` (with `TCP_ACK_AFTER=delivered`
-//!   acknowledged records wait instead for the sink's report, through [`LogLink`]).
+//!   acknowledged records wait instead for the sink's report, through [`LogLink`](crate::ledger::LogLink)).
 //! - A *feeder* per log reads records back (from memory while the tail is hot, from disk
 //!   after an outage, oldest first) and hands them to the sink through a second queue and a
-//!   second ledger, whose settlements report each record to its log ([`LogLink::settled`]):
+//!   second ledger, whose settlements report each record to its log ([`LogLink::settled`](crate::ledger::LogLink::settled)):
 //!   delivered or finally failed (and spilled) records are done; records the sink gave up at
 //!   the shutdown deadline stay in the log for the next start.
 //!
@@ -43,9 +43,11 @@ use stormgate_buffer::{AppendError, Log, LogConfig, LogStats, OpenMode, Reader, 
 use tracing::{info, warn};
 
 use crate::config::{AckAfter, DiskBuffer, WhenFull};
+use crate::contract::{DeliveryFailure, Outcome, Record, StartServerError, Ticket};
 use crate::gate::ReadGate;
+use crate::ledger::{Ledger, LogPlace};
 use crate::signal::Notify;
-use crate::sink::{DeliveryFailure, Ledger, Outcome, Record, RecordReceiver, Ticket};
+use crate::sink::RecordReceiver;
 
 /// Records a feeder hands to the sink's queue per read of its log.
 const FEED_BATCH: usize = 64;
@@ -117,41 +119,6 @@ pub fn adopted_dirs(dir: &Path, nr_shards: usize) -> std::io::Result<Vec<Vec<Pat
     Ok(adopted)
 }
 
-/// Where a record handed out by one of a shard's logs lives: the log (0 is the shard's own,
-/// then the adopted ones) and its sequence number there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct LogPlace {
-    log: u32,
-    seq: u64,
-}
-
-/// What the sink's ledger needs to report records to their logs.
-pub(crate) struct LogLink {
-    logs: Vec<Log>,
-    /// The stage's ledger: acknowledged records waiting for delivery are settled there.
-    stage: Rc<Ledger>,
-    /// With `TCP_ACK_AFTER=delivered`: the stage's tickets of acknowledged records, by their
-    /// sequence number in the shard's own log.
-    awaiting: RefCell<HashMap<u64, Ticket>>,
-}
-
-impl LogLink {
-    /// Reports a record's fate to its log; false if it stays there for a later attempt.
-    pub(crate) fn settled(&self, at: LogPlace, outcome: &Outcome) -> bool {
-        let kept = matches!(outcome, Outcome::Failed(DeliveryFailure::ShutdownDeadline));
-        if !kept {
-            self.logs[at.log as usize].done(at.seq);
-        }
-        if at.log == 0 {
-            let waiting = self.awaiting.borrow_mut().remove(&at.seq);
-            if let Some(ticket) = waiting {
-                self.stage.settle(ticket, outcome.clone());
-            }
-        }
-        !kept
-    }
-}
-
 /// A shard's open logs: its own first, then the adopted ones.
 pub(crate) struct ShardLogs {
     pub(crate) logs: Vec<Log>,
@@ -191,15 +158,6 @@ impl ShardLogs {
     /// The shard's own log's counters.
     pub(crate) fn stats(&self) -> Arc<LogStats> {
         self.logs[0].stats()
-    }
-}
-
-/// Builds the link the sink's ledger reports through.
-pub(crate) fn link(logs: &ShardLogs, stage: Rc<Ledger>) -> LogLink {
-    LogLink {
-        logs: logs.logs.clone(),
-        stage,
-        awaiting: RefCell::new(HashMap::new()),
     }
 }
 
@@ -547,8 +505,8 @@ pub(crate) async fn remove_adopted_when_drained(logs: Vec<Log>, stop: Rc<Cell<bo
 pub(crate) fn prepare(
     settings: &DiskBuffer,
     nr_shards: usize,
-) -> Result<(LogConfig, Vec<Vec<PathBuf>>), crate::server::StartServerError> {
-    use crate::server::StartServerError::BufferSettings;
+) -> Result<(LogConfig, Vec<Vec<PathBuf>>), StartServerError> {
+    use StartServerError::BufferSettings;
     let dir = &settings.dir;
     let cfg = log_config(settings, nr_shards);
     cfg.validate().map_err(|e| {

@@ -9,7 +9,7 @@ use stormgate_protocol::ErrorCode;
 use stormgate_telemetry::{LogLimiter, ShardMetrics};
 use tracing::{debug, error, warn};
 
-use crate::sink::DeliveryFailure;
+use crate::contract::DeliveryFailure;
 
 /// A line was rejected and the station was told why.
 pub(crate) struct LineRejected<'a> {

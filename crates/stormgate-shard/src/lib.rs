@@ -16,24 +16,30 @@
 //! loaded at each handshake (with `TLS_CERT`), the station registry asked at identify (with
 //! `STATION_AUTH=token`), and the stop flag the shards poll.
 //!
-//! Layout:
+//! Layout, bottom up: each module uses only modules of the layers below it (see
+//! docs/ARCHITECTURE.md; `crates/stormgate/tests/tidy.rs` checks it).
 //!
-//! - [`config`]: [`RuntimeConfig`] and its defaults.
-//! - [`auth`]: [`StationAuth`], the per-identify question asked when stations must prove who
-//!   they are (`STATION_AUTH=token|certificate`).
-//! - [`tls`]: [`StationTls`], where connections get their TLS configuration, and the stream
-//!   that is plain TCP or TLS (`TLS_CERT`).
+//! - [`contract`]: [`Record`], [`Ticket`], [`Outcome`], [`ShardInfo`],
+//!   [`StartServerError`]: the words every other module speaks. Beside it the primitives:
+//!   [`auth`] ([`StationAuth`], the per-identify question asked when stations must prove who
+//!   they are), [`tls`] ([`StationTls`] and the stream that is plain TCP or TLS), `signal`,
+//!   `gate` (parks connections before they read while the record queue is full), `buffers`
+//!   (the shard-local read buffer and the pools that keep idle connections small),
+//!   `placement` and `listener` (cores and sockets).
+//! - [`config`] ([`RuntimeConfig`] and its defaults), `acks` (a connection's window of lines
+//!   awaiting their answer), `events` (logged and counted at a rate limit).
+//! - `ledger`: the records in flight, their byte budgets, each connection's share.
+//! - [`sink`]: the [`Sink`] contract over the ledger, and [`NullSink`].
+//! - `core` (what a shard's tasks share: its socket table, deadlines, drain) and `disk` (the
+//!   disk buffer on a shard's way).
+//! - `connection`: one connection's task: read, frame, parse, enqueue, reply.
+//! - `shard`: one shard's life: accept loop, housekeeping tick, drain on shutdown.
 //! - [`server`]: [`Server::start`] binds the listeners, starts the shards and reports their
 //!   readiness; [`ServerHandle`] stops and joins them.
-//! - `shard`: one shard's life: accept loop, housekeeping tick, drain on shutdown.
-//! - `connection`: one connection's task: read, frame, parse, enqueue, reply.
-//! - [`sink`]: the [`Sink`] contract, [`Record`]s and their settlement, and [`NullSink`].
-//! - `buffers`: the shard-local read buffer and the pools that keep idle connections small.
-//! - `gate`: parks connections before they read while the record queue is full.
-//! - `placement`, `listener`: cores and sockets.
 
 pub mod auth;
 pub mod config;
+pub mod contract;
 pub mod server;
 pub mod sink;
 pub mod tls;
@@ -41,9 +47,11 @@ pub mod tls;
 mod acks;
 mod buffers;
 mod connection;
+mod core;
 mod disk;
 mod events;
 mod gate;
+mod ledger;
 mod listener;
 mod placement;
 mod shard;
@@ -51,10 +59,8 @@ mod signal;
 
 pub use auth::{Credentials, StationAuth};
 pub use config::{AckAfter, DiskBuffer, RuntimeConfig, WhenFull};
-pub use server::{Server, ServerHandle, ShardInfo, StartServerError};
+pub use contract::{DeliveryFailure, Outcome, Record, ShardInfo, StartServerError, Ticket};
+pub use server::{Server, ServerHandle};
 pub use signal::Notify;
-pub use sink::{
-    DeliveryFailure, NullSink, NullSinkFactory, Outcome, Record, RecordReceiver, Sink, SinkContext,
-    SinkFactory, Ticket,
-};
+pub use sink::{NullSink, NullSinkFactory, RecordReceiver, Sink, SinkContext, SinkFactory};
 pub use tls::StationTls;

@@ -10,8 +10,10 @@ use stormgate_telemetry::{ShardMetrics, Totals};
 use tracing::info;
 
 use crate::config::{FD_HEADROOM, RuntimeConfig};
+use crate::contract::{ShardInfo, StartServerError};
+use crate::core::ConnectionLimit;
 use crate::placement;
-use crate::shard::{self, ConnectionLimit, ShardReady, ShardStart};
+use crate::shard::{self, ShardReady, ShardStart};
 use crate::sink::SinkFactory;
 
 /// Submission queue depth of each io_uring ring. Every idle connection has one poll request
@@ -19,63 +21,6 @@ use crate::sink::SinkFactory;
 /// bounds only how many new requests one scheduler pass submits at once: glommio's default
 /// of 128 is enough.
 const RING_DEPTH: usize = 128;
-
-/// Where a shard runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ShardInfo {
-    /// 0-based shard id.
-    pub id: usize,
-    /// The core its executor is pinned to.
-    pub core: usize,
-    /// How many shards the process runs.
-    pub nr_shards: usize,
-}
-
-/// Why the server did not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartServerError {
-    /// Binding the listening sockets failed (address in use, permission, bad address).
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address asked for.
-        addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// A shard's executor could not be created (io_uring unavailable, memlock limit too low).
-    #[error("cannot start shard {shard} on core {core}: {message}")]
-    Executor {
-        /// The shard.
-        shard: usize,
-        /// The core it was to run on.
-        core: usize,
-        /// glommio's error.
-        message: String,
-    },
-    /// A shard's sink could not be built.
-    #[error("cannot build the sink of shard {shard}: {source}")]
-    Sink {
-        /// The shard.
-        shard: usize,
-        /// The factory's error.
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    /// A shard's disk buffer could not be opened (its directory, a lock held by another
-    /// process, an I/O error): never a silent start-over.
-    #[error("cannot open the disk buffer of shard {shard}: {source}")]
-    Buffer {
-        /// The shard.
-        shard: usize,
-        /// The log's error, naming the path.
-        source: stormgate_buffer::OpenLogError,
-    },
-    /// The disk buffer's settings do not fit the machine (the message names the numbers).
-    #[error("disk buffer: {0}")]
-    BufferSettings(String),
-    /// A shard thread could not be spawned or died before reporting.
-    #[error("shard thread failed: {0}")]
-    Thread(String),
-}
 
 /// Starts the shards.
 #[derive(Debug)]
