@@ -1,6 +1,7 @@
 //! Architecture invariants that the compiler does not check, checked by reading the sources
-//! (as rust-analyzer's "tidy" tests do): which crate may depend on what, and that
-//! docs/ARCHITECTURE.md's code map names every module and every test file.
+//! (as rust-analyzer's "tidy" tests do): which crate may depend on what, that
+//! docs/ARCHITECTURE.md's code map names every module and every test file, and that every
+//! crate's modules use only the modules of lower layers that the code map lists.
 
 use std::path::{Path, PathBuf};
 
@@ -168,5 +169,230 @@ fn the_code_map_names_every_module_and_test_file() {
     assert!(
         missing.is_empty(),
         "docs/ARCHITECTURE.md's code map does not name: {missing:#?}"
+    );
+}
+
+/// The modules a crate's `lib.rs` declares for every build (not `#[cfg(test)]` ones).
+fn built_modules(lib: &Path) -> Vec<String> {
+    let text = read(lib);
+    let mut out = Vec::new();
+    let mut test_only = false;
+    for line in text.lines().map(str::trim) {
+        if line == "#[cfg(test)]" {
+            test_only = true;
+            continue;
+        }
+        let declared = line
+            .strip_prefix("pub mod ")
+            .or_else(|| line.strip_prefix("pub(crate) mod "))
+            .or_else(|| line.strip_prefix("mod "))
+            .and_then(|l| l.strip_suffix(';'));
+        if let Some(module) = declared
+            && !test_only
+        {
+            out.push(module.to_owned());
+        }
+        if !line.starts_with("#[") {
+            test_only = false;
+        }
+    }
+    out
+}
+
+/// Which module each name `lib.rs` re-exports comes from (`pub use m::{A, B};` → A: m).
+fn reexports(lib: &Path) -> Vec<(String, String)> {
+    let text = read(lib);
+    let mut out = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("pub use ") {
+        rest = &rest[at + "pub use ".len()..];
+        let end = rest.find(';').unwrap_or(rest.len());
+        let item = &rest[..end];
+        if let Some((module, names)) = item.split_once("::") {
+            let names = names.trim_matches(|c: char| c == '{' || c == '}' || c.is_whitespace());
+            for name in names.split(',') {
+                let name = name.trim().rsplit("::").next().unwrap_or("").trim();
+                if !name.is_empty() {
+                    out.push((name.to_owned(), module.trim().to_owned()));
+                }
+            }
+        }
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// The first path segments of every `crate::` path in `code`: `crate::a::B` and
+/// `crate::{a, b::C}` give `a` and `b`.
+fn crate_paths(code: &str) -> Vec<String> {
+    let ident = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut out = Vec::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("crate::") {
+        // `$crate::` in a macro, or `somecrate::`: not this crate's path.
+        let before = rest[..at].chars().next_back();
+        rest = &rest[at + "crate::".len()..];
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$') {
+            continue;
+        }
+        if let Some(group) = rest.strip_prefix('{') {
+            let mut depth = 0;
+            let mut start = 0;
+            for (i, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => {
+                        out.push(ident(group[start..i].trim()));
+                        break;
+                    }
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        out.push(ident(group[start..i].trim()));
+                        start = i + 1;
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            out.push(ident(rest));
+        }
+    }
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+/// A source file's code as built: comments and the trailing `#[cfg(test)] mod tests { .. }`
+/// left out (tests may use any module).
+fn built_code(path: &Path) -> String {
+    let text = read(path);
+    let mut code = String::new();
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        let trimmed = line.trim();
+        if trimmed == "#[cfg(test)]"
+            && lines
+                .peek()
+                .is_some_and(|next| next.trim_start().contains("mod ") && next.ends_with('{'))
+        {
+            break;
+        }
+        if trimmed.starts_with("//") {
+            continue;
+        }
+        code.push_str(line);
+        code.push('\n');
+    }
+    code
+}
+
+/// A crate's layers from its code map entry: the paragraph that starts with "Layers, bottom
+/// up", after its colon, split at `→`, each layer's modules in backquotes.
+fn layers(section: &str) -> Option<Vec<Vec<String>>> {
+    let start = section.find("Layers, bottom up")?;
+    let paragraph = &section[start..];
+    let paragraph = &paragraph[..paragraph.find("\n\n").unwrap_or(paragraph.len())];
+    let spec = &paragraph[paragraph.find(':')? + 1..];
+    Some(
+        spec.split('→')
+            .map(|layer| {
+                layer
+                    .split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn crate_paths_are_read_from_groups_and_plain_paths() {
+    let code = "use crate::a::B;\nuse crate::{c, d::{E, F}, g::H};\nlet x = crate::i::j();\n\
+                $crate::k::l!(); othercrate::m::n();";
+    assert_eq!(crate_paths(code), ["a", "c", "d", "g", "i"]);
+}
+
+/// Every module of every crate sits in a layer of docs/ARCHITECTURE.md's code map and uses
+/// (`crate::` paths) only modules of lower layers: no cycle, and no edge the document does
+/// not show. Re-exported names count as the module they come from; items `lib.rs` defines
+/// itself belong to no layer.
+#[test]
+fn modules_use_only_lower_layers() {
+    let doc = read(&root().join("docs/ARCHITECTURE.md"));
+    let mut problems = Vec::new();
+    for dir in crates() {
+        let krate = name(&dir);
+        let lib = dir.join("src/lib.rs");
+        if !lib.exists() {
+            continue;
+        }
+        let modules = built_modules(&lib);
+        if modules.len() < 2 {
+            continue;
+        }
+        let Some(layers) = layers(&code_map_section(&doc, &krate)) else {
+            problems.push(format!(
+                "{krate}: its code map entry has no \"Layers, bottom up: ...\" paragraph"
+            ));
+            continue;
+        };
+        let layer_of = |m: &str| layers.iter().position(|l| l.iter().any(|x| x == m));
+        for module in &modules {
+            if layer_of(module).is_none() {
+                problems.push(format!("{krate}: module `{module}` is in no layer"));
+            }
+        }
+        for layer in &layers {
+            for m in layer {
+                if !modules.contains(m) {
+                    problems.push(format!("{krate}: layer names `{m}`, which is no module"));
+                }
+            }
+        }
+        let reexported = reexports(&lib);
+        for module in &modules {
+            let file = dir.join(format!("src/{module}.rs"));
+            let files = if file.exists() {
+                vec![file]
+            } else {
+                rust_files(&dir.join(format!("src/{module}")))
+            };
+            let Some(own) = layer_of(module) else {
+                continue;
+            };
+            for file in files {
+                for used in crate_paths(&built_code(&file)) {
+                    let target = if modules.contains(&used) {
+                        used
+                    } else if let Some((_, m)) = reexported.iter().find(|(n, _)| *n == used) {
+                        m.clone()
+                    } else {
+                        continue;
+                    };
+                    if target == *module {
+                        continue;
+                    }
+                    match layer_of(&target) {
+                        Some(layer) if layer < own => {}
+                        _ => problems.push(format!(
+                            "{krate}: `{module}` ({}) uses `{target}`, which is not in a lower \
+                             layer",
+                            file.strip_prefix(&dir).unwrap().display()
+                        )),
+                    }
+                }
+            }
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    assert!(
+        problems.is_empty(),
+        "module layers (docs/ARCHITECTURE.md's code map): {problems:#?}"
     );
 }
