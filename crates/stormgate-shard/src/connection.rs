@@ -29,12 +29,14 @@ use stormgate_protocol::{DeadLetter, ErrorCode, Frame, LineFramer, Parsed, Sessi
 use crate::acks::ConnAcks;
 use crate::auth::{Credentials, StationAuth};
 use crate::buffers::Backlog;
+use crate::config::RuntimeConfig;
 use crate::contract::{DeliveryFailure, Outcome, Record};
 use crate::core::{Registration, ShardCore};
 use crate::events::{
     CloseReason, ConnectionClosed, LineRejected, StationAuthFailed, TlsHandshakeFailed,
 };
 use crate::ledger::ConnFlow;
+use crate::policy::{Closing, Policy, Timeouts, after, earliest};
 use crate::tls::StationStream;
 
 /// How much a read into a connection's own backlog asks for.
@@ -69,8 +71,11 @@ pub(crate) fn serve(
         core.config.max_in_flight_bytes_per_connection,
     );
     let flow = (cap > 0 || max_bytes > 0).then(|| Rc::new(ConnFlow::new(cap, max_bytes)));
-    let rate = core.config.max_lines_per_sec;
-    let deadline = after(Instant::now(), core.config.idle_timeout);
+    let policy = Policy::new(
+        Instant::now(),
+        timeouts(&core.config),
+        core.config.max_lines_per_sec,
+    );
     let registration = core.register(stream.as_raw_fd());
     // A write blocked for the idle timeout is a station that stopped reading its replies.
     let _ = stream.set_write_timeout(core.config.idle_timeout.filter(|d| !d.is_zero()));
@@ -87,17 +92,9 @@ pub(crate) fn serve(
         replies: Vec::new(),
         payload: Vec::new(),
         stamp: ReadStamp::now(),
-        deadline,
+        policy,
         blocked: None,
-        sink_gone: false,
-        consecutive_errors: 0,
-        auth_failures: 0,
-        closing: None,
-        partial: false,
-        completed_line: false,
         acks: None,
-        acks_on: false,
-        budget: f64::from(rate),
     };
     async move {
         // A bug that panics while serving one connection ends that connection, not the shard:
@@ -140,47 +137,19 @@ struct Connection {
     payload: Vec<u8>,
     /// When the bytes being handled were read.
     stamp: ReadStamp,
-    /// When the station must next show it is alive, or be closed (the shard expires the
-    /// connection then: `ShardCore::expire_overdue`): the idle timeout after its last
-    /// complete, non-blank line (handled or rejected), the connection's start or the end of
-    /// a wait the shard imposed; earlier, the line timeout after a partial line began. Bytes
-    /// of a partial line, blank lines and the tail of an oversized line never move it: only
-    /// the line timeout bounds those.
-    deadline: Option<Instant>,
+    /// The read deadline (the shard expires the connection then:
+    /// `ShardCore::expire_overdue`), the line rate's budget, bad lines and refused
+    /// identifies, and whether the server decided to close the connection.
+    policy: Policy,
     blocked: Option<Blocked>,
-    /// The shard's sink stopped taking records; the connection must end.
-    sink_gone: bool,
-    /// Rejected lines since the last accepted one.
-    consecutive_errors: u32,
-    /// Refused identifies over the connection's life (`STATION_AUTH=token`).
-    auth_failures: u32,
-    /// The server decided to close the connection; handle no more lines.
-    closing: Option<Closing>,
-    /// A partial line is in the backlog, or the rest of an oversized one is being skipped.
-    partial: bool,
-    /// The last `handle` completed at least one line.
-    completed_line: bool,
     /// Answers owed to the station, once it asked for acknowledgements.
     acks: Option<Rc<ConnAcks>>,
-    /// New lines with a seq get acknowledged (the last identify asked, or the default).
-    acks_on: bool,
-    /// Lines this connection may still send before it must wait (`TCP_MAX_LINES_PER_SEC`).
-    /// Topped up at each read for the time since the one before (`stamp_read`).
-    budget: f64,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
         self.core.deregister(&self.registration);
     }
-}
-
-/// Why the server decided to close a connection while handling its lines (the
-/// `CloseReason` it ends with, in one byte: every connection carries room for one).
-#[derive(Clone, Copy)]
-enum Closing {
-    TooManyErrors,
-    AuthFailures,
 }
 
 /// Why the connection stopped handling lines before the end of its bytes.
@@ -245,7 +214,7 @@ impl Connection {
             if n == 0 && self.registration.expired(&self.core) {
                 // The shard shut the read side at the deadline (not the station leaving):
                 // a partial line in the backlog is cut, not completed.
-                let code = if self.partial {
+                let code = if self.policy.partial() {
                     ErrorCode::LineTimeout
                 } else {
                     ErrorCode::IdleTimeout
@@ -262,14 +231,17 @@ impl Connection {
             {
                 return CloseReason::Io(e);
             }
-            if self.sink_gone {
-                return CloseReason::SinkStopped;
-            }
-            if let Some(closing) = self.closing.take() {
-                Box::pin(self.farewell()).await;
+            if let Some(closing) = self.policy.closing() {
                 return match closing {
-                    Closing::TooManyErrors => CloseReason::TooManyErrors,
-                    Closing::AuthFailures => CloseReason::AuthFailures,
+                    Closing::SinkStopped => CloseReason::SinkStopped,
+                    Closing::TooManyErrors => {
+                        Box::pin(self.farewell()).await;
+                        CloseReason::TooManyErrors
+                    }
+                    Closing::AuthFailures => {
+                        Box::pin(self.farewell()).await;
+                        CloseReason::AuthFailures
+                    }
                 };
             }
             if n == 0 && self.acks.as_ref().is_some_and(|a| !a.is_empty()) {
@@ -326,30 +298,17 @@ impl Connection {
         }
     }
 
-    /// The deadline of a station that showed it is alive at `at`, with a partial line
-    /// begun then or not.
-    fn deadline_from(&self, at: Instant, partial: bool) -> Option<Instant> {
-        let config = &self.core.config;
-        let idle = after(at, config.idle_timeout);
-        let line = after(at, config.line_timeout).filter(|_| partial);
-        earliest(idle, line)
+    fn timeouts(&self) -> Timeouts {
+        timeouts(&self.core.config)
     }
 
     /// After the backlog was handled and nothing blocks, whatever it still holds is a partial
     /// line, and so is the rest of an oversized line being skipped: moves the deadline for
-    /// what this read showed (see `deadline`).
+    /// what this read showed (see [`Liveness::after_read`]).
     fn track_partial_line(&mut self) {
         let partial = !self.backlog.is_empty() || self.framer.is_discarding();
-        if self.completed_line {
-            // Alive now; a partial line left began after the last newline, in this read.
-            self.deadline = self.deadline_from(self.stamp.at, partial);
-        } else if partial && !self.partial {
-            // A partial line began: the line timeout, within the idle one.
-            let line = after(self.stamp.at, self.core.config.line_timeout);
-            self.deadline = earliest(self.deadline, line);
-        }
-        self.partial = partial;
-        self.completed_line = false;
+        self.policy
+            .after_read(self.stamp.at, partial, self.timeouts());
     }
 
     /// Sends `code`'s error line (best effort, bounded in time) and ends the connection.
@@ -402,19 +361,15 @@ impl Connection {
     /// bucket: refilled, then spent by the lines of this read).
     fn stamp_read(&mut self) {
         let stamp = ReadStamp::now();
-        let rate = self.core.config.max_lines_per_sec;
-        if rate > 0 {
-            let rate = f64::from(rate);
-            let since = stamp.at.saturating_duration_since(self.stamp.at);
-            self.budget = (self.budget + since.as_secs_f64() * rate).min(rate);
-        }
+        let since = stamp.at.saturating_duration_since(self.stamp.at);
+        self.policy
+            .refill(since, self.core.config.max_lines_per_sec);
         self.stamp = stamp;
     }
 
     /// With a line rate limit: how long to wait if the lines read overdrew the budget.
     fn overdraft(&self) -> Option<Duration> {
-        let rate = f64::from(self.core.config.max_lines_per_sec);
-        (rate > 0.0 && self.budget < 0.0).then(|| Duration::from_secs_f64(-self.budget / rate))
+        self.policy.overdraft(self.core.config.max_lines_per_sec)
     }
 
     /// Waits out an overdrawn line budget without reading (the station's writes block in
@@ -437,7 +392,7 @@ impl Connection {
             futures_lite::future::or(glommio::timer::sleep(wait), self.core.draining.wait()).await;
         }
         // The wait was the shard's doing: the station's clocks start again.
-        self.deadline = self.deadline_from(Instant::now(), self.partial);
+        self.policy.restart(Instant::now(), self.timeouts());
     }
 
     /// Moves the answers that are ready into the replies.
@@ -578,7 +533,7 @@ impl Connection {
             self.handle_backlog();
         }
         // The wait was the shard's doing: the station's clocks start again.
-        self.deadline = self.deadline_from(Instant::now(), self.partial);
+        self.policy.restart(Instant::now(), self.timeouts());
         Ok(())
     }
 
@@ -606,7 +561,7 @@ impl Connection {
         let mut refused = String::new();
         let (mut lines, mut records) = (0u64, 0u64);
         let discarding = self.framer.is_discarding();
-        while !self.sink_gone && self.closing.is_none() {
+        while self.policy.closing().is_none() {
             if self.flow.as_ref().is_some_and(|f| f.is_full()) {
                 self.blocked = Some(Blocked::Flow);
                 break;
@@ -622,7 +577,7 @@ impl Connection {
             let Some(frame) = self.framer.next_frame(&buf[..end], &mut pos) else {
                 break;
             };
-            self.completed_line = true;
+            self.policy.line_completed();
             let line = match frame {
                 #[cfg(test)]
                 Frame::Line(line) if buf[line.clone()] == *tests::PANIC_LINE => {
@@ -673,19 +628,20 @@ impl Connection {
             };
             match parsed {
                 Ok(Parsed::Identified) => {
-                    self.consecutive_errors = 0;
+                    self.policy.accepted();
                     // Per identify, not per line: a hash and a register load (see
                     // `DistinctCounter`), on this shard's own sketch.
                     if let Some(station) = self.session.station() {
                         core.metrics.zipcodes.insert(station.zipcode().as_bytes());
                     }
-                    self.acks_on = self.session.acks().unwrap_or(core.config.acks_by_default);
-                    if self.acks_on && self.acks.is_none() {
+                    self.policy
+                        .identified(self.session.acks(), core.config.acks_by_default);
+                    if self.policy.acks_on() && self.acks.is_none() {
                         self.acks = Some(Rc::default());
                     }
                 }
                 Ok(Parsed::Record { seq }) => {
-                    self.consecutive_errors = 0;
+                    self.policy.accepted();
                     records += 1;
                     let record = self.take_record(seq);
                     match self.queue.try_send(record) {
@@ -707,7 +663,7 @@ impl Connection {
                     }
                 }
                 Err(e) => {
-                    let seq = e.seq.filter(|_| self.acks_on);
+                    let seq = e.seq.filter(|_| self.policy.acks_on());
                     let raw = dead_letters.then(|| core.raw_line.borrow());
                     // A rejected line that may carry a station's token (an identify rejected
                     // for another reason) is dead-lettered without its text: tokens never go
@@ -724,11 +680,11 @@ impl Connection {
         }
         if discarding && !self.framer.is_discarding() {
             // The oversized line being skipped ended here: a line completed.
-            self.completed_line = true;
+            self.policy.line_completed();
         }
         core.metrics.lines_received.add(lines);
         core.metrics.records_enqueued.add(records);
-        self.budget -= lines as f64;
+        self.policy.spend(lines);
         if self.payload.is_empty() {
             // Back to the shard's pool between reads: an idle station holds no buffer.
             core.ledger.payloads.give(std::mem::take(&mut self.payload));
@@ -746,7 +702,9 @@ impl Connection {
                 .key(),
         );
         let ack = match (&self.acks, seq) {
-            (Some(acks), Some(seq)) if self.acks_on => Some((Rc::clone(acks), acks.open(seq))),
+            (Some(acks), Some(seq)) if self.policy.acks_on() => {
+                Some((Rc::clone(acks), acks.open(seq)))
+            }
             _ => None,
         };
         let ticket = self.core.ledger.open(
@@ -776,7 +734,7 @@ impl Connection {
                 .ledger
                 .settle(record.ticket, Outcome::Failed(failure));
         }
-        self.sink_gone = true;
+        self.policy.sink_stopped();
     }
 
     /// Answers a bad line, dead-letters it when configured (`raw` is the line, when it was
@@ -800,35 +758,35 @@ impl Connection {
     fn refuse_identify(&mut self, zipcode: &str) {
         let code = ErrorCode::AuthFailed;
         self.replies.extend_from_slice(code.error_line().as_bytes());
-        self.auth_failures = self.auth_failures.saturating_add(1);
+        let (failures, limit) = self
+            .policy
+            .auth_failed(self.core.config.station_auth_max_failures);
         StationAuthFailed {
             connection_id: self.session.connection_id(),
             peer: self.peer,
             zipcode,
-            failures: self.auth_failures,
+            failures,
         }
         .emit(&self.core.metrics, &self.core.logs.auth_failed);
         self.rejected(code, None);
-        let max = self.core.config.station_auth_max_failures;
-        if max > 0 && self.auth_failures >= max && self.closing.is_none() {
+        if self.policy.close_if(limit, Closing::AuthFailures) {
             // The same farewell as for too many bad lines: the station reads why, the rest of
             // what it sent is not read.
             self.send_error(ErrorCode::TooManyErrors);
-            self.closing = Some(Closing::AuthFailures);
         }
     }
 
     /// What follows every rejected line once the station has its answer: the dead letter,
     /// and the count of bad lines in a row.
     fn rejected(&mut self, code: ErrorCode, raw: Option<&[u8]>) {
-        if self.core.config.dead_letters && !self.sink_gone {
+        if self.core.config.dead_letters && !self.policy.sink_gone() {
             self.dead_letter(code, raw);
         }
-        self.consecutive_errors += 1;
-        let max = self.core.config.max_errors_per_connection;
-        if max > 0 && self.consecutive_errors >= max {
+        if self
+            .policy
+            .rejected(self.core.config.max_errors_per_connection)
+        {
             self.send_error(ErrorCode::TooManyErrors);
-            self.closing = Some(Closing::TooManyErrors);
         }
     }
 
@@ -918,19 +876,11 @@ fn verify(auth: &dyn StationAuth, credentials: &Credentials<'_>, refused: &mut S
     ok
 }
 
-/// `at` plus `timeout`; `None` for no timeout (`None` or zero) or one too long to add to a
-/// clock reading (years).
-fn after(at: Instant, timeout: Option<Duration>) -> Option<Instant> {
-    timeout
-        .filter(|d| !d.is_zero())
-        .and_then(|d| at.checked_add(d))
-}
-
-/// The earlier of two deadlines, `None` meaning none.
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+/// The read timeouts of `config`.
+fn timeouts(config: &RuntimeConfig) -> Timeouts {
+    Timeouts {
+        idle: config.idle_timeout,
+        line: config.line_timeout,
     }
 }
 
@@ -1068,7 +1018,12 @@ impl Future for Read<'_> {
             arm(&conn.core, &conn.registration, None, armed);
             return Poll::Pending;
         }
-        arm(&conn.core, &conn.registration, conn.deadline, armed);
+        arm(
+            &conn.core,
+            &conn.registration,
+            conn.policy.deadline(),
+            armed,
+        );
         let into = conn.read_into();
         let stream = Pin::new(&mut conn.stream);
         match into {

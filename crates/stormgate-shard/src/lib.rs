@@ -20,7 +20,8 @@
 //! docs/ARCHITECTURE.md; `crates/stormgate/tests/tidy.rs` checks it).
 //!
 //! - [`contract`]: [`Record`], [`Ticket`], [`Outcome`], [`ShardInfo`],
-//!   [`StartServerError`]: the words every other module speaks. Beside it the primitives:
+//!   [`StartServerError`]: the words every other module speaks. Beside it `policy` (a
+//!   connection's decisions as pure state: deadlines, rate budget, strikes) and the primitives:
 //!   [`auth`] ([`StationAuth`], the per-identify question asked when stations must prove who
 //!   they are), [`tls`] ([`StationTls`] and the stream that is plain TCP or TLS), `signal`,
 //!   `gate` (parks connections before they read while the record queue is full), `buffers`
@@ -54,6 +55,7 @@ mod gate;
 mod ledger;
 mod listener;
 mod placement;
+mod policy;
 mod shard;
 mod signal;
 
