@@ -1,6 +1,6 @@
 //! Acknowledgements to a station: which of its lines Kafka has, in the order it sent them.
 //!
-//! A connection that asked for acknowledgements gets a [`ConnAcks`]. Each metrics line with a
+//! A connection that asked for acknowledgements gets a [`ConnectionAcks`]. Each metrics line with a
 //! `seq` that becomes a record opens a slot in its window; the shard's ledger marks the slot
 //! when the sink settles the record; the connection task, woken when the oldest slot is
 //! settled, turns the settled prefix of the window into reply lines:
@@ -38,7 +38,7 @@ const MAX_RUN: usize = 256;
 
 /// One connection's window of acknowledged lines. See the module doc.
 #[derive(Default)]
-pub(crate) struct ConnAcks {
+pub(crate) struct ConnectionAcks {
     /// (seq, state, descent), oldest first. A *descent* is a slot whose seq is not above
     /// every seq opened before it (the station's seqs went down or repeated).
     window: RefCell<VecDeque<(u64, Slot, bool)>>,
@@ -54,7 +54,7 @@ pub(crate) struct ConnAcks {
     waker: Cell<Option<Waker>>,
 }
 
-impl ConnAcks {
+impl ConnectionAcks {
     /// Opens a slot for a line with `seq`; the returned id settles it.
     pub(crate) fn open(&self, seq: u64) -> u64 {
         let mut window = self.window.borrow_mut();
@@ -181,7 +181,7 @@ impl ConnAcks {
 mod tests {
     use super::*;
 
-    fn text(acks: &ConnAcks) -> String {
+    fn text(acks: &ConnectionAcks) -> String {
         let mut out = Vec::new();
         acks.take_ready(&mut out, usize::MAX);
         String::from_utf8(out).unwrap()
@@ -189,7 +189,7 @@ mod tests {
 
     #[test]
     fn answers_go_out_in_line_order_and_delivered_runs_coalesce() {
-        let acks = ConnAcks::default();
+        let acks = ConnectionAcks::default();
         let ids: Vec<u64> = [10, 11, 12, 20, 21].iter().map(|&s| acks.open(s)).collect();
         // Out of order: the later ones first.
         acks.settle(ids[4], &Outcome::Delivered);
@@ -221,7 +221,7 @@ mod tests {
     /// 5 and 6 are not coalesced: `upto 6` would answer the 3s after them too.
     #[test]
     fn a_seq_that_does_not_increase_ends_a_coalesced_run() {
-        let acks = ConnAcks::default();
+        let acks = ConnectionAcks::default();
         for seq in [5, 6, 3, 3, 9] {
             let id = acks.open(seq);
             acks.settle(id, &Outcome::Delivered);
@@ -237,7 +237,7 @@ mod tests {
     /// not be sent while a later line with a lower seq waits for its own answer.
     #[test]
     fn an_upto_never_covers_a_later_lower_seq() {
-        let acks = ConnAcks::default();
+        let acks = ConnectionAcks::default();
         for seq in [10, 5, 7, 3] {
             let id = acks.open(seq);
             acks.settle(id, &Outcome::Delivered);
@@ -281,7 +281,7 @@ mod tests {
         }
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(Arc::clone(&count));
-        let acks = ConnAcks::default();
+        let acks = ConnectionAcks::default();
         let a = acks.open(1);
         let b = acks.open(2);
         acks.register(&waker);

@@ -1,8 +1,8 @@
 //! Buffers that keep an idle connection small.
 //!
 //! A connection does not own a read buffer. It reads into its shard's [`ReadBuf`], handles
-//! every complete line in place, and copies into its own [`Backlog`] only what it could not
-//! finish: a partial line, or lines it stopped at because of backpressure. A backlog returns
+//! every complete line in place, and copies into its own [`Leftover`] only what it could not
+//! finish: a partial line, or lines it stopped at because of backpressure. A leftover returns
 //! its memory to the shard's [`BufPool`] as soon as it is empty, so an idle connection holds no
 //! buffer at all.
 
@@ -38,25 +38,29 @@ impl ReadBuf {
     }
 }
 
+/// The sizes of a [`BufPool`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolSize {
+    /// Capacity of a fresh buffer.
+    pub(crate) initial: usize,
+    /// Buffers that grew beyond this are dropped rather than kept.
+    pub(crate) max_capacity: usize,
+    /// Most buffers kept.
+    pub(crate) max_kept: usize,
+}
+
 /// A shard-local free list of byte buffers.
 #[derive(Debug)]
 pub(crate) struct BufPool {
     free: RefCell<Vec<Vec<u8>>>,
-    /// Capacity of a fresh buffer.
-    initial: usize,
-    /// Buffers that grew beyond this are dropped rather than kept.
-    max_capacity: usize,
-    /// Most buffers kept.
-    max_kept: usize,
+    size: PoolSize,
 }
 
 impl BufPool {
-    pub(crate) fn new(initial: usize, max_capacity: usize, max_kept: usize) -> BufPool {
+    pub(crate) fn new(size: PoolSize) -> BufPool {
         BufPool {
             free: RefCell::new(Vec::new()),
-            initial,
-            max_capacity,
-            max_kept,
+            size,
         }
     }
 
@@ -65,13 +69,13 @@ impl BufPool {
         self.free
             .borrow_mut()
             .pop()
-            .unwrap_or_else(|| Vec::with_capacity(self.initial))
+            .unwrap_or_else(|| Vec::with_capacity(self.size.initial))
     }
 
     /// Returns a buffer for reuse.
     pub(crate) fn give(&self, mut buf: Vec<u8>) {
         let mut free = self.free.borrow_mut();
-        if buf.capacity() <= self.max_capacity && free.len() < self.max_kept {
+        if buf.capacity() <= self.size.max_capacity && free.len() < self.size.max_kept {
             buf.clear();
             free.push(buf);
         }
@@ -83,13 +87,13 @@ impl BufPool {
 /// The vector is kept zero-filled to its full length so that slices past `tail` are always
 /// valid padding. Empty and unallocated while the connection is idle.
 #[derive(Debug, Default)]
-pub(crate) struct Backlog {
+pub(crate) struct Leftover {
     buf: Vec<u8>,
     head: usize,
     tail: usize,
 }
 
-impl Backlog {
+impl Leftover {
     pub(crate) fn is_empty(&self) -> bool {
         self.head == self.tail
     }
@@ -156,7 +160,7 @@ impl Backlog {
             self.buf = pool.take();
         }
         if self.buf.len() < needed {
-            // Exactly what is needed (to the next KiB), not double: a backlog holds one
+            // Exactly what is needed (to the next KiB), not double: a leftover holds one
             // partial line or one read's worth of lines behind a block, and doubling made a
             // 64 KiB partial line cost 128 KiB per connection.
             let size = needed.next_multiple_of(1024).max(self.buf.capacity());
@@ -171,9 +175,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backlog_keeps_padding_and_releases_when_empty() {
-        let pool = BufPool::new(64, 1 << 20, 4);
-        let mut b = Backlog::default();
+    fn leftover_keeps_padding_and_releases_when_empty() {
+        let pool = BufPool::new(PoolSize {
+            initial: 64,
+            max_capacity: 1 << 20,
+            max_kept: 4,
+        });
+        let mut b = Leftover::default();
         assert!(b.is_empty());
         b.push(b"hello ", &pool);
         let area = b.read_area(5, &pool);
@@ -190,7 +198,7 @@ mod tests {
         let end = range.end;
         b.consume_to(end, &pool);
         assert!(b.is_empty());
-        assert_eq!(b.buf.capacity(), 0, "an empty backlog holds no memory");
+        assert_eq!(b.buf.capacity(), 0, "an empty leftover holds no memory");
         assert_eq!(
             pool.free.borrow().len(),
             1,
@@ -199,9 +207,13 @@ mod tests {
     }
 
     #[test]
-    fn a_growing_backlog_holds_what_it_needs_not_double() {
-        let pool = BufPool::new(1024, 4096, 4);
-        let mut b = Backlog::default();
+    fn a_growing_leftover_holds_what_it_needs_not_double() {
+        let pool = BufPool::new(PoolSize {
+            initial: 1024,
+            max_capacity: 4096,
+            max_kept: 4,
+        });
+        let mut b = Leftover::default();
         b.push(&[b'x'; 5000], &pool);
         // As a connection reads onto a long partial line: never more than completes it.
         while b.len() < 65_002 {
@@ -215,7 +227,11 @@ mod tests {
 
     #[test]
     fn pool_drops_oversized_and_excess_buffers() {
-        let pool = BufPool::new(8, 16, 1);
+        let pool = BufPool::new(PoolSize {
+            initial: 8,
+            max_capacity: 16,
+            max_kept: 1,
+        });
         pool.give(Vec::with_capacity(32));
         assert_eq!(pool.free.borrow().len(), 0);
         pool.give(Vec::with_capacity(8));

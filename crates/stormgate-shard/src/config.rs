@@ -66,7 +66,7 @@ pub struct RuntimeConfig {
     /// Number of shards; 0 means one per core in the process's affinity mask.
     pub shards: usize,
     /// Listen backlog of each shard's socket.
-    pub backlog: u32,
+    pub listen_backlog: u32,
     /// Most station connections open at once, all shards together; 0 derives it from the
     /// open-files limit minus [`FD_HEADROOM`].
     pub max_connections: usize,
@@ -222,7 +222,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             shards: 0,
-            backlog: DEFAULT_BACKLOG,
+            listen_backlog: DEFAULT_BACKLOG,
             max_connections: 0,
             queue_size: DEFAULT_QUEUE_SIZE,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,

@@ -5,7 +5,7 @@
 //! *blocked*: the shard queue is full, the connection has as many records (or bytes of
 //! records) in flight as it may, the shard holds its byte budget of records, or the answers
 //! the station has not read yet reached [`REPLY_MAX`]. Before it awaits, whatever it has not
-//! finished moves into its own backlog, and it does not read again until that backlog holds
+//! finished moves into its own leftover, and it does not read again until that leftover holds
 //! no complete line. That is the TCP backpressure: a blocked connection leaves its bytes in
 //! the kernel, the kernel's receive window closes, and the station's sends slow down. Nothing
 //! is dropped.
@@ -26,23 +26,23 @@ use glommio::net::TcpStream;
 use glommio::{GlommioError, ResourceType};
 use stormgate_protocol::{DeadLetter, ErrorCode, Frame, LineFramer, Parsed, Session};
 
-use crate::acks::ConnAcks;
+use crate::acks::ConnectionAcks;
 use crate::auth::{Credentials, StationAuth};
-use crate::buffers::Backlog;
+use crate::buffers::Leftover;
 use crate::config::RuntimeConfig;
 use crate::contract::{DeliveryFailure, Outcome, Record};
 use crate::core::{Registration, ShardCore};
 use crate::events::{
     CloseReason, ConnectionClosed, LineRejected, StationAuthFailed, TlsHandshakeFailed,
 };
-use crate::ledger::ConnFlow;
+use crate::ledger::{ConnectionFlow, Entry};
 use crate::policy::{Closing, Policy, Timeouts, after, earliest};
 use crate::tls::StationStream;
 
-/// How much a read into a connection's own backlog asks for.
-const BACKLOG_READ: usize = 16 * 1024;
+/// How much a read into a connection's own leftover asks for.
+const LEFTOVER_READ: usize = 16 * 1024;
 /// Longest partial line carried into the shard's read buffer; longer ones are read onto in
-/// the connection's backlog (see `Connection::read_and_handle`).
+/// the connection's leftover (see `Connection::read_and_handle`).
 const CARRY_MAX: usize = 4 * 1024;
 /// Reply buffers larger than this are freed after each flush rather than kept.
 const REPLY_KEEP: usize = 1024;
@@ -70,7 +70,7 @@ pub(crate) fn serve(
         core.config.max_in_flight_per_connection,
         core.config.max_in_flight_bytes_per_connection,
     );
-    let flow = (cap > 0 || max_bytes > 0).then(|| Rc::new(ConnFlow::new(cap, max_bytes)));
+    let flow = (cap > 0 || max_bytes > 0).then(|| Rc::new(ConnectionFlow::new(cap, max_bytes)));
     let policy = Policy::new(
         Instant::now(),
         timeouts(&core.config),
@@ -88,7 +88,7 @@ pub(crate) fn serve(
         peer,
         queue,
         flow,
-        backlog: Backlog::default(),
+        leftover: Leftover::default(),
         replies: Vec::new(),
         payload: Vec::new(),
         stamp: ReadStamp::now(),
@@ -105,7 +105,7 @@ pub(crate) fn serve(
             Ok(reason) => reason,
             Err(panic) => CloseReason::Panicked(panic_message(&*panic)),
         };
-        conn.backlog.release(&conn.core.backlogs);
+        conn.leftover.release(&conn.core.leftovers);
         ConnectionClosed {
             connection_id: conn.session.connection_id(),
             peer: conn.peer,
@@ -125,11 +125,11 @@ struct Connection {
     peer: SocketAddr,
     queue: Rc<LocalSender<Record>>,
     /// The connection's in-flight count, when it has a cap.
-    flow: Option<Rc<ConnFlow>>,
+    flow: Option<Rc<ConnectionFlow>>,
     session: Session,
     framer: LineFramer,
     /// Received bytes not yet handled: a partial line, or lines behind a block.
-    backlog: Backlog,
+    leftover: Leftover,
     /// Error lines waiting to be written to the station.
     replies: Vec<u8>,
     /// The value buffer the next record is encoded into: from the shard's pool while lines
@@ -143,7 +143,7 @@ struct Connection {
     policy: Policy,
     blocked: Option<Blocked>,
     /// Answers owed to the station, once it asked for acknowledgements.
-    acks: Option<Rc<ConnAcks>>,
+    acks: Option<Rc<ConnectionAcks>>,
 }
 
 impl Drop for Connection {
@@ -213,7 +213,7 @@ impl Connection {
             };
             if n == 0 && self.registration.expired(&self.core) {
                 // The shard shut the read side at the deadline (not the station leaving):
-                // a partial line in the backlog is cut, not completed.
+                // a partial line in the leftover is cut, not completed.
                 let code = if self.policy.partial() {
                     ErrorCode::LineTimeout
                 } else {
@@ -221,10 +221,10 @@ impl Connection {
                 };
                 return Box::pin(self.close_with(code)).await;
             }
-            if n == 0 && !self.registration.drained(&self.core) && !self.backlog.is_empty() {
+            if n == 0 && !self.registration.drained(&self.core) && !self.leftover.is_empty() {
                 // The station closed without a final newline: its last line is complete.
-                self.backlog.push(b"\n", &self.core.backlogs);
-                self.handle_backlog();
+                self.leftover.push(b"\n", &self.core.leftovers);
+                self.handle_leftover();
             }
             if self.blocked.is_some()
                 && let Err(e) = Box::pin(self.drain_blocks()).await
@@ -302,11 +302,11 @@ impl Connection {
         timeouts(&self.core.config)
     }
 
-    /// After the backlog was handled and nothing blocks, whatever it still holds is a partial
+    /// After the leftover was handled and nothing blocks, whatever it still holds is a partial
     /// line, and so is the rest of an oversized line being skipped: moves the deadline for
     /// what this read showed (see [`Liveness::after_read`]).
     fn track_partial_line(&mut self) {
-        let partial = !self.backlog.is_empty() || self.framer.is_discarding();
+        let partial = !self.leftover.is_empty() || self.framer.is_discarding();
         self.policy
             .after_read(self.stamp.at, partial, self.timeouts());
     }
@@ -433,7 +433,7 @@ impl Connection {
     /// once the read completes, the partial line moves in front of the new bytes and
     /// everything is handled in place. So a busy connection holds only its partial line
     /// between reads, and an idle one nothing. Only an unusually long partial line (over
-    /// [`CARRY_MAX`]) is read onto in the connection's own backlog.
+    /// [`CARRY_MAX`]) is read onto in the connection's own leftover.
     ///
     /// The read waits with the connection's read deadline (`deadline`) armed only while it
     /// waits on the socket, not while the shard's gate parks it. Two steps rather than one
@@ -443,24 +443,24 @@ impl Connection {
         Read {
             conn: self,
             armed: None,
-            ticket: None,
+            turn: None,
         }
     }
 
-    /// Where the next read goes: a function of the backlog, which no read changes until it
+    /// Where the next read goes: a function of the leftover, which no read changes until it
     /// completes, so the read future need not keep it.
     fn read_into(&self) -> ReadInto {
-        let carry = self.backlog.len();
+        let carry = self.leftover.len();
         if carry <= CARRY_MAX.min(self.core.config.read_buffer_bytes / 2) {
             ReadInto::Shard { carry }
         } else {
-            // The backlog holds a partial line (it holds no complete one when the connection
+            // The leftover holds a partial line (it holds no complete one when the connection
             // reads): read only what can complete it or prove it too long, so that the
-            // backlog never grows past `TCP_MAX_LINE_BYTES` + 2 (+ padding).
+            // leftover never grows past `TCP_MAX_LINE_BYTES` + 2 (+ padding).
             let want = (self.core.config.max_line_bytes + 2)
                 .saturating_sub(carry)
-                .clamp(1, BACKLOG_READ);
-            ReadInto::Backlog { want }
+                .clamp(1, LEFTOVER_READ);
+            ReadInto::Leftover { want }
         }
     }
 
@@ -475,18 +475,18 @@ impl Connection {
                 let buf = buf.as_mut();
                 let end = carry + n;
                 if carry > 0 {
-                    buf[..carry].copy_from_slice(self.backlog.bytes());
-                    self.backlog.release(&core.backlogs);
+                    buf[..carry].copy_from_slice(self.leftover.bytes());
+                    self.leftover.release(&core.leftovers);
                 }
                 let done = self.handle(buf, 0, end);
                 if done < end {
-                    self.backlog.push(&buf[done..end], &core.backlogs);
+                    self.leftover.push(&buf[done..end], &core.leftovers);
                 }
             }
-            ReadInto::Backlog { .. } if n > 0 => {
-                self.backlog.commit(n);
+            ReadInto::Leftover { .. } if n > 0 => {
+                self.leftover.commit(n);
                 self.stamp_read();
-                self.handle_backlog();
+                self.handle_leftover();
             }
             _ => {}
         }
@@ -498,7 +498,7 @@ impl Connection {
         self.core.metrics.bytes_received.add(n as u64);
     }
 
-    /// Waits out every block, handling the backlog after each, until nothing blocks. Fails
+    /// Waits out every block, handling the leftover after each, until nothing blocks. Fails
     /// only when answers cannot be written.
     async fn drain_blocks(&mut self) -> io::Result<()> {
         // Held back by the shard, not idle: no read deadline while it waits.
@@ -530,19 +530,19 @@ impl Connection {
                     self.core.gate.enqueued();
                 }
             }
-            self.handle_backlog();
+            self.handle_leftover();
         }
         // The wait was the shard's doing: the station's clocks start again.
         self.policy.restart(Instant::now(), self.timeouts());
         Ok(())
     }
 
-    fn handle_backlog(&mut self) {
-        let mut backlog = std::mem::take(&mut self.backlog);
-        let (buf, range) = backlog.parts();
+    fn handle_leftover(&mut self) {
+        let mut leftover = std::mem::take(&mut self.leftover);
+        let (buf, range) = leftover.parts();
         let done = self.handle(buf, range.start, range.end);
-        backlog.consume_to(done, &self.core.backlogs);
-        self.backlog = backlog;
+        leftover.consume_to(done, &self.core.leftovers);
+        self.leftover = leftover;
     }
 
     /// Handles the complete lines in `buf[pos..end]` and returns where it stopped: at `end`'s
@@ -707,13 +707,13 @@ impl Connection {
             }
             _ => None,
         };
-        let ticket = self.core.ledger.open(
-            self.stamp.at,
-            self.flow.as_ref(),
-            false,
-            value.capacity(),
+        let ticket = self.core.ledger.open(Entry {
+            read_at: self.stamp.at,
+            flow: self.flow.as_ref(),
+            dead_letter: false,
+            bytes: value.capacity(),
             ack,
-        );
+        });
         Record {
             key,
             value,
@@ -810,13 +810,13 @@ impl Connection {
             Some(s) => Rc::clone(s.key()),
             None => Rc::from(self.session.connection_id()),
         };
-        let ticket = self.core.ledger.open(
-            self.stamp.at,
-            self.flow.as_ref(),
-            true,
-            value.capacity(),
-            None,
-        );
+        let ticket = self.core.ledger.open(Entry {
+            read_at: self.stamp.at,
+            flow: self.flow.as_ref(),
+            dead_letter: true,
+            bytes: value.capacity(),
+            ack: None,
+        });
         let record = Record {
             key,
             value,
@@ -980,8 +980,8 @@ enum ReadInto {
     /// The shard's read buffer, behind room for the `carry` bytes of partial line that
     /// move in front of them once the read completed.
     Shard { carry: usize },
-    /// The connection's backlog, onto its long partial line: at most `want` more bytes.
-    Backlog { want: usize },
+    /// The connection's leftover, onto its long partial line: at most `want` more bytes.
+    Leftover { want: usize },
 }
 
 /// The connection's one read, checked in this order at every poll: answers ready for the
@@ -998,23 +998,19 @@ struct Read<'a> {
     /// The deadline last written to the shard's table (`None`: none written yet).
     armed: Option<Option<Instant>>,
     /// This read's place in the gate's line, once parked.
-    ticket: Option<u64>,
+    turn: Option<u64>,
 }
 
 impl Future for Read<'_> {
     type Output = io::Result<Option<usize>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Read {
-            conn,
-            armed,
-            ticket,
-        } = self.get_mut();
+        let Read { conn, armed, turn } = self.get_mut();
         let conn = &mut **conn;
         if acks_ready(conn.acks.as_deref(), cx) {
             return Poll::Ready(Ok(None));
         }
-        if gate_closed_to(&conn.core, &conn.registration, ticket, cx) {
+        if gate_closed_to(&conn.core, &conn.registration, turn, cx) {
             arm(&conn.core, &conn.registration, None, armed);
             return Poll::Pending;
         }
@@ -1031,8 +1027,8 @@ impl Future for Read<'_> {
                 let mut buf = conn.core.read_buf.borrow_mut();
                 stream.poll_read(cx, &mut buf.read_area()[carry..])
             }
-            ReadInto::Backlog { want } => {
-                let area = conn.backlog.read_area(want, &conn.core.backlogs);
+            ReadInto::Leftover { want } => {
+                let area = conn.leftover.read_area(want, &conn.core.leftovers);
                 stream.poll_read(cx, area)
             }
         }
@@ -1058,7 +1054,7 @@ fn arm(
 /// Whether answers for the station are ready; if not, the read's waker is woken when they
 /// are. Answers come first: a station that waits for them before sending more would
 /// otherwise wait on a read that waits on it.
-fn acks_ready(acks: Option<&ConnAcks>, cx: &Context<'_>) -> bool {
+fn acks_ready(acks: Option<&ConnectionAcks>, cx: &Context<'_>) -> bool {
     let Some(acks) = acks else { return false };
     if acks.is_ready() {
         return true;
@@ -1072,28 +1068,28 @@ fn acks_ready(acks: Option<&ConnAcks>, cx: &Context<'_>) -> bool {
 /// sees its end of stream),
 /// or its queue is half full (see `gate`).
 /// Checked at every poll of the read, because the socket may turn readable long after the
-/// read began, when the queue has filled meanwhile. `ticket` is this read's place in the
+/// read began, when the queue has filled meanwhile. `turn` is this read's place in the
 /// gate's line, so that a wake-up by the socket does not queue the task twice.
 fn gate_closed_to(
     core: &ShardCore,
     registration: &Registration,
-    ticket: &mut Option<u64>,
+    turn: &mut Option<u64>,
     cx: &Context<'_>,
 ) -> bool {
     if core.ledger.bytes_full() && !registration.drained(core) {
-        // The shard holds its byte budget of records: reading now would only fill backlogs.
+        // The shard holds its byte budget of records: reading now would only fill leftovers.
         core.metrics.backpressure_waits.incr();
         core.ledger.wait_bytes(cx.waker());
         return true;
     }
-    if let Some(t) = *ticket
+    if let Some(t) = *turn
         && core.gate.is_queued(t)
     {
         return true;
     }
     if core.gate.is_full() {
         core.metrics.backpressure_waits.incr();
-        *ticket = Some(core.gate.park(cx.waker()));
+        *turn = Some(core.gate.park(cx.waker()));
         return true;
     }
     false

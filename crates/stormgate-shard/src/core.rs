@@ -17,7 +17,7 @@ use slab::Slab;
 use stormgate_protocol::LineParser;
 use stormgate_telemetry::{LogLimiter, ShardMetrics};
 
-use crate::buffers::{BufPool, ReadBuf};
+use crate::buffers::{BufPool, PoolSize, ReadBuf};
 use crate::config::RuntimeConfig;
 use crate::gate::ReadGate;
 use crate::ledger::Ledger;
@@ -26,11 +26,15 @@ use crate::signal::Signal;
 /// How often a shard checks the process's stop flag and its connections' read deadlines,
 /// and refreshes its gauges.
 pub(crate) const TICK: Duration = Duration::from_millis(20);
-/// Backlog buffers: 1 KiB to start (a partial line plus parse padding), at most 1024 kept
+/// Leftover buffers: 1 KiB to start (a partial line plus parse padding), at most 1024 kept
 /// per shard. One that grew past 4 KiB (a blocked connection keeping a read's worth of lines)
 /// is freed when emptied, not pooled: a pooled 64 KiB buffer would later hold some busy
 /// connection's 100-byte partial line, and 10,000 of those are 640 MiB.
-const BACKLOG_POOL: (usize, usize, usize) = (1024, 4 * 1024, 1024);
+const LEFTOVER_POOL: PoolSize = PoolSize {
+    initial: 1024,
+    max_capacity: 4 * 1024,
+    max_kept: 1024,
+};
 
 /// State shared by every task of one shard. Shard-local: lives in an `Rc`, never crosses
 /// threads; `RefCell`s are only borrowed between awaits.
@@ -42,7 +46,7 @@ pub(crate) struct ShardCore {
     pub(crate) sink_ledger: Option<Rc<Ledger>>,
     pub(crate) parser: RefCell<LineParser>,
     pub(crate) read_buf: RefCell<ReadBuf>,
-    pub(crate) backlogs: BufPool,
+    pub(crate) leftovers: BufPool,
     pub(crate) limits: Arc<ConnectionLimit>,
     pub(crate) logs: Logs,
     /// Fired when shutdown begins: stop accepting, stop reading.
@@ -87,7 +91,7 @@ impl ShardCore {
         ShardCore {
             read_buf: RefCell::new(ReadBuf::new(config.read_buffer_bytes)),
             parser: RefCell::new(LineParser::new()),
-            backlogs: BufPool::new(BACKLOG_POOL.0, BACKLOG_POOL.1, BACKLOG_POOL.2),
+            leftovers: BufPool::new(LEFTOVER_POOL),
             logs: Logs::default(),
             draining: Signal::default(),
             stopped: Cell::new(false),

@@ -2,8 +2,8 @@
 //!
 //! Without it, every connection whose turn comes while the queue is nearly full would still
 //! read a buffer's worth of lines (hundreds), find room for a few, and keep the rest in its
-//! backlog: with thousands of busy connections, that is thousands of read buffers held while
-//! the producer catches up (heaptrack showed 190 MiB of backlogs at 3,000 connections before
+//! leftover: with thousands of busy connections, that is thousands of read buffers held while
+//! the producer catches up (heaptrack showed 190 MiB of leftovers at 3,000 connections before
 //! this gate existed). With it, a connection that finds the queue half full parks before
 //! reading, holding nothing, and parked connections are let through one at a time, in
 //! arrival order, as the sink takes records out of a queue that is at most half full. The
@@ -23,11 +23,11 @@ use std::task::Waker;
 pub(crate) struct ReadGate {
     capacity: usize,
     depth: Cell<usize>,
-    /// Parked tasks in arrival order, each with its ticket.
+    /// Parked tasks in arrival order, each with its turn.
     waiters: RefCell<VecDeque<(u64, Waker)>>,
-    /// The ticket the next parked task gets.
-    next_ticket: Cell<u64>,
-    /// Every ticket below this has left the queue (woken).
+    /// The turn the next parked task gets.
+    next_turn: Cell<u64>,
+    /// Every turn below this has left the queue (woken).
     released_below: Cell<u64>,
     closed: Cell<bool>,
 }
@@ -39,7 +39,7 @@ impl ReadGate {
             capacity: capacity.max(1),
             depth: Cell::new(0),
             waiters: RefCell::new(VecDeque::new()),
-            next_ticket: Cell::new(0),
+            next_turn: Cell::new(0),
             released_below: Cell::new(0),
             closed: Cell::new(false),
         }
@@ -59,8 +59,8 @@ impl ReadGate {
             self.wake_all();
         } else if depth <= self.capacity / 2 {
             let next = self.waiters.borrow_mut().pop_front();
-            if let Some((ticket, w)) = next {
-                self.released_below.set(ticket + 1);
+            if let Some((turn, w)) = next {
+                self.released_below.set(turn + 1);
                 w.wake();
             }
         }
@@ -71,20 +71,20 @@ impl ReadGate {
         !self.closed.get() && self.depth.get() >= self.capacity.div_ceil(2)
     }
 
-    /// Parks the task of `waker` until its turn and returns its ticket. For use inside a
+    /// Parks the task of `waker` until its turn comes and returns that turn. For use inside a
     /// read's poll: a connection checks the gate when its socket is ready, not only before it
-    /// starts waiting for data. A task polled again while its ticket is still queued (the
+    /// starts waiting for data. A task polled again while its turn is still queued (the
     /// socket's readiness woke it) should not park again: see [`ReadGate::is_queued`].
     pub(crate) fn park(&self, waker: &Waker) -> u64 {
-        let ticket = self.next_ticket.get();
-        self.next_ticket.set(ticket + 1);
-        self.waiters.borrow_mut().push_back((ticket, waker.clone()));
-        ticket
+        let turn = self.next_turn.get();
+        self.next_turn.set(turn + 1);
+        self.waiters.borrow_mut().push_back((turn, waker.clone()));
+        turn
     }
 
-    /// Whether `ticket` is still waiting for its turn.
-    pub(crate) fn is_queued(&self, ticket: u64) -> bool {
-        !self.closed.get() && ticket >= self.released_below.get()
+    /// Whether `turn` has not come yet.
+    pub(crate) fn is_queued(&self, turn: u64) -> bool {
+        !self.closed.get() && turn >= self.released_below.get()
     }
 
     /// Parks until this task's turn (or until the gate closes).
@@ -111,7 +111,7 @@ impl ReadGate {
 
     fn wake_all(&self) {
         let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
-        self.released_below.set(self.next_ticket.get());
+        self.released_below.set(self.next_turn.get());
         for (_, w) in waiters {
             w.wake();
         }

@@ -16,7 +16,7 @@ use slab::Slab;
 use stormgate_buffer::Log;
 use stormgate_telemetry::{LogLimiter, ShardMetrics};
 
-use crate::acks::ConnAcks;
+use crate::acks::ConnectionAcks;
 use crate::buffers::BufPool;
 use crate::contract::{DeliveryFailure, Outcome, Ticket};
 use crate::events::DeliveryFailed;
@@ -55,14 +55,28 @@ pub(crate) enum Stage {
     Log(LogLink),
 }
 
+/// What a connection's record opens its ledger entry with ([`Ledger::open`]).
+pub(crate) struct Entry<'a> {
+    /// When its line was read.
+    pub(crate) read_at: Instant,
+    /// Its connection's in-flight caps, when it has any.
+    pub(crate) flow: Option<&'a Rc<ConnectionFlow>>,
+    /// A rejected line for the dead-letter topic, not a metrics record.
+    pub(crate) dead_letter: bool,
+    /// The bytes its value holds.
+    pub(crate) bytes: usize,
+    /// Its connection's acknowledgement window and its slot there, when it is acknowledged.
+    pub(crate) ack: Option<(Rc<ConnectionAcks>, u64)>,
+}
+
 struct Pending {
     read_at: Instant,
-    flow: Option<Rc<ConnFlow>>,
+    flow: Option<Rc<ConnectionFlow>>,
     dead_letter: bool,
     /// The record value's bytes, as counted in the ledger's and the flow's byte totals.
     bytes: usize,
     /// The connection's acknowledgement window and this record's slot in it.
-    ack: Option<(Rc<ConnAcks>, u64)>,
+    ack: Option<(Rc<ConnectionAcks>, u64)>,
     /// For a [`Stage::Log`] ledger: which of the shard's logs holds the record, and where.
     at: Option<LogPlace>,
 }
@@ -107,14 +121,14 @@ impl Ledger {
 
     /// Opens the entry of a record whose value holds `bytes`; the returned ticket travels
     /// with the record.
-    pub(crate) fn open(
-        &self,
-        read_at: Instant,
-        flow: Option<&Rc<ConnFlow>>,
-        dead_letter: bool,
-        bytes: usize,
-        ack: Option<(Rc<ConnAcks>, u64)>,
-    ) -> Ticket {
+    pub(crate) fn open(&self, entry: Entry<'_>) -> Ticket {
+        let Entry {
+            read_at,
+            flow,
+            dead_letter,
+            bytes,
+            ack,
+        } = entry;
         if let Some(flow) = flow {
             flow.in_flight.set(flow.in_flight.get() + 1);
             flow.bytes.set(flow.bytes.get() + bytes);
@@ -271,7 +285,7 @@ impl Ledger {
 
 /// One connection's records in flight, in count and in bytes, shared between the connection
 /// task and the ledger entries of its records. Shard-local.
-pub(crate) struct ConnFlow {
+pub(crate) struct ConnectionFlow {
     /// Most records in flight; 0 = no limit.
     cap: u32,
     /// Most value bytes in flight; 0 = no limit.
@@ -281,9 +295,9 @@ pub(crate) struct ConnFlow {
     waiter: Cell<Option<Waker>>,
 }
 
-impl ConnFlow {
-    pub(crate) fn new(cap: u32, max_bytes: usize) -> ConnFlow {
-        ConnFlow {
+impl ConnectionFlow {
+    pub(crate) fn new(cap: u32, max_bytes: usize) -> ConnectionFlow {
+        ConnectionFlow {
             cap,
             max_bytes,
             in_flight: Cell::new(0),

@@ -60,12 +60,16 @@ impl Server {
                  under net.ipv4.tcp_mem's pressure threshold (docs/TUNING.md)"
             );
         }
-        let (sockets, local_addr) =
-            crate::listener::bind_group(config.listen, nr_shards, config.backlog, recv_buffer)
-                .map_err(|source| StartServerError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let (sockets, local_addr) = crate::listener::bind_group(
+            config.listen,
+            nr_shards,
+            config.listen_backlog,
+            recv_buffer,
+        )
+        .map_err(|source| StartServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let buffer = match &config.disk_buffer {
             Some(settings) => Some(crate::disk::prepare(settings, nr_shards)?),
             None => None,

@@ -16,7 +16,7 @@ use glommio::timer::sleep;
 use stormgate_telemetry::ShardMetrics;
 use tracing::{debug, info};
 
-use crate::buffers::BufPool;
+use crate::buffers::{BufPool, PoolSize};
 use crate::config::RuntimeConfig;
 use crate::connection;
 use crate::contract::{Record, ShardInfo, StartServerError};
@@ -28,7 +28,11 @@ use crate::ledger::{Ledger, LogLink, Stage};
 use crate::sink::{RecordReceiver, Sink, SinkContext, SinkFactory};
 
 /// Record value buffers kept for reuse per shard, and the largest one kept.
-const PAYLOAD_POOL: (usize, usize, usize) = (256, 4096, 4096);
+const PAYLOAD_POOL: PoolSize = PoolSize {
+    initial: 256,
+    max_capacity: 4096,
+    max_kept: 4096,
+};
 
 /// Everything a shard thread needs to start.
 pub(crate) struct ShardStart<F> {
@@ -99,7 +103,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
     };
     let ledger = Rc::new(Ledger::new(
         Arc::clone(&metrics),
-        BufPool::new(PAYLOAD_POOL.0, PAYLOAD_POOL.1, PAYLOAD_POOL.2),
+        BufPool::new(PAYLOAD_POOL),
         config.max_in_flight_bytes,
         stage,
     ));
@@ -108,7 +112,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         Rc::new(
             Ledger::new(
                 Arc::clone(&metrics),
-                BufPool::new(PAYLOAD_POOL.0, PAYLOAD_POOL.1, PAYLOAD_POOL.2),
+                BufPool::new(PAYLOAD_POOL),
                 0,
                 Stage::Log(link),
             )

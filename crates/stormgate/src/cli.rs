@@ -502,7 +502,7 @@ impl Cli {
         RuntimeConfig {
             listen: self.listen,
             shards: self.shards,
-            backlog: self.backlog,
+            listen_backlog: self.backlog,
             max_connections: self.max_connections,
             max_connections_per_shard: self.max_connections_per_shard,
             max_connections_per_source: self.max_connections_per_ip,
@@ -777,7 +777,7 @@ mod tests {
         let rt = cli.runtime_config();
         assert_eq!(rt.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(rt.shards, 0);
-        assert_eq!(rt.backlog, 4096);
+        assert_eq!(rt.listen_backlog, 4096);
         assert_eq!(rt.max_in_flight_per_connection, 4096);
         assert_eq!(
             rt.max_in_flight_bytes_per_connection,
