@@ -19,9 +19,10 @@ use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
-use stormgate_telemetry::LogLimiter;
+use stormgate_telemetry::{Event, LogLimiter};
 use tracing::{debug, error, info, warn};
 
+use crate::events::{ClientError, StatsUnreadable};
 use crate::spill::SpillLine;
 
 /// One delivery report, copied out of librdkafka.
@@ -44,8 +45,8 @@ pub(crate) struct Report {
 pub(crate) struct ShardContext {
     shard_id: usize,
     reports: Mutex<Vec<Report>>,
-    /// Last time a broker error was logged (errors repeat every reconnect attempt).
-    last_error_log: Mutex<Option<Instant>>,
+    /// Rate limit of broker errors (they repeat at every reconnect attempt).
+    error_log: Mutex<LogLimiter>,
     /// Callbacks run so far. `poll(0)` serves one event and every event ends in a callback,
     /// so an unchanged count after a poll means the queue is empty.
     callbacks: AtomicU64,
@@ -62,7 +63,7 @@ impl ShardContext {
         ShardContext {
             shard_id,
             reports: Mutex::new(Vec::with_capacity(1024)),
-            last_error_log: Mutex::new(None),
+            error_log: Mutex::new(LogLimiter::new(ERROR_LOG_INTERVAL)),
             callbacks: AtomicU64::new(0),
             stats,
             stats_log: Mutex::new(LogLimiter::new(Duration::from_secs(60))),
@@ -109,15 +110,13 @@ impl ClientContext for ShardContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         self.count_callback();
-        let now = Instant::now();
-        let mut last = self
-            .last_error_log
-            .lock()
-            .expect("error log state poisoned");
-        if last.is_none_or(|t| now.duration_since(t) >= ERROR_LOG_INTERVAL) {
-            *last = Some(now);
-            warn!(shard = self.shard_id, %error, "kafka client error: {reason}");
+        let limiter = self.error_log.lock().expect("error log state poisoned");
+        ClientError {
+            shard: self.shard_id,
+            error: &error,
+            reason,
         }
+        .log_limited(&limiter);
     }
 
     /// Runs on the shard (inside its `poll(0)`), once per `statistics.interval.ms`. Parsing
@@ -137,9 +136,11 @@ impl ClientContext for ShardContext {
         self.count_callback();
         if let Err(e) = self.stats.update(statistics) {
             let limiter = self.stats_log.lock().expect("stats log state poisoned");
-            if let Some(suppressed) = limiter.allow(Instant::now()) {
-                warn!(shard = self.shard_id, error = %e, suppressed, "unreadable librdkafka statistics");
+            StatsUnreadable {
+                shard: self.shard_id,
+                error: &e,
             }
+            .log_limited(&limiter);
         }
     }
 }

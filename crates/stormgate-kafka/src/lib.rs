@@ -20,6 +20,7 @@
 pub mod ceiling;
 pub mod config;
 pub mod embedded;
+mod events;
 pub mod sink;
 pub mod spill;
 pub mod verify;

@@ -25,12 +25,13 @@ use stormgate_shard::{
     DeliveryFailure, Notify, Outcome, Record, RecordReceiver, ShardInfo, Sink, SinkContext,
     SinkFactory, Ticket,
 };
-use stormgate_telemetry::LogLimiter;
-use tracing::{error, info};
+use stormgate_telemetry::{Event, LogLimiter};
+use tracing::info;
 
 use crate::config::KafkaSettings;
 pub use crate::context::{ProducerStats, ProducerStatsSnapshot};
 use crate::context::{Report, ShardContext};
+use crate::events::SpillFailed;
 use crate::spill::{SpillFile, SpillLine};
 
 /// How often delivery reports are polled while records are in flight. It bounds the delay
@@ -327,19 +328,13 @@ impl Running {
         let metrics = self.ctx.metrics();
         match spill.flush() {
             Ok(n) => metrics.records_spilled.add(n),
-            Err(error) => {
-                metrics.spill_failures.add(pending);
-                if let Some(suppressed) = self.spill_log.allow(Instant::now()) {
-                    error!(
-                        shard = self.shard_id,
-                        path = %spill.path().display(),
-                        records = pending,
-                        suppressed,
-                        %error,
-                        "spill file write failed: these failed records are lost"
-                    );
-                }
+            Err(error) => SpillFailed {
+                shard: self.shard_id,
+                path: spill.path(),
+                records: pending,
+                error: &error,
             }
+            .emit(metrics, &self.spill_log),
         }
     }
 

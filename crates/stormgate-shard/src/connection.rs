@@ -25,6 +25,7 @@ use glommio::channels::local_channel::LocalSender;
 use glommio::net::TcpStream;
 use glommio::{GlommioError, ResourceType};
 use stormgate_protocol::{DeadLetter, ErrorCode, Frame, LineFramer, Parsed, Session};
+use stormgate_telemetry::Event;
 
 use crate::acks::ConnectionAcks;
 use crate::auth::{Credentials, StationAuth};
@@ -111,7 +112,7 @@ pub(crate) fn serve(
             peer: conn.peer,
             reason,
         }
-        .emit(&conn.core.metrics);
+        .emit_every(&conn.core.metrics);
         conn.core.limits.release(conn.peer.ip());
     }
 }

@@ -1,12 +1,12 @@
-//! Internal events of the shard runtime. Each one's `emit` counts it and logs it, at a rate
-//! limit where it can repeat per line, so logs and metrics cannot drift apart.
+//! Internal events of the shard runtime, each an [`Event`]: `emit` counts it and logs it at a
+//! rate limit where it can repeat per line or per connection, so logs and metrics cannot
+//! drift apart.
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::Instant;
 
 use stormgate_protocol::ErrorCode;
-use stormgate_telemetry::{LogLimiter, ShardMetrics};
+use stormgate_telemetry::{Event, ShardMetrics};
 use tracing::{debug, error, warn};
 
 use crate::contract::DeliveryFailure;
@@ -18,19 +18,20 @@ pub(crate) struct LineRejected<'a> {
     pub peer: SocketAddr,
 }
 
-impl LineRejected<'_> {
-    pub(crate) fn emit(&self, metrics: &ShardMetrics, limiter: &LogLimiter) {
+impl Event for LineRejected<'_> {
+    fn count(&self, metrics: &ShardMetrics) {
         metrics.line_error(self.code);
-        if let Some(suppressed) = limiter.allow(Instant::now()) {
-            warn!(
-                code = self.code.as_str(),
-                connection_id = self.connection_id,
-                peer = %self.peer,
-                suppressed,
-                "rejected line: {}",
-                self.code.message()
-            );
-        }
+    }
+
+    fn log(&self, suppressed: u64) {
+        warn!(
+            code = self.code.as_str(),
+            connection_id = self.connection_id,
+            peer = %self.peer,
+            suppressed,
+            "rejected line: {}",
+            self.code.message()
+        );
     }
 }
 
@@ -49,28 +50,29 @@ pub(crate) struct StationAuthFailed<'a> {
 /// line).
 const LOGGED_ZIPCODE_MAX: usize = 64;
 
-impl StationAuthFailed<'_> {
-    /// Counts it as a rejected line (`auth_failed`) and logs it at its own rate limit, so a
-    /// flood of malformed lines cannot hide failed identifies from the log.
-    pub(crate) fn emit(&self, metrics: &ShardMetrics, limiter: &LogLimiter) {
+/// Counted as a rejected line (`auth_failed`) and logged at its own rate limit, so a flood of
+/// malformed lines cannot hide failed identifies from the log.
+impl Event for StationAuthFailed<'_> {
+    fn count(&self, metrics: &ShardMetrics) {
         metrics.line_error(ErrorCode::AuthFailed);
-        if let Some(suppressed) = limiter.allow(Instant::now()) {
-            let mut end = self.zipcode.len().min(LOGGED_ZIPCODE_MAX);
-            while !self.zipcode.is_char_boundary(end) {
-                end -= 1;
-            }
-            // Debug formatting escapes whatever the station put in it.
-            warn!(
-                code = ErrorCode::AuthFailed.as_str(),
-                connection_id = self.connection_id,
-                peer = %self.peer,
-                zipcode = ?&self.zipcode[..end],
-                failures = self.failures,
-                suppressed,
-                "station authentication failed: {}",
-                ErrorCode::AuthFailed.message()
-            );
+    }
+
+    fn log(&self, suppressed: u64) {
+        let mut end = self.zipcode.len().min(LOGGED_ZIPCODE_MAX);
+        while !self.zipcode.is_char_boundary(end) {
+            end -= 1;
         }
+        // Debug formatting escapes whatever the station put in it.
+        warn!(
+            code = ErrorCode::AuthFailed.as_str(),
+            connection_id = self.connection_id,
+            peer = %self.peer,
+            zipcode = ?&self.zipcode[..end],
+            failures = self.failures,
+            suppressed,
+            "station authentication failed: {}",
+            ErrorCode::AuthFailed.message()
+        );
     }
 }
 
@@ -81,20 +83,21 @@ pub(crate) struct TlsHandshakeFailed<'a> {
     pub error: &'a io::Error,
 }
 
-impl TlsHandshakeFailed<'_> {
-    /// Counted, and logged at its own rate limit: a scanner or a station with the wrong CA
-    /// repeats it once per connection.
-    pub(crate) fn emit(&self, metrics: &ShardMetrics, limiter: &LogLimiter) {
+/// Counted, and logged at its own rate limit: a scanner or a station with the wrong CA
+/// repeats it once per connection.
+impl Event for TlsHandshakeFailed<'_> {
+    fn count(&self, metrics: &ShardMetrics) {
         metrics.tls_handshake_failures.incr();
-        if let Some(suppressed) = limiter.allow(Instant::now()) {
-            warn!(
-                connection_id = self.connection_id,
-                peer = %self.peer,
-                error = %self.error,
-                suppressed,
-                "TLS handshake failed; connection closed"
-            );
-        }
+    }
+
+    fn log(&self, suppressed: u64) {
+        warn!(
+            connection_id = self.connection_id,
+            peer = %self.peer,
+            error = %self.error,
+            suppressed,
+            "TLS handshake failed; connection closed"
+        );
     }
 }
 
@@ -106,12 +109,13 @@ pub(crate) struct ConnectionRejected {
     pub limit: usize,
 }
 
-impl ConnectionRejected {
-    pub(crate) fn emit(&self, metrics: &ShardMetrics, limiter: &LogLimiter) {
+impl Event for ConnectionRejected {
+    fn count(&self, metrics: &ShardMetrics) {
         metrics.connections_rejected.incr();
-        if let Some(suppressed) = limiter.allow(Instant::now()) {
-            warn!(peer = ?self.peer, scope = self.scope, limit = self.limit, suppressed, "connection limit reached; refusing connection");
-        }
+    }
+
+    fn log(&self, suppressed: u64) {
+        warn!(peer = ?self.peer, scope = self.scope, limit = self.limit, suppressed, "connection limit reached; refusing connection");
     }
 }
 
@@ -120,11 +124,9 @@ pub(crate) struct AcceptFailed<'a> {
     pub error: &'a io::Error,
 }
 
-impl AcceptFailed<'_> {
-    pub(crate) fn emit(&self, limiter: &LogLimiter) {
-        if let Some(suppressed) = limiter.allow(Instant::now()) {
-            error!(error = %self.error, suppressed, "accept failed");
-        }
+impl Event for AcceptFailed<'_> {
+    fn log(&self, suppressed: u64) {
+        error!(error = %self.error, suppressed, "accept failed");
     }
 }
 
@@ -176,22 +178,26 @@ impl std::fmt::Display for CloseReason {
     }
 }
 
-impl ConnectionClosed<'_> {
-    pub(crate) fn emit(&self, metrics: &ShardMetrics) {
+/// Logged every time: at DEBUG, or, for a panic, as an error (each one is a bug to fix, and
+/// each ends a connection).
+impl Event for ConnectionClosed<'_> {
+    fn count(&self, metrics: &ShardMetrics) {
         metrics.connections_closed.incr();
         metrics.connections_active.add(-1);
         match &self.reason {
             CloseReason::IdleTimeout => metrics.idle_timeouts.incr(),
             CloseReason::LineTimeout => metrics.line_timeouts.incr(),
-            CloseReason::Panicked(msg) => {
-                // Not rate limited: each one is a bug to fix, and each ends a connection.
-                metrics.connection_panics.incr();
-                error!(connection_id = self.connection_id, peer = %self.peer, panic = %msg, "connection task panicked; connection closed, shard unaffected");
-                return;
-            }
+            CloseReason::Panicked(_) => metrics.connection_panics.incr(),
             _ => {}
         }
-        debug!(connection_id = self.connection_id, peer = %self.peer, reason = %self.reason, "connection closed");
+    }
+
+    fn log(&self, _: u64) {
+        if let CloseReason::Panicked(msg) = &self.reason {
+            error!(connection_id = self.connection_id, peer = %self.peer, panic = %msg, "connection task panicked; connection closed, shard unaffected");
+        } else {
+            debug!(connection_id = self.connection_id, peer = %self.peer, reason = %self.reason, "connection closed");
+        }
     }
 }
 
@@ -200,11 +206,9 @@ pub(crate) struct DeliveryFailed<'a> {
     pub failure: &'a DeliveryFailure,
 }
 
-impl DeliveryFailed<'_> {
-    /// The failed-record counter is the ledger's; this only logs.
-    pub(crate) fn emit(&self, limiter: &LogLimiter) {
-        if let Some(suppressed) = limiter.allow(Instant::now()) {
-            error!(error = %self.failure, suppressed, "record not delivered");
-        }
+/// The failed-record counters are the ledger's (records or dead letters): this only logs.
+impl Event for DeliveryFailed<'_> {
+    fn log(&self, suppressed: u64) {
+        error!(error = %self.failure, suppressed, "record not delivered");
     }
 }

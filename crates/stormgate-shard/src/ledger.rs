@@ -20,6 +20,7 @@ use crate::acks::ConnectionAcks;
 use crate::buffers::BufPool;
 use crate::contract::{DeliveryFailure, Outcome, Ticket};
 use crate::events::DeliveryFailed;
+use stormgate_telemetry::Event;
 
 /// A shard's book of in-flight records: every record from the line that made it until the
 /// sink settles it, queued or handed to the producer. Shard-local.
@@ -259,7 +260,7 @@ impl Ledger {
                     m.delivery_latency.record(p.read_at.elapsed());
                     m.records_failed.incr();
                 }
-                DeliveryFailed { failure: &failure }.emit(&self.failure_log);
+                DeliveryFailed { failure: &failure }.log_limited(&self.failure_log);
             }
         }
         if let Some(flow) = p.flow {

@@ -13,7 +13,7 @@ use futures_lite::future;
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::TcpListener;
 use glommio::timer::sleep;
-use stormgate_telemetry::ShardMetrics;
+use stormgate_telemetry::{Event, ShardMetrics};
 use tracing::{debug, info};
 
 use crate::buffers::{BufPool, PoolSize};
@@ -294,7 +294,7 @@ async fn accept_loop(
             Ok(stream) => admit(core, stream, queue),
             Err(e) => {
                 let e = io::Error::from(e);
-                AcceptFailed { error: &e }.emit(&core.logs.accept_failed);
+                AcceptFailed { error: &e }.emit(&core.metrics, &core.logs.accept_failed);
                 // Out of descriptors or memory: back off instead of spinning on the error.
                 if matches!(
                     e.raw_os_error(),

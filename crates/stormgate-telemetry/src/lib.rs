@@ -9,15 +9,18 @@
 //! - [`LatencyHistogram`]: log-linear buckets in microseconds with ~6% precision, mergeable
 //!   across shards, from which percentiles and Prometheus buckets are derived.
 //! - [`LogLimiter`]: lets one log line through per interval and counts the ones it held back.
+//! - [`Event`]: an internal event, counted every time and logged at its limiter's rate.
 //! - [`DistinctCounter`]: a HyperLogLog sketch of distinct keys (zipcodes) per shard, whose
 //!   [`DistinctSnapshot`]s merge across shards into an estimate within about 1.6%.
 //! - [`ShardMetrics`]: the full set one shard keeps, and [`Totals`], their sum.
 
+mod event;
 mod histogram;
 mod hll;
 mod limiter;
 mod metrics;
 
+pub use event::Event;
 pub use histogram::{HistogramSnapshot, LatencyHistogram};
 pub use hll::{DistinctCounter, DistinctSnapshot};
 pub use limiter::LogLimiter;
