@@ -18,26 +18,20 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, AsyncWriteExt, FutureExt};
 use glommio::channels::local_channel::LocalSender;
 use glommio::net::TcpStream;
-use glommio::{GlommioError, ResourceType};
-use stormgate_protocol::{DeadLetter, ErrorCode, Frame, LineFramer, Parsed, Session};
+use stormgate_protocol::ErrorCode;
 use stormgate_telemetry::Event;
 
 use crate::acks::ConnectionAcks;
-use crate::auth::{Credentials, StationAuth};
-use crate::buffers::Leftover;
-use crate::config::RuntimeConfig;
-use crate::contract::{DeliveryFailure, Outcome, Record};
+use crate::contract::Record;
 use crate::core::{Registration, ShardCore};
-use crate::events::{
-    CloseReason, ConnectionClosed, LineRejected, StationAuthFailed, TlsHandshakeFailed,
-};
-use crate::ledger::{ConnectionFlow, Entry};
-use crate::policy::{Closing, Policy, Timeouts, after, earliest};
+use crate::events::{CloseReason, ConnectionClosed, TlsHandshakeFailed};
+use crate::lines::{Blocked, Env, LineHandler, REPLY_MAX, ReadStamp, timeouts};
+use crate::policy::{Closing, Timeouts, after, earliest};
 use crate::tls::StationStream;
 
 /// How much a read into a connection's own leftover asks for.
@@ -47,10 +41,6 @@ const LEFTOVER_READ: usize = 16 * 1024;
 const CARRY_MAX: usize = 4 * 1024;
 /// Reply buffers larger than this are freed after each flush rather than kept.
 const REPLY_KEEP: usize = 1024;
-/// Most bytes of answers a connection queues for its station before it stops handling lines
-/// and waits for them to be written: a station that does not read its answers is not read
-/// either (an error line is ~100 bytes, so ~160 answers; acks coalesce).
-pub(crate) const REPLY_MAX: usize = 16 * 1024;
 /// How long the final error line of a connection the server closes may take to write.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -67,35 +57,16 @@ pub(crate) fn serve(
 ) -> impl Future<Output = ()> + 'static {
     let mut id = uuid::Uuid::encode_buffer();
     let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut id);
-    let (cap, max_bytes) = (
-        core.config.max_in_flight_per_connection,
-        core.config.max_in_flight_bytes_per_connection,
-    );
-    let flow = (cap > 0 || max_bytes > 0).then(|| Rc::new(ConnectionFlow::new(cap, max_bytes)));
-    let policy = Policy::new(
-        Instant::now(),
-        timeouts(&core.config),
-        core.config.max_lines_per_sec,
-    );
+    let lines = LineHandler::new(&core, id, peer, ReadStamp::now());
     let registration = core.register(stream.as_raw_fd());
     // A write blocked for the idle timeout is a station that stopped reading its replies.
     let _ = stream.set_write_timeout(core.config.idle_timeout.filter(|d| !d.is_zero()));
     let mut conn = Connection {
-        framer: LineFramer::new(core.config.max_line_bytes),
-        session: Session::new(id),
         core,
         stream: StationStream::Plain(stream),
         registration,
-        peer,
         queue,
-        flow,
-        leftover: Leftover::default(),
-        replies: Vec::new(),
-        payload: Vec::new(),
-        stamp: ReadStamp::now(),
-        policy,
-        blocked: None,
-        acks: None,
+        lines,
     };
     async move {
         // A bug that panics while serving one connection ends that connection, not the shard:
@@ -106,82 +77,32 @@ pub(crate) fn serve(
             Ok(reason) => reason,
             Err(panic) => CloseReason::Panicked(panic_message(&*panic)),
         };
-        conn.leftover.release(&conn.core.leftovers);
+        conn.lines.leftover.release(&conn.core.leftovers);
         ConnectionClosed {
-            connection_id: conn.session.connection_id(),
-            peer: conn.peer,
+            connection_id: conn.lines.session.connection_id(),
+            peer: conn.lines.peer,
             reason,
         }
         .emit_every(&conn.core.metrics);
-        conn.core.limits.release(conn.peer.ip());
+        conn.core.limits.release(conn.lines.peer.ip());
     }
 }
 
+/// One connection's I/O: its socket, its entry in the shard's table, and the reads, waits and
+/// writes around its [`LineHandler`].
 struct Connection {
     core: Rc<ShardCore>,
     stream: StationStream,
     /// The socket's entry in the shard's table (shutdown, read deadlines, the drain's count
     /// of open connections); removed when the connection drops.
     registration: Registration,
-    peer: SocketAddr,
     queue: Rc<LocalSender<Record>>,
-    /// The connection's in-flight count, when it has a cap.
-    flow: Option<Rc<ConnectionFlow>>,
-    session: Session,
-    framer: LineFramer,
-    /// Received bytes not yet handled: a partial line, or lines behind a block.
-    leftover: Leftover,
-    /// Error lines waiting to be written to the station.
-    replies: Vec<u8>,
-    /// The value buffer the next record is encoded into: from the shard's pool while lines
-    /// are being handled, empty (no allocation) between reads.
-    payload: Vec<u8>,
-    /// When the bytes being handled were read.
-    stamp: ReadStamp,
-    /// The read deadline (the shard expires the connection then:
-    /// `ShardCore::expire_overdue`), the line rate's budget, bad lines and refused
-    /// identifies, and whether the server decided to close the connection.
-    policy: Policy,
-    blocked: Option<Blocked>,
-    /// Answers owed to the station, once it asked for acknowledgements.
-    acks: Option<Rc<ConnectionAcks>>,
+    lines: LineHandler,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
         self.core.deregister(&self.registration);
-    }
-}
-
-/// Why the connection stopped handling lines before the end of its bytes.
-enum Blocked {
-    /// The shard queue was full; this record goes in first once there is room. Boxed: a
-    /// block is rare, and every connection carries room for one.
-    Queue(Box<Record>),
-    /// The connection reached its in-flight cap (records or bytes).
-    Flow,
-    /// The shard holds its byte budget of records in flight (`TCP_MAX_BYTES_IN_FLIGHT`).
-    Bytes,
-    /// The answers waiting for the station reached [`REPLY_MAX`]: they must be written
-    /// before more lines are handled.
-    Replies,
-}
-
-#[derive(Clone, Copy)]
-struct ReadStamp {
-    unix_ms: i64,
-    at: Instant,
-}
-
-impl ReadStamp {
-    fn now() -> ReadStamp {
-        let unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        ReadStamp {
-            unix_ms,
-            at: Instant::now(),
-        }
     }
 }
 
@@ -206,7 +127,7 @@ impl Connection {
             };
             let Some(n) = read else {
                 // Answers became ready while waiting for bytes.
-                self.take_acks();
+                self.lines.take_acks();
                 if let Err(e) = Box::pin(self.flush_replies()).await {
                     return CloseReason::Io(e);
                 }
@@ -215,24 +136,28 @@ impl Connection {
             if n == 0 && self.registration.expired(&self.core) {
                 // The shard shut the read side at the deadline (not the station leaving):
                 // a partial line in the leftover is cut, not completed.
-                let code = if self.policy.partial() {
+                let code = if self.lines.policy.partial() {
                     ErrorCode::LineTimeout
                 } else {
                     ErrorCode::IdleTimeout
                 };
                 return Box::pin(self.close_with(code)).await;
             }
-            if n == 0 && !self.registration.drained(&self.core) && !self.leftover.is_empty() {
+            if n == 0 && !self.registration.drained(&self.core) && !self.lines.leftover.is_empty() {
                 // The station closed without a final newline: its last line is complete.
-                self.leftover.push(b"\n", &self.core.leftovers);
-                self.handle_leftover();
+                self.lines.leftover.push(b"\n", &self.core.leftovers);
+                self.lines.handle_leftover(&Env {
+                    core: &self.core,
+                    queue: &self.queue,
+                    certificate: self.stream.peer_certificate(),
+                });
             }
-            if self.blocked.is_some()
+            if self.lines.blocked.is_some()
                 && let Err(e) = Box::pin(self.drain_blocks()).await
             {
                 return CloseReason::Io(e);
             }
-            if let Some(closing) = self.policy.closing() {
+            if let Some(closing) = self.lines.policy.closing() {
                 return match closing {
                     Closing::SinkStopped => CloseReason::SinkStopped,
                     Closing::TooManyErrors => {
@@ -245,20 +170,20 @@ impl Connection {
                     }
                 };
             }
-            if n == 0 && self.acks.as_ref().is_some_and(|a| !a.is_empty()) {
+            if n == 0 && self.lines.acks.as_ref().is_some_and(|a| !a.is_empty()) {
                 // The station stopped sending; it may still wait for its answers.
                 if let Err(e) = Box::pin(self.answer_the_rest()).await {
                     return CloseReason::Io(e);
                 }
             }
-            self.take_acks();
-            if !self.replies.is_empty()
+            self.lines.take_acks();
+            if !self.lines.replies.is_empty()
                 && let Err(e) = Box::pin(self.flush_replies()).await
             {
                 return CloseReason::Io(e);
             }
-            self.track_partial_line();
-            if let Some(wait) = self.overdraft() {
+            self.lines.track_partial_line(&self.core);
+            if let Some(wait) = self.lines.overdraft(&self.core) {
                 Box::pin(self.throttle(wait)).await;
             }
             if n == 0 {
@@ -289,8 +214,8 @@ impl Connection {
             }
             Err(error) => {
                 TlsHandshakeFailed {
-                    connection_id: self.session.connection_id(),
-                    peer: self.peer,
+                    connection_id: self.lines.session.connection_id(),
+                    peer: self.lines.peer,
                     error: &error,
                 }
                 .emit(&core.metrics, &core.logs.tls_failed);
@@ -303,18 +228,9 @@ impl Connection {
         timeouts(&self.core.config)
     }
 
-    /// After the leftover was handled and nothing blocks, whatever it still holds is a partial
-    /// line, and so is the rest of an oversized line being skipped: moves the deadline for
-    /// what this read showed (see [`Liveness::after_read`]).
-    fn track_partial_line(&mut self) {
-        let partial = !self.leftover.is_empty() || self.framer.is_discarding();
-        self.policy
-            .after_read(self.stamp.at, partial, self.timeouts());
-    }
-
     /// Sends `code`'s error line (best effort, bounded in time) and ends the connection.
     async fn close_with(&mut self, code: ErrorCode) -> CloseReason {
-        self.send_error(code);
+        self.lines.send_error(&self.core, code);
         self.farewell().await;
         match code {
             ErrorCode::IdleTimeout => CloseReason::IdleTimeout,
@@ -330,8 +246,9 @@ impl Connection {
         if let Err(e) = self.answer_the_rest().await {
             return CloseReason::Io(e);
         }
-        self.take_acks();
-        self.replies
+        self.lines.take_acks();
+        self.lines
+            .replies
             .extend_from_slice(stormgate_protocol::RECONNECT_LINE.as_bytes());
         self.farewell().await;
         if let Some(fd) = self.stream.raw_fd() {
@@ -357,22 +274,6 @@ impl Connection {
         .await;
     }
 
-    /// Marks the bytes just read with the time, and with a line rate limit tops the budget
-    /// up for the time since the previous read, to at most one second's worth (a token
-    /// bucket: refilled, then spent by the lines of this read).
-    fn stamp_read(&mut self) {
-        let stamp = ReadStamp::now();
-        let since = stamp.at.saturating_duration_since(self.stamp.at);
-        self.policy
-            .refill(since, self.core.config.max_lines_per_sec);
-        self.stamp = stamp;
-    }
-
-    /// With a line rate limit: how long to wait if the lines read overdrew the budget.
-    fn overdraft(&self) -> Option<Duration> {
-        self.policy.overdraft(self.core.config.max_lines_per_sec)
-    }
-
     /// Waits out an overdrawn line budget without reading (the station's writes block in
     /// TCP: nothing is dropped), or until shutdown begins (once it has, until the deadline).
     async fn throttle(&mut self, wait: Duration) {
@@ -393,21 +294,14 @@ impl Connection {
             futures_lite::future::or(glommio::timer::sleep(wait), self.core.draining.wait()).await;
         }
         // The wait was the shard's doing: the station's clocks start again.
-        self.policy.restart(Instant::now(), self.timeouts());
-    }
-
-    /// Moves the answers that are ready into the replies.
-    fn take_acks(&mut self) {
-        if let Some(acks) = &self.acks {
-            acks.take_ready(&mut self.replies, REPLY_MAX);
-        }
+        self.lines.policy.restart(Instant::now(), self.timeouts());
     }
 
     /// After the station's end of stream: writes answers as they become ready until every
     /// line has one. The records settle by the delivery timeout at the latest, or at the
     /// shutdown deadline.
     async fn answer_the_rest(&mut self) -> io::Result<()> {
-        let Some(acks) = self.acks.clone() else {
+        let Some(acks) = self.lines.acks.clone() else {
             return Ok(());
         };
         while !acks.is_empty() {
@@ -420,7 +314,7 @@ impl Connection {
                 }
             })
             .await;
-            acks.take_ready(&mut self.replies, REPLY_MAX);
+            acks.take_ready(&mut self.lines.replies, REPLY_MAX);
             self.flush_replies().await?;
         }
         Ok(())
@@ -451,7 +345,7 @@ impl Connection {
     /// Where the next read goes: a function of the leftover, which no read changes until it
     /// completes, so the read future need not keep it.
     fn read_into(&self) -> ReadInto {
-        let carry = self.leftover.len();
+        let carry = self.lines.leftover.len();
         if carry <= CARRY_MAX.min(self.core.config.read_buffer_bytes / 2) {
             ReadInto::Shard { carry }
         } else {
@@ -470,24 +364,33 @@ impl Connection {
         match self.read_into() {
             ReadInto::Shard { carry } if n > 0 => {
                 // No await since the read completed: the shard buffer still holds our bytes.
-                self.stamp_read();
-                let core = Rc::clone(&self.core);
+                self.lines.stamp_read(&self.core, ReadStamp::now());
+                let core = &self.core;
                 let mut buf = core.read_buf.borrow_mut();
                 let buf = buf.as_mut();
                 let end = carry + n;
                 if carry > 0 {
-                    buf[..carry].copy_from_slice(self.leftover.bytes());
-                    self.leftover.release(&core.leftovers);
+                    buf[..carry].copy_from_slice(self.lines.leftover.bytes());
+                    self.lines.leftover.release(&core.leftovers);
                 }
-                let done = self.handle(buf, 0, end);
+                let env = Env {
+                    core,
+                    queue: &self.queue,
+                    certificate: self.stream.peer_certificate(),
+                };
+                let done = self.lines.handle(&env, buf, 0, end);
                 if done < end {
-                    self.leftover.push(&buf[done..end], &core.leftovers);
+                    self.lines.leftover.push(&buf[done..end], &core.leftovers);
                 }
             }
             ReadInto::Leftover { .. } if n > 0 => {
-                self.leftover.commit(n);
-                self.stamp_read();
-                self.handle_leftover();
+                self.lines.leftover.commit(n);
+                self.lines.stamp_read(&self.core, ReadStamp::now());
+                self.lines.handle_leftover(&Env {
+                    core: &self.core,
+                    queue: &self.queue,
+                    certificate: self.stream.peer_certificate(),
+                });
             }
             _ => {}
         }
@@ -504,11 +407,11 @@ impl Connection {
     async fn drain_blocks(&mut self) -> io::Result<()> {
         // Held back by the shard, not idle: no read deadline while it waits.
         self.registration.set_deadline(&self.core, None);
-        while let Some(blocked) = self.blocked.take() {
+        while let Some(blocked) = self.lines.blocked.take() {
             match blocked {
                 Blocked::Flow => {
                     self.core.metrics.backpressure_waits.incr();
-                    let flow = self.flow.clone().expect("flow blocks need a flow");
+                    let flow = self.lines.flow.clone().expect("flow blocks need a flow");
                     flow.room().await;
                 }
                 Blocked::Bytes => {
@@ -519,369 +422,42 @@ impl Connection {
                 Blocked::Replies => {
                     // Answers are written even to a station we stopped reading: it reads
                     // them, or its write timeout (`TCP_IDLE_TIMEOUT`) ends it.
-                    self.take_acks();
+                    self.lines.take_acks();
                     self.flush_replies().await?;
                 }
                 Blocked::Queue(record) => {
                     self.core.metrics.backpressure_waits.incr();
                     if let Err(e) = self.queue.send(*record).await {
-                        self.lost_sink(e);
+                        self.lines.lost_sink(&self.core, e);
                         return Ok(());
                     }
                     self.core.gate.enqueued();
                 }
             }
-            self.handle_leftover();
+            self.lines.handle_leftover(&Env {
+                core: &self.core,
+                queue: &self.queue,
+                certificate: self.stream.peer_certificate(),
+            });
         }
         // The wait was the shard's doing: the station's clocks start again.
-        self.policy.restart(Instant::now(), self.timeouts());
+        self.lines.policy.restart(Instant::now(), self.timeouts());
         Ok(())
-    }
-
-    fn handle_leftover(&mut self) {
-        let mut leftover = std::mem::take(&mut self.leftover);
-        let (buf, range) = leftover.parts();
-        let done = self.handle(buf, range.start, range.end);
-        leftover.consume_to(done, &self.core.leftovers);
-        self.leftover = leftover;
-    }
-
-    /// Handles the complete lines in `buf[pos..end]` and returns where it stopped: at `end`'s
-    /// partial line, or earlier if it became blocked (then `self.blocked` says why).
-    ///
-    /// `buf` must extend at least `PARSE_PADDING` bytes past `end`.
-    fn handle(&mut self, buf: &mut [u8], mut pos: usize, end: usize) -> usize {
-        let core = Rc::clone(&self.core);
-        let mut parser = core.parser.borrow_mut();
-        if self.payload.capacity() == 0 {
-            self.payload = core.ledger.payloads.take();
-        }
-        let dead_letters = core.config.dead_letters;
-        let auth = core.config.station_auth.as_deref();
-        // The zipcode of the last refused identify, for its log line.
-        let mut refused = String::new();
-        let (mut lines, mut records) = (0u64, 0u64);
-        let discarding = self.framer.is_discarding();
-        while self.policy.closing().is_none() {
-            if self.flow.as_ref().is_some_and(|f| f.is_full()) {
-                self.blocked = Some(Blocked::Flow);
-                break;
-            }
-            if core.ledger.bytes_full() {
-                self.blocked = Some(Blocked::Bytes);
-                break;
-            }
-            if self.replies.len() >= REPLY_MAX {
-                self.blocked = Some(Blocked::Replies);
-                break;
-            }
-            let Some(frame) = self.framer.next_frame(&buf[..end], &mut pos) else {
-                break;
-            };
-            self.policy.line_completed();
-            let line = match frame {
-                #[cfg(test)]
-                Frame::Line(line) if buf[line.clone()] == *tests::PANIC_LINE => {
-                    panic!("injected fault")
-                }
-                Frame::Line(line) => line,
-                Frame::TooLong => {
-                    self.reject(ErrorCode::LineTooLong, None, None);
-                    if self.blocked.is_some() {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            lines += 1;
-            if dead_letters {
-                let mut raw = core.raw_line.borrow_mut();
-                raw.clear();
-                raw.extend_from_slice(&buf[line.clone()]);
-            }
-            let parsed = match auth {
-                None => parser.parse_line(
-                    &mut self.session,
-                    buf,
-                    line,
-                    self.stamp.unix_ms,
-                    &mut self.payload,
-                ),
-                // Asked once per identify, never for a metrics line (see `StationAuth`).
-                Some(auth) => {
-                    let certificate = self.stream.peer_certificate();
-                    parser.parse_line_authorized(
-                        &mut self.session,
-                        buf,
-                        line,
-                        self.stamp.unix_ms,
-                        &mut self.payload,
-                        &mut |zipcode, token| {
-                            let credentials = Credentials {
-                                zipcode,
-                                token,
-                                certificate,
-                            };
-                            verify(auth, &credentials, &mut refused)
-                        },
-                    )
-                }
-            };
-            match parsed {
-                Ok(Parsed::Identified) => {
-                    self.policy.accepted();
-                    // Per identify, not per line: a hash and a register load (see
-                    // `DistinctCounter`), on this shard's own sketch.
-                    if let Some(station) = self.session.station() {
-                        core.metrics.zipcodes.insert(station.zipcode().as_bytes());
-                    }
-                    self.policy
-                        .identified(self.session.acks(), core.config.acks_by_default);
-                    if self.policy.acks_on() && self.acks.is_none() {
-                        self.acks = Some(Rc::default());
-                    }
-                }
-                Ok(Parsed::Record { seq }) => {
-                    self.policy.accepted();
-                    records += 1;
-                    let record = self.take_record(seq);
-                    match self.queue.try_send(record) {
-                        Ok(()) => core.gate.enqueued(),
-                        Err(GlommioError::WouldBlock(ResourceType::Channel(record))) => {
-                            self.blocked = Some(Blocked::Queue(Box::new(record)));
-                            break;
-                        }
-                        Err(e) => {
-                            self.lost_sink(e);
-                            break;
-                        }
-                    }
-                }
-                Err(e) if e.code == ErrorCode::AuthFailed => {
-                    self.refuse_identify(&refused);
-                    if self.blocked.is_some() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    let seq = e.seq.filter(|_| self.policy.acks_on());
-                    let raw = dead_letters.then(|| core.raw_line.borrow());
-                    // A rejected line that may carry a station's token (an identify rejected
-                    // for another reason) is dead-lettered without its text: tokens never go
-                    // to Kafka. Judged by what the parser understood (`hides_raw`).
-                    let raw = raw
-                        .as_deref()
-                        .filter(|raw| !stormgate_protocol::dead_letter::hides_raw(&e, raw));
-                    self.reject(e.code, raw.map(Vec::as_slice), seq);
-                    if self.blocked.is_some() {
-                        break;
-                    }
-                }
-            }
-        }
-        if discarding && !self.framer.is_discarding() {
-            // The oversized line being skipped ended here: a line completed.
-            self.policy.line_completed();
-        }
-        core.metrics.lines_received.add(lines);
-        core.metrics.records_enqueued.add(records);
-        self.policy.spend(lines);
-        if self.payload.is_empty() {
-            // Back to the shard's pool between reads: an idle station holds no buffer.
-            core.ledger.payloads.give(std::mem::take(&mut self.payload));
-        }
-        pos
-    }
-
-    /// Moves the encoded payload into a record and opens its ledger entry.
-    fn take_record(&mut self, seq: Option<u64>) -> Record {
-        let value = std::mem::replace(&mut self.payload, self.core.ledger.payloads.take());
-        let key = Rc::clone(
-            self.session
-                .station()
-                .expect("records need a station")
-                .key(),
-        );
-        let ack = match (&self.acks, seq) {
-            (Some(acks), Some(seq)) if self.policy.acks_on() => {
-                Some((Rc::clone(acks), acks.open(seq)))
-            }
-            _ => None,
-        };
-        let ticket = self.core.ledger.open(Entry {
-            read_at: self.stamp.at,
-            flow: self.flow.as_ref(),
-            dead_letter: false,
-            bytes: value.capacity(),
-            ack,
-        });
-        Record {
-            key,
-            value,
-            timestamp_ms: self.stamp.unix_ms,
-            ticket,
-            dead_letter: false,
-        }
-    }
-
-    /// The queue's receiver is gone (the sink ended early): settle the record we hold as
-    /// failed and make the connection stop.
-    fn lost_sink(&mut self, e: GlommioError<Record>) {
-        if let GlommioError::Closed(ResourceType::Channel(record)) = e {
-            let failure = DeliveryFailure::Rejected {
-                reason: "shard sink stopped".to_owned(),
-            };
-            self.core
-                .ledger
-                .settle(record.ticket, Outcome::Failed(failure));
-        }
-        self.policy.sink_stopped();
-    }
-
-    /// Answers a bad line, dead-letters it when configured (`raw` is the line, when it was
-    /// buffered); closes the connection after too many in a row.
-    fn reject(&mut self, code: ErrorCode, raw: Option<&[u8]>, seq: Option<u64>) {
-        match seq {
-            // A station that asked for acknowledgements learns which line this answers.
-            Some(seq) => {
-                code.push_error_line_with_seq(seq, &mut self.replies);
-                self.count_rejected(code);
-            }
-            None => self.send_error(code),
-        }
-        self.rejected(code, raw);
-    }
-
-    /// Answers a refused identify (`zipcode` is what it claimed), counts and logs it, and
-    /// closes the connection after `STATION_AUTH_MAX_FAILURES` of them. Its dead letter never
-    /// carries the line: the line holds a token, perhaps a valid one for another zipcode.
-    #[cold]
-    fn refuse_identify(&mut self, zipcode: &str) {
-        let code = ErrorCode::AuthFailed;
-        self.replies.extend_from_slice(code.error_line().as_bytes());
-        let (failures, limit) = self
-            .policy
-            .auth_failed(self.core.config.station_auth_max_failures);
-        StationAuthFailed {
-            connection_id: self.session.connection_id(),
-            peer: self.peer,
-            zipcode,
-            failures,
-        }
-        .emit(&self.core.metrics, &self.core.logs.auth_failed);
-        self.rejected(code, None);
-        if self.policy.close_if(limit, Closing::AuthFailures) {
-            // The same farewell as for too many bad lines: the station reads why, the rest of
-            // what it sent is not read.
-            self.send_error(ErrorCode::TooManyErrors);
-        }
-    }
-
-    /// What follows every rejected line once the station has its answer: the dead letter,
-    /// and the count of bad lines in a row.
-    fn rejected(&mut self, code: ErrorCode, raw: Option<&[u8]>) {
-        if self.core.config.dead_letters && !self.policy.sink_gone() {
-            self.dead_letter(code, raw);
-        }
-        if self
-            .policy
-            .rejected(self.core.config.max_errors_per_connection)
-        {
-            self.send_error(ErrorCode::TooManyErrors);
-        }
-    }
-
-    /// Queues a dead-letter record for a rejected line; like a metrics record, it waits for
-    /// room in the shard queue (then `self.blocked` says so) and is settled by the sink.
-    #[cold]
-    fn dead_letter(&mut self, code: ErrorCode, raw: Option<&[u8]>) {
-        let mut value = self.core.ledger.payloads.take();
-        let peer = self.peer.to_string();
-        let station = self.session.station();
-        DeadLetter {
-            connection_id: self.session.connection_id(),
-            peer: &peer,
-            zipcode: station.map(|s| s.zipcode()),
-            received_at_ms: self.stamp.unix_ms,
-            code,
-            raw,
-        }
-        .encode(&mut value);
-        let key = match station {
-            Some(s) => Rc::clone(s.key()),
-            None => Rc::from(self.session.connection_id()),
-        };
-        let ticket = self.core.ledger.open(Entry {
-            read_at: self.stamp.at,
-            flow: self.flow.as_ref(),
-            dead_letter: true,
-            bytes: value.capacity(),
-            ack: None,
-        });
-        let record = Record {
-            key,
-            value,
-            timestamp_ms: self.stamp.unix_ms,
-            ticket,
-            dead_letter: true,
-        };
-        self.core.metrics.dead_letters_enqueued.incr();
-        match self.queue.try_send(record) {
-            Ok(()) => self.core.gate.enqueued(),
-            Err(GlommioError::WouldBlock(ResourceType::Channel(record))) => {
-                self.blocked = Some(Blocked::Queue(Box::new(record)));
-            }
-            Err(e) => self.lost_sink(e),
-        }
-    }
-
-    /// Queues `code`'s error line for the station, counts it and logs it (rate limited).
-    fn send_error(&mut self, code: ErrorCode) {
-        self.replies.extend_from_slice(code.error_line().as_bytes());
-        self.count_rejected(code);
-    }
-
-    /// Counts and logs (rate limited) a rejected line.
-    fn count_rejected(&self, code: ErrorCode) {
-        LineRejected {
-            code,
-            connection_id: self.session.connection_id(),
-            peer: self.peer,
-        }
-        .emit(&self.core.metrics, &self.core.logs.line_rejected);
     }
 
     async fn flush_replies(&mut self) -> io::Result<()> {
-        if self.replies.is_empty() {
+        if self.lines.replies.is_empty() {
             return Ok(());
         }
-        self.stream.write_all(&self.replies).await?;
+        self.stream.write_all(&self.lines.replies).await?;
         // A no-op for a plain socket; TLS holds what it encrypted until flushed.
         self.stream.flush().await?;
-        if self.replies.capacity() > REPLY_KEEP {
-            self.replies = Vec::new();
+        if self.lines.replies.capacity() > REPLY_KEEP {
+            self.lines.replies = Vec::new();
         } else {
-            self.replies.clear();
+            self.lines.replies.clear();
         }
         Ok(())
-    }
-}
-
-/// Asks `auth` about an identify; remembers the zipcode of a refused one in `refused`.
-fn verify(auth: &dyn StationAuth, credentials: &Credentials<'_>, refused: &mut String) -> bool {
-    let ok = auth.verify(credentials);
-    if !ok {
-        refused.clear();
-        refused.push_str(credentials.zipcode);
-    }
-    ok
-}
-
-/// The read timeouts of `config`.
-fn timeouts(config: &RuntimeConfig) -> Timeouts {
-    Timeouts {
-        idle: config.idle_timeout,
-        line: config.line_timeout,
     }
 }
 
@@ -1008,7 +584,7 @@ impl Future for Read<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let Read { conn, armed, turn } = self.get_mut();
         let conn = &mut **conn;
-        if acks_ready(conn.acks.as_deref(), cx) {
+        if acks_ready(conn.lines.acks.as_deref(), cx) {
             return Poll::Ready(Ok(None));
         }
         if gate_closed_to(&conn.core, &conn.registration, turn, cx) {
@@ -1018,7 +594,7 @@ impl Future for Read<'_> {
         arm(
             &conn.core,
             &conn.registration,
-            conn.policy.deadline(),
+            conn.lines.policy.deadline(),
             armed,
         );
         let into = conn.read_into();
@@ -1029,7 +605,7 @@ impl Future for Read<'_> {
                 stream.poll_read(cx, &mut buf.read_area()[carry..])
             }
             ReadInto::Leftover { want } => {
-                let area = conn.leftover.read_area(want, &conn.core.leftovers);
+                let area = conn.lines.leftover.read_area(want, &conn.core.leftovers);
                 stream.poll_read(cx, area)
             }
         }
@@ -1121,8 +697,7 @@ pub(crate) mod tests {
 
     use crate::{NullSinkFactory, RuntimeConfig, Server};
 
-    /// In test builds, a connection that receives this line panics while handling it.
-    pub(crate) const PANIC_LINE: &[u8] = b"{\"type\":\"__injected_panic__\"}";
+    use crate::lines::PANIC_LINE;
 
     /// A one-shard server on a free loopback port with the null sink.
     fn start_one_shard() -> crate::ServerHandle {

@@ -33,7 +33,8 @@
 //! - [`sink`]: the [`Sink`] contract over the ledger, and [`NullSink`].
 //! - `core` (what a shard's tasks share: its socket table, deadlines, drain) and `disk` (the
 //!   disk buffer on a shard's way).
-//! - `connection`: one connection's task: read, frame, parse, enqueue, reply.
+//! - `lines`: what a connection does with the bytes it read (frame, parse, decide), no socket.
+//! - `connection`: one connection's task: reads, waits and writes around its line handler.
 //! - `shard`: one shard's life: accept loop, housekeeping tick, drain on shutdown.
 //! - [`server`]: [`Server::start`] binds the listeners, starts the shards and reports their
 //!   readiness; [`ServerHandle`] stops and joins them.
@@ -53,6 +54,7 @@ mod disk;
 mod events;
 mod gate;
 mod ledger;
+mod lines;
 mod listener;
 mod placement;
 mod policy;
