@@ -1,6 +1,7 @@
 //! `pki`: a throwaway certificate authority that signs a server certificate and a client
 //! certificate, written as PEM files, so that benchmarks and tests of TLS need nothing
-//! installed (rcgen, with the ring provider the rest of the workspace uses).
+//! installed (`stormgate_testkit::pki`, which the tests' certificates come from too: rcgen,
+//! with the ring provider the rest of the workspace uses).
 //!
 //! ```text
 //! DIR/ca.pem                    the CA's certificate: send --tls-ca, stormgate --tls-client-ca
@@ -17,10 +18,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::process::ExitCode;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
-};
 use serde::Serialize;
+use stormgate_testkit::pki::{self, Ca};
 
 use crate::cli::PkiArgs;
 use crate::{LoadgenError, output};
@@ -58,24 +57,12 @@ pub fn run(args: &PkiArgs) -> Result<ExitCode, LoadgenError> {
 
 /// Makes the CA and both certificates and writes them to `dir` (created if missing).
 pub fn write(dir: &Path, server_names: &[String]) -> Result<PkiSummary, LoadgenError> {
-    let made = |e: rcgen::Error| LoadgenError::Tls(format!("cannot make a certificate: {e}"));
+    let made = |e: pki::Error| LoadgenError::Tls(format!("cannot make a certificate: {e}"));
     fs::create_dir_all(dir).map_err(|e| LoadgenError::io("create the --out directory", e))?;
 
-    let mut ca = CertificateParams::default();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name = common_name(CA_NAME);
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().map_err(made)?).map_err(made)?;
-
-    let mut server = CertificateParams::new(server_names.to_vec()).map_err(made)?;
-    server.distinguished_name =
-        common_name(server_names.first().map_or("localhost", String::as_str));
-    let server_key = KeyPair::generate().map_err(made)?;
-    let server = server.signed_by(&server_key, &*ca).map_err(made)?;
-
-    let mut client = CertificateParams::default();
-    client.distinguished_name = common_name(CLIENT_NAME);
-    let client_key = KeyPair::generate().map_err(made)?;
-    let client = client.signed_by(&client_key, &*ca).map_err(made)?;
+    let ca = Ca::try_new(CA_NAME).map_err(made)?;
+    let server = ca.server_for(server_names).map_err(made)?;
+    let client = ca.try_station(CLIENT_NAME).map_err(made)?;
 
     let path = |name: &str| dir.join(name).display().to_string();
     let summary = PkiSummary {
@@ -87,18 +74,12 @@ pub fn write(dir: &Path, server_names: &[String]) -> Result<PkiSummary, LoadgenE
         client_cert: path("client.crt"),
         client_key: path("client.key"),
     };
-    write_file(&summary.ca, &ca.pem(), 0o644)?;
-    write_file(&summary.server_cert, &server.pem(), 0o644)?;
-    write_file(&summary.server_key, &server_key.serialize_pem(), 0o600)?;
-    write_file(&summary.client_cert, &client.pem(), 0o644)?;
-    write_file(&summary.client_key, &client_key.serialize_pem(), 0o600)?;
+    write_file(&summary.ca, &ca.pem, 0o644)?;
+    write_file(&summary.server_cert, &server.cert_pem, 0o644)?;
+    write_file(&summary.server_key, &server.key_pem, 0o600)?;
+    write_file(&summary.client_cert, &client.cert_pem, 0o644)?;
+    write_file(&summary.client_key, &client.key_pem, 0o600)?;
     Ok(summary)
-}
-
-fn common_name(name: &str) -> DistinguishedName {
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, name);
-    dn
 }
 
 /// Writes `text` to `path` with permissions `mode` (also when the file already existed).

@@ -1,17 +1,18 @@
 //! Black-box tests of the shard runtime: a real server on 127.0.0.1:0 with two shards, real TCP
 //! clients, and sinks that stand in for Kafka.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, Read, Write};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use stormgate_protocol::{ErrorCode, Reply};
+use stormgate_protocol::ErrorCode;
 use stormgate_shard::{
     Credentials, NullSinkFactory, Outcome, RecordReceiver, RuntimeConfig, Server, ServerHandle,
     ShardInfo, Sink, SinkContext, SinkFactory, StationAuth,
 };
+use stormgate_testkit::{StationConn, identify_without_acks, wait_for};
 
 fn config() -> RuntimeConfig {
     RuntimeConfig {
@@ -21,94 +22,8 @@ fn config() -> RuntimeConfig {
     }
 }
 
-/// Polls `cond` until it holds or 10 s pass.
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-struct Station {
-    stream: TcpStream,
-    replies: BufReader<TcpStream>,
-}
-
-impl Station {
-    fn connect(addr: SocketAddr) -> Station {
-        Station::from_stream(TcpStream::connect(addr).unwrap())
-    }
-
-    /// Connects from loopback address `source` (e.g. 127.0.0.7).
-    fn connect_from(addr: SocketAddr, source: &str) -> Station {
-        use socket2::{Domain, Socket, Type};
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        let source: SocketAddr = format!("{source}:0").parse().unwrap();
-        socket.bind(&source.into()).unwrap();
-        socket.connect(&addr.into()).unwrap();
-        Station::from_stream(socket.into())
-    }
-
-    fn from_stream(stream: TcpStream) -> Station {
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let replies = BufReader::new(stream.try_clone().unwrap());
-        Station { stream, replies }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).unwrap();
-    }
-
-    fn identify(&mut self, zipcode: &str) {
-        self.send(
-            format!("{{\"type\":\"identify\",\"zipcode\":\"{zipcode}\",\"city\":\"Town\"}}\n")
-                .as_bytes(),
-        );
-    }
-
-    fn metrics(&mut self, n: usize) {
-        let mut batch = String::new();
-        for i in 0..n {
-            batch.push_str(&format!(
-                "{{\"type\":\"metrics\",\"data\":\"temperature={i}.5,humidity=60\"}}\n"
-            ));
-        }
-        self.send(batch.as_bytes());
-    }
-
-    /// The next reply line, as sent.
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        self.replies.read_line(&mut line).unwrap();
-        line
-    }
-
-    fn reply(&mut self) -> Reply {
-        let line = self.line();
-        Reply::parse(line.as_bytes()).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
-    }
-
-    /// The next reply, which must be an error line without a seq.
-    fn error_code(&mut self) -> ErrorCode {
-        match self.reply() {
-            Reply::Error { code, seq: None } => code,
-            other => panic!("expected an error line, got {other:?}"),
-        }
-    }
-
-    /// Reads until the server closes the connection; returns what it sent.
-    fn read_to_close(&mut self) -> String {
-        let mut rest = String::new();
-        self.replies.read_to_string(&mut rest).unwrap();
-        rest
-    }
-}
+/// How long a test waits for a condition (the kit's [`wait_for`]) before it fails.
+const WAIT: Duration = Duration::from_secs(10);
 
 fn start_null(config: RuntimeConfig) -> ServerHandle {
     Server::start(config, NullSinkFactory).unwrap()
@@ -117,14 +32,16 @@ fn start_null(config: RuntimeConfig) -> ServerHandle {
 #[test]
 fn lines_from_many_connections_all_become_records() {
     let server = start_null(config());
-    let mut stations: Vec<Station> = (0..20)
-        .map(|_| Station::connect(server.local_addr()))
+    let mut stations: Vec<StationConn> = (0..20)
+        .map(|_| StationConn::connect(server.local_addr()))
         .collect();
     for (i, s) in stations.iter_mut().enumerate() {
         s.identify(&format!("{i:05}"));
         s.metrics(100);
     }
-    wait_for("2000 records", || server.totals().records_delivered == 2000);
+    wait_for("2000 records", WAIT, || {
+        server.totals().records_delivered == 2000
+    });
     let t = server.totals();
     assert_eq!(t.lines_received, 20 * 101);
     assert_eq!(t.line_errors_total(), 0);
@@ -137,10 +54,12 @@ fn both_shards_accept_connections() {
     let server = start_null(config());
     assert_eq!(server.shards().len(), 2);
     assert_ne!(server.shards()[0].core, usize::MAX);
-    let _stations: Vec<Station> = (0..64)
-        .map(|_| Station::connect(server.local_addr()))
+    let _stations: Vec<StationConn> = (0..64)
+        .map(|_| StationConn::connect(server.local_addr()))
         .collect();
-    wait_for("64 accepted", || server.totals().connections_accepted == 64);
+    wait_for("64 accepted", WAIT, || {
+        server.totals().connections_accepted == 64
+    });
     for (id, m) in server.metrics().iter().enumerate() {
         let accepted = m.connections_accepted.get();
         assert!(accepted > 0, "shard {id} accepted none of 64 connections");
@@ -150,7 +69,7 @@ fn both_shards_accept_connections() {
 #[test]
 fn bad_lines_are_answered_counted_and_do_not_disturb_good_ones() {
     let server = start_null(config());
-    let mut s = Station::connect(server.local_addr());
+    let mut s = StationConn::connect(server.local_addr());
     s.send(b"{\"type\":\"metrics\",\"data\":\"t=1\"}\n");
     assert_eq!(s.error_code(), ErrorCode::MetricsBeforeIdentify);
     s.identify("12345");
@@ -159,7 +78,7 @@ fn bad_lines_are_answered_counted_and_do_not_disturb_good_ones() {
     assert_eq!(s.line(), ErrorCode::MalformedJson.error_line());
     s.send(b"{\"type\":\"metrics\",\"data\":\"t=NaN\"}\n{\"type\":\"metrics\",\"data\":\"t=1\"}\n");
     assert_eq!(s.error_code(), ErrorCode::NonFiniteValue);
-    wait_for("2 records", || server.totals().records_delivered == 2);
+    wait_for("2 records", WAIT, || server.totals().records_delivered == 2);
     let t = server.totals();
     assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify), 1);
     assert_eq!(t.line_error(ErrorCode::MalformedJson), 1);
@@ -173,7 +92,7 @@ fn oversized_lines_are_skipped_without_buffering_them() {
         max_line_bytes: 1024,
         ..config()
     });
-    let mut s = Station::connect(server.local_addr());
+    let mut s = StationConn::connect(server.local_addr());
     s.identify("1");
     // 128 MiB without a newline, all read by the server before the newline follows: had it
     // kept them, this process (the server's) would hold them now.
@@ -183,7 +102,7 @@ fn oversized_lines_are_skipped_without_buffering_them() {
     for _ in 0..LONG >> 20 {
         s.send(&chunk);
     }
-    wait_for("the long line read", || {
+    wait_for("the long line read", WAIT, || {
         server.totals().bytes_received >= LONG as u64
     });
     let rss_read = rss_bytes();
@@ -202,7 +121,7 @@ fn oversized_lines_are_skipped_without_buffering_them() {
     s.send(b"\n");
     assert_eq!(s.error_code(), ErrorCode::LineTooLong);
     s.metrics(3);
-    wait_for("3 records", || server.totals().records_delivered == 3);
+    wait_for("3 records", WAIT, || server.totals().records_delivered == 3);
     assert_eq!(server.totals().line_error(ErrorCode::LineTooLong), 1);
 }
 
@@ -221,28 +140,28 @@ fn rss_bytes() -> u64 {
 #[test]
 fn a_line_split_into_single_bytes_arrives_whole() {
     let server = start_null(config());
-    let mut s = Station::connect(server.local_addr());
-    s.stream.set_nodelay(true).unwrap();
+    let mut s = StationConn::connect(server.local_addr());
+    s.stream().set_nodelay(true).unwrap();
     let text =
         b"{\"type\":\"identify\",\"zipcode\":\"1\"}\r\n{\"type\":\"metrics\",\"data\":\"t=1\"}\r\n";
     for b in text {
-        s.send(&[*b]);
+        s.send([*b]);
         std::thread::sleep(Duration::from_micros(200));
     }
-    wait_for("1 record", || server.totals().records_delivered == 1);
+    wait_for("1 record", WAIT, || server.totals().records_delivered == 1);
     assert_eq!(server.totals().line_errors_total(), 0);
 }
 
 #[test]
 fn a_final_line_without_newline_counts_when_the_station_closes() {
     let server = start_null(config());
-    let mut s = Station::connect(server.local_addr());
+    let mut s = StationConn::connect(server.local_addr());
     s.identify("1");
     s.send(b"{\"type\":\"metrics\",\"data\":\"t=1\"}");
-    s.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    s.stream().shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(s.read_to_close(), "");
-    wait_for("1 record", || server.totals().records_delivered == 1);
-    wait_for("closed", || server.totals().connections_closed == 1);
+    wait_for("1 record", WAIT, || server.totals().records_delivered == 1);
+    wait_for("closed", WAIT, || server.totals().connections_closed == 1);
 }
 
 #[test]
@@ -251,10 +170,12 @@ fn connections_over_the_limit_are_told_and_closed() {
         max_connections: 2,
         ..config()
     });
-    let _a = Station::connect(server.local_addr());
-    let _b = Station::connect(server.local_addr());
-    wait_for("2 accepted", || server.totals().connections_accepted == 2);
-    let mut c = Station::connect(server.local_addr());
+    let _a = StationConn::connect(server.local_addr());
+    let _b = StationConn::connect(server.local_addr());
+    wait_for("2 accepted", WAIT, || {
+        server.totals().connections_accepted == 2
+    });
+    let mut c = StationConn::connect(server.local_addr());
     assert_eq!(
         c.read_to_close(),
         ErrorCode::TooManyConnections.error_line()
@@ -270,10 +191,12 @@ fn connections_over_the_per_shard_limit_are_told_and_closed() {
         max_connections_per_shard: 2,
         ..config()
     });
-    let a = Station::connect(server.local_addr());
-    let _b = Station::connect(server.local_addr());
-    wait_for("2 accepted", || server.totals().connections_accepted == 2);
-    let mut c = Station::connect(server.local_addr());
+    let a = StationConn::connect(server.local_addr());
+    let _b = StationConn::connect(server.local_addr());
+    wait_for("2 accepted", WAIT, || {
+        server.totals().connections_accepted == 2
+    });
+    let mut c = StationConn::connect(server.local_addr());
     assert_eq!(
         c.read_to_close(),
         ErrorCode::TooManyConnections.error_line()
@@ -281,9 +204,11 @@ fn connections_over_the_per_shard_limit_are_told_and_closed() {
     assert_eq!(server.totals().connections_rejected, 1);
     // A place freed on the shard is a place for the next station.
     drop(a);
-    wait_for("1 active", || server.totals().connections_active == 1);
-    let _d = Station::connect(server.local_addr());
-    wait_for("3 accepted", || server.totals().connections_accepted == 3);
+    wait_for("1 active", WAIT, || server.totals().connections_active == 1);
+    let _d = StationConn::connect(server.local_addr());
+    wait_for("3 accepted", WAIT, || {
+        server.totals().connections_accepted == 3
+    });
     assert_eq!(server.totals().connections_rejected, 1);
 }
 
@@ -294,10 +219,12 @@ fn connections_over_the_per_source_limit_are_told_and_closed_and_others_are_not(
         ..config()
     });
     let addr = server.local_addr();
-    let a = Station::connect_from(addr, "127.0.0.7");
-    let _b = Station::connect_from(addr, "127.0.0.7");
-    wait_for("2 accepted", || server.totals().connections_accepted == 2);
-    let mut c = Station::connect_from(addr, "127.0.0.7");
+    let a = StationConn::connect_from(addr, [127, 0, 0, 7]);
+    let _b = StationConn::connect_from(addr, [127, 0, 0, 7]);
+    wait_for("2 accepted", WAIT, || {
+        server.totals().connections_accepted == 2
+    });
+    let mut c = StationConn::connect_from(addr, [127, 0, 0, 7]);
     assert_eq!(
         c.read_to_close(),
         ErrorCode::TooManyConnections.error_line()
@@ -313,7 +240,7 @@ fn connections_over_the_per_source_limit_are_told_and_closed_and_others_are_not(
             .collect()
     };
     let before = seen_per_shard(&server);
-    let mut others: Vec<Station> = Vec::new();
+    let mut others: Vec<StationConn> = Vec::new();
     while others.len() < 4
         || seen_per_shard(&server)
             .iter()
@@ -324,9 +251,9 @@ fn connections_over_the_per_source_limit_are_told_and_closed_and_others_are_not(
             others.len() < 40,
             "the kernel put 40 connections on one shard"
         );
-        others.push(Station::connect_from(addr, "127.0.0.8"));
+        others.push(StationConn::connect_from(addr, [127, 0, 0, 8]));
         let n = others.len() as u64;
-        wait_for("the connection handled", || {
+        wait_for("the connection handled", WAIT, || {
             let t = server.totals();
             t.connections_accepted + t.connections_rejected == 3 + n
         });
@@ -343,7 +270,7 @@ fn connections_over_the_per_source_limit_are_told_and_closed_and_others_are_not(
     let refused = others
         .iter_mut()
         .map(|s| {
-            s.stream.shutdown(std::net::Shutdown::Write).unwrap();
+            s.stream().shutdown(std::net::Shutdown::Write).unwrap();
             let rest = s.read_to_close();
             assert!(
                 rest.is_empty() || rest.contains("too_many_connections"),
@@ -356,15 +283,19 @@ fn connections_over_the_per_source_limit_are_told_and_closed_and_others_are_not(
     assert_eq!(refused, n - 2);
     assert_eq!(server.totals().connections_rejected, n as u64 - 1);
     // The two accepted ones closed with their stations.
-    wait_for("the other source's two closed", || {
+    wait_for("the other source's two closed", WAIT, || {
         server.totals().connections_active == 2
     });
     others.clear();
     // A closed connection frees its place.
     drop(a);
-    wait_for("a place freed", || server.totals().connections_active == 1);
-    let _d = Station::connect_from(addr, "127.0.0.7");
-    wait_for("5 accepted", || server.totals().connections_accepted == 5);
+    wait_for("a place freed", WAIT, || {
+        server.totals().connections_active == 1
+    });
+    let _d = StationConn::connect_from(addr, [127, 0, 0, 7]);
+    wait_for("5 accepted", WAIT, || {
+        server.totals().connections_accepted == 5
+    });
 }
 
 /// A sink that takes nothing until released, then settles everything as delivered.
@@ -421,12 +352,12 @@ fn a_full_queue_stops_reading_instead_of_dropping() {
         factory.clone(),
     )
     .unwrap();
-    let mut s = Station::connect(server.local_addr());
+    let mut s = StationConn::connect(server.local_addr());
     s.identify("1");
     // Far more than the queue holds; the writer thread blocks once the socket buffers fill.
     let lines = 200_000;
     let writer = {
-        let mut stream = s.stream.try_clone().unwrap();
+        let mut stream = s.stream().try_clone().unwrap();
         std::thread::spawn(move || {
             let line = b"{\"type\":\"metrics\",\"data\":\"t=1\"}\n";
             for _ in 0..lines {
@@ -434,7 +365,7 @@ fn a_full_queue_stops_reading_instead_of_dropping() {
             }
         })
     };
-    wait_for("a blocked connection", || {
+    wait_for("a blocked connection", WAIT, || {
         server.totals().backpressure_waits > 0
     });
     std::thread::sleep(Duration::from_millis(200));
@@ -447,7 +378,7 @@ fn a_full_queue_stops_reading_instead_of_dropping() {
     assert!(t.records_enqueued < lines, "nothing was held back");
     factory.open.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    wait_for("every record", || {
+    wait_for("every record", WAIT, || {
         server.totals().records_delivered == lines
     });
     assert_eq!(server.totals().records_failed, 0);
@@ -468,12 +399,12 @@ fn a_connection_held_back_by_a_full_queue_is_not_idle() {
         factory.clone(),
     )
     .unwrap();
-    let mut s = Station::connect(server.local_addr());
+    let mut s = StationConn::connect(server.local_addr());
     s.identify("1");
     let lines = 5_000;
     let batch: Vec<u8> = b"{\"type\":\"metrics\",\"data\":\"t=1\"}\n".repeat(lines as usize);
-    s.stream.write_all(&batch).unwrap();
-    wait_for("a blocked connection", || {
+    s.stream().write_all(&batch).unwrap();
+    wait_for("a blocked connection", WAIT, || {
         server.totals().backpressure_waits > 0
     });
     // Three idle timeouts' worth of being held back.
@@ -483,18 +414,20 @@ fn a_connection_held_back_by_a_full_queue_is_not_idle() {
     assert_eq!(t.connections_active, 1);
     assert!(t.records_enqueued < lines, "nothing was held back");
     factory.open.store(true, Ordering::Relaxed);
-    wait_for("every record", || {
+    wait_for("every record", WAIT, || {
         server.totals().records_delivered == lines
     });
     // Still open and read: a line sent now is delivered.
     s.metrics(1);
-    wait_for("the line after the block", || {
+    wait_for("the line after the block", WAIT, || {
         server.totals().records_delivered == lines + 1
     });
     assert_eq!(server.totals().idle_timeouts, 0);
     // Now silent: closed at the idle timeout.
     assert_eq!(s.error_code(), ErrorCode::IdleTimeout);
-    wait_for("the idle close", || server.totals().idle_timeouts == 1);
+    wait_for("the idle close", WAIT, || {
+        server.totals().idle_timeouts == 1
+    });
 }
 
 #[test]
@@ -511,10 +444,12 @@ fn in_flight_cap_of_one_makes_each_line_wait_for_its_delivery() {
             ..config()
         };
         let server = Server::start(cfg, factory.clone()).unwrap();
-        let mut s = Station::connect(server.local_addr());
+        let mut s = StationConn::connect(server.local_addr());
         s.identify("1");
         s.metrics(50);
-        wait_for("50 records", || server.totals().records_delivered == 50);
+        wait_for("50 records", WAIT, || {
+            server.totals().records_delivered == 50
+        });
         let max = factory.max_in_flight.load(Ordering::Relaxed);
         if expect_serial {
             assert_eq!(max, 1, "cap 1 let {max} records be in flight");
@@ -528,12 +463,12 @@ fn in_flight_cap_of_one_makes_each_line_wait_for_its_delivery() {
 fn shutdown_delivers_what_was_read_and_refuses_new_connections() {
     let server = start_null(config());
     let addr = server.local_addr();
-    let mut stations: Vec<Station> = (0..10).map(|_| Station::connect(addr)).collect();
+    let mut stations: Vec<StationConn> = (0..10).map(|_| StationConn::connect(addr)).collect();
     for (i, s) in stations.iter_mut().enumerate() {
         s.identify(&i.to_string());
         s.metrics(500);
     }
-    wait_for("all lines read", || {
+    wait_for("all lines read", WAIT, || {
         server.totals().lines_received == 10 * 501
     });
     server.shutdown();
@@ -568,12 +503,13 @@ fn a_drain_period_spreads_the_reconnects_and_serves_each_connection_until_its_mo
         ..config()
     });
     let addr = server.local_addr();
-    let mut stations: Vec<Station> = (0..STATIONS).map(|_| Station::connect(addr)).collect();
+    let mut stations: Vec<StationConn> =
+        (0..STATIONS).map(|_| StationConn::connect(addr)).collect();
     for (i, s) in stations.iter_mut().enumerate() {
         s.identify(&i.to_string());
         s.metrics(1);
     }
-    wait_for("every first line read", || {
+    wait_for("every first line read", WAIT, || {
         server.totals().lines_received == 2 * STATIONS as u64
     });
     let t0 = Instant::now();
@@ -587,13 +523,12 @@ fn a_drain_period_spreads_the_reconnects_and_serves_each_connection_until_its_mo
                 let sent_at = t0.elapsed();
                 // May fail if the server already closed it (its moment came first).
                 let _ = s
-                    .stream
+                    .stream()
                     .write_all(b"{\"type\":\"metrics\",\"data\":\"after=1\"}\n");
                 // Like a station: reads the line, closes its side, and sees the end.
-                let mut line = String::new();
-                s.replies.read_line(&mut line).unwrap();
+                let mut line = s.line();
                 let told = t0.elapsed();
-                s.stream.shutdown(std::net::Shutdown::Write).unwrap();
+                s.stream().shutdown(std::net::Shutdown::Write).unwrap();
                 line.push_str(&s.read_to_close());
                 (sent_at, told, line)
             })
@@ -647,16 +582,16 @@ fn a_busy_station_is_told_to_reconnect_and_ends_without_a_reset() {
         shards: 1,
         ..config()
     });
-    let mut s = Station::connect(server.local_addr());
+    let mut s = StationConn::connect(server.local_addr());
     // Flat out, but with a send buffer a station on a network might have, not the
     // loopback's autotuned megabytes: what it has in flight when it reads the line is then
     // the server's receive window plus this.
-    socket2::SockRef::from(&s.stream)
+    socket2::SockRef::from(s.stream())
         .set_send_buffer_size(64 * 1024)
         .unwrap();
     s.identify("00001");
     let stop = Arc::new(AtomicBool::new(false));
-    let mut writer = s.stream.try_clone().unwrap();
+    let mut writer = s.stream().try_clone().unwrap();
     let flag = Arc::clone(&stop);
     let sender = std::thread::spawn(move || {
         let batch = "{\"type\":\"metrics\",\"data\":\"t=1\"}\n".repeat(64);
@@ -669,14 +604,16 @@ fn a_busy_station_is_told_to_reconnect_and_ends_without_a_reset() {
         writer.shutdown(std::net::Shutdown::Write).unwrap();
         true
     });
-    wait_for("lines flowing", || server.totals().lines_received > 10_000);
+    wait_for("lines flowing", WAIT, || {
+        server.totals().lines_received > 10_000
+    });
     server.shutdown();
     let mut line = String::new();
-    s.replies.read_line(&mut line).unwrap();
+    s.replies().read_line(&mut line).unwrap();
     assert_eq!(line, stormgate_protocol::RECONNECT_LINE);
     stop.store(true, Ordering::Relaxed);
     let mut rest = Vec::new();
-    let end = s.replies.read_to_end(&mut rest);
+    let end = s.replies().read_to_end(&mut rest);
     assert!(
         end.is_ok(),
         "after reconnect: {end:?} instead of an orderly end"
@@ -695,7 +632,7 @@ fn a_connection_with_too_many_bad_lines_in_a_row_is_closed() {
         max_errors_per_connection: 3,
         ..config()
     });
-    let mut s = Station::connect(server.local_addr());
+    let mut s = StationConn::connect(server.local_addr());
     s.identify("00001");
     // Good lines reset the count: two bad, one good, two bad is still under the limit.
     s.send(b"x\nx\n");
@@ -714,7 +651,7 @@ fn a_connection_with_too_many_bad_lines_in_a_row_is_closed() {
     }
     assert_eq!(s.error_code(), ErrorCode::TooManyErrors);
     assert_eq!(s.read_to_close(), "");
-    wait_for("connection closed", || {
+    wait_for("connection closed", WAIT, || {
         server.totals().connections_closed == 1
     });
     let t = server.totals();
@@ -729,8 +666,8 @@ fn a_silent_connection_is_closed_at_the_idle_timeout() {
         idle_timeout: Some(Duration::from_millis(300)),
         ..config()
     });
-    let mut quiet = Station::connect(server.local_addr());
-    let mut busy = Station::connect(server.local_addr());
+    let mut quiet = StationConn::connect(server.local_addr());
+    let mut busy = StationConn::connect(server.local_addr());
     quiet.identify("00001");
     busy.identify("00002");
     let started = Instant::now();
@@ -743,7 +680,7 @@ fn a_silent_connection_is_closed_at_the_idle_timeout() {
     assert!(started.elapsed() >= Duration::from_millis(250));
     // The connection that kept sending is still open and served.
     busy.metrics(1);
-    wait_for("7 records", || server.totals().records_delivered == 7);
+    wait_for("7 records", WAIT, || server.totals().records_delivered == 7);
     assert_eq!(server.totals().connections_active, 1);
     assert_eq!(server.totals().line_error(ErrorCode::IdleTimeout), 1);
 }
@@ -756,10 +693,12 @@ fn timeouts_of_centuries_are_no_deadline() {
         line_timeout: Some(Duration::MAX),
         ..config()
     });
-    let mut s = Station::connect(server.local_addr());
+    let mut s = StationConn::connect(server.local_addr());
     s.identify("00001");
     s.metrics(1);
-    wait_for("the record", || server.totals().records_delivered == 1);
+    wait_for("the record", WAIT, || {
+        server.totals().records_delivered == 1
+    });
     assert_eq!(server.totals().connection_panics, 0);
 }
 
@@ -769,7 +708,7 @@ fn a_line_trickled_byte_by_byte_is_cut_off_at_the_line_timeout() {
         line_timeout: Some(Duration::from_millis(400)),
         ..config()
     });
-    let mut s = Station::connect(server.local_addr());
+    let mut s = StationConn::connect(server.local_addr());
     s.identify("00001");
     s.metrics(1);
     // A slowloris sender: one byte every 50 ms never reaches the idle timeout, but its line
@@ -777,7 +716,7 @@ fn a_line_trickled_byte_by_byte_is_cut_off_at_the_line_timeout() {
     let line = b"{\"type\":\"metrics\",\"data\":\"temperature=1\"}";
     let mut sent = 0;
     for &b in line.iter() {
-        if s.stream.write_all(&[b]).is_err() {
+        if s.stream().write_all(&[b]).is_err() {
             break;
         }
         sent += 1;
@@ -793,7 +732,7 @@ fn a_line_trickled_byte_by_byte_is_cut_off_at_the_line_timeout() {
 #[test]
 fn a_long_line_arriving_in_pieces_is_read_onto_the_backlog_and_arrives_whole() {
     let server = start_null(config());
-    let mut s = Station::connect(server.local_addr());
+    let mut s = StationConn::connect(server.local_addr());
     s.identify("00001");
     // ~20 KB: longer than what is carried into the shard buffer, so the later pieces are
     // read into the connection's own backlog.
@@ -811,7 +750,7 @@ fn a_long_line_arriving_in_pieces_is_read_onto_the_backlog_and_arrives_whole() {
         ErrorCode::MalformedJson,
         "the line after it"
     );
-    wait_for("1 record", || server.totals().records_delivered == 1);
+    wait_for("1 record", WAIT, || server.totals().records_delivered == 1);
     assert_eq!(server.totals().line_errors_total(), 1);
 }
 
@@ -887,10 +826,10 @@ fn a_connection_at_its_in_flight_cap_waits_alone() {
         HoldKeyFactory(release.clone(), held.clone()),
     )
     .unwrap();
-    let mut flooder = Station::connect(server.local_addr());
+    let mut flooder = StationConn::connect(server.local_addr());
     flooder.identify("99999");
     let writer = {
-        let mut stream = flooder.stream.try_clone().unwrap();
+        let mut stream = flooder.stream().try_clone().unwrap();
         std::thread::spawn(move || {
             let line = b"{\"type\":\"metrics\",\"data\":\"t=1\"}\n";
             for _ in 0..5_000 {
@@ -898,18 +837,18 @@ fn a_connection_at_its_in_flight_cap_waits_alone() {
             }
         })
     };
-    wait_for("the flooder at its cap", || {
+    wait_for("the flooder at its cap", WAIT, || {
         held.load(Ordering::Relaxed) == 100
     });
-    let others: Vec<Station> = (0..20)
+    let others: Vec<StationConn> = (0..20)
         .map(|i| {
-            let mut s = Station::connect(server.local_addr());
+            let mut s = StationConn::connect(server.local_addr());
             s.identify(&format!("{i:05}"));
             s.metrics(50);
             s
         })
         .collect();
-    wait_for("the other stations' records", || {
+    wait_for("the other stations' records", WAIT, || {
         server.totals().records_delivered == 20 * 50
     });
     std::thread::sleep(Duration::from_millis(100));
@@ -920,7 +859,7 @@ fn a_connection_at_its_in_flight_cap_waits_alone() {
     );
     release.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    wait_for("everything", || {
+    wait_for("everything", WAIT, || {
         server.totals().records_delivered == 20 * 50 + 5_000
     });
     drop(others);
@@ -936,14 +875,14 @@ fn a_connection_over_its_line_rate_is_slowed_not_cut() {
         max_lines_per_sec: 1000,
         ..config()
     });
-    let mut fast = Station::connect(server.local_addr());
+    let mut fast = StationConn::connect(server.local_addr());
     fast.identify("1");
     let start = Instant::now();
     fast.metrics(5000);
-    wait_for("the fast station held back", || {
+    wait_for("the fast station held back", WAIT, || {
         server.totals().rate_limited_waits > 0
     });
-    let mut other = Station::connect(server.local_addr());
+    let mut other = StationConn::connect(server.local_addr());
     other.send(b"{\"type\":\"identify\",\"zipcode\":\"2\",\"acks\":true}\n");
     let sent_at = Instant::now();
     let lines: String = (0..200)
@@ -976,7 +915,9 @@ fn a_connection_over_its_line_rate_is_slowed_not_cut() {
         other_took.as_secs_f64() < fast_unread as f64 / 1000.0,
         "the neighbour's 200 lines took {other_took:?}, with {fast_unread} fast lines unread"
     );
-    wait_for("everything", || server.totals().records_delivered == 5200);
+    wait_for("everything", WAIT, || {
+        server.totals().records_delivered == 5200
+    });
     assert_eq!(server.totals().line_errors_total(), 0);
 }
 
@@ -995,11 +936,6 @@ impl StationAuth for Tokens {
 
 const TOKENS: Tokens = Tokens(&[("12345", "good"), ("99999", "other")]);
 
-fn identify_line(zipcode: &str, token: Option<&str>) -> Vec<u8> {
-    let token = token.map_or_else(String::new, |t| format!(",\"token\":\"{t}\""));
-    format!("{{\"type\":\"identify\",\"zipcode\":\"{zipcode}\"{token}}}\n").into_bytes()
-}
-
 #[test]
 fn with_station_auth_only_the_zipcodes_own_token_identifies() {
     let server = start_null(RuntimeConfig {
@@ -1007,7 +943,7 @@ fn with_station_auth_only_the_zipcodes_own_token_identifies() {
         station_auth_max_failures: 0,
         ..config()
     });
-    let mut s = Station::connect(server.local_addr());
+    let mut s = StationConn::connect(server.local_addr());
     // A wrong token, no token, and another zipcode's valid token: each refused, and the
     // metrics line after it finds no station.
     for (zipcode, token) in [
@@ -1015,16 +951,16 @@ fn with_station_auth_only_the_zipcodes_own_token_identifies() {
         ("12345", None),
         ("12345", Some("other")),
     ] {
-        s.send(&identify_line(zipcode, token));
+        s.send(identify_without_acks(zipcode, token));
         assert_eq!(s.error_code(), ErrorCode::AuthFailed, "{zipcode} {token:?}");
         s.metrics(1);
         assert_eq!(s.error_code(), ErrorCode::MetricsBeforeIdentify);
     }
-    s.send(&identify_line("12345", Some("good")));
+    s.send(identify_without_acks("12345", Some("good")));
     s.metrics(3);
-    wait_for("3 records", || server.totals().records_delivered == 3);
+    wait_for("3 records", WAIT, || server.totals().records_delivered == 3);
     // A refused identify takes the station away from a connection that had one.
-    s.send(&identify_line("99999", Some("good")));
+    s.send(identify_without_acks("99999", Some("good")));
     assert_eq!(s.error_code(), ErrorCode::AuthFailed);
     s.metrics(1);
     assert_eq!(s.error_code(), ErrorCode::MetricsBeforeIdentify);
@@ -1045,22 +981,22 @@ fn a_connection_is_closed_after_too_many_refused_identifies() {
         station_auth_max_failures: 2,
         ..config()
     });
-    let mut s = Station::connect(server.local_addr());
+    let mut s = StationConn::connect(server.local_addr());
     // Counted over the connection's life: a good identify in between does not reset it.
-    s.send(&identify_line("12345", Some("bad")));
-    s.send(&identify_line("12345", Some("good")));
+    s.send(identify_without_acks("12345", Some("bad")));
+    s.send(identify_without_acks("12345", Some("good")));
     s.metrics(1);
-    s.send(&identify_line("99999", None));
+    s.send(identify_without_acks("99999", None));
     s.metrics(1);
     assert_eq!(s.error_code(), ErrorCode::AuthFailed);
     assert_eq!(s.error_code(), ErrorCode::AuthFailed);
     assert_eq!(s.error_code(), ErrorCode::TooManyErrors);
     assert_eq!(s.read_to_close(), "", "closed; the line behind is not read");
-    wait_for("connection closed", || {
+    wait_for("connection closed", WAIT, || {
         server.totals().connections_closed == 1
     });
     // The good station's record is settled by the sink on its own schedule.
-    wait_for("its record delivered", || {
+    wait_for("its record delivered", WAIT, || {
         server.totals().records_delivered == 1
     });
     let t = server.totals();
@@ -1072,10 +1008,10 @@ fn a_connection_is_closed_after_too_many_refused_identifies() {
 #[test]
 fn without_station_auth_a_token_changes_nothing() {
     let server = start_null(config());
-    let mut s = Station::connect(server.local_addr());
-    s.send(&identify_line("12345", Some("anything")));
+    let mut s = StationConn::connect(server.local_addr());
+    s.send(identify_without_acks("12345", Some("anything")));
     s.send(b"{\"type\":\"identify\",\"zipcode\":\"12345\",\"token\":7}\n");
     s.metrics(2);
-    wait_for("2 records", || server.totals().records_delivered == 2);
+    wait_for("2 records", WAIT, || server.totals().records_delivered == 2);
     assert_eq!(server.totals().line_errors_total(), 0);
 }

@@ -3,55 +3,34 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use stormgate_kafka::EmbeddedCluster;
 use stormgate_protocol::{ErrorCode, NackCode, Reply};
+use stormgate_testkit::*;
 use support::*;
 
-/// A raw station connection that reads answers line by line.
-struct Conn {
-    stream: TcpStream,
-    answers: BufReader<TcpStream>,
+/// A station connection whose replies time out after 30 s, identified with `identify`.
+fn open(addr: SocketAddr, identify: &str) -> StationConn {
+    let mut c = StationConn::connect_with_timeout(addr, Duration::from_secs(30));
+    c.send(format!("{identify}\n"));
+    c
 }
 
-impl Conn {
-    fn open(addr: SocketAddr, identify: &str) -> Conn {
-        let stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let answers = BufReader::new(stream.try_clone().unwrap());
-        let mut c = Conn { stream, answers };
-        c.send(&format!("{identify}\n"));
-        c
-    }
+/// What these tests ask of a connection's answers.
+trait Answers {
+    fn answers_until(&mut self, end: u64) -> Vec<Reply>;
+    fn assert_nothing_answered(&mut self);
+}
 
-    fn send(&mut self, text: &str) {
-        self.stream.write_all(text.as_bytes()).unwrap();
-    }
-
-    fn lines(&mut self, seqs: std::ops::Range<u64>) {
-        let text: String = seqs
-            .map(|n| format!("{{\"type\":\"metrics\",\"seq\":{n},\"data\":\"t={n}.5\"}}\n"))
-            .collect();
-        self.send(&text);
-    }
-
-    fn answer(&mut self) -> Reply {
-        let mut line = String::new();
-        assert!(self.answers.read_line(&mut line).unwrap() > 0, "closed");
-        Reply::parse(line.as_bytes()).unwrap_or_else(|e| panic!("{line:?}: {e}"))
-    }
-
+impl Answers for StationConn {
     /// Reads answers until every seq below `end` is answered; returns them.
     fn answers_until(&mut self, end: u64) -> Vec<Reply> {
         let mut got = Vec::new();
         let mut next = 0;
         while next < end {
-            let a = self.answer();
+            let a = self.reply();
             if let Some(n) = answered_upto(&a) {
                 next = next.max(n + 1);
             }
@@ -65,7 +44,7 @@ impl Conn {
     /// already due) and requires that error to be the next answer.
     fn assert_nothing_answered(&mut self) {
         self.send("{\"type\":\"metrics\",\"data\":\"probe\"}\n");
-        let a = self.answer();
+        let a = self.reply();
         let probe = Reply::Error {
             code: ErrorCode::InvalidMetric,
             seq: None,
@@ -113,11 +92,11 @@ fn acks_real_broker() {
     let topic = fresh_topic(&brokers, "acks");
     let app = start(&["--kafka-brokers", &brokers, "--kafka-topic", &topic]);
     let addr = app.local_addr();
-    let mut on = Conn::open(
+    let mut on = open(
         addr,
         r#"{"type":"identify","zipcode":"70001","city":"A","acks":true}"#,
     );
-    let mut off = Conn::open(addr, r#"{"type":"identify","zipcode":"70002","city":"B"}"#);
+    let mut off = open(addr, r#"{"type":"identify","zipcode":"70002","city":"B"}"#);
     on.lines(0..1000);
     // A rejected line with a seq is answered at once with its seq; one without seq is not
     // acknowledged.
@@ -130,7 +109,7 @@ fn acks_real_broker() {
     let mut answers = Vec::new();
     let mut next = 0;
     while next < 2000 {
-        let a = on.answer();
+        let a = on.reply();
         let delivered = app.server().totals().records_delivered;
         if let Some(n) = answered_upto(&a) {
             next = next.max(n + 1);
@@ -177,7 +156,7 @@ fn nothing_is_acknowledged_while_the_broker_is_down() {
     let cluster = EmbeddedCluster::start("acks-outage", 3).unwrap();
     let brokers = cluster.bootstrap_servers();
     let app = start(&["--kafka-brokers", &brokers, "--kafka-topic", "acks-outage"]);
-    let mut c = Conn::open(
+    let mut c = open(
         app.local_addr(),
         r#"{"type":"identify","zipcode":"70003","acks":true}"#,
     );
@@ -224,8 +203,8 @@ fn failed_deliveries_are_nacked_and_the_default_applies() {
         "--acks",
         "true",
     ]);
-    let mut by_default = Conn::open(app.local_addr(), r#"{"type":"identify","zipcode":"70004"}"#);
-    let mut opted_out = Conn::open(
+    let mut by_default = open(app.local_addr(), r#"{"type":"identify","zipcode":"70004"}"#);
+    let mut opted_out = open(
         app.local_addr(),
         r#"{"type":"identify","zipcode":"70005","acks":false}"#,
     );
@@ -236,7 +215,7 @@ fn failed_deliveries_are_nacked_and_the_default_applies() {
     opted_out.lines(0..10);
     for seq in 10..20 {
         let code = NackCode::DeliveryFailed;
-        assert_eq!(by_default.answer(), Reply::Nack { seq, code });
+        assert_eq!(by_default.reply(), Reply::Nack { seq, code });
     }
     wait_for(
         "the opted-out lines settled",
@@ -267,13 +246,13 @@ fn start_with_broker_down(topic: &str) -> (EmbeddedCluster, stormgate::app::App)
 #[test]
 fn an_error_is_answered_at_once_before_earlier_lines_are_acknowledged() {
     let (cluster, app) = start_with_broker_down("acks-rule-4");
-    let mut c = Conn::open(
+    let mut c = open(
         app.local_addr(),
         r#"{"type":"identify","zipcode":"70010","acks":true}"#,
     );
     c.lines(0..5);
     c.send("{\"type\":\"metrics\",\"seq\":5,\"data\":\"t=warm\"}\n");
-    let a = c.answer();
+    let a = c.reply();
     assert!(matches!(a, Reply::Error { seq: Some(5), .. }), "{a:?}");
     assert_eq!(
         app.server().totals().records_delivered,
@@ -290,7 +269,7 @@ fn an_error_is_answered_at_once_before_earlier_lines_are_acknowledged() {
 #[test]
 fn a_later_identify_switches_acknowledgements() {
     let (cluster, app) = start_with_broker_down("acks-rule-6");
-    let mut c = Conn::open(
+    let mut c = open(
         app.local_addr(),
         r#"{"type":"identify","zipcode":"70011","acks":true}"#,
     );
@@ -309,7 +288,7 @@ fn a_later_identify_switches_acknowledgements() {
     c.assert_nothing_answered();
     c.send("{\"type\":\"identify\",\"zipcode\":\"70011\",\"acks\":true}\n");
     c.lines(6..7);
-    assert_eq!(c.answer(), Reply::Ack { seq: 6 });
+    assert_eq!(c.reply(), Reply::Ack { seq: 6 });
     app.stop().unwrap();
 }
 
@@ -318,23 +297,19 @@ fn a_later_identify_switches_acknowledgements() {
 #[test]
 fn a_half_closed_connection_stays_until_every_line_is_answered() {
     let (cluster, app) = start_with_broker_down("acks-rule-7");
-    let mut c = Conn::open(
+    let mut c = open(
         app.local_addr(),
         r#"{"type":"identify","zipcode":"70012","acks":true}"#,
     );
     c.lines(0..10);
-    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    c.finish();
     wait_for("the ten lines read", Duration::from_secs(10), || {
         app.server().totals().records_enqueued == 10
     });
     assert_eq!(app.server().totals().connections_active, 1, "still open");
     cluster.mock().broker_up(1).unwrap();
     check_in_order(&c.answers_until(10), 0..10);
-    let mut rest = String::new();
-    assert_eq!(
-        std::io::Read::read_to_string(&mut c.answers, &mut rest).unwrap(),
-        0,
-        "closed after the last answer: {rest:?}"
-    );
+    let rest = c.read_to_close();
+    assert!(rest.is_empty(), "closed after the last answer: {rest:?}");
     app.stop().unwrap();
 }

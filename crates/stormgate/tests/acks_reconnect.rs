@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use stormgate_kafka::EmbeddedCluster;
 use stormgate_station::{ReliableStation, ReliableStats};
+use stormgate_testkit::*;
 use support::*;
 
 const STATIONS: usize = 8;

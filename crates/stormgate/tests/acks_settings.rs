@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use stormgate_station::Station;
+use stormgate_testkit::*;
 use support::*;
 
 fn stormgate(env: &[(&str, &str)]) -> Command {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use stormgate::registry::{self, Registry};
 use stormgate_protocol::ErrorCode;
 use stormgate_station::{Reply, Station};
-use support::pki::{identify, metrics};
+use stormgate_testkit::*;
 use support::*;
 
 /// A fresh directory for a registry file.
@@ -28,11 +28,6 @@ fn error_code(s: &mut Station) -> &'static str {
         Reply::Error { code, .. } => code.as_str(),
         other => panic!("expected an error line, got {other:?}"),
     }
-}
-
-/// Reads replies until line `seq` is acknowledged; any error line fails.
-fn wait_for_ack(s: &mut Station, seq: u64) {
-    support::wait_for_ack(|| s.reply(), seq);
 }
 
 /// One attempt at identifying on a new connection: `true` when its metrics line is
@@ -119,7 +114,7 @@ fn only_the_station_with_its_zipcodes_token_reaches_kafka() {
     for seq in 1..=10 {
         good.send(&metrics(seq, &format!("good={seq}"))).unwrap();
     }
-    wait_for_ack(&mut good, 10);
+    wait_for_ack(|| good.reply(), 10);
     let t = app.server().totals();
     assert_eq!(t.line_error(ErrorCode::AuthFailed), 3);
     assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify), 3);
@@ -211,7 +206,7 @@ fn registry_changes_apply_without_a_restart_or_dropping_open_connections() {
     let mut open = Station::connect(app.local_addr()).unwrap();
     open.send(&identify("11111", Some(&first))).unwrap();
     open.send(&metrics(1, "t=1")).unwrap();
-    wait_for_ack(&mut open, 1);
+    wait_for_ack(|| open.reply(), 1);
 
     // Not registered yet: refused.
     let mut early = Station::connect(app.local_addr()).unwrap();
@@ -222,14 +217,14 @@ fn registry_changes_apply_without_a_restart_or_dropping_open_connections() {
     eventually("22222 accepted", || try_identify(&app, "22222", &second));
     // The open connection was not dropped by the reload.
     open.send(&metrics(2, "t=2")).unwrap();
-    wait_for_ack(&mut open, 2);
+    wait_for_ack(|| open.reply(), 2);
 
     // A removed station's token is refused at its next identify; a connection that
     // identified before keeps its station.
     registry::remove(&path, "11111").unwrap();
     eventually("11111 refused", || !try_identify(&app, "11111", &first));
     open.send(&metrics(3, "t=3")).unwrap();
-    wait_for_ack(&mut open, 3);
+    wait_for_ack(|| open.reply(), 3);
 
     let delivered = app.server().totals().records_delivered as usize;
     let records = consume(&brokers, &topic, delivered);

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use stormgate_station::Station;
+use stormgate_testkit::*;
 use support::*;
 
 /// The broker of this test's own sits at the suite broker's port + 10 (see [`OwnBroker`]).
@@ -32,17 +33,6 @@ const QUEUE: usize = 256;
 const PRODUCER_QUEUE: usize = 2_000;
 /// Shards `support::start` runs.
 const SHARDS: usize = 2;
-
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
 
 #[test]
 fn a_broker_restart_under_load_delivers_every_line_exactly_once_in_order() {
@@ -102,7 +92,7 @@ fn a_broker_restart_under_load_delivers_every_line_exactly_once_in_order() {
     wait_for("records flowing", Duration::from_secs(60), || {
         totals().records_delivered > 1000
     });
-    let rss_before = rss_bytes();
+    let rss_before = rss_bytes(std::process::id());
 
     // What the broker holds when it stops: every record of it must be there after the
     // restart, at the same offsets (the final read checks them all from offset 0).
@@ -118,7 +108,7 @@ fn a_broker_restart_under_load_delivers_every_line_exactly_once_in_order() {
     let mut received_at_20s = None;
     while outage_start.elapsed() < OUTAGE {
         std::thread::sleep(Duration::from_millis(500));
-        rss_peak = rss_peak.max(rss_bytes());
+        rss_peak = rss_peak.max(rss_bytes(std::process::id()));
         let t = totals();
         assert_eq!(
             t.connections_active, STATIONS as i64,

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use stormgate_kafka::EmbeddedCluster;
 use stormgate_station::{NackCode, Reply, read_reply};
+use stormgate_testkit::*;
 use support::process::{Process, scrape};
 use support::*;
 
@@ -48,13 +49,6 @@ fn start_disk(dir: &TempDir, extra: &[&str]) -> stormgate::app::App {
     let mut args = vec!["--buffer-type", "disk", "--buffer-dir", &dir];
     args.extend_from_slice(extra);
     start(&args)
-}
-
-/// `count` metrics lines with seqs `from..from + count`.
-fn lines(station: usize, from: u64, count: u64) -> String {
-    (from..from + count)
-        .map(|i| format!("{{\"type\":\"metrics\",\"seq\":{i},\"data\":\"t={station}.{i}\"}}\n"))
-        .collect()
 }
 
 /// What one acknowledging station got back for its lines.
@@ -92,7 +86,7 @@ fn acked_station_with(
     let writer = {
         let mut s = s.try_clone().unwrap();
         let text = match data {
-            None => lines(0, seqs.start, seqs.end - seqs.start),
+            None => station_lines(0, seqs.start, seqs.end - seqs.start),
             Some(data) => seqs
                 .clone()
                 .map(|i| format!("{{\"type\":\"metrics\",\"seq\":{i},\"data\":\"{data}\"}}\n"))
@@ -290,7 +284,7 @@ fn an_outage_longer_than_the_producer_queue_is_absorbed_on_disk() {
         for tick in 0..10 {
             let from = second * PER_SECOND + tick * PER_SECOND / 10;
             for (i, s) in stations.iter_mut().enumerate() {
-                s.write_all(lines(i, from, PER_SECOND / 10).as_bytes())
+                s.write_all(station_lines(i, from, PER_SECOND / 10).as_bytes())
                     .unwrap();
             }
             sent += STATIONS as u64 * PER_SECOND / 10;
@@ -897,7 +891,7 @@ fn ack_after_delivered_waits_for_kafka_even_when_durable() {
         b"{\"type\":\"identify\",\"zipcode\":\"80000\",\"city\":\"Later\",\"acks\":true}\n",
     )
     .unwrap();
-    s.write_all(lines(0, 0, LINES).as_bytes()).unwrap();
+    s.write_all(station_lines(0, 0, LINES).as_bytes()).unwrap();
     let stats = app.server().buffer_stats();
     wait_for("every line durable", Duration::from_secs(30), || {
         stats[0].durable_seq.get() >= LINES as i64

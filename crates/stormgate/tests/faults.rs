@@ -10,6 +10,7 @@ use std::time::Duration;
 use stormgate::app::App;
 use stormgate_kafka::EmbeddedCluster;
 use stormgate_station::Station;
+use stormgate_testkit::*;
 use support::*;
 
 /// The mock cluster's only broker.
@@ -33,13 +34,6 @@ const NOT_LEADER_FOR_PARTITION: i32 = 6;
 /// possibly persisted.
 const TRANSPORT: i32 = -195;
 
-/// The same line format as `outage.rs`: each station's lines carry a running `seq`.
-fn lines(station: usize, from: usize, n: usize) -> String {
-    (from..from + n)
-        .map(|i| format!("{{\"type\":\"metrics\",\"seq\":{i},\"data\":\"t={station}.{i}\"}}\n"))
-        .collect()
-}
-
 /// Connects `n` identified stations.
 fn stations(app: &App, n: usize, city: &str) -> Vec<Station> {
     (0..n)
@@ -54,7 +48,8 @@ fn stations(app: &App, n: usize, city: &str) -> Vec<Station> {
 /// Sends lines `from..from + n` from every station.
 fn send(stations: &mut [Station], from: usize, n: usize) {
     for (i, s) in stations.iter_mut().enumerate() {
-        s.send(lines(i, from, n).as_bytes()).unwrap();
+        s.send(station_lines(i, from as u64, n as u64).as_bytes())
+            .unwrap();
     }
 }
 

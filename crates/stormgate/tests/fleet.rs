@@ -20,6 +20,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use stormgate_station::{ReliableStation, ReliableStats, Reply, read_reply};
+use stormgate_testkit::*;
 use support::process::{Process, scrape};
 use support::*;
 

@@ -10,8 +10,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use stormgate_testkit::{connect_from, wait_for};
 use support::process::{Process, http_get, scrape};
-use support::wait_for;
 
 /// How long SIGTERM took to end the process, with a broker that never answers
 /// (`KAFKA_BROKERS=127.0.0.1:1`) and `SHUTDOWN_TIMEOUT=2s`: after one acks station sent
@@ -100,7 +100,10 @@ fn connect_many(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     (0..n)
         .map(|i| {
             let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i / 100) as u8);
-            let s = support::connect_from(addr, source, Some(4096)).unwrap();
+            let s: TcpStream =
+                connect_from(addr, Some(source.into()), |s| s.set_recv_buffer_size(4096))
+                    .unwrap()
+                    .into();
             s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
             s
         })

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use stormgate_kafka::Compression;
 use stormgate_protocol::ErrorCode;
 use stormgate_station::Station;
+use stormgate_testkit::*;
 use support::*;
 
 const STATIONS: usize = 200;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use stormgate_kafka::verify::{self, ScanOptions};
 use stormgate_station::Station;
-use support::pki::{Ca, pki_dir};
+use stormgate_testkit::*;
 use support::*;
 
 /// The broker of this test's own sits at the suite broker's port + 30 (see [`OwnBroker`]).

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use stormgate_kafka::verify::{self, ScanEvent, ScanOptions};
-use support::pki::{Ca, TlsStation, identify, metrics, pki_dir};
+use stormgate_testkit::*;
 use support::*;
 
 /// The broker of this test's own sits at the suite broker's port + 20 (see [`OwnBroker`]).

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use stormgate_kafka::EmbeddedCluster;
 use stormgate_station::Station;
+use stormgate_testkit::*;
 use support::*;
 
 /// One HTTP exchange; returns the status and the body, checking the framing on the way.

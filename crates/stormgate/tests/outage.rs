@@ -8,18 +8,13 @@ use std::time::Duration;
 
 use stormgate_kafka::EmbeddedCluster;
 use stormgate_station::Station;
+use stormgate_testkit::*;
 use support::*;
 
 const TOPIC: &str = "outage";
 const STATIONS: usize = 20;
 const BEFORE: usize = 50;
 const DURING: usize = 200;
-
-fn lines(station: usize, from: usize, n: usize) -> String {
-    (from..from + n)
-        .map(|i| format!("{{\"type\":\"metrics\",\"seq\":{i},\"data\":\"t={station}.{i}\"}}\n"))
-        .collect()
-}
 
 #[test]
 fn a_broker_outage_loses_nothing_and_keeps_connections_open() {
@@ -37,7 +32,8 @@ fn a_broker_outage_loses_nothing_and_keeps_connections_open() {
         .map(|i| {
             let mut s = Station::connect(app.local_addr()).unwrap();
             s.identify(&format!("{i:05}"), "Outage").unwrap();
-            s.send(lines(i, 0, BEFORE).as_bytes()).unwrap();
+            s.send(station_lines(i, 0, BEFORE as u64).as_bytes())
+                .unwrap();
             s
         })
         .collect();
@@ -56,7 +52,8 @@ fn a_broker_outage_loses_nothing_and_keeps_connections_open() {
     cluster.mock().broker_down(1).unwrap();
     let down_at = std::time::Instant::now();
     for (i, s) in stations.iter_mut().enumerate() {
-        s.send(lines(i, BEFORE, DURING).as_bytes()).unwrap();
+        s.send(station_lines(i, BEFORE as u64, DURING as u64).as_bytes())
+            .unwrap();
     }
     wait_for(
         "the lines sent while down read",

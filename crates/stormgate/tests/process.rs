@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use stormgate_station::Station;
+use stormgate_testkit::*;
 use support::*;
 
 /// A running `stormgate` process whose JSON log lines are collected.
@@ -275,7 +276,6 @@ fn sigterm_flush(sig: libc::c_int) {
 /// action would have ended the process).
 #[test]
 fn sighup_reloads_certificates_and_registry_and_the_server_goes_on() {
-    use support::pki::{Ca, TlsStation, identify, metrics, pki_dir};
     let dir = pki_dir();
     let ca = Ca::new("Stormgate test CA");
     let (cert, key) = ca.server().write(&dir, "server");
@@ -357,7 +357,9 @@ fn churn(addr: SocketAddr, n: usize, threads: usize) {
             std::thread::spawn(move || {
                 let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + t as u8);
                 for i in 0..per_thread {
-                    let mut s = connect_from(addr, source, None).unwrap();
+                    let mut s = std::net::TcpStream::from(
+                        connect_from(addr, Some(source.into()), |_| Ok(())).unwrap(),
+                    );
                     let line = format!(
                         "{{\"type\":\"identify\",\"zipcode\":\"{t}{i:06}\"}}\n{{\"type\":\"metrics\",\"data\":\"t=1\"}}\n"
                     );

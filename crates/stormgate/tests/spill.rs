@@ -12,6 +12,7 @@ use stormgate::cli::Cli;
 use stormgate_kafka::EmbeddedCluster;
 use stormgate_kafka::spill::SpillLine;
 use stormgate_station::Station;
+use stormgate_testkit::*;
 use support::*;
 
 const TOPIC: &str = "spill";

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use stormgate_protocol::ErrorCode;
 use stormgate_station::Reply;
-use support::pki::{Ca, Leaf, TlsStation, identify, metrics, pki_dir};
+use stormgate_testkit::*;
 use support::*;
 
 /// Starts Stormgate with TLS from `server`'s files in `dir`, plus `extra` flags.
@@ -257,7 +257,7 @@ fn a_new_certificate_reaches_new_connections_and_open_ones_keep_working() {
     // A half-written replacement (a certificate without its key's match) is refused and the
     // old certificate stays in force.
     let second = ca.server();
-    support::pki::replace(&dir.join("server.crt"), &second.cert_pem);
+    replace(&dir.join("server.crt"), &second.cert_pem);
     wait_for_log(
         &["not reloaded", dir.to_str().unwrap()],
         Duration::from_secs(10),

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::Socket;
 use stormgate_protocol::Reply;
 
 use super::stream::Stream;
@@ -831,49 +831,22 @@ impl<'a> Worker<'a> {
     }
 }
 
-/// A nonblocking TCP socket, bound to `source` if given, with a connect to `target` started.
+/// A nonblocking TCP socket, bound to `source` if given (its port picked at connect time,
+/// per destination: see [`stormgate_testkit::connect_from`]), with a connect to `target`
+/// started.
 fn open_socket(
     target: SocketAddr,
     source: Option<SocketAddr>,
     send_buffer: usize,
 ) -> io::Result<Socket> {
-    let socket = Socket::new(
-        Domain::for_address(target),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
-    socket.set_nonblocking(true)?;
-    socket.set_tcp_nodelay(true)?;
-    if send_buffer > 0 {
-        socket.set_send_buffer_size(send_buffer)?;
-    }
-    if let Some(source) = source {
-        // Pick the port at connect time, per destination, rather than at bind time from the
-        // whole range: without this a bound socket holds its port for every destination.
-        set_bind_address_no_port(&socket);
-        socket.bind(&source.into())?;
-    }
-    match socket.connect(&target.into()) {
-        Ok(()) => Ok(socket),
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket),
-        Err(e) => Err(e),
-    }
-}
-
-fn set_bind_address_no_port(socket: &Socket) {
-    use std::os::fd::AsRawFd;
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket fd and a c_int option value of the stated size. Failure (an old
-    // kernel) only means ports are picked at bind time.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    stormgate_testkit::connect_from(target, source.map(|s| s.ip()), |socket| {
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        if send_buffer > 0 {
+            socket.set_send_buffer_size(send_buffer)?;
+        }
+        Ok(())
+    })
 }
 
 /// Lines in bytes never written: the newlines in them.

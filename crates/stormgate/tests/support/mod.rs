@@ -1,8 +1,8 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests that need the server itself (`stormgate::app`), the
+//! Kafka reader (`stormgate_kafka::verify`) or its log; the rest is in `stormgate-testkit`.
 
 #![allow(dead_code)]
 
-pub mod pki;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -11,15 +11,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use stormgate::app::App;
 use stormgate::cli::Cli;
-
-/// The Apache Kafka broker the tests talk to, from `STORMGATE_TEST_KAFKA` (`deploy/test.sh`
-/// starts one with `deploy/kafka/kafka.sh` and sets it).
-pub fn broker() -> String {
-    std::env::var("STORMGATE_TEST_KAFKA").expect(
-        "STORMGATE_TEST_KAFKA is not set: run the suite with deploy/test.sh, which starts a broker, \
-         or point it at one (e.g. `deploy/kafka/kafka.sh start 19092` prints the address)",
-    )
-}
+use stormgate_testkit::wait_for;
 
 /// A topic name no other test uses, created with 6 partitions.
 pub fn fresh_topic(brokers: &str, prefix: &str) -> String {
@@ -53,18 +45,6 @@ pub fn start(extra: &[&str]) -> App {
     }
     let cli = Cli::try_parse_from(args).expect("valid flags");
     stormgate::app::start(&cli).expect("server starts")
-}
-
-/// Polls `cond` until it holds or `timeout` passes.
-pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// A consumed record, parsed.
@@ -137,104 +117,6 @@ pub fn by_key(records: &[Out]) -> BTreeMap<String, Vec<&Out>> {
         map.entry(r.key.clone()).or_default().push(r);
     }
     map
-}
-
-/// Reads replies with `next` until line `seq` is acknowledged (singly or by an `upto`); any
-/// other reply, or none, fails.
-pub fn wait_for_ack(mut next: impl FnMut() -> std::io::Result<stormgate_station::Reply>, seq: u64) {
-    use stormgate_station::Reply;
-    loop {
-        match next().expect("a reply") {
-            Reply::Ack { seq: n } | Reply::AckUpto { upto: n } if n >= seq => return,
-            Reply::Ack { .. } | Reply::AckUpto { .. } => {}
-            other => panic!("waiting for the ack of {seq}: {other:?}"),
-        }
-    }
-}
-
-/// An Apache Kafka broker of a test's own, for tests that stop and start it or need listeners
-/// the suite's broker lacks; run through `deploy/kafka/kafka.sh` like the suite's.
-///
-/// It listens on the suite broker's port (from `STORMGATE_TEST_KAFKA`) plus `offset`, and on
-/// the four ports after that one (controller, SASL, TLS): every port of a suite run derives
-/// from `STORMGATE_TEST_KAFKA_PORT`, so two runs with different ports coexist. Each test
-/// binary that owns a broker takes its own offset (multiples of 10 from 10; `deploy/test.sh`
-/// gives the benchmarks +40). Dropping it stops the broker and deletes its data.
-pub struct OwnBroker {
-    pub port: u16,
-    /// What `kafka.sh start` printed: `KAFKA_BROKERS`, `KAFKA_SASL_BROKERS`, and with TLS
-    /// `KAFKA_SSL_BROKERS` and `KAFKA_SASL_SSL_BROKERS`, each `127.0.0.1:PORT`.
-    pub listeners: BTreeMap<String, String>,
-    env: Vec<(String, String)>,
-}
-
-impl OwnBroker {
-    /// A broker with empty storage on the suite's port + `offset`, started; `env` goes to
-    /// every `kafka.sh` call (e.g. `KAFKA_TLS_CERT`).
-    pub fn start_fresh(offset: u16, env: &[(&str, &str)]) -> OwnBroker {
-        let suite = broker();
-        let suite_port: u16 = suite
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in STORMGATE_TEST_KAFKA={suite}"));
-        let mut own = OwnBroker {
-            port: suite_port + offset,
-            listeners: BTreeMap::new(),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        own.script("reset");
-        own.listeners = own.start();
-        own
-    }
-
-    /// `kafka.sh start`: its `KAFKA_*=host:port` lines.
-    pub fn start(&self) -> BTreeMap<String, String> {
-        self.script("start")
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
-    }
-
-    /// `kafka.sh stop`: SIGTERM, and SIGKILL if it lingers; the data stays on disk.
-    pub fn stop(&self) {
-        self.script("stop");
-    }
-
-    /// The plaintext listener.
-    pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn script(&self, verb: &str) -> String {
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kafka/kafka.sh");
-        let t0 = Instant::now();
-        let out = std::process::Command::new(script)
-            .args([verb, &self.port.to_string()])
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .expect("run deploy/kafka/kafka.sh");
-        assert!(out.status.success(), "kafka.sh {verb} {}", self.port);
-        eprintln!("kafka.sh {verb} {}: {:?}", self.port, t0.elapsed());
-        String::from_utf8(out.stdout).expect("utf-8 output")
-    }
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kafka/kafka.sh");
-        let _ = std::process::Command::new(script)
-            .args(["reset", &self.port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .status();
-    }
 }
 
 /// Partition count of `topic`, from the broker's metadata.
@@ -322,41 +204,4 @@ pub fn brokers_in_state(addr: std::net::SocketAddr, state: &str) -> f64 {
             )
         })
         .sum()
-}
-
-/// A socket connected to `addr` from loopback address `source` (e.g. 127.0.0.7), with its
-/// receive buffer set to `recv_buffer` bytes when given.
-///
-/// The port is picked at connect time (`IP_BIND_ADDRESS_NO_PORT`), per destination: a socket
-/// bound to port 0 otherwise takes a port from the whole ephemeral range for every destination,
-/// and 100,000 such connections in TIME_WAIT leave the next test's plain `connect` to
-/// 127.0.0.1 with no port at all (EADDRNOTAVAIL).
-pub fn connect_from(
-    addr: std::net::SocketAddr,
-    source: std::net::Ipv4Addr,
-    recv_buffer: Option<usize>,
-) -> std::io::Result<std::net::TcpStream> {
-    use socket2::{Domain, Socket, Type};
-    use std::os::fd::AsRawFd;
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket fd and a c_int option value of the stated size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    socket.bind(&std::net::SocketAddr::from((source, 0)).into())?;
-    if let Some(bytes) = recv_buffer {
-        socket.set_recv_buffer_size(bytes)?;
-    }
-    socket.connect(&addr.into())?;
-    Ok(socket.into())
 }

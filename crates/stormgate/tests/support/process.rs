@@ -117,7 +117,7 @@ impl Process {
     }
 
     pub fn rss_bytes(&self) -> u64 {
-        rss_bytes(self.child.id())
+        stormgate_testkit::rss_bytes(self.child.id())
     }
 
     pub fn stats(&self) -> serde_json::Value {
@@ -146,16 +146,6 @@ impl Drop for Process {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-pub fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024)
 }
 
 /// `GET path` on the operations endpoint: (status, body), or the I/O error.
