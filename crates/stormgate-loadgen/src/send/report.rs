@@ -66,6 +66,9 @@ pub struct SendSummary {
     pub ack_replies: u64,
     /// With --acks: lines that failed delivery (`nack`).
     pub nacks: u64,
+    /// `reconnect` replies (a draining server's request to connect again), apart from
+    /// `error_replies`: the server stopping is not the stations' error.
+    pub reconnects: u64,
 }
 
 impl SendSummary {
@@ -89,6 +92,7 @@ impl SendSummary {
             s.acked_lines += r.acked_lines;
             s.ack_replies += r.ack_replies;
             s.nacks += r.nacks;
+            s.reconnects += r.reconnects;
             for (code, n) in &r.error_replies {
                 *s.error_replies.entry(code.clone()).or_default() += n;
             }
@@ -134,6 +138,7 @@ impl SendSummary {
             s.acked_lines += c.acked_lines;
             s.ack_replies += c.ack_replies;
             s.nacks += c.nacks;
+            s.reconnects += c.reconnects;
             for (code, n) in &c.error_replies {
                 *s.error_replies.entry(code.clone()).or_default() += n;
             }
@@ -239,6 +244,7 @@ mod tests {
             duration_s: secs,
             error_replies: [(code.to_owned(), 2)].into(),
             first_error: (code == "b").then(|| "boom".to_owned()),
+            reconnects: 3,
             ..SendSummary::default()
         };
         let s = SendSummary::merge(&[child(100, 1.0, "a"), child(300, 2.0, "b")]);
@@ -249,6 +255,7 @@ mod tests {
         assert_eq!(s.mb_per_s, 0.02);
         assert_eq!(s.error_replies, [("a".into(), 2), ("b".into(), 2)].into());
         assert_eq!(s.first_error.as_deref(), Some("boom"));
+        assert_eq!(s.reconnects, 6);
     }
 
     #[test]
@@ -257,6 +264,7 @@ mod tests {
         let at = |ms: u64| Some(t0 + Duration::from_millis(ms));
         let w = |lines, started, finished, ended| WorkerReport {
             connected: 5,
+            reconnects: 1,
             lines_sent: lines,
             started,
             finished,
@@ -271,6 +279,7 @@ mod tests {
             ],
         );
         assert_eq!((s.threads, s.connected, s.lines_sent), (2, 10, 4000));
+        assert_eq!(s.reconnects, 2);
         assert_eq!(s.connect_s, 0.1);
         assert_eq!(s.duration_s, 2.0);
         assert_eq!(s.drain_s, 0.4);

@@ -138,6 +138,9 @@ pub struct WorkerReport {
     pub ack_replies: u64,
     /// `nack` replies.
     pub nacks: u64,
+    /// `reconnect` replies: a draining server asking the station to connect again (the
+    /// senders do not); not errors.
+    pub reconnects: u64,
     /// When metrics sending (or holding) began.
     pub started: Option<Instant>,
     /// When the last line went out (or holding ended).
@@ -871,9 +874,11 @@ fn count_reply(report: &mut WorkerReport, answered: &mut u64, line: &[u8]) {
             *answered = (*answered).max(seq + 1);
             return;
         }
-        // FIXME: a `reconnect` from a draining server is counted with the garbage; the
-        // senders do not reconnect.
-        Ok(Reply::Reconnect) | Err(_) => "unrecognized_reply".into(),
+        Ok(Reply::Reconnect) => {
+            report.reconnects += 1;
+            return;
+        }
+        Err(_) => "unrecognized_reply".into(),
     };
     *report.error_replies.entry(code.into_owned()).or_default() += 1;
     if report.first_error.is_none() {
@@ -902,6 +907,19 @@ mod tests {
         assert_eq!(r.error_replies["line_too_long"], 1);
         assert_eq!(r.error_replies["unrecognized_reply"], 1);
         assert!(r.first_error.unwrap().contains("line is not valid JSON"));
+    }
+
+    #[test]
+    fn reconnect_replies_are_counted_apart_and_are_not_errors() {
+        let mut r = WorkerReport::default();
+        let mut answered = 3;
+        for line in [&br#"{"type":"reconnect"}"#[..], br#"{"type":"reconnect"}"#] {
+            count_reply(&mut r, &mut answered, line);
+        }
+        assert_eq!(r.reconnects, 2);
+        assert_eq!(answered, 3, "a reconnect answers no line");
+        assert!(r.error_replies.is_empty());
+        assert_eq!(r.first_error, None);
     }
 
     #[test]
