@@ -12,7 +12,10 @@
 //! - [`Event`]: an internal event, counted every time and logged at its limiter's rate.
 //! - [`DistinctCounter`]: a HyperLogLog sketch of distinct keys (zipcodes) per shard, whose
 //!   [`DistinctSnapshot`]s merge across shards into an estimate within about 1.6%.
-//! - [`ShardMetrics`]: the full set one shard keeps, and [`Totals`], their sum.
+//! - [`ShardMetrics`]: the full set one shard keeps, and [`Totals`], their sum. Each counter
+//!   and gauge is declared once, with its exposed name and help ([`SHARD_SCALARS`]); the
+//!   struct fields, the sums, the exposition and the shutdown report all follow from that
+//!   list, and [`shard_catalogue`] names every metric that comes from a shard.
 
 mod event;
 mod histogram;
@@ -24,4 +27,8 @@ pub use event::Event;
 pub use histogram::{HistogramSnapshot, LatencyHistogram};
 pub use hll::{DistinctCounter, DistinctSnapshot};
 pub use limiter::LogLimiter;
-pub use metrics::{Counter, Gauge, ShardMetrics, Totals};
+pub use metrics::{
+    Counter, DELIVERY_LATENCY, Gauge, LINE_ERRORS, MetricDesc, MetricKind,
+    PRODUCER_IN_FLIGHT_RECORDS, SHARD_SCALARS, ShardMetrics, ShardRead, ShardScalar, Total, Totals,
+    UNIQUE_ZIPCODES, shard_catalogue,
+};

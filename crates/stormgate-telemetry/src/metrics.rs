@@ -54,73 +54,291 @@ impl Gauge {
     }
 }
 
-/// Everything one shard counts. Created by the process, handed to the shard, written only by
-/// the shard's thread, read by anyone.
-///
-/// Aligned to two cache lines so that shards never share one (adjacent-line prefetch
-/// included).
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub struct ShardMetrics {
+/// What kind of series a metric is, as the exposition's `TYPE` line names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Only increases (from zero at start); its name ends in `_total`.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Cumulative buckets (`le`), `_sum` and `_count`.
+    Histogram,
+}
+
+impl MetricKind {
+    /// The name the exposition formats use: `counter`, `gauge`, `histogram`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric as `/metrics` serves it: its one declaration, from which the exposition takes
+/// its name, `HELP` and `TYPE`, and against which docs/OBSERVABILITY.md is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricDesc {
+    /// The name in the Prometheus text format: `stormgate_...`, and a counter's ends in
+    /// `_total` (OpenMetrics names the family without it).
+    pub name: &'static str,
+    /// The `HELP` text: one sentence.
+    pub help: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: MetricKind,
+    /// Its labels, in order (a histogram's `le` is implied).
+    pub labels: &'static [&'static str],
+}
+
+/// Where a [`ShardMetrics`] counter or gauge is: read in place, at scrape time.
+#[derive(Debug, Clone, Copy)]
+pub enum ShardRead {
+    /// A [`Counter`] field.
+    Counter(fn(&ShardMetrics) -> &Counter),
+    /// A [`Gauge`] field.
+    Gauge(fn(&ShardMetrics) -> &Gauge),
+}
+
+/// A counter or gauge field of [`ShardMetrics`], as [`SHARD_SCALARS`] lists it.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardScalar {
+    /// The field's name in [`ShardMetrics`] and [`Totals`], and its key in the shutdown
+    /// report.
+    pub field: &'static str,
+    /// How the exposition names it (label `shard`).
+    pub desc: MetricDesc,
+    /// How to read it.
+    pub read: ShardRead,
+}
+
+/// A summed counter or gauge of [`Totals`] (see [`Totals::scalars`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Total {
+    /// A counter's sum.
+    Counter(u64),
+    /// A gauge's sum.
+    Gauge(i64),
+}
+
+/// Declares every counter and gauge of a shard once: its field, its doc, its exposed name
+/// and help. From that one list come the fields of [`ShardMetrics`] and [`Totals`], the
+/// summing, [`SHARD_SCALARS`] (what the exposition and the shutdown report iterate) and
+/// [`Totals::scalars`]. The metrics that are not one number per shard (the error codes, the
+/// latency histogram, the zipcode sketch) are written out beside it.
+macro_rules! shard_metrics {
+    (@total Counter) => { u64 };
+    (@total Gauge) => { i64 };
+    (@read Counter $field:ident) => { ShardRead::Counter(|m| &m.$field) };
+    (@read Gauge $field:ident) => { ShardRead::Gauge(|m| &m.$field) };
+    (@value Counter $v:expr) => { Total::Counter($v) };
+    (@value Gauge $v:expr) => { Total::Gauge($v) };
+    (
+        $(
+            $(#[doc = $doc:literal])*
+            $field:ident: $kind:ident => $name:literal, $help:literal;
+        )*
+    ) => {
+        /// Everything one shard counts. Created by the process, handed to the shard, written
+        /// only by the shard's thread, read by anyone.
+        ///
+        /// Aligned to two cache lines so that shards never share one (adjacent-line
+        /// prefetch included).
+        #[derive(Debug, Default)]
+        #[repr(align(128))]
+        pub struct ShardMetrics {
+            $(
+                $(#[doc = $doc])*
+                pub $field: $kind,
+            )*
+            /// Lines rejected, by [`ErrorCode`] (indexed by `code as usize`).
+            pub line_errors: [Counter; ErrorCode::COUNT],
+            /// Line read → delivery report, in microseconds.
+            pub delivery_latency: LatencyHistogram,
+            /// Zipcodes of the stations that identified on this shard, as a HyperLogLog
+            /// sketch; merged across shards when read (see [`DistinctCounter`]).
+            pub zipcodes: DistinctCounter,
+        }
+
+        /// The sum of several shards' metrics at one moment (not atomic across counters).
+        #[derive(Debug, Clone, Default, PartialEq)]
+        pub struct Totals {
+            $(
+                #[doc = concat!("See [`ShardMetrics::", stringify!($field), "`].")]
+                pub $field: shard_metrics!(@total $kind),
+            )*
+            /// See [`ShardMetrics::line_errors`].
+            pub line_errors: [u64; ErrorCode::COUNT],
+            /// See [`ShardMetrics::delivery_latency`].
+            pub delivery_latency: HistogramSnapshot,
+            /// See [`ShardMetrics::zipcodes`]: the shards' sketches merged (their union).
+            pub zipcodes: DistinctSnapshot,
+        }
+
+        /// Every counter and gauge field of [`ShardMetrics`], in exposition order.
+        pub const SHARD_SCALARS: &[ShardScalar] = &[
+            $(
+                ShardScalar {
+                    field: stringify!($field),
+                    desc: MetricDesc {
+                        name: $name,
+                        help: $help,
+                        kind: MetricKind::$kind,
+                        labels: &["shard"],
+                    },
+                    read: shard_metrics!(@read $kind $field),
+                },
+            )*
+        ];
+
+        impl Totals {
+            fn add_scalars(&mut self, m: &ShardMetrics) {
+                $( self.$field += m.$field.get(); )*
+            }
+
+            /// Each counter and gauge with its sum, in the order of [`SHARD_SCALARS`].
+            pub fn scalars(&self) -> impl Iterator<Item = (&'static ShardScalar, Total)> {
+                SHARD_SCALARS
+                    .iter()
+                    .zip([$( shard_metrics!(@value $kind self.$field) ),*])
+            }
+        }
+    };
+}
+
+shard_metrics! {
     /// Connections accepted since start.
-    pub connections_accepted: Counter,
+    connections_accepted: Counter =>
+        "stormgate_connections_accepted_total", "Station connections accepted.";
     /// Connections closed since start (by either side).
-    pub connections_closed: Counter,
+    connections_closed: Counter =>
+        "stormgate_connections_closed_total", "Station connections closed, by either side.";
     /// Connections refused at accept (connection limit).
-    pub connections_rejected: Counter,
-    /// Connections open now.
-    pub connections_active: Gauge,
+    connections_rejected: Counter =>
+        "stormgate_connections_rejected_total",
+        "Connections refused at accept because a connection limit was reached.";
     /// Connection tasks that panicked (bugs); each closed its connection only.
-    pub connection_panics: Counter,
+    connection_panics: Counter =>
+        "stormgate_connection_panics_total",
+        "Connection tasks that panicked (bugs); each closed only its connection.";
     /// Connections closed because the station sent nothing for the idle timeout.
-    pub idle_timeouts: Counter,
+    idle_timeouts: Counter =>
+        "stormgate_idle_timeouts_total",
+        "Connections closed because the station sent nothing for TCP_IDLE_TIMEOUT.";
     /// Connections closed because a line stayed incomplete past the line timeout.
-    pub line_timeouts: Counter,
-    /// TLS handshakes completed (`TLS_CERT`).
-    pub tls_handshakes: Counter,
-    /// TLS handshakes that failed or timed out; each closed its connection.
-    pub tls_handshake_failures: Counter,
+    line_timeouts: Counter =>
+        "stormgate_line_timeouts_total",
+        "Connections closed because a line stayed incomplete past TCP_LINE_TIMEOUT.";
     /// Non-blank lines read.
-    pub lines_received: Counter,
+    lines_received: Counter =>
+        "stormgate_lines_received_total", "Non-blank lines read from stations.";
     /// Bytes read from station sockets.
-    pub bytes_received: Counter,
-    /// Lines rejected, by [`ErrorCode`] (indexed by `code as usize`).
-    pub line_errors: [Counter; ErrorCode::COUNT],
+    bytes_received: Counter =>
+        "stormgate_bytes_received_total", "Bytes read from station sockets.";
     /// Records handed to the shard queue.
-    pub records_enqueued: Counter,
+    records_enqueued: Counter =>
+        "stormgate_records_enqueued_total",
+        "Metrics records put in the shard queue (dead letters are counted apart).";
     /// Records the sink handed to its destination (for Kafka: `send` succeeded, so the
     /// producer holds them until their delivery report). Dead letters are not counted here.
-    pub records_produced: Counter,
+    records_produced: Counter =>
+        "stormgate_records_produced_total", "Metrics records the sink handed to its producer.";
     /// Records whose delivery the sink confirmed.
-    pub records_delivered: Counter,
+    records_delivered: Counter =>
+        "stormgate_records_delivered_total", "Metrics records whose delivery was acknowledged.";
     /// Records whose delivery finally failed.
-    pub records_failed: Counter,
+    records_failed: Counter =>
+        "stormgate_records_failed_total", "Metrics records whose delivery finally failed.";
     /// Failed records written to the spill file (a subset of `records_failed`).
-    pub records_spilled: Counter,
-    /// Failed records the spill file could not take either (disk full, permissions): lost.
-    pub spill_failures: Counter,
-    /// Dead-letter records (rejected lines, `KAFKA_DLQ_TOPIC`) handed to the shard queue.
-    pub dead_letters_enqueued: Counter,
-    /// Dead-letter records delivered.
-    pub dead_letters_delivered: Counter,
-    /// Dead-letter records whose delivery finally failed (spilled like any record).
-    pub dead_letters_failed: Counter,
+    records_spilled: Counter =>
+        "stormgate_records_spilled_total", "Failed records written to the shard's spill file.";
     /// Settlements of a record that was already settled or never opened: a bug in a sink,
     /// always 0 (tests and benchmarks assert it).
-    pub settle_errors: Counter,
-    /// Records taken but not yet settled (queue plus sink).
-    pub records_in_flight: Gauge,
-    /// Records waiting in the shard queue.
-    pub queue_depth: Gauge,
+    settle_errors: Counter =>
+        "stormgate_settle_errors_total",
+        "Settlements of a record already settled or unknown: a bug, always 0.";
+    /// Failed records the spill file could not take either (disk full, permissions): lost.
+    spill_failures: Counter =>
+        "stormgate_spill_failures_total",
+        "Failed records the spill file could not take either: lost.";
+    /// Dead-letter records (rejected lines, `KAFKA_DLQ_TOPIC`) handed to the shard queue.
+    dead_letters_enqueued: Counter =>
+        "stormgate_dead_letters_enqueued_total",
+        "Dead-letter records (rejected lines, KAFKA_DLQ_TOPIC) put in the shard queue.";
+    /// Dead-letter records delivered.
+    dead_letters_delivered: Counter =>
+        "stormgate_dead_letters_delivered_total", "Dead-letter records delivered.";
+    /// Dead-letter records whose delivery finally failed (spilled like any record).
+    dead_letters_failed: Counter =>
+        "stormgate_dead_letters_failed_total",
+        "Dead-letter records whose delivery finally failed.";
     /// Times a connection stopped reading because the queue or its own in-flight cap was full.
-    pub backpressure_waits: Counter,
+    backpressure_waits: Counter =>
+        "stormgate_backpressure_waits_total",
+        "Times a connection stopped reading because the queue or its in-flight cap was full.";
     /// Times a connection waited because it sent lines faster than `TCP_MAX_LINES_PER_SEC`.
-    pub rate_limited_waits: Counter,
-    /// Line read → delivery report, in microseconds.
-    pub delivery_latency: LatencyHistogram,
-    /// Zipcodes of the stations that identified on this shard, as a HyperLogLog sketch;
-    /// merged across shards when read (see [`DistinctCounter`]).
-    pub zipcodes: DistinctCounter,
+    rate_limited_waits: Counter =>
+        "stormgate_rate_limited_waits_total",
+        "Times a connection waited because it sent lines faster than TCP_MAX_LINES_PER_SEC.";
+    /// TLS handshakes completed (`TLS_CERT`).
+    tls_handshakes: Counter =>
+        "stormgate_tls_handshakes_total", "TLS handshakes completed on the station listener.";
+    /// TLS handshakes that failed or timed out; each closed its connection.
+    tls_handshake_failures: Counter =>
+        "stormgate_tls_handshake_failures_total",
+        "TLS handshakes that failed or timed out; each closed its connection.";
+    /// Connections open now.
+    connections_active: Gauge =>
+        "stormgate_connections_active", "Station connections open now.";
+    /// Records waiting in the shard queue.
+    queue_depth: Gauge =>
+        "stormgate_queue_depth", "Records waiting in the shard queue (refreshed every 20 ms).";
+    /// Records taken but not yet settled (queue plus sink).
+    records_in_flight: Gauge =>
+        "stormgate_records_in_flight",
+        "Records taken from stations and not yet settled: queue plus producer (every 20 ms).";
+}
+
+/// `stormgate_producer_in_flight_records`: [`ShardMetrics::producer_in_flight_records`].
+pub const PRODUCER_IN_FLIGHT_RECORDS: MetricDesc = MetricDesc {
+    name: "stormgate_producer_in_flight_records",
+    help: "Records handed to the producer and not yet settled (in flight minus queue depth).",
+    kind: MetricKind::Gauge,
+    labels: &["shard"],
+};
+
+/// `stormgate_line_errors_total`: [`ShardMetrics::line_errors`], by code.
+pub const LINE_ERRORS: MetricDesc = MetricDesc {
+    name: "stormgate_line_errors_total",
+    help: "Rejected lines, by error code (docs/PROTOCOL.md).",
+    kind: MetricKind::Counter,
+    labels: &["shard", "code"],
+};
+
+/// `stormgate_delivery_latency_seconds`: [`ShardMetrics::delivery_latency`].
+pub const DELIVERY_LATENCY: MetricDesc = MetricDesc {
+    name: "stormgate_delivery_latency_seconds",
+    help: "Line read to settlement (delivered or failed), per metrics record.",
+    kind: MetricKind::Histogram,
+    labels: &["shard"],
+};
+
+/// `stormgate_unique_zipcodes`: [`Totals::unique_zipcodes`], all shards together.
+pub const UNIQUE_ZIPCODES: MetricDesc = MetricDesc {
+    name: "stormgate_unique_zipcodes",
+    help: "Distinct zipcodes that identified since start, all shards (HyperLogLog estimate, ~1.6% error).",
+    kind: MetricKind::Gauge,
+    labels: &[],
+};
+
+/// Every metric that comes from [`ShardMetrics`], in exposition order.
+pub fn shard_catalogue() -> impl Iterator<Item = &'static MetricDesc> {
+    SHARD_SCALARS.iter().map(|s| &s.desc).chain([
+        &PRODUCER_IN_FLIGHT_RECORDS,
+        &LINE_ERRORS,
+        &DELIVERY_LATENCY,
+        &UNIQUE_ZIPCODES,
+    ])
 }
 
 impl ShardMetrics {
@@ -129,67 +347,12 @@ impl ShardMetrics {
     pub fn line_error(&self, code: ErrorCode) {
         self.line_errors[code as usize].incr();
     }
-}
 
-/// The sum of several shards' metrics at one moment (not atomic across counters).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Totals {
-    /// See [`ShardMetrics::connections_accepted`].
-    pub connections_accepted: u64,
-    /// See [`ShardMetrics::connections_closed`].
-    pub connections_closed: u64,
-    /// See [`ShardMetrics::connections_rejected`].
-    pub connections_rejected: u64,
-    /// See [`ShardMetrics::connections_active`].
-    pub connections_active: i64,
-    /// See [`ShardMetrics::connection_panics`].
-    pub connection_panics: u64,
-    /// See [`ShardMetrics::idle_timeouts`].
-    pub idle_timeouts: u64,
-    /// See [`ShardMetrics::line_timeouts`].
-    pub line_timeouts: u64,
-    /// See [`ShardMetrics::lines_received`].
-    pub lines_received: u64,
-    /// See [`ShardMetrics::bytes_received`].
-    pub bytes_received: u64,
-    /// See [`ShardMetrics::line_errors`].
-    pub line_errors: [u64; ErrorCode::COUNT],
-    /// See [`ShardMetrics::records_enqueued`].
-    pub records_enqueued: u64,
-    /// See [`ShardMetrics::records_produced`].
-    pub records_produced: u64,
-    /// See [`ShardMetrics::records_delivered`].
-    pub records_delivered: u64,
-    /// See [`ShardMetrics::records_failed`].
-    pub records_failed: u64,
-    /// See [`ShardMetrics::records_spilled`].
-    pub records_spilled: u64,
-    /// See [`ShardMetrics::spill_failures`].
-    pub spill_failures: u64,
-    /// See [`ShardMetrics::dead_letters_enqueued`].
-    pub dead_letters_enqueued: u64,
-    /// See [`ShardMetrics::dead_letters_delivered`].
-    pub dead_letters_delivered: u64,
-    /// See [`ShardMetrics::dead_letters_failed`].
-    pub dead_letters_failed: u64,
-    /// See [`ShardMetrics::settle_errors`].
-    pub settle_errors: u64,
-    /// See [`ShardMetrics::records_in_flight`].
-    pub records_in_flight: i64,
-    /// See [`ShardMetrics::queue_depth`].
-    pub queue_depth: i64,
-    /// See [`ShardMetrics::backpressure_waits`].
-    pub backpressure_waits: u64,
-    /// See [`ShardMetrics::rate_limited_waits`].
-    pub rate_limited_waits: u64,
-    /// See [`ShardMetrics::tls_handshakes`].
-    pub tls_handshakes: u64,
-    /// See [`ShardMetrics::tls_handshake_failures`].
-    pub tls_handshake_failures: u64,
-    /// See [`ShardMetrics::delivery_latency`].
-    pub delivery_latency: HistogramSnapshot,
-    /// See [`ShardMetrics::zipcodes`]: the shards' sketches merged (their union).
-    pub zipcodes: DistinctSnapshot,
+    /// Records handed to the producer and not yet settled: in flight minus queue depth (the
+    /// two gauges are refreshed apart, so never below zero).
+    pub fn producer_in_flight_records(&self) -> i64 {
+        (self.records_in_flight.get() - self.queue_depth.get()).max(0)
+    }
 }
 
 impl Totals {
@@ -203,34 +366,10 @@ impl Totals {
     }
 
     fn add(&mut self, m: &ShardMetrics) {
-        self.connections_accepted += m.connections_accepted.get();
-        self.connections_closed += m.connections_closed.get();
-        self.connections_rejected += m.connections_rejected.get();
-        self.connections_active += m.connections_active.get();
-        self.connection_panics += m.connection_panics.get();
-        self.idle_timeouts += m.idle_timeouts.get();
-        self.line_timeouts += m.line_timeouts.get();
-        self.lines_received += m.lines_received.get();
-        self.bytes_received += m.bytes_received.get();
+        self.add_scalars(m);
         for (t, c) in self.line_errors.iter_mut().zip(&m.line_errors) {
             *t += c.get();
         }
-        self.records_enqueued += m.records_enqueued.get();
-        self.records_produced += m.records_produced.get();
-        self.records_delivered += m.records_delivered.get();
-        self.records_failed += m.records_failed.get();
-        self.records_spilled += m.records_spilled.get();
-        self.spill_failures += m.spill_failures.get();
-        self.dead_letters_enqueued += m.dead_letters_enqueued.get();
-        self.dead_letters_delivered += m.dead_letters_delivered.get();
-        self.dead_letters_failed += m.dead_letters_failed.get();
-        self.settle_errors += m.settle_errors.get();
-        self.records_in_flight += m.records_in_flight.get();
-        self.queue_depth += m.queue_depth.get();
-        self.backpressure_waits += m.backpressure_waits.get();
-        self.rate_limited_waits += m.rate_limited_waits.get();
-        self.tls_handshakes += m.tls_handshakes.get();
-        self.tls_handshake_failures += m.tls_handshake_failures.get();
         self.delivery_latency.merge(&m.delivery_latency.snapshot());
         self.zipcodes.merge_counter(&m.zipcodes);
     }
@@ -288,6 +427,78 @@ mod tests {
         assert_eq!(Totals::sum([&a, &b]).unique_zipcodes(), 3);
         assert_eq!(Totals::sum([&b]).unique_zipcodes(), 2);
         assert_eq!(Totals::default().unique_zipcodes(), 0);
+    }
+
+    #[test]
+    fn totals_list_every_scalar_with_its_sum() {
+        let a = ShardMetrics::default();
+        let b = ShardMetrics::default();
+        for (i, s) in SHARD_SCALARS.iter().enumerate() {
+            // A distinct value per field, so that a field read in another's place shows.
+            match s.read {
+                ShardRead::Counter(read) => {
+                    read(&a).add(i as u64 + 1);
+                    read(&b).add(100);
+                }
+                ShardRead::Gauge(read) => {
+                    read(&a).add(i as i64 + 1);
+                    read(&b).add(-100);
+                }
+            }
+        }
+        let t = Totals::sum([&a, &b]);
+        let scalars: Vec<_> = t.scalars().collect();
+        assert_eq!(scalars.len(), SHARD_SCALARS.len());
+        for (i, (s, total)) in scalars.into_iter().enumerate() {
+            let want = match s.desc.kind {
+                MetricKind::Counter => Total::Counter(i as u64 + 101),
+                _ => Total::Gauge(i as i64 - 99),
+            };
+            assert_eq!(total, want, "{}", s.field);
+        }
+        assert_eq!(t.lines_received, 107, "a field and its entry agree");
+        assert_eq!(
+            SHARD_SCALARS[6].field, "lines_received",
+            "entries keep the declaration's order"
+        );
+    }
+
+    #[test]
+    fn the_catalogue_follows_the_naming_rules() {
+        let mut names = std::collections::BTreeSet::new();
+        for d in shard_catalogue() {
+            assert!(names.insert(d.name), "{} declared twice", d.name);
+            assert!(d.name.starts_with("stormgate_"), "{}", d.name);
+            assert_eq!(
+                d.kind == MetricKind::Counter,
+                d.name.ends_with("_total"),
+                "{}: counters, and only counters, end in _total",
+                d.name
+            );
+            assert!(
+                d.help.ends_with('.') && !d.help.contains('\n'),
+                "{}",
+                d.name
+            );
+        }
+        for s in SHARD_SCALARS {
+            assert!(s.desc.name.contains(s.field) || s.field == "connection_panics");
+            let kind = match s.read {
+                ShardRead::Counter(_) => MetricKind::Counter,
+                ShardRead::Gauge(_) => MetricKind::Gauge,
+            };
+            assert_eq!(s.desc.kind, kind, "{}", s.field);
+        }
+    }
+
+    #[test]
+    fn producer_in_flight_is_never_negative() {
+        let m = ShardMetrics::default();
+        m.records_in_flight.set(10);
+        m.queue_depth.set(4);
+        assert_eq!(m.producer_in_flight_records(), 6);
+        m.queue_depth.set(12);
+        assert_eq!(m.producer_in_flight_records(), 0);
     }
 
     #[test]

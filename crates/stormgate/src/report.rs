@@ -7,7 +7,7 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use stormgate_protocol::ErrorCode;
 use stormgate_shard::ShardInfo;
-use stormgate_telemetry::{HistogramSnapshot, Totals};
+use stormgate_telemetry::{HistogramSnapshot, Total, Totals};
 use tracing::info;
 
 use crate::atomic_file;
@@ -76,39 +76,27 @@ impl Report {
     }
 }
 
+/// The counters of [`stormgate_telemetry::SHARD_SCALARS`] under their field names (gauges are left out: at
+/// shutdown they say nothing), and the metrics that are not one number.
 fn totals_json(t: &Totals) -> Value {
     let errors: serde_json::Map<String, Value> = ErrorCode::ALL
         .iter()
         .filter(|&&c| t.line_error(c) > 0)
         .map(|&c| (c.as_str().to_owned(), json!(t.line_error(c))))
         .collect();
-    json!({
-        "connections_accepted": t.connections_accepted,
-        "connections_closed": t.connections_closed,
-        "connections_rejected": t.connections_rejected,
-        "connection_panics": t.connection_panics,
-        "idle_timeouts": t.idle_timeouts,
-        "line_timeouts": t.line_timeouts,
-        "unique_zipcodes": t.unique_zipcodes(),
-        "lines_received": t.lines_received,
-        "bytes_received": t.bytes_received,
-        "line_errors": errors,
-        "records_enqueued": t.records_enqueued,
-        "records_produced": t.records_produced,
-        "records_delivered": t.records_delivered,
-        "records_failed": t.records_failed,
-        "records_spilled": t.records_spilled,
-        "spill_failures": t.spill_failures,
-        "settle_errors": t.settle_errors,
-        "dead_letters_enqueued": t.dead_letters_enqueued,
-        "dead_letters_delivered": t.dead_letters_delivered,
-        "dead_letters_failed": t.dead_letters_failed,
-        "backpressure_waits": t.backpressure_waits,
-        "rate_limited_waits": t.rate_limited_waits,
-        "tls_handshakes": t.tls_handshakes,
-        "tls_handshake_failures": t.tls_handshake_failures,
-        "delivery_latency_us": latency_json(&t.delivery_latency),
-    })
+    let mut v = serde_json::Map::new();
+    for (scalar, total) in t.scalars() {
+        if let Total::Counter(n) = total {
+            v.insert(scalar.field.to_owned(), json!(n));
+        }
+    }
+    v.insert("unique_zipcodes".to_owned(), json!(t.unique_zipcodes()));
+    v.insert("line_errors".to_owned(), Value::Object(errors));
+    v.insert(
+        "delivery_latency_us".to_owned(),
+        latency_json(&t.delivery_latency),
+    );
+    Value::Object(v)
 }
 
 /// Quantiles written out in full, enough to draw a latency CDF.
@@ -136,7 +124,7 @@ fn latency_json(h: &HistogramSnapshot) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stormgate_telemetry::ShardMetrics;
+    use stormgate_telemetry::{MetricKind, SHARD_SCALARS, ShardMetrics};
 
     #[test]
     fn json_carries_per_shard_numbers_and_their_sum() {
@@ -162,6 +150,11 @@ mod tests {
         };
         let v = report.to_json();
         assert_eq!(v["totals"]["lines_received"], 15);
+        for s in SHARD_SCALARS {
+            let present = v["totals"].get(s.field).is_some();
+            assert_eq!(present, s.desc.kind == MetricKind::Counter, "{}", s.field);
+        }
+        assert_eq!(v["totals"]["unique_zipcodes"], 0);
         assert_eq!(v["shards"][1]["line_errors"]["malformed_json"], 1);
         assert_eq!(v["shards"][0]["delivery_latency_us"]["count"], 3);
         let p50 = v["shards"][0]["delivery_latency_us"]["p50"]
