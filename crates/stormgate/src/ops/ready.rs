@@ -1,0 +1,169 @@
+//! Readiness: what `/readyz` and `stormgate_ready` say, from the shards' producers and disk
+//! buffers.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use stormgate_kafka::sink::ProducerStatsSnapshot;
+
+use super::OpsState;
+
+/// Producer statistics older than this (or [`STALE_INTERVALS`] intervals, if longer) make a
+/// shard not ready: its shard polls its producer at least every 100 ms, so silence this long
+/// means the shard or its producer is stuck.
+pub const STALE_AFTER: Duration = Duration::from_secs(5);
+/// See [`STALE_AFTER`].
+pub const STALE_INTERVALS: u32 = 3;
+
+impl OpsState {
+    /// What `/readyz` says besides `ready`: damage the disk buffer found at start, and
+    /// producers that are down while the disk buffer holds their records.
+    pub fn readiness_notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        for (shard, b) in self.buffers.iter().enumerate() {
+            let quarantined = b.quarantined_records.get();
+            let segments = b.segments_quarantined.get();
+            if quarantined > 0 || segments > 0 {
+                notes.push(format!(
+                    "disk buffer of shard {shard}: {segments} damaged segment(s) set aside in                      quarantine/, {quarantined} record(s) lost to damage (stormgate buffer inspect)"
+                ));
+            }
+        }
+        if !self.buffers.is_empty() {
+            for p in &self.producers {
+                if let Err(reason) = producer_readiness(&p.snapshot()) {
+                    notes.push(format!("{reason} (records wait in the disk buffer)"));
+                }
+            }
+        }
+        notes
+    }
+
+    /// `Ok` when the process should get traffic; otherwise every reason it should not, one
+    /// per line.
+    ///
+    /// Ready means: not shutting down; every shard listening (true from startup, since the
+    /// server starts only once every shard accepts, until shutdown); and with Kafka, every
+    /// shard's producer reporting statistics recently, connected to at least one broker,
+    /// and, when idempotent, holding a producer id. A producer whose statistics are off
+    /// (`statistics.interval.ms=0`) is taken on trust.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("shutting down".to_owned());
+        }
+        let mut reasons = Vec::new();
+        if self.kafka && self.producers.len() < self.shards.len() {
+            reasons.push(format!(
+                "{} of {} shards have a producer",
+                self.producers.len(),
+                self.shards.len()
+            ));
+        }
+        // With a disk buffer a broker outage is absorbed on disk: the process still takes
+        // traffic (the producers' state is a note), unless its storage fails.
+        if self.buffers.is_empty() {
+            for p in &self.producers {
+                if let Err(reason) = producer_readiness(&p.snapshot()) {
+                    reasons.push(reason);
+                }
+            }
+        }
+        for (shard, b) in self.buffers.iter().enumerate() {
+            let errno = b.last_storage_errno.get();
+            if errno != 0 {
+                reasons.push(format!(
+                    "disk buffer of shard {shard}: storage failing ({})",
+                    std::io::Error::from_raw_os_error(errno as i32)
+                ));
+            }
+        }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons.join("\n"))
+        }
+    }
+}
+
+fn producer_readiness(s: &ProducerStatsSnapshot) -> Result<(), String> {
+    let shard = s.shard_id;
+    if s.interval.is_zero() {
+        return Ok(());
+    }
+    let stale = STALE_AFTER.max(s.interval * STALE_INTERVALS);
+    match s.age {
+        None => return Err(format!("shard {shard}: no producer statistics yet")),
+        Some(age) if age > stale => {
+            return Err(format!(
+                "shard {shard}: no producer statistics for {:.1} s",
+                age.as_secs_f64()
+            ));
+        }
+        Some(_) => {}
+    }
+    if s.brokers_up == 0 {
+        return Err(format!(
+            "shard {shard}: producer not connected to any broker ({} known)",
+            s.brokers_down
+        ));
+    }
+    if s.idempotent && s.producer_id.is_none() {
+        return Err(format!(
+            "shard {shard}: idempotent producer has no producer id yet"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use stormgate_kafka::sink::ProducerStats;
+
+    use super::super::tests::state;
+
+    pub(in crate::ops) const UP: &str = r#"{"msg_cnt": 3, "tx_bytes": 1000, "brokers": {"b/1": {"source": "learned",
+        "state": "UP", "txretries": 1, "rtt": {"avg": 2500, "cnt": 2}}},
+        "eos": {"idemp_state": "Assigned", "producer_id": 7}}"#;
+
+    pub(in crate::ops) fn producer(shard: usize, report: Option<&str>) -> Arc<ProducerStats> {
+        let p = Arc::new(ProducerStats::new(shard, true, Duration::from_secs(1)));
+        if let Some(r) = report {
+            p.update(r.as_bytes()).unwrap();
+        }
+        p
+    }
+
+    #[test]
+    fn readiness_needs_every_producer_connected_with_an_id() {
+        let (ready, _) = state(vec![producer(0, Some(UP)), producer(1, Some(UP))]);
+        assert_eq!(ready.readiness(), Ok(()));
+
+        let down = UP.replace(r#""state": "UP""#, r#""state": "CONNECT""#);
+        let waiting = UP.replace("Assigned", "WaitPID");
+        for (report, reason) in [
+            (None, "shard 1: no producer statistics yet"),
+            (
+                Some(down.as_str()),
+                "shard 1: producer not connected to any broker (1 known)",
+            ),
+            (
+                Some(waiting.as_str()),
+                "shard 1: idempotent producer has no producer id yet",
+            ),
+        ] {
+            let (s, _) = state(vec![producer(0, Some(UP)), producer(1, report)]);
+            assert_eq!(s.readiness(), Err(reason.to_owned()));
+        }
+
+        let (missing, _) = state(vec![producer(0, Some(UP))]);
+        assert_eq!(
+            missing.readiness(),
+            Err("1 of 2 shards have a producer".to_owned())
+        );
+        ready.set_draining();
+        assert_eq!(ready.readiness(), Err("shutting down".to_owned()));
+    }
+}
