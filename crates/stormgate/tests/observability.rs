@@ -393,3 +393,52 @@ fn the_binary_logs_a_statistics_block_every_interval() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// docs/OBSERVABILITY.md and the catalogue the exposition is built from agree: every
+/// catalogued metric has a row (name, type, labels) in one of its tables, and every
+/// `stormgate_*` name the page mentions is catalogued.
+#[test]
+fn the_metrics_page_documents_the_catalogue() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/OBSERVABILITY.md");
+    let page = std::fs::read_to_string(path).unwrap();
+    // `| `name` | type | labels | meaning |`, by name.
+    let rows: BTreeMap<&str, (&str, &str)> = page
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `stormgate_"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let name = &l[..l.find('`').unwrap()];
+            (name, (cells[1], cells[2]))
+        })
+        .collect();
+    let catalogue: BTreeMap<&str, _> = stormgate::ops::catalogue()
+        .map(|d| (d.name.strip_prefix("stormgate_").unwrap(), d))
+        .collect();
+    let mut wrong = Vec::new();
+    for (name, d) in &catalogue {
+        let mut labels: Vec<&str> = d.labels.to_vec();
+        if d.kind == stormgate_telemetry::MetricKind::Histogram {
+            labels.push("le");
+        }
+        let want = (d.kind.as_str(), labels.join(", "));
+        match rows.get(name) {
+            None => wrong.push(format!("stormgate_{name}: no row")),
+            Some(&(kind, labels)) if (kind, labels.to_owned()) != want => wrong.push(format!(
+                "stormgate_{name}: documented as {kind} [{labels}], served as {} [{}]",
+                want.0, want.1
+            )),
+            Some(_) => {}
+        }
+    }
+    // Every name the page mentions, in a table or in the prose.
+    for (i, _) in page.match_indices("`stormgate_") {
+        let rest = &page[i + "`stormgate_".len()..];
+        let name = &rest[..rest.find('`').unwrap()];
+        // "All names start with `stormgate_`" names no metric.
+        if !name.is_empty() && !catalogue.contains_key(name) {
+            wrong.push(format!("stormgate_{name}: documented, not served"));
+        }
+    }
+    assert!(wrong.is_empty(), "docs/OBSERVABILITY.md: {wrong:#?}");
+    assert!(catalogue.len() > 50, "{} metrics", catalogue.len());
+}

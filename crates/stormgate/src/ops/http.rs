@@ -3,17 +3,18 @@
 
 use std::cell::Cell;
 use std::convert::Infallible;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::net::TcpListener;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus_client::registry::Registry;
 use stormgate_telemetry::LogLimiter;
 use tracing::warn;
 
 use super::OpsState;
-use super::metrics::render_metrics;
+use super::metrics::{self, Format};
 
 /// Longest request head (request line and headers) the endpoint reads (hyper's smallest
 /// buffer limit); a longer one is answered 431.
@@ -42,6 +43,8 @@ pub(super) async fn serve(
             return;
         }
     };
+    // Built once; its collector reads the shards at every scrape.
+    let registry = Rc::new(metrics::registry(Arc::clone(&state)));
     let open = Rc::new(Cell::new(0usize));
     loop {
         let accepted = tokio::select! {
@@ -55,10 +58,10 @@ pub(super) async fn serve(
                     continue;
                 }
                 open.set(open.get() + 1);
-                let (state, open, errors) =
-                    (Arc::clone(&state), Rc::clone(&open), Rc::clone(&errors));
+                let (state, registry) = (Arc::clone(&state), Rc::clone(&registry));
+                let (open, errors) = (Rc::clone(&open), Rc::clone(&errors));
                 tokio::task::spawn_local(async move {
-                    serve_connection(stream, state, &errors).await;
+                    serve_connection(stream, state, registry, &errors).await;
                     open.set(open.get() - 1);
                 });
             }
@@ -78,10 +81,18 @@ pub(super) async fn serve(
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     state: Arc<OpsState>,
+    registry: Rc<Registry>,
     errors: &LogLimiter,
 ) {
     let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
-        let response = respond(request.method().as_str(), request.uri().path(), &state);
+        let accept = request.headers().get(hyper::header::ACCEPT);
+        let response = respond(
+            request.method().as_str(),
+            request.uri().path(),
+            accept.and_then(|a| a.to_str().ok()),
+            &state,
+            &registry,
+        );
         async move { Ok::<_, Infallible>(response.into_hyper()) }
     });
     let connection = hyper::server::conn::http1::Builder::new()
@@ -108,8 +119,15 @@ fn quiet(error: &hyper::Error) -> bool {
     error.is_incomplete_message() || error.is_timeout() || error.is_closed()
 }
 
-/// The response to `method path`.
-fn respond(method: &str, path: &str, state: &OpsState) -> Response {
+/// The response to `method path`; `accept` (the request's `Accept`) chooses the format of
+/// `/metrics`.
+fn respond(
+    method: &str,
+    path: &str,
+    accept: Option<&str>,
+    state: &OpsState,
+    registry: &Registry,
+) -> Response {
     if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
         return Response::text(404, "not found: try /metrics, /healthz or /readyz\n");
     }
@@ -118,13 +136,16 @@ fn respond(method: &str, path: &str, state: &OpsState) -> Response {
     }
     match path {
         "/metrics" => {
-            let mut body = String::with_capacity(16 * 1024);
-            render_metrics(state, &mut body);
-            Response {
-                status: 200,
-                content_type: "text/plain; version=0.0.4; charset=utf-8",
-                extra: None,
-                body,
+            let format = Format::negotiate(accept);
+            match metrics::render(registry, format) {
+                Ok(body) => Response {
+                    status: 200,
+                    content_type: format.content_type(),
+                    extra: None,
+                    body,
+                },
+                // Only a value the format cannot carry (a gauge over i64::MAX) gets here.
+                Err(fmt::Error) => Response::text(500, "cannot encode the metrics\n"),
             }
         }
         "/healthz" => Response::text(200, "ok\n"),
@@ -238,6 +259,17 @@ mod tests {
             out.contains("\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"),
             "{out}"
         );
+        let out = exchange(
+            addr,
+            "GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n\r\n",
+        );
+        assert!(
+            out.contains(
+                "\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"
+            ),
+            "{out}"
+        );
+        assert!(out.ends_with("\n# EOF\n"), "{out}");
         ops.stop();
     }
 }

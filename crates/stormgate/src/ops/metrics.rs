@@ -1,11 +1,37 @@
-//! `/metrics`: every metric, read from the shards' atomics at scrape time.
+//! `/metrics`: every metric, read from the shards' atomics at scrape time and encoded by
+//! prometheus-client, as the Prometheus text format 0.0.4 or, when the scraper asks for it,
+//! OpenMetrics 1.0.0 ([`Format::negotiate`]).
+//!
+//! Nothing here keeps a copy of a value: [`OpsCollector`] is a prometheus-client
+//! [`Collector`] that reads each shard's [`ShardMetrics`], disk buffer [`LogStats`] and
+//! producer statistics while the registry encodes it. prometheus-client's own metric types
+//! (`Counter`, `Family`, `Histogram`) would each hold a second copy, updated by the shards on
+//! their hot path or copied at every scrape; the collector writes our single-writer atomics
+//! and fixed-bucket histograms straight into its encoders instead.
+//!
+//! Names, help and types come from the catalogue: the shard metrics' declarations in
+//! `stormgate-telemetry` ([`SHARD_SCALARS`] and the descriptors beside it) and, for what the
+//! process, the disk buffer and the producers report, the tables below. [`catalogue`] lists
+//! them all; docs/OBSERVABILITY.md is checked against it.
 
-use std::fmt::{Display, Write as _};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeGaugeValue, MetricEncoder, NoLabelSet, text,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::exemplar::Exemplar;
+use prometheus_client::registry::Registry;
 use stormgate_buffer::LogStats;
 use stormgate_kafka::sink::ProducerStatsSnapshot;
 use stormgate_protocol::ErrorCode;
-use stormgate_telemetry::{HistogramSnapshot, ShardMetrics};
+use stormgate_telemetry::{
+    DELIVERY_LATENCY, HistogramSnapshot, LINE_ERRORS, LatencyHistogram, MetricDesc, MetricKind,
+    PRODUCER_IN_FLIGHT_RECORDS, SHARD_SCALARS, ShardRead, UNIQUE_ZIPCODES, shard_catalogue,
+};
 
 use super::OpsState;
 
@@ -17,478 +43,576 @@ pub const LATENCY_BUCKETS_SECONDS: [f64; 17] = [
     60.0, 300.0,
 ];
 
-/// A per-shard counter or gauge read straight from [`ShardMetrics`].
-type ShardValue = fn(&ShardMetrics) -> i64;
+const SHARD: &[&str] = &["shard"];
 
-/// Counters: `(name, help, read)`. Every name ends in `_total`.
-const SHARD_COUNTERS: &[(&str, &str, ShardValue)] = &[
-    (
-        "stormgate_connections_accepted_total",
-        "Station connections accepted.",
-        |m| m.connections_accepted.get() as i64,
-    ),
-    (
-        "stormgate_connections_closed_total",
-        "Station connections closed, by either side.",
-        |m| m.connections_closed.get() as i64,
-    ),
-    (
-        "stormgate_connections_rejected_total",
-        "Connections refused at accept because a connection limit was reached.",
-        |m| m.connections_rejected.get() as i64,
-    ),
-    (
-        "stormgate_connection_panics_total",
-        "Connection tasks that panicked (bugs); each closed only its connection.",
-        |m| m.connection_panics.get() as i64,
-    ),
-    (
-        "stormgate_idle_timeouts_total",
-        "Connections closed because the station sent nothing for TCP_IDLE_TIMEOUT.",
-        |m| m.idle_timeouts.get() as i64,
-    ),
-    (
-        "stormgate_line_timeouts_total",
-        "Connections closed because a line stayed incomplete past TCP_LINE_TIMEOUT.",
-        |m| m.line_timeouts.get() as i64,
-    ),
-    (
-        "stormgate_lines_received_total",
-        "Non-blank lines read from stations.",
-        |m| m.lines_received.get() as i64,
-    ),
-    (
-        "stormgate_bytes_received_total",
-        "Bytes read from station sockets.",
-        |m| m.bytes_received.get() as i64,
-    ),
-    (
-        "stormgate_records_enqueued_total",
-        "Metrics records put in the shard queue (dead letters are counted apart).",
-        |m| m.records_enqueued.get() as i64,
-    ),
-    (
-        "stormgate_records_produced_total",
-        "Metrics records the sink handed to its producer.",
-        |m| m.records_produced.get() as i64,
-    ),
-    (
-        "stormgate_records_delivered_total",
-        "Metrics records whose delivery was acknowledged.",
-        |m| m.records_delivered.get() as i64,
-    ),
-    (
-        "stormgate_records_failed_total",
-        "Metrics records whose delivery finally failed.",
-        |m| m.records_failed.get() as i64,
-    ),
-    (
-        "stormgate_records_spilled_total",
-        "Failed records written to the shard's spill file.",
-        |m| m.records_spilled.get() as i64,
-    ),
-    (
-        "stormgate_settle_errors_total",
-        "Settlements of a record already settled or unknown: a bug, always 0.",
-        |m| m.settle_errors.get() as i64,
-    ),
-    (
-        "stormgate_spill_failures_total",
-        "Failed records the spill file could not take either: lost.",
-        |m| m.spill_failures.get() as i64,
-    ),
-    (
-        "stormgate_dead_letters_enqueued_total",
-        "Dead-letter records (rejected lines, KAFKA_DLQ_TOPIC) put in the shard queue.",
-        |m| m.dead_letters_enqueued.get() as i64,
-    ),
-    (
-        "stormgate_dead_letters_delivered_total",
-        "Dead-letter records delivered.",
-        |m| m.dead_letters_delivered.get() as i64,
-    ),
-    (
-        "stormgate_dead_letters_failed_total",
-        "Dead-letter records whose delivery finally failed.",
-        |m| m.dead_letters_failed.get() as i64,
-    ),
-    (
-        "stormgate_backpressure_waits_total",
-        "Times a connection stopped reading because the queue or its in-flight cap was full.",
-        |m| m.backpressure_waits.get() as i64,
-    ),
-    (
-        "stormgate_rate_limited_waits_total",
-        "Times a connection waited because it sent lines faster than TCP_MAX_LINES_PER_SEC.",
-        |m| m.rate_limited_waits.get() as i64,
-    ),
-    (
-        "stormgate_tls_handshakes_total",
-        "TLS handshakes completed on the station listener.",
-        |m| m.tls_handshakes.get() as i64,
-    ),
-    (
-        "stormgate_tls_handshake_failures_total",
-        "TLS handshakes that failed or timed out; each closed its connection.",
-        |m| m.tls_handshake_failures.get() as i64,
-    ),
-];
-
-/// Gauges: `(name, help, read)`.
-const SHARD_GAUGES: &[(&str, &str, ShardValue)] = &[
-    (
-        "stormgate_connections_active",
-        "Station connections open now.",
-        |m| m.connections_active.get(),
-    ),
-    (
-        "stormgate_queue_depth",
-        "Records waiting in the shard queue (refreshed every 20 ms).",
-        |m| m.queue_depth.get(),
-    ),
-    (
-        "stormgate_records_in_flight",
-        "Records taken from stations and not yet settled: queue plus producer (every 20 ms).",
-        |m| m.records_in_flight.get(),
-    ),
-    (
-        "stormgate_producer_in_flight_records",
-        "Records handed to the producer and not yet settled (in flight minus queue depth).",
-        |m| (m.records_in_flight.get() - m.queue_depth.get()).max(0),
-    ),
-];
-
-/// Writes every metric in the Prometheus text format 0.0.4.
-pub fn render_metrics(state: &OpsState, out: &mut String) {
-    let mut p = Prom { out };
-    let shard_label: Vec<String> = state.shards.iter().map(|s| s.id.to_string()).collect();
-    let shards = || state.metrics.iter().zip(&shard_label);
-
-    for &(name, help, read) in SHARD_COUNTERS {
-        p.family(name, "counter", help);
-        for (m, shard) in shards() {
-            p.sample(name, &[("shard", shard)], read(m));
-        }
-    }
-    for &(name, help, read) in SHARD_GAUGES {
-        p.family(name, "gauge", help);
-        for (m, shard) in shards() {
-            p.sample(name, &[("shard", shard)], read(m));
-        }
-    }
-    let name = "stormgate_line_errors_total";
-    p.family(
+const fn desc(
+    kind: MetricKind,
+    name: &'static str,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> MetricDesc {
+    MetricDesc {
         name,
-        "counter",
-        "Rejected lines, by error code (docs/PROTOCOL.md).",
-    );
-    for (m, shard) in shards() {
-        for code in ErrorCode::ALL {
-            let n = m.line_errors[code as usize].get();
-            p.sample(name, &[("shard", shard), ("code", code.as_str())], n);
-        }
-    }
-    render_latency(&mut p, state, &shard_label);
-
-    let totals = state.totals();
-    p.gauge(
-        "stormgate_unique_zipcodes",
-        "Distinct zipcodes that identified since start, all shards (HyperLogLog estimate, ~1.6% error).",
-        totals.unique_zipcodes(),
-    );
-    p.gauge(
-        "stormgate_connections_limit",
-        "Most station connections open at once, all shards (TCP_MAX_CONNECTIONS).",
-        state.max_connections,
-    );
-    p.gauge("stormgate_shards", "Shards running.", state.shards.len());
-    p.gauge(
-        "stormgate_ready",
-        "1 when /readyz answers 200, else 0.",
-        u8::from(state.readiness().is_ok()),
-    );
-    if !state.producers.is_empty() {
-        render_producers(&mut p, state);
-    }
-    if !state.buffers.is_empty() {
-        render_buffers(&mut p, state);
+        help,
+        kind,
+        labels,
     }
 }
 
+/// `stormgate_connections_limit`.
+pub const CONNECTIONS_LIMIT: MetricDesc = desc(
+    MetricKind::Gauge,
+    "stormgate_connections_limit",
+    &[],
+    "Most station connections open at once, all shards (TCP_MAX_CONNECTIONS).",
+);
+/// `stormgate_shards`.
+pub const SHARDS: MetricDesc = desc(
+    MetricKind::Gauge,
+    "stormgate_shards",
+    &[],
+    "Shards running.",
+);
+/// `stormgate_ready`.
+pub const READY: MetricDesc = desc(
+    MetricKind::Gauge,
+    "stormgate_ready",
+    &[],
+    "1 when /readyz answers 200, else 0.",
+);
+
+/// The Kafka producer's families (Kafka sink only), from librdkafka's statistics.
+const KAFKA: [(MetricDesc, KafkaRead); 6] = [
+    (
+        desc(
+            MetricKind::Gauge,
+            "stormgate_kafka_broker_rtt_seconds",
+            SHARD,
+            "Mean broker round-trip time over the last statistics interval with requests.",
+        ),
+        KafkaRead::Seconds(|s| s.rtt_avg.as_secs_f64()),
+    ),
+    (
+        desc(
+            MetricKind::Counter,
+            "stormgate_kafka_tx_bytes_total",
+            SHARD,
+            "Bytes the producer sent to brokers (librdkafka tx_bytes).",
+        ),
+        KafkaRead::Count(|s| s.tx_bytes),
+    ),
+    (
+        desc(
+            MetricKind::Counter,
+            "stormgate_kafka_tx_retries_total",
+            SHARD,
+            "Requests the producer sent again (librdkafka txretries, all brokers).",
+        ),
+        KafkaRead::Count(|s| s.tx_retries),
+    ),
+    (
+        desc(
+            MetricKind::Gauge,
+            "stormgate_kafka_producer_queue_records",
+            SHARD,
+            "Records in librdkafka's queues, not yet acknowledged (msg_cnt).",
+        ),
+        KafkaRead::Count(|s| s.queue_records),
+    ),
+    (
+        desc(
+            MetricKind::Gauge,
+            "stormgate_kafka_producer_queue_bytes",
+            SHARD,
+            "Bytes of those records (msg_size).",
+        ),
+        KafkaRead::Count(|s| s.queue_bytes),
+    ),
+    (
+        desc(
+            MetricKind::Gauge,
+            "stormgate_kafka_statistics_age_seconds",
+            SHARD,
+            "Time since the producer's last statistics report (-1 before the first).",
+        ),
+        KafkaRead::Seconds(|s| s.age.map_or(-1.0, |a| a.as_secs_f64())),
+    ),
+];
+
+/// `stormgate_kafka_brokers`, by `state`.
+const KAFKA_BROKERS: MetricDesc = desc(
+    MetricKind::Gauge,
+    "stormgate_kafka_brokers",
+    &["shard", "state"],
+    "Brokers the producer knows, by connection state: up (usable) or down (any other).",
+);
+
+/// How a Kafka family reads a producer's statistics.
+#[derive(Clone, Copy)]
+enum KafkaRead {
+    Count(fn(&ProducerStatsSnapshot) -> u64),
+    Seconds(fn(&ProducerStatsSnapshot) -> f64),
+}
+
+type BufferGauge = fn(&LogStats) -> i64;
+type BufferCounter = fn(&LogStats) -> u64;
+type BufferHistogram = fn(&LogStats) -> &LatencyHistogram;
+
+/// The disk buffer's gauges (`BUFFER_TYPE=disk` only).
+const BUFFER_GAUGES: [(MetricDesc, BufferGauge); 4] = [
+    (
+        desc(
+            MetricKind::Gauge,
+            "stormgate_buffer_bytes",
+            SHARD,
+            "Bytes the disk buffer's files occupy (segments at their preallocated size).",
+        ),
+        |b| b.disk_bytes.get().max(0),
+    ),
+    (
+        desc(
+            MetricKind::Gauge,
+            "stormgate_buffer_records",
+            SHARD,
+            "Records in the disk buffer not yet delivered.",
+        ),
+        |b| b.records.get().max(0),
+    ),
+    (
+        desc(
+            MetricKind::Gauge,
+            "stormgate_buffer_segments",
+            SHARD,
+            "Segment files in the disk buffer.",
+        ),
+        |b| b.segments.get().max(0),
+    ),
+    (
+        desc(
+            MetricKind::Gauge,
+            "stormgate_buffer_storage_errno",
+            SHARD,
+            "OS error code of the disk buffer's last storage error (28 ENOSPC, 5 EIO), 0 once writes succeed.",
+        ),
+        |b| b.last_storage_errno.get().max(0),
+    ),
+];
+
+/// `stormgate_buffer_oldest_record_age_seconds`.
+const BUFFER_OLDEST_AGE: MetricDesc = desc(
+    MetricKind::Gauge,
+    "stormgate_buffer_oldest_record_age_seconds",
+    SHARD,
+    "Age of the oldest record in the disk buffer not yet delivered, 0 if none.",
+);
+
+/// The disk buffer's counters.
+const BUFFER_COUNTERS: [(MetricDesc, BufferCounter); 12] = [
+    (
+        desc(
+            MetricKind::Counter,
+            "stormgate_buffer_appended_records_total",
+            SHARD,
+            "Records written to the disk buffer.",
+        ),
+        |b| b.appended_records.get(),
+    ),
+    (
+        desc(
+            MetricKind::Counter,
+            "stormgate_buffer_written_bytes_total",
+            SHARD,
+            "Bytes written to the disk buffer's segment files.",
+        ),
+        |b| b.bytes_written.get(),
+    ),
+    (
+        desc(
+            MetricKind::Counter,
+            "stormgate_buffer_fsyncs_total",
+            SHARD,
+            "fdatasync calls of the disk buffer.",
+        ),
+        |b| b.fsyncs.get(),
+    ),
+    (
+        desc(
+            MetricKind::Counter,
+            "stormgate_buffer_flushes_total",
+            SHARD,
+            "Group commits of the disk buffer (writes and the fdatasync covering them).",
+        ),
+        |b| b.flushes.get(),
+    ),
+    (
+        desc(
+            MetricKind::Counter,
+            "stormgate_buffer_replayed_records_total",
+            SHARD,
+            "Records the producer was fed from disk (not from memory): after an outage or a restart.",
+        ),
+        |b| b.read_disk_records.get(),
+    ),
+    (
+        desc(
+            MetricKind::Counter,
+            "stormgate_buffer_memory_records_total",
+            SHARD,
+            "Records the producer was fed from memory.",
+        ),
+        |b| b.read_memory_records.get(),
+    ),
+    (
+        desc(
+            MetricKind::Counter,
+            "stormgate_buffer_quarantined_records_total",
+            SHARD,
+            "Valid records lost to damage found in the disk buffer.",
+        ),
+        |b| b.quarantined_records.get(),
+    ),
+    (
+        desc(
+            MetricKind::Counter,
+            "stormgate_buffer_quarantined_segments_total",
+            SHARD,
+            "Damaged segments moved aside to quarantine/.",
+        ),
+        |b| b.segments_quarantined.get(),
+    ),
+    (
+        desc(
+            MetricKind::Counter,
+            "stormgate_buffer_torn_tails_total",
+            SHARD,
+            "Torn tails cut at start (the normal trace of a crash).",
+        ),
+        |b| b.torn_tails.get(),
+    ),
+    (
+        desc(
+            MetricKind::Counter,
+            "stormgate_buffer_full_events_total",
+            SHARD,
+            "Appends refused because the buffer held BUFFER_MAX_BYTES.",
+        ),
+        |b| b.full_events.get(),
+    ),
+    (
+        desc(
+            MetricKind::Counter,
+            "stormgate_buffer_storage_errors_total",
+            SHARD,
+            "Storage errors of the disk buffer (write, fdatasync, file creation, checkpoint).",
+        ),
+        |b| b.storage_errors.get(),
+    ),
+    (
+        desc(
+            MetricKind::Counter,
+            "stormgate_buffer_checkpoints_total",
+            SHARD,
+            "Delivered watermarks made durable.",
+        ),
+        |b| b.checkpoints.get(),
+    ),
+];
+
+/// The disk buffer's histograms.
+const BUFFER_HISTOGRAMS: [(MetricDesc, BufferHistogram); 2] = [
+    (
+        desc(
+            MetricKind::Histogram,
+            "stormgate_buffer_fsync_seconds",
+            SHARD,
+            "Duration of each fdatasync of a disk buffer segment.",
+        ),
+        |b| &b.fsync_latency,
+    ),
+    (
+        desc(
+            MetricKind::Histogram,
+            "stormgate_buffer_durable_seconds",
+            SHARD,
+            "Append to durable: the group-commit wait plus the flush, per flush's oldest record.",
+        ),
+        |b| &b.durable_latency,
+    ),
+];
+
+/// Every metric `/metrics` can serve, in the order it serves them (the Kafka and disk-buffer
+/// families only with those configured).
+pub fn catalogue() -> impl Iterator<Item = &'static MetricDesc> {
+    shard_catalogue()
+        .chain([&CONNECTIONS_LIMIT, &SHARDS, &READY])
+        .chain(KAFKA.iter().map(|(d, _)| d))
+        .chain([&KAFKA_BROKERS])
+        .chain(BUFFER_GAUGES.iter().map(|(d, _)| d))
+        .chain([&BUFFER_OLDEST_AGE])
+        .chain(BUFFER_COUNTERS.iter().map(|(d, _)| d))
+        .chain(BUFFER_HISTOGRAMS.iter().map(|(d, _)| d))
+}
+
+/// The exposition formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The Prometheus text format 0.0.4: the default, and what the endpoint always served.
+    Prometheus,
+    /// OpenMetrics 1.0.0 text: counter families named without `_total`, ends in `# EOF`.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for: OpenMetrics when it accepts
+    /// `application/openmetrics-text` at least as much (by `q`) as `text/plain` or a
+    /// wildcard, otherwise the text format 0.0.4 (also without the header).
+    ///
+    /// Written here rather than taken from a crate: two media types and their `q` values,
+    /// as Prometheus sends them (`application/openmetrics-text;version=1.0.0,...;q=0.5`).
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let (mut openmetrics, mut text) = (0.0_f64, 0.0_f64);
+        for range in accept.unwrap_or("").split(',') {
+            let mut params = range.split(';');
+            let media = params.next().unwrap_or("").trim().to_ascii_lowercase();
+            let q = params
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f64>().ok())
+                .unwrap_or(1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Format::OpenMetrics
+        } else {
+            Format::Prometheus
+        }
+    }
+
+    /// The response's `Content-Type`.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// A registry holding one [`OpsCollector`] over `state`: built once, encoded per scrape.
+pub fn registry(state: Arc<OpsState>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(OpsCollector(state)));
+    registry
+}
+
+/// Every metric of `registry` in `format`.
+pub fn render(registry: &Registry, format: Format) -> Result<String, fmt::Error> {
+    let mut body = String::with_capacity(16 * 1024);
+    match format {
+        Format::Prometheus => {
+            prometheus_client::encoding::prometheus_text::encode(&mut body, registry)?;
+        }
+        Format::OpenMetrics => text::encode(&mut body, registry)?,
+    }
+    Ok(body)
+}
+
+/// Every metric of `state` in `format` (a registry built for the one call).
+pub fn render_metrics(state: &Arc<OpsState>, format: Format) -> Result<String, fmt::Error> {
+    render(&registry(Arc::clone(state)), format)
+}
+
+/// Reads the process's instruments while the registry encodes (see the module's doc).
+struct OpsCollector(Arc<OpsState>);
+
+impl fmt::Debug for OpsCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpsCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for OpsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let state = &*self.0;
+        let enc = &mut encoder;
+        let labels: Vec<String> = state.shards.iter().map(|s| s.id.to_string()).collect();
+        let shards = || state.metrics.iter().zip(&labels);
+        for s in SHARD_SCALARS {
+            match s.read {
+                ShardRead::Counter(read) => {
+                    per_shard(
+                        enc,
+                        &s.desc,
+                        shards().map(|(m, l)| (l, read(m).get())),
+                        counter,
+                    )?;
+                }
+                ShardRead::Gauge(read) => {
+                    per_shard(
+                        enc,
+                        &s.desc,
+                        shards().map(|(m, l)| (l, read(m).get())),
+                        gauge,
+                    )?;
+                }
+            }
+        }
+        let in_flight = shards().map(|(m, l)| (l, m.producer_in_flight_records()));
+        per_shard(enc, &PRODUCER_IN_FLIGHT_RECORDS, in_flight, gauge)?;
+        let mut errors = family(enc, &LINE_ERRORS)?;
+        for (m, shard) in shards() {
+            for code in ErrorCode::ALL {
+                let series = [("shard", shard.as_str()), ("code", code.as_str())];
+                counter(
+                    &mut errors.encode_family(&series)?,
+                    m.line_errors[code as usize].get(),
+                )?;
+            }
+        }
+        let latency = shards().map(|(m, l)| (l, m.delivery_latency.snapshot()));
+        per_shard(enc, &DELIVERY_LATENCY, latency, histogram)?;
+
+        let unique_zipcodes = state.totals().unique_zipcodes();
+        gauge(&mut family(enc, &UNIQUE_ZIPCODES)?, unique_zipcodes)?;
+        gauge(&mut family(enc, &CONNECTIONS_LIMIT)?, state.max_connections)?;
+        gauge(&mut family(enc, &SHARDS)?, state.shards.len())?;
+        let ready = u32::from(state.readiness().is_ok());
+        gauge(&mut family(enc, &READY)?, ready)?;
+        if !state.producers.is_empty() {
+            encode_producers(enc, state)?;
+        }
+        if !state.buffers.is_empty() {
+            encode_buffers(enc, state)?;
+        }
+        Ok(())
+    }
+}
+
+/// The Kafka producers' families, per shard.
+fn encode_producers(enc: &mut DescriptorEncoder<'_>, state: &OpsState) -> fmt::Result {
+    let stats: Vec<(String, ProducerStatsSnapshot)> = state
+        .producers
+        .iter()
+        .map(|p| p.snapshot())
+        .map(|s| (s.shard_id.to_string(), s))
+        .collect();
+    for (d, read) in &KAFKA {
+        match (d.kind, read) {
+            (MetricKind::Counter, KafkaRead::Count(read)) => {
+                per_shard(enc, d, stats.iter().map(|(l, s)| (l, read(s))), counter)?;
+            }
+            (_, KafkaRead::Count(read)) => {
+                per_shard(enc, d, stats.iter().map(|(l, s)| (l, read(s))), gauge)?;
+            }
+            (_, KafkaRead::Seconds(read)) => {
+                per_shard(enc, d, stats.iter().map(|(l, s)| (l, read(s))), gauge)?;
+            }
+        }
+    }
+    let mut brokers = family(enc, &KAFKA_BROKERS)?;
+    for (shard, s) in &stats {
+        for (state, n) in [("up", s.brokers_up), ("down", s.brokers_down)] {
+            let series = [("shard", shard.as_str()), ("state", state)];
+            gauge(&mut brokers.encode_family(&series)?, n)?;
+        }
+    }
+    Ok(())
+}
+
 /// The disk buffer's families, per shard (`BUFFER_TYPE=disk` only).
-fn render_buffers(p: &mut Prom<'_>, state: &OpsState) {
-    type Read = fn(&LogStats) -> u64;
+fn encode_buffers(enc: &mut DescriptorEncoder<'_>, state: &OpsState) -> fmt::Result {
+    let labels: Vec<String> = (0..state.buffers.len()).map(|i| i.to_string()).collect();
+    let buffers = || state.buffers.iter().zip(&labels);
+    for (d, read) in &BUFFER_GAUGES {
+        per_shard(enc, d, buffers().map(|(b, l)| (l, read(b))), gauge)?;
+    }
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
-    let gauges: [(&str, &str, Read); 4] = [
-        (
-            "stormgate_buffer_bytes",
-            "Bytes the disk buffer's files occupy (segments at their preallocated size).",
-            |b| b.disk_bytes.get().max(0) as u64,
-        ),
-        (
-            "stormgate_buffer_records",
-            "Records in the disk buffer not yet delivered.",
-            |b| b.records.get().max(0) as u64,
-        ),
-        (
-            "stormgate_buffer_segments",
-            "Segment files in the disk buffer.",
-            |b| b.segments.get().max(0) as u64,
-        ),
-        (
-            "stormgate_buffer_storage_errno",
-            "OS error code of the disk buffer's last storage error (28 ENOSPC, 5 EIO), 0 once writes succeed.",
-            |b| b.last_storage_errno.get().max(0) as u64,
-        ),
-    ];
-    let counters: [(&str, &str, Read); 12] = [
-        (
-            "stormgate_buffer_appended_records_total",
-            "Records written to the disk buffer.",
-            |b| b.appended_records.get(),
-        ),
-        (
-            "stormgate_buffer_written_bytes_total",
-            "Bytes written to the disk buffer's segment files.",
-            |b| b.bytes_written.get(),
-        ),
-        (
-            "stormgate_buffer_fsyncs_total",
-            "fdatasync calls of the disk buffer.",
-            |b| b.fsyncs.get(),
-        ),
-        (
-            "stormgate_buffer_flushes_total",
-            "Group commits of the disk buffer (writes and the fdatasync covering them).",
-            |b| b.flushes.get(),
-        ),
-        (
-            "stormgate_buffer_replayed_records_total",
-            "Records the producer was fed from disk (not from memory): after an outage or a restart.",
-            |b| b.read_disk_records.get(),
-        ),
-        (
-            "stormgate_buffer_memory_records_total",
-            "Records the producer was fed from memory.",
-            |b| b.read_memory_records.get(),
-        ),
-        (
-            "stormgate_buffer_quarantined_records_total",
-            "Valid records lost to damage found in the disk buffer.",
-            |b| b.quarantined_records.get(),
-        ),
-        (
-            "stormgate_buffer_quarantined_segments_total",
-            "Damaged segments moved aside to quarantine/.",
-            |b| b.segments_quarantined.get(),
-        ),
-        (
-            "stormgate_buffer_torn_tails_total",
-            "Torn tails cut at start (the normal trace of a crash).",
-            |b| b.torn_tails.get(),
-        ),
-        (
-            "stormgate_buffer_full_events_total",
-            "Appends refused because the buffer held BUFFER_MAX_BYTES.",
-            |b| b.full_events.get(),
-        ),
-        (
-            "stormgate_buffer_storage_errors_total",
-            "Storage errors of the disk buffer (write, fdatasync, file creation, checkpoint).",
-            |b| b.storage_errors.get(),
-        ),
-        (
-            "stormgate_buffer_checkpoints_total",
-            "Delivered watermarks made durable.",
-            |b| b.checkpoints.get(),
-        ),
-    ];
-    let shards: Vec<String> = (0..state.buffers.len()).map(|i| i.to_string()).collect();
-    for (name, help, read) in gauges {
-        p.family(name, "gauge", help);
-        for (b, shard) in state.buffers.iter().zip(&shards) {
-            p.sample(name, &[("shard", shard)], read(b));
-        }
-    }
-    let name = "stormgate_buffer_oldest_record_age_seconds";
-    p.family(
-        name,
-        "gauge",
-        "Age of the oldest record in the disk buffer not yet delivered, 0 if none.",
-    );
-    for (b, shard) in state.buffers.iter().zip(&shards) {
+    let ages = buffers().map(|(b, l)| {
         let oldest = b.oldest_timestamp_ms.get();
         let age = if oldest > 0 {
             (now_ms - oldest).max(0) as f64 / 1e3
         } else {
             0.0
         };
-        p.sample(name, &[("shard", shard)], age);
+        (l, age)
+    });
+    per_shard(enc, &BUFFER_OLDEST_AGE, ages, gauge)?;
+    for (d, read) in &BUFFER_COUNTERS {
+        per_shard(enc, d, buffers().map(|(b, l)| (l, read(b))), counter)?;
     }
-    for (name, help, read) in counters {
-        p.family(name, "counter", help);
-        for (b, shard) in state.buffers.iter().zip(&shards) {
-            p.sample(name, &[("shard", shard)], read(b));
-        }
+    for (d, read) in &BUFFER_HISTOGRAMS {
+        let snapshots = buffers().map(|(b, l)| (l, read(b).snapshot()));
+        per_shard(enc, d, snapshots, histogram)?;
     }
-    type Hist = fn(&LogStats) -> &stormgate_telemetry::LatencyHistogram;
-    let histograms: [(&str, &str, Hist); 2] = [
-        (
-            "stormgate_buffer_fsync_seconds",
-            "Duration of each fdatasync of a disk buffer segment.",
-            |b| &b.fsync_latency,
-        ),
-        (
-            "stormgate_buffer_durable_seconds",
-            "Append to durable: the group-commit wait plus the flush, per flush's oldest record.",
-            |b| &b.durable_latency,
-        ),
-    ];
-    for (name, help, read) in histograms {
-        let shards = state.buffers.iter().zip(&shards);
-        p.histogram(
-            name,
-            help,
-            shards.map(|(b, shard)| (shard.as_str(), read(b).snapshot())),
-        );
-    }
+    Ok(())
 }
 
-fn render_latency(p: &mut Prom<'_>, state: &OpsState, shard_label: &[String]) {
-    let shards = state.metrics.iter().zip(shard_label);
-    p.histogram(
-        "stormgate_delivery_latency_seconds",
-        "Line read to settlement (delivered or failed), per metrics record.",
-        shards.map(|(m, shard)| (shard.as_str(), m.delivery_latency.snapshot())),
-    );
+/// Starts the family `d`: its `HELP` and `TYPE`. prometheus-client appends a counter's
+/// `_total` itself (and OpenMetrics names the family without it), so it is taken off here.
+fn family<'s>(
+    enc: &'s mut DescriptorEncoder<'_>,
+    d: &'static MetricDesc,
+) -> Result<MetricEncoder<'s>, fmt::Error> {
+    let (name, kind) = match d.kind {
+        MetricKind::Counter => (
+            d.name.strip_suffix("_total").unwrap_or(d.name),
+            MetricType::Counter,
+        ),
+        MetricKind::Gauge => (d.name, MetricType::Gauge),
+        MetricKind::Histogram => (d.name, MetricType::Histogram),
+    };
+    enc.encode_descriptor(name, d.help, None, kind)
 }
 
-fn render_producers(p: &mut Prom<'_>, state: &OpsState) {
-    let stats: Vec<(String, ProducerStatsSnapshot)> = state
-        .producers
-        .iter()
-        .map(|s| s.snapshot())
-        .map(|s| (s.shard_id.to_string(), s))
-        .collect();
-    type Read = fn(&ProducerStatsSnapshot) -> f64;
-    let families: [(&str, &str, &str, Read); 6] = [
-        (
-            "stormgate_kafka_broker_rtt_seconds",
-            "gauge",
-            "Mean broker round-trip time over the last statistics interval with requests.",
-            |s| s.rtt_avg.as_secs_f64(),
-        ),
-        (
-            "stormgate_kafka_tx_bytes_total",
-            "counter",
-            "Bytes the producer sent to brokers (librdkafka tx_bytes).",
-            |s| s.tx_bytes as f64,
-        ),
-        (
-            "stormgate_kafka_tx_retries_total",
-            "counter",
-            "Requests the producer sent again (librdkafka txretries, all brokers).",
-            |s| s.tx_retries as f64,
-        ),
-        (
-            "stormgate_kafka_producer_queue_records",
-            "gauge",
-            "Records in librdkafka's queues, not yet acknowledged (msg_cnt).",
-            |s| s.queue_records as f64,
-        ),
-        (
-            "stormgate_kafka_producer_queue_bytes",
-            "gauge",
-            "Bytes of those records (msg_size).",
-            |s| s.queue_bytes as f64,
-        ),
-        (
-            "stormgate_kafka_statistics_age_seconds",
-            "gauge",
-            "Time since the producer's last statistics report (-1 before the first).",
-            |s| s.age.map_or(-1.0, |a| a.as_secs_f64()),
-        ),
-    ];
-    for (name, kind, help, read) in families {
-        p.family(name, kind, help);
-        for (shard, s) in &stats {
-            p.sample(name, &[("shard", shard)], read(s));
-        }
+/// The family `d`, one series per shard labelled `shard`, each value written by `write`.
+fn per_shard<'a, V>(
+    enc: &mut DescriptorEncoder<'_>,
+    d: &'static MetricDesc,
+    series: impl Iterator<Item = (&'a String, V)>,
+    write: fn(&mut MetricEncoder<'_>, V) -> fmt::Result,
+) -> fmt::Result {
+    debug_assert_eq!(d.labels, SHARD, "{}", d.name);
+    let mut family = family(enc, d)?;
+    for (shard, value) in series {
+        write(
+            &mut family.encode_family(&[("shard", shard.as_str())])?,
+            value,
+        )?;
     }
-    let name = "stormgate_kafka_brokers";
-    p.family(
-        name,
-        "gauge",
-        "Brokers the producer knows, by connection state: up (usable) or down (any other).",
-    );
-    for (shard, s) in &stats {
-        p.sample(name, &[("shard", shard), ("state", "up")], s.brokers_up);
-        p.sample(name, &[("shard", shard), ("state", "down")], s.brokers_down);
-    }
+    Ok(())
 }
 
-/// Writes the text format: HELP and TYPE once per family, then its samples.
-struct Prom<'a> {
-    out: &'a mut String,
+fn counter(m: &mut MetricEncoder<'_>, value: u64) -> fmt::Result {
+    m.encode_counter::<NoLabelSet, _, u64>(&value, None)
 }
 
-impl Prom<'_> {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {help}");
-        let _ = writeln!(self.out, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
-        self.out.push_str(name);
-        if !labels.is_empty() {
-            self.out.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.out.push(',');
-                }
-                let _ = write!(self.out, "{k}=\"{}\"", escape_label(v));
-            }
-            self.out.push('}');
-        }
-        let _ = writeln!(self.out, " {value}");
-    }
-
-    /// A histogram family in seconds from microsecond histograms, one per shard: the
-    /// buckets of [`LATENCY_BUCKETS_SECONDS`], `+Inf`, `_sum` and `_count`, each shard's from
-    /// one copy so that they never disagree.
-    fn histogram<'s>(
-        &mut self,
-        name: &str,
-        help: &str,
-        shards: impl Iterator<Item = (&'s str, HistogramSnapshot)>,
-    ) {
-        self.family(name, "histogram", help);
-        let bucket = format!("{name}_bucket");
-        for (shard, h) in shards {
-            for le in LATENCY_BUCKETS_SECONDS {
-                let n = h.count_at_most((le * 1e6) as u64);
-                self.sample(&bucket, &[("shard", shard), ("le", &le.to_string())], n);
-            }
-            let count = h.count_at_most(u64::MAX);
-            self.sample(&bucket, &[("shard", shard), ("le", "+Inf")], count);
-            let sum = h.sum_micros() as f64 / 1e6;
-            self.sample(&format!("{name}_sum"), &[("shard", shard)], sum);
-            self.sample(&format!("{name}_count"), &[("shard", shard)], count);
-        }
-    }
-
-    fn gauge(&mut self, name: &str, help: &str, value: impl Display) {
-        self.family(name, "gauge", help);
-        self.sample(name, &[], value);
-    }
+fn gauge<V: EncodeGaugeValue>(m: &mut MetricEncoder<'_>, value: V) -> fmt::Result {
+    m.encode_gauge(&value)
 }
 
-fn escape_label(v: &str) -> String {
-    v.replace('\\', r"\\")
-        .replace('"', "\\\"")
-        .replace('\n', r"\n")
+/// A microsecond histogram in seconds, in the buckets of [`LATENCY_BUCKETS_SECONDS`] (and
+/// `+Inf`), from one snapshot so that buckets, `_sum` and `_count` never disagree.
+/// prometheus-client takes each bucket's own count and adds them up itself.
+fn histogram(m: &mut MetricEncoder<'_>, h: HistogramSnapshot) -> fmt::Result {
+    let mut buckets = [(0.0, 0); LATENCY_BUCKETS_SECONDS.len()];
+    let mut below = 0;
+    for (bucket, le) in buckets.iter_mut().zip(LATENCY_BUCKETS_SECONDS) {
+        let at_most = h.count_at_most((le * 1e6) as u64);
+        *bucket = (le, at_most.saturating_sub(below));
+        below = below.max(at_most);
+    }
+    let count = h.count_at_most(u64::MAX);
+    let sum = h.sum_micros() as f64 / 1e6;
+    m.encode_histogram::<NoLabelSet>(
+        sum,
+        count,
+        &buckets,
+        None::<&HashMap<usize, Exemplar<NoLabelSet, f64>>>,
+    )
 }
 
 #[cfg(test)]
@@ -551,8 +675,7 @@ mod tests {
         for us in [200, 800, 3_000, 2_000_000] {
             m[1].delivery_latency.record_micros(us);
         }
-        let mut text = String::new();
-        render_metrics(&state, &mut text);
+        let text = render_metrics(&Arc::new(state), Format::Prometheus).unwrap();
         let s = parse(&text);
         assert_eq!(s[r#"stormgate_lines_received_total{shard="0"}"#], 7.0);
         assert_eq!(s[r#"stormgate_lines_received_total{shard="1"}"#], 5.0);
@@ -596,8 +719,7 @@ mod tests {
         for us in (0..5_000_000).step_by(997) {
             m[0].delivery_latency.record_micros(us);
         }
-        let mut text = String::new();
-        render_metrics(&state, &mut text);
+        let text = render_metrics(&Arc::new(state), Format::Prometheus).unwrap();
         let s = parse(&text);
         let mut last = 0.0;
         for le in LATENCY_BUCKETS_SECONDS {
@@ -611,8 +733,7 @@ mod tests {
     #[test]
     fn kafka_metrics_come_from_producer_statistics() {
         let (s, _) = state(vec![producer(0, Some(UP)), producer(1, None)]);
-        let mut text = String::new();
-        render_metrics(&s, &mut text);
+        let text = render_metrics(&Arc::new(s), Format::Prometheus).unwrap();
         let m = parse(&text);
         assert_eq!(
             m[r#"stormgate_kafka_broker_rtt_seconds{shard="0"}"#],
@@ -631,5 +752,92 @@ mod tests {
             -1.0
         );
         assert_eq!(m["stormgate_ready"], 0.0);
+    }
+
+    /// `(family, type)` from each `# TYPE` line, in order.
+    fn families(text: &str) -> Vec<(String, String)> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|t| t.split_once(' ').unwrap())
+            .map(|(n, k)| (n.to_owned(), k.to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn every_catalogued_metric_is_served_as_catalogued() {
+        let (s, _) = state(vec![producer(0, Some(UP)), producer(1, None)]);
+        let s = Arc::new(s.with_buffers(vec![Arc::default(), Arc::default()]));
+        let served = families(&render_metrics(&s, Format::Prometheus).unwrap());
+        let catalogued: Vec<(String, String)> = catalogue()
+            .map(|d| (d.name.to_owned(), d.kind.as_str().to_owned()))
+            .collect();
+        assert_eq!(served, catalogued);
+    }
+
+    #[test]
+    fn openmetrics_names_counter_families_without_total_and_ends_in_eof() {
+        let (s, m) = state(Vec::new());
+        m[0].lines_received.add(7);
+        m[1].delivery_latency.record_micros(3_000);
+        let s = Arc::new(s);
+        let text = render_metrics(&s, Format::OpenMetrics).unwrap();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(
+            text.contains("# TYPE stormgate_lines_received counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nstormgate_lines_received_total{shard=\"0\"} 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE stormgate_connections_active gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stormgate_delivery_latency_seconds_count{shard=\"1\"} 1\n"),
+            "{text}"
+        );
+        let prometheus = families(&render_metrics(&s, Format::Prometheus).unwrap());
+        let openmetrics = families(&text);
+        assert_eq!(prometheus.len(), openmetrics.len());
+        for ((p, pk), (o, ok)) in prometheus.iter().zip(&openmetrics) {
+            assert_eq!(pk, ok);
+            let want = if pk == "counter" {
+                p.strip_suffix("_total").unwrap()
+            } else {
+                p
+            };
+            assert_eq!(o, want);
+        }
+    }
+
+    #[test]
+    fn the_format_follows_accept() {
+        use Format::{OpenMetrics, Prometheus};
+        for (accept, want) in [
+            (None, Prometheus),
+            (Some(""), Prometheus),
+            (Some("*/*"), Prometheus),
+            (Some("text/plain; version=0.0.4"), Prometheus),
+            (Some("application/openmetrics-text"), OpenMetrics),
+            (
+                Some(
+                    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                ),
+                OpenMetrics,
+            ),
+            (
+                Some("text/plain;version=0.0.4,application/openmetrics-text;q=0.5"),
+                Prometheus,
+            ),
+            (Some("application/openmetrics-text;q=0"), Prometheus),
+            (
+                Some("Application/OpenMetrics-Text; q=0.9, */*;q=0.1"),
+                OpenMetrics,
+            ),
+        ] {
+            assert_eq!(Format::negotiate(accept), want, "{accept:?}");
+        }
     }
 }

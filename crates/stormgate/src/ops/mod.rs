@@ -14,13 +14,17 @@
 //!   of at most [`MAX_REQUEST_BYTES`] that must arrive within [`IO_TIMEOUT`], a whole
 //!   connection bounded by [`CONNECTION_TIMEOUT`], and at most [`MAX_CONNECTIONS`] at once
 //!   (more are closed at accept, so stalled clients cannot take the process's descriptors).
-//!   `GET /metrics` is the Prometheus text format 0.0.4, `GET /healthz` says the process is
+//!   `GET /metrics` is the Prometheus text format 0.0.4, or OpenMetrics when `Accept` asks
+//!   for it ([`Format::negotiate`]), `GET /healthz` says the process is
 //!   alive, `GET /readyz` applies [`OpsState::readiness`]. Any other path is 404, any other
 //!   method 405.
 //! - The statistics block ([`StatsBlock`]) is one log event per interval, so with
 //!   `LOG_FORMAT=json` it is one JSON object.
 //!
-//! docs/OBSERVABILITY.md lists every metric and the readiness rules.
+//! Submodules by job: `http` (server, routing), `metrics` (the exposition, through
+//! prometheus-client, and the catalogue of what is not a shard metric), `ready` (the
+//! readiness rules), `stats` (the statistics block). docs/OBSERVABILITY.md lists every metric
+//! (a test holds it to [`catalogue`]) and the readiness rules.
 
 mod http;
 mod metrics;
@@ -41,7 +45,7 @@ use stormgate_telemetry::{ShardMetrics, Totals};
 use tracing::info;
 
 pub use http::{CONNECTION_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, MAX_REQUEST_BYTES};
-pub use metrics::{LATENCY_BUCKETS_SECONDS, render_metrics};
+pub use metrics::{Format, LATENCY_BUCKETS_SECONDS, catalogue, render_metrics};
 pub use ready::{STALE_AFTER, STALE_INTERVALS};
 pub use stats::{BufferRates, BufferSample, StatsBlock, StatsSample};
 
