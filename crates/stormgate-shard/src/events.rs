@@ -6,10 +6,14 @@ use std::io;
 use std::net::SocketAddr;
 
 use stormgate_protocol::ErrorCode;
-use stormgate_telemetry::{Event, ShardMetrics};
+use stormgate_telemetry::{Event, LINE_ERROR_CODES, ShardMetrics};
 use tracing::{debug, error, warn};
 
 use crate::contract::DeliveryFailure;
+
+// The per-code counters are indexed by the code's number, in arrays telemetry sizes without
+// knowing the protocol.
+const _: () = assert!(ErrorCode::COUNT <= LINE_ERROR_CODES);
 
 /// A line was rejected and the station was told why.
 pub(crate) struct LineRejected<'a> {
@@ -20,7 +24,7 @@ pub(crate) struct LineRejected<'a> {
 
 impl Event for LineRejected<'_> {
     fn count(&self, metrics: &ShardMetrics) {
-        metrics.line_error(self.code);
+        metrics.line_error(self.code as usize);
     }
 
     fn log(&self, suppressed: u64) {
@@ -54,7 +58,7 @@ const LOGGED_ZIPCODE_MAX: usize = 64;
 /// malformed lines cannot hide failed identifies from the log.
 impl Event for StationAuthFailed<'_> {
     fn count(&self, metrics: &ShardMetrics) {
-        metrics.line_error(ErrorCode::AuthFailed);
+        metrics.line_error(ErrorCode::AuthFailed as usize);
     }
 
     fn log(&self, suppressed: u64) {

@@ -80,9 +80,9 @@ fn bad_lines_are_answered_counted_and_do_not_disturb_good_ones() {
     assert_eq!(s.error_code(), ErrorCode::NonFiniteValue);
     wait_for("2 records", WAIT, || server.totals().records_delivered == 2);
     let t = server.totals();
-    assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify), 1);
-    assert_eq!(t.line_error(ErrorCode::MalformedJson), 1);
-    assert_eq!(t.line_error(ErrorCode::NonFiniteValue), 1);
+    assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify as usize), 1);
+    assert_eq!(t.line_error(ErrorCode::MalformedJson as usize), 1);
+    assert_eq!(t.line_error(ErrorCode::NonFiniteValue as usize), 1);
     assert_eq!(t.connections_active, 1, "the connection stays open");
 }
 
@@ -122,7 +122,10 @@ fn oversized_lines_are_skipped_without_buffering_them() {
     assert_eq!(s.error_code(), ErrorCode::LineTooLong);
     s.metrics(3);
     wait_for("3 records", WAIT, || server.totals().records_delivered == 3);
-    assert_eq!(server.totals().line_error(ErrorCode::LineTooLong), 1);
+    assert_eq!(
+        server.totals().line_error(ErrorCode::LineTooLong as usize),
+        1
+    );
 }
 
 /// This process's resident memory.
@@ -656,8 +659,8 @@ fn a_connection_with_too_many_bad_lines_in_a_row_is_closed() {
     });
     let t = server.totals();
     assert_eq!(t.records_delivered, 2);
-    assert_eq!(t.line_error(ErrorCode::MalformedJson), 7);
-    assert_eq!(t.line_error(ErrorCode::TooManyErrors), 1);
+    assert_eq!(t.line_error(ErrorCode::MalformedJson as usize), 7);
+    assert_eq!(t.line_error(ErrorCode::TooManyErrors as usize), 1);
 }
 
 #[test]
@@ -682,7 +685,10 @@ fn a_silent_connection_is_closed_at_the_idle_timeout() {
     busy.metrics(1);
     wait_for("7 records", WAIT, || server.totals().records_delivered == 7);
     assert_eq!(server.totals().connections_active, 1);
-    assert_eq!(server.totals().line_error(ErrorCode::IdleTimeout), 1);
+    assert_eq!(
+        server.totals().line_error(ErrorCode::IdleTimeout as usize),
+        1
+    );
 }
 
 /// Timeouts too long to add to a clock reading mean "never", not a panic.
@@ -726,7 +732,10 @@ fn a_line_trickled_byte_by_byte_is_cut_off_at_the_line_timeout() {
     assert_eq!(s.error_code(), ErrorCode::LineTimeout);
     assert_eq!(s.read_to_close(), "");
     assert_eq!(server.totals().records_delivered, 1);
-    assert_eq!(server.totals().line_error(ErrorCode::LineTimeout), 1);
+    assert_eq!(
+        server.totals().line_error(ErrorCode::LineTimeout as usize),
+        1
+    );
 }
 
 #[test]
@@ -966,8 +975,8 @@ fn with_station_auth_only_the_zipcodes_own_token_identifies() {
     assert_eq!(s.error_code(), ErrorCode::MetricsBeforeIdentify);
     let t = server.totals();
     assert_eq!(t.records_delivered, 3);
-    assert_eq!(t.line_error(ErrorCode::AuthFailed), 4);
-    assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify), 4);
+    assert_eq!(t.line_error(ErrorCode::AuthFailed as usize), 4);
+    assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify as usize), 4);
     assert_eq!(
         t.connections_active, 1,
         "refusals alone do not close (limit 0)"
@@ -1000,9 +1009,9 @@ fn a_connection_is_closed_after_too_many_refused_identifies() {
         server.totals().records_delivered == 1
     });
     let t = server.totals();
-    assert_eq!(t.line_error(ErrorCode::AuthFailed), 2);
-    assert_eq!(t.line_error(ErrorCode::TooManyErrors), 1);
-    assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify), 0);
+    assert_eq!(t.line_error(ErrorCode::AuthFailed as usize), 2);
+    assert_eq!(t.line_error(ErrorCode::TooManyErrors as usize), 1);
+    assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify as usize), 0);
 }
 
 #[test]

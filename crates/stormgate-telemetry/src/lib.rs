@@ -28,7 +28,7 @@ pub use histogram::{HistogramSnapshot, LatencyHistogram};
 pub use hll::{DistinctCounter, DistinctSnapshot};
 pub use limiter::LogLimiter;
 pub use metrics::{
-    Counter, DELIVERY_LATENCY, Gauge, LINE_ERRORS, MetricDesc, MetricKind,
+    Counter, DELIVERY_LATENCY, Gauge, LINE_ERROR_CODES, LINE_ERRORS, MetricDesc, MetricKind,
     PRODUCER_IN_FLIGHT_RECORDS, SHARD_SCALARS, ShardMetrics, ShardRead, ShardScalar, Total, Totals,
     UNIQUE_ZIPCODES, shard_catalogue,
 };

@@ -1,9 +1,12 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
-use stormgate_protocol::ErrorCode;
-
 use crate::histogram::{HistogramSnapshot, LatencyHistogram};
 use crate::hll::{DistinctCounter, DistinctSnapshot};
+
+/// Room for the per-code counts of rejected lines ([`ShardMetrics::line_errors`]), indexed by
+/// the code's number. Telemetry knows nothing of the protocol: the shard runtime checks at
+/// compile time that the protocol's codes fit.
+pub const LINE_ERROR_CODES: usize = 32;
 
 /// A monotonically increasing count, written by one thread and read by any.
 ///
@@ -151,8 +154,8 @@ macro_rules! shard_metrics {
                 $(#[doc = $doc])*
                 pub $field: $kind,
             )*
-            /// Lines rejected, by [`ErrorCode`] (indexed by `code as usize`).
-            pub line_errors: [Counter; ErrorCode::COUNT],
+            /// Lines rejected, by error code (indexed by the protocol's `ErrorCode as usize`).
+            pub line_errors: [Counter; LINE_ERROR_CODES],
             /// Line read → delivery report, in microseconds.
             pub delivery_latency: LatencyHistogram,
             /// Zipcodes of the stations that identified on this shard, as a HyperLogLog
@@ -168,7 +171,7 @@ macro_rules! shard_metrics {
                 pub $field: shard_metrics!(@total $kind),
             )*
             /// See [`ShardMetrics::line_errors`].
-            pub line_errors: [u64; ErrorCode::COUNT],
+            pub line_errors: [u64; LINE_ERROR_CODES],
             /// See [`ShardMetrics::delivery_latency`].
             pub delivery_latency: HistogramSnapshot,
             /// See [`ShardMetrics::zipcodes`]: the shards' sketches merged (their union).
@@ -342,10 +345,11 @@ pub fn shard_catalogue() -> impl Iterator<Item = &'static MetricDesc> {
 }
 
 impl ShardMetrics {
-    /// Counts one rejected line.
+    /// Counts one rejected line with the error code numbered `code` (the protocol's
+    /// `ErrorCode as usize`, below [`LINE_ERROR_CODES`]).
     #[inline]
-    pub fn line_error(&self, code: ErrorCode) {
-        self.line_errors[code as usize].incr();
+    pub fn line_error(&self, code: usize) {
+        self.line_errors[code].incr();
     }
 
     /// Records handed to the producer and not yet settled: in flight minus queue depth (the
@@ -385,9 +389,9 @@ impl Totals {
         self.line_errors.iter().sum()
     }
 
-    /// The count for one error code.
-    pub fn line_error(&self, code: ErrorCode) -> u64 {
-        self.line_errors[code as usize]
+    /// The count for the error code numbered `code` (the protocol's `ErrorCode as usize`).
+    pub fn line_error(&self, code: usize) -> u64 {
+        self.line_errors[code]
     }
 }
 
@@ -403,15 +407,15 @@ mod tests {
         b.lines_received.add(4);
         a.connections_active.add(2);
         b.connections_active.add(-1);
-        a.line_error(ErrorCode::MalformedJson);
-        b.line_error(ErrorCode::MalformedJson);
-        b.line_error(ErrorCode::UnknownType);
+        a.line_error(1);
+        b.line_error(1);
+        b.line_error(4);
         a.delivery_latency.record_micros(100);
         b.delivery_latency.record_micros(200);
         let t = Totals::sum([&a, &b]);
         assert_eq!(t.lines_received, 7);
         assert_eq!(t.connections_active, 1);
-        assert_eq!(t.line_error(ErrorCode::MalformedJson), 2);
+        assert_eq!(t.line_error(1), 2);
         assert_eq!(t.line_errors_total(), 3);
         assert_eq!(t.delivery_latency.count(), 2);
     }

@@ -81,8 +81,8 @@ impl Report {
 fn totals_json(t: &Totals) -> Value {
     let errors: serde_json::Map<String, Value> = ErrorCode::ALL
         .iter()
-        .filter(|&&c| t.line_error(c) > 0)
-        .map(|&c| (c.as_str().to_owned(), json!(t.line_error(c))))
+        .filter(|&&c| t.line_error(c as usize) > 0)
+        .map(|&c| (c.as_str().to_owned(), json!(t.line_error(c as usize))))
         .collect();
     let mut v = serde_json::Map::new();
     for (scalar, total) in t.scalars() {
@@ -132,7 +132,7 @@ mod tests {
         let b = ShardMetrics::default();
         a.lines_received.add(10);
         b.lines_received.add(5);
-        b.line_error(ErrorCode::MalformedJson);
+        b.line_error(ErrorCode::MalformedJson as usize);
         for us in [100, 200, 300] {
             a.delivery_latency.record_micros(us);
         }

@@ -116,8 +116,8 @@ fn only_the_station_with_its_zipcodes_token_reaches_kafka() {
     }
     wait_for_ack(|| good.reply(), 10);
     let t = app.server().totals();
-    assert_eq!(t.line_error(ErrorCode::AuthFailed), 3);
-    assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify), 3);
+    assert_eq!(t.line_error(ErrorCode::AuthFailed as usize), 3);
+    assert_eq!(t.line_error(ErrorCode::MetricsBeforeIdentify as usize), 3);
     assert_eq!(
         t.records_enqueued, 10,
         "nothing of the intruders was queued"
@@ -181,8 +181,8 @@ fn a_connection_is_closed_after_the_configured_refusals() {
         app.server().totals().connections_closed >= 1
     });
     let t = app.server().totals();
-    assert_eq!(t.line_error(ErrorCode::AuthFailed), 2);
-    assert_eq!(t.line_error(ErrorCode::TooManyErrors), 1);
+    assert_eq!(t.line_error(ErrorCode::AuthFailed as usize), 2);
+    assert_eq!(t.line_error(ErrorCode::TooManyErrors as usize), 1);
     app.stop().unwrap();
 }
 

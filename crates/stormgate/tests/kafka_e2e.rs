@@ -139,7 +139,7 @@ fn stations_to_topic(codec: Compression) {
     let totals = app.stop().unwrap().totals;
     assert_eq!(totals.records_failed, 0);
     assert_eq!(
-        totals.line_error(ErrorCode::InvalidMetric),
+        totals.line_error(ErrorCode::InvalidMetric as usize),
         (STATIONS * LINES / BAD_EVERY) as u64
     );
     drop(stations);

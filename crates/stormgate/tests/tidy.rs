@@ -69,6 +69,17 @@ fn only_stormgate_kafka_links_rdkafka() {
 }
 
 #[test]
+fn the_bottom_crates_depend_on_no_other_stormgate_crate() {
+    // Telemetry's instruments and the protocol's pure functions sit under everything else:
+    // telemetry counts rejected lines by number, not by the protocol's `ErrorCode`.
+    for krate in ["stormgate-telemetry", "stormgate-protocol"] {
+        let deps = dependencies(&root().join("crates").join(krate));
+        let ours: Vec<_> = deps.iter().filter(|d| d.starts_with("stormgate")).collect();
+        assert!(ours.is_empty(), "{krate} depends on {ours:?}");
+    }
+}
+
+#[test]
 fn anyhow_is_for_binaries_only() {
     // Libraries return typed errors a caller can match; the binaries (`stormgate`, the load
     // generator) turn them into messages.

@@ -195,7 +195,12 @@ fn a_client_certificate_proves_its_zipcode_and_no_other() {
         .unwrap();
     s.send(&metrics(1, "good=1")).unwrap();
     s.wait_for_ack(1);
-    assert_eq!(app.server().totals().line_error(ErrorCode::AuthFailed), 1);
+    assert_eq!(
+        app.server()
+            .totals()
+            .line_error(ErrorCode::AuthFailed as usize),
+        1
+    );
     app.stop().unwrap();
 
     // STATION_AUTH=token under mutual TLS: the certificate stands in for a token.
@@ -236,7 +241,7 @@ fn a_client_certificate_proves_its_zipcode_and_no_other() {
     ));
     let t = app.server().totals();
     assert_eq!(t.records_enqueued, 2);
-    assert_eq!(t.line_error(ErrorCode::AuthFailed), 1);
+    assert_eq!(t.line_error(ErrorCode::AuthFailed as usize), 1);
     app.stop().unwrap();
 }
 

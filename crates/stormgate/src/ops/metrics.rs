@@ -665,7 +665,7 @@ mod tests {
         let (state, m) = state(Vec::new());
         m[0].lines_received.add(7);
         m[1].lines_received.add(5);
-        m[1].line_error(ErrorCode::MalformedJson);
+        m[1].line_error(ErrorCode::MalformedJson as usize);
         m[0].connections_active.add(3);
         m[0].records_in_flight.set(10);
         m[0].queue_depth.set(4);
