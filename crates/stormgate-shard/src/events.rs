@@ -129,6 +129,10 @@ pub(crate) struct AcceptFailed<'a> {
 }
 
 impl Event for AcceptFailed<'_> {
+    fn count(&self, metrics: &ShardMetrics) {
+        metrics.accept_failures.incr();
+    }
+
     fn log(&self, suppressed: u64) {
         error!(error = %self.error, suppressed, "accept failed");
     }
@@ -214,5 +218,25 @@ pub(crate) struct DeliveryFailed<'a> {
 impl Event for DeliveryFailed<'_> {
     fn log(&self, suppressed: u64) {
         error!(error = %self.failure, suppressed, "record not delivered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use stormgate_telemetry::LogLimiter;
+
+    use super::*;
+
+    #[test]
+    fn failed_accepts_are_counted_even_when_their_log_line_is_held_back() {
+        let metrics = ShardMetrics::default();
+        let limiter = LogLimiter::new(Duration::from_secs(3600));
+        let error = io::Error::from_raw_os_error(libc::EMFILE);
+        for _ in 0..3 {
+            AcceptFailed { error: &error }.emit(&metrics, &limiter);
+        }
+        assert_eq!(metrics.accept_failures.get(), 3);
     }
 }
