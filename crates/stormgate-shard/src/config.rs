@@ -35,7 +35,7 @@ pub const DEFAULT_READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Consecutive rejected lines after which a connection is closed (`TCP_MAX_ERRORS_PER_CONN`).
 /// A station with a firmware bug that makes every line bad gets 100 error lines, enough to
 /// debug it, and then stops costing a parse and a reply per line.
-pub const DEFAULT_MAX_ERRORS_PER_CONNECTION: u32 = 100;
+pub const DEFAULT_MAX_ERRORS_PER_CONN: u32 = 100;
 /// How long a connection may send nothing before it is closed (`TCP_IDLE_TIMEOUT`). Stations
 /// report every few seconds to minutes; ten minutes of silence means a dead peer whose FIN
 /// never arrived (NAT timeout, power loss), and its descriptor is better used by a live one.
@@ -50,7 +50,7 @@ pub const DEFAULT_LINE_TIMEOUT: Duration = Duration::from_secs(30);
 /// (autotuning would let each grow to `tcp_rmem`'s maximum). An idle connection costs nothing
 /// of it: the kernel allocates receive memory only for data it holds. Lowered at start so
 /// that every connection's full queue fits under `net.ipv4.tcp_mem` (`recv_buffer_for`).
-pub const DEFAULT_RECV_BUFFER_BYTES: usize = 256 * 1024;
+pub const DEFAULT_RECV_BUFFER: usize = 256 * 1024;
 /// File descriptors kept free for everything that is not a station connection (broker
 /// sockets, librdkafka's internal pipes, /proc reads, the spill file) when the connection
 /// limit is derived from `RLIMIT_NOFILE`.
@@ -66,7 +66,7 @@ pub struct RuntimeConfig {
     /// Number of shards; 0 means one per core in the process's affinity mask.
     pub shards: usize,
     /// Listen backlog of each shard's socket.
-    pub listen_backlog: u32,
+    pub backlog: u32,
     /// Most station connections open at once, all shards together; 0 derives it from the
     /// open-files limit minus [`FD_HEADROOM`].
     pub max_connections: usize,
@@ -77,14 +77,14 @@ pub struct RuntimeConfig {
     /// Records one connection may have in flight (queued or awaiting delivery) before it
     /// stops reading; 0 means no per-connection limit. 1 makes every line wait for its
     /// delivery report before the next is read (`KAFKA_ASYNC=false`).
-    pub max_in_flight_per_connection: u32,
+    pub max_in_flight_per_conn: u32,
     /// Bytes of record values one connection may have in flight (queued or awaiting
     /// delivery) before it stops reading, beside the count cap; 0 means no byte cap.
-    pub max_in_flight_bytes_per_connection: usize,
+    pub max_bytes_in_flight_per_conn: usize,
     /// Bytes of record values a shard may hold in flight, all its connections together
     /// (its queue, its producer, awaiting delivery); at the budget no connection of the shard
     /// reads until deliveries free a quarter of it. 0 means no budget.
-    pub max_in_flight_bytes: usize,
+    pub max_bytes_in_flight: usize,
     /// Time allowed, once shutdown starts, to deliver what was already read.
     pub shutdown_timeout: Duration,
     /// Once shutdown starts, each connection is told `{"type":"reconnect"}` and ended at a
@@ -96,9 +96,9 @@ pub struct RuntimeConfig {
     /// Size of each shard's read buffer.
     pub read_buffer_bytes: usize,
     /// Kernel receive buffer of each station socket in bytes; 0 leaves autotuning on.
-    pub recv_buffer_bytes: usize,
+    pub recv_buffer: usize,
     /// Consecutive rejected lines after which the connection is closed; 0 = never.
-    pub max_errors_per_connection: u32,
+    pub max_errors_per_conn: u32,
     /// Silence after which a connection is closed; `None` = never.
     pub idle_timeout: Option<Duration>,
     /// Longest time from a line's first byte to its newline; `None` = unbounded.
@@ -117,14 +117,14 @@ pub struct RuntimeConfig {
     /// Most connections open at once from one source IP address, process-wide; 0 = no limit.
     /// Over it, a connection gets `too_many_connections` and is closed. Addresses are counted
     /// in 65,536 hashed slots, so two addresses may, rarely, share a count.
-    pub max_connections_per_source: u32,
+    pub max_connections_per_ip: u32,
     /// Lines per second one connection may send on average, in bursts of up to one second's
     /// worth; past it the connection is not read until its budget recovers (its station's
     /// writes wait in TCP; nothing is dropped). 0 = no limit.
     pub max_lines_per_sec: u32,
     /// Acknowledge lines for connections whose identify does not say (`"acks"`); see
     /// docs/PROTOCOL.md.
-    pub acks_by_default: bool,
+    pub acks: bool,
     /// Serves stations TLS (`TLS_CERT`, `TLS_KEY`): every connection begins with a handshake
     /// configured by this, on its own shard. `None` (the default): plain TCP.
     pub tls: Option<Arc<dyn StationTls>>,
@@ -184,21 +184,21 @@ pub enum AckAfter {
 /// See [`DiskBuffer::sync_interval`]: the log's measured default (`stormgate_buffer::config`).
 pub const DEFAULT_BUFFER_SYNC_INTERVAL: Duration = stormgate_buffer::config::DEFAULT_SYNC_INTERVAL;
 
-/// See [`RuntimeConfig::max_in_flight_per_connection`]: half the default shard queue, so one
+/// See [`RuntimeConfig::max_in_flight_per_conn`]: half the default shard queue, so one
 /// connection cannot take all of it, and ~10 ms of a connection at 400K lines/s.
-pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: u32 = 4096;
+pub const DEFAULT_MAX_IN_FLIGHT_PER_CONN: u32 = 4096;
 
-/// See [`RuntimeConfig::max_in_flight_bytes_per_connection`]: 2 MiB holds the 4,096 records
+/// See [`RuntimeConfig::max_bytes_in_flight_per_conn`]: 2 MiB holds the 4,096 records
 /// of the count cap at ~500 bytes each (typical records are ~250), so for ordinary stations
 /// the count binds first; a station sending records of 100 KB gets ~20 in flight instead of
 /// 4,096 (400 MiB).
-pub const DEFAULT_MAX_IN_FLIGHT_BYTES_PER_CONNECTION: usize = 2 << 20;
+pub const DEFAULT_MAX_BYTES_IN_FLIGHT_PER_CONN: usize = 2 << 20;
 
-/// See [`RuntimeConfig::max_in_flight_bytes`]: 64 MiB per shard is ~260,000 typical records,
+/// See [`RuntimeConfig::max_bytes_in_flight`]: 64 MiB per shard is ~260,000 typical records,
 /// more than the shard queue (8,192) and librdkafka's queue (100,000) hold together, so it
 /// binds only when records are large; 4 shards × 64 MiB fit the shipped 2 GiB pod with room
 /// for connections (docs/RELIABILITY.md's memory table).
-pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+pub const DEFAULT_MAX_BYTES_IN_FLIGHT: usize = 64 << 20;
 
 /// See [`RuntimeConfig::tls_handshake_timeout`]: a real handshake takes a few round trips
 /// (well under a second even over a mobile link); ten seconds bounds how long a client that
@@ -222,25 +222,25 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             shards: 0,
-            listen_backlog: DEFAULT_BACKLOG,
+            backlog: DEFAULT_BACKLOG,
             max_connections: 0,
             queue_size: DEFAULT_QUEUE_SIZE,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
-            max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
-            max_in_flight_bytes_per_connection: DEFAULT_MAX_IN_FLIGHT_BYTES_PER_CONNECTION,
-            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
+            max_in_flight_per_conn: DEFAULT_MAX_IN_FLIGHT_PER_CONN,
+            max_bytes_in_flight_per_conn: DEFAULT_MAX_BYTES_IN_FLIGHT_PER_CONN,
+            max_bytes_in_flight: DEFAULT_MAX_BYTES_IN_FLIGHT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             drain_period: DEFAULT_DRAIN_PERIOD,
             read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
-            recv_buffer_bytes: DEFAULT_RECV_BUFFER_BYTES,
-            max_errors_per_connection: DEFAULT_MAX_ERRORS_PER_CONNECTION,
+            recv_buffer: DEFAULT_RECV_BUFFER,
+            max_errors_per_conn: DEFAULT_MAX_ERRORS_PER_CONN,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             line_timeout: Some(DEFAULT_LINE_TIMEOUT),
             dead_letters: false,
             max_connections_per_shard: 0,
-            max_connections_per_source: 0,
+            max_connections_per_ip: 0,
             max_lines_per_sec: DEFAULT_MAX_LINES_PER_SEC,
-            acks_by_default: false,
+            acks: false,
             tls: None,
             tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
             station_auth: None,

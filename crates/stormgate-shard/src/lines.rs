@@ -102,8 +102,8 @@ impl LineHandler {
     pub(crate) fn new(core: &ShardCore, id: &str, peer: SocketAddr, now: ReadStamp) -> LineHandler {
         let config = &core.config;
         let (cap, max_bytes) = (
-            config.max_in_flight_per_connection,
-            config.max_in_flight_bytes_per_connection,
+            config.max_in_flight_per_conn,
+            config.max_bytes_in_flight_per_conn,
         );
         LineHandler {
             peer,
@@ -255,7 +255,7 @@ impl LineHandler {
                         core.metrics.zipcodes.insert(station.zipcode().as_bytes());
                     }
                     self.policy
-                        .identified(self.session.acks(), core.config.acks_by_default);
+                        .identified(self.session.acks(), core.config.acks);
                     if self.policy.acks_on() && self.acks.is_none() {
                         self.acks = Some(Rc::default());
                     }
@@ -402,7 +402,7 @@ impl LineHandler {
         if core.config.dead_letters && !self.policy.sink_gone() {
             self.dead_letter(env, code, raw);
         }
-        if self.policy.rejected(core.config.max_errors_per_connection) {
+        if self.policy.rejected(core.config.max_errors_per_conn) {
             self.send_error(core, ErrorCode::TooManyErrors);
         }
     }
@@ -525,7 +525,7 @@ mod tests {
             let ledger = Rc::new(Ledger::new(
                 Arc::clone(&metrics),
                 BufPool::new(pool),
-                config.max_in_flight_bytes,
+                config.max_bytes_in_flight,
                 Stage::Memory,
             ));
             let limits = Arc::new(ConnectionLimit::new(10, 0));
@@ -622,7 +622,7 @@ mod tests {
     fn too_many_bad_lines_in_a_row_close_after_the_farewell_and_stop_handling() {
         let mut b = Bench::new(
             RuntimeConfig {
-                max_errors_per_connection: 3,
+                max_errors_per_conn: 3,
                 ..config()
             },
             16,
@@ -649,7 +649,7 @@ mod tests {
     #[test]
     fn an_accepted_identify_or_record_ends_the_bad_lines_in_a_row() {
         let strict = || RuntimeConfig {
-            max_errors_per_connection: 3,
+            max_errors_per_conn: 3,
             ..config()
         };
         let mut b = Bench::new(strict(), 16);
@@ -707,7 +707,7 @@ mod tests {
     fn a_connection_at_its_in_flight_cap_blocks_before_the_next_line() {
         let mut b = Bench::new(
             RuntimeConfig {
-                max_in_flight_per_connection: 1,
+                max_in_flight_per_conn: 1,
                 ..config()
             },
             16,
@@ -725,7 +725,7 @@ mod tests {
     fn unwritten_answers_past_the_bound_block_handling() {
         let mut b = Bench::new(
             RuntimeConfig {
-                max_errors_per_connection: 0,
+                max_errors_per_conn: 0,
                 ..config()
             },
             16,

@@ -34,7 +34,7 @@ pub(crate) struct Timeouts {
 /// Why the server decided to close a connection while handling its lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Closing {
-    /// `TCP_MAX_ERRORS_PER_CONNECTION` rejected lines in a row.
+    /// `TCP_MAX_ERRORS_PER_CONN` rejected lines in a row.
     TooManyErrors,
     /// `STATION_AUTH_MAX_FAILURES` refused identifies over the connection's life.
     AuthFailures,

@@ -46,13 +46,13 @@ impl Server {
             n => n,
         };
         let (recv_buffer, budget) = placement::recv_buffer_for(
-            config.recv_buffer_bytes,
+            config.recv_buffer,
             max_connections,
             placement::tcp_mem_pressure_pages(),
         );
         if let Some(budget) = budget {
             info!(
-                configured = config.recv_buffer_bytes,
+                configured = config.recv_buffer,
                 recv_buffer,
                 max_connections,
                 tcp_mem_pressure_bytes = budget,
@@ -60,16 +60,12 @@ impl Server {
                  under net.ipv4.tcp_mem's pressure threshold (docs/TUNING.md)"
             );
         }
-        let (sockets, local_addr) = crate::listener::bind_group(
-            config.listen,
-            nr_shards,
-            config.listen_backlog,
-            recv_buffer,
-        )
-        .map_err(|source| StartServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let (sockets, local_addr) =
+            crate::listener::bind_group(config.listen, nr_shards, config.backlog, recv_buffer)
+                .map_err(|source| StartServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let buffer = match &config.disk_buffer {
             Some(settings) => Some(crate::disk::prepare(settings, nr_shards)?),
             None => None,
@@ -85,7 +81,7 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let limits = Arc::new(ConnectionLimit::new(
             max_connections,
-            config.max_connections_per_source,
+            config.max_connections_per_ip,
         ));
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handle = ServerHandle {

@@ -104,7 +104,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
     let ledger = Rc::new(Ledger::new(
         Arc::clone(&metrics),
         BufPool::new(PAYLOAD_POOL),
-        config.max_in_flight_bytes,
+        config.max_bytes_in_flight,
         stage,
     ));
     let sink_ledger = logs.as_ref().map(|logs| {

@@ -218,7 +218,7 @@ fn connections_over_the_per_shard_limit_are_told_and_closed() {
 #[test]
 fn connections_over_the_per_source_limit_are_told_and_closed_and_others_are_not() {
     let server = start_null(RuntimeConfig {
-        max_connections_per_source: 2,
+        max_connections_per_ip: 2,
         ..config()
     });
     let addr = server.local_addr();
@@ -442,7 +442,7 @@ fn in_flight_cap_of_one_makes_each_line_wait_for_its_delivery() {
         };
         factory.open.store(true, Ordering::Relaxed);
         let cfg = RuntimeConfig {
-            max_in_flight_per_connection: cap,
+            max_in_flight_per_conn: cap,
             shards: 1,
             ..config()
         };
@@ -632,7 +632,7 @@ fn a_busy_station_is_told_to_reconnect_and_ends_without_a_reset() {
 #[test]
 fn a_connection_with_too_many_bad_lines_in_a_row_is_closed() {
     let server = start_null(RuntimeConfig {
-        max_errors_per_connection: 3,
+        max_errors_per_conn: 3,
         ..config()
     });
     let mut s = StationConn::connect(server.local_addr());
@@ -829,7 +829,7 @@ fn a_connection_at_its_in_flight_cap_waits_alone() {
         RuntimeConfig {
             shards: 1,
             queue_size: 1024,
-            max_in_flight_per_connection: 100,
+            max_in_flight_per_conn: 100,
             ..config()
         },
         HoldKeyFactory(release.clone(), held.clone()),

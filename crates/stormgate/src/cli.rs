@@ -132,7 +132,7 @@ pub struct Cli {
 
     /// Records one connection may have in flight (read, not yet delivered); a connection at
     /// the cap is not read until some are delivered, while others go on. 0 = no cap.
-    #[arg(long, env = "TCP_MAX_IN_FLIGHT_PER_CONN", default_value_t = rt::DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION, help_heading = "Stations")]
+    #[arg(long, env = "TCP_MAX_IN_FLIGHT_PER_CONN", default_value_t = rt::DEFAULT_MAX_IN_FLIGHT_PER_CONN, help_heading = "Stations")]
     pub max_in_flight_per_conn: u32,
 
     /// Bytes of records one connection may have in flight, beside the count cap: a station
@@ -171,11 +171,11 @@ pub struct Cli {
     /// Kernel receive buffer of each station socket in bytes (0 = kernel autotuning); bounds
     /// what can wait in the kernel behind a busy shard. Lowered at start, and logged, so that
     /// the connection limit's full queues fit under net.ipv4.tcp_mem's pressure threshold.
-    #[arg(long, env = "TCP_RECV_BUFFER", default_value_t = rt::DEFAULT_RECV_BUFFER_BYTES, help_heading = "Stations")]
+    #[arg(long, env = "TCP_RECV_BUFFER", default_value_t = rt::DEFAULT_RECV_BUFFER, help_heading = "Stations")]
     pub recv_buffer: usize,
 
     /// Bad lines in a row after which a connection gets too_many_errors and is closed (0 = never).
-    #[arg(long, env = "TCP_MAX_ERRORS_PER_CONN", default_value_t = rt::DEFAULT_MAX_ERRORS_PER_CONNECTION, help_heading = "Stations")]
+    #[arg(long, env = "TCP_MAX_ERRORS_PER_CONN", default_value_t = rt::DEFAULT_MAX_ERRORS_PER_CONN, help_heading = "Stations")]
     pub max_errors_per_conn: u32,
 
     /// Time without a complete line after which a connection gets idle_timeout and is closed;
@@ -502,26 +502,26 @@ impl Cli {
         RuntimeConfig {
             listen: self.listen,
             shards: self.shards,
-            listen_backlog: self.backlog,
+            backlog: self.backlog,
             max_connections: self.max_connections,
             max_connections_per_shard: self.max_connections_per_shard,
-            max_connections_per_source: self.max_connections_per_ip,
+            max_connections_per_ip: self.max_connections_per_ip,
             max_lines_per_sec: self.max_lines_per_sec,
             queue_size: self.queue_size,
             max_line_bytes: self.max_line_bytes,
-            max_in_flight_per_connection: if self.kafka_async {
+            max_in_flight_per_conn: if self.kafka_async {
                 self.max_in_flight_per_conn
             } else {
                 1
             },
-            max_in_flight_bytes_per_connection: usize::try_from(self.max_bytes_in_flight_per_conn)
+            max_bytes_in_flight_per_conn: usize::try_from(self.max_bytes_in_flight_per_conn)
                 .unwrap_or(usize::MAX),
-            max_in_flight_bytes: usize::try_from(self.max_bytes_in_flight).unwrap_or(usize::MAX),
-            acks_by_default: self.acks,
+            max_bytes_in_flight: usize::try_from(self.max_bytes_in_flight).unwrap_or(usize::MAX),
+            acks: self.acks,
             shutdown_timeout: self.shutdown_timeout,
             drain_period: self.drain_period,
-            recv_buffer_bytes: self.recv_buffer,
-            max_errors_per_connection: self.max_errors_per_conn,
+            recv_buffer: self.recv_buffer,
+            max_errors_per_conn: self.max_errors_per_conn,
             idle_timeout: Some(self.idle_timeout).filter(|d| !d.is_zero()),
             line_timeout: Some(self.line_timeout).filter(|d| !d.is_zero()),
             dead_letters: self.sink == SinkKind::Kafka && self.dlq_topic().is_some(),
@@ -777,14 +777,14 @@ mod tests {
         let rt = cli.runtime_config();
         assert_eq!(rt.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(rt.shards, 0);
-        assert_eq!(rt.listen_backlog, 4096);
-        assert_eq!(rt.max_in_flight_per_connection, 4096);
+        assert_eq!(rt.backlog, 4096);
+        assert_eq!(rt.max_in_flight_per_conn, 4096);
         assert_eq!(
-            rt.max_in_flight_bytes_per_connection,
-            rt::DEFAULT_MAX_IN_FLIGHT_BYTES_PER_CONNECTION
+            rt.max_bytes_in_flight_per_conn,
+            rt::DEFAULT_MAX_BYTES_IN_FLIGHT_PER_CONN
         );
-        assert_eq!(rt.max_in_flight_bytes, rt::DEFAULT_MAX_IN_FLIGHT_BYTES);
-        assert!(!rt.acks_by_default);
+        assert_eq!(rt.max_bytes_in_flight, rt::DEFAULT_MAX_BYTES_IN_FLIGHT);
+        assert!(!rt.acks);
         assert_eq!(cli.kafka_topic, "weather.metrics");
         assert_eq!(cli.kafka_compression, Compression::Lz4);
         assert_eq!(cli.kafka_required_acks, Acks::All);
@@ -837,7 +837,7 @@ mod tests {
             "--kafka-prop",
             "socket.keepalive.enable=true",
         ]);
-        assert_eq!(cli.runtime_config().max_in_flight_per_connection, 1);
+        assert_eq!(cli.runtime_config().max_in_flight_per_conn, 1);
         let k = cli.kafka_settings("b:1").unwrap();
         assert_eq!(k.batch_size, 100);
         assert_eq!(k.batch_timeout, Duration::from_millis(100));

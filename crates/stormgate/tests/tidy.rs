@@ -407,3 +407,68 @@ fn modules_use_only_lower_layers() {
         "module layers (docs/ARCHITECTURE.md's code map): {problems:#?}"
     );
 }
+
+/// A setting has one name: the shard runtime's `RuntimeConfig` field is called what the
+/// command line's field (its flag, and its variable without `TCP_`) is called. Read from
+/// `Cli::runtime_config`, where each field is set from the flags: a field set from a flag of
+/// another name fails, unless it is derived from several (listed here, with why).
+#[test]
+fn runtime_settings_are_named_as_their_flags() {
+    // Derived, not one flag each: dead letters are on with the Kafka sink and a DLQ topic.
+    const DERIVED: &[&str] = &["dead_letters"];
+    let cli = read(&root().join("crates/stormgate/src/cli.rs"));
+    let start = cli
+        .find("pub fn runtime_config(&self) -> RuntimeConfig {")
+        .expect("cli.rs has Cli::runtime_config");
+    let body = &cli[start..];
+    let body = &body[..body
+        .find("..RuntimeConfig::default()")
+        .expect("ends with defaults")];
+    let mut wrong = Vec::new();
+    let mut fields = 0;
+    // `field: expression,` at the struct literal's indentation, the expression possibly
+    // spanning lines.
+    let mut current: Option<(String, String)> = None;
+    for line in body.lines().skip(2) {
+        let field_line = line
+            .strip_prefix("            ")
+            .filter(|l| !l.starts_with(' '));
+        match field_line.and_then(|l| l.split_once(": ")) {
+            Some((field, expr)) if field.chars().all(|c| c.is_ascii_lowercase() || c == '_') => {
+                if let Some(done) = current.take() {
+                    wrong.extend(check_setting(done, DERIVED));
+                    fields += 1;
+                }
+                current = Some((field.to_owned(), expr.to_owned()));
+            }
+            _ => {
+                if let Some((_, expr)) = &mut current {
+                    expr.push_str(line);
+                }
+            }
+        }
+    }
+    if let Some(done) = current.take() {
+        wrong.extend(check_setting(done, DERIVED));
+        fields += 1;
+    }
+    assert!(
+        fields > 20,
+        "read only {fields} fields of Cli::runtime_config"
+    );
+    assert!(
+        wrong.is_empty(),
+        "settings named apart from their flags: {wrong:#?}"
+    );
+}
+
+/// `field` is set from `self.field` (or `self.field()`), or is a known derived one.
+fn check_setting((field, expr): (String, String), derived: &[&str]) -> Option<String> {
+    let from_own_flag = expr.split("self.").skip(1).any(|rest| {
+        rest.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .next()
+            == Some(&field)
+    });
+    (!from_own_flag && !derived.contains(&field.as_str()))
+        .then(|| format!("RuntimeConfig::{field} = {}", expr.trim()))
+}
