@@ -37,7 +37,7 @@ use crate::tls::StationStream;
 /// How much a read into a connection's own leftover asks for.
 const LEFTOVER_READ: usize = 16 * 1024;
 /// Longest partial line carried into the shard's read buffer; longer ones are read onto in
-/// the connection's leftover (see `Connection::read_and_handle`).
+/// the connection's leftover (see `Connection::read_into`).
 const CARRY_MAX: usize = 4 * 1024;
 /// Reply buffers larger than this are freed after each flush rather than kept.
 const REPLY_KEEP: usize = 1024;
