@@ -103,12 +103,13 @@ impl Inner {
     pub(crate) fn durable_moved(&self, seq: u64) {
         debug_assert!(seq >= self.durable.get());
         self.durable.set(seq);
-        let moved = self.d.borrow_mut().advance(seq);
+        self.d.borrow_mut().advance(seq);
         let watermark = self.d.borrow().watermark();
         self.w.borrow_mut().evict(watermark, self.cfg.memory_bytes);
-        if moved {
-            self.refresh_gauges();
-        }
+        // Every flush, not only when the watermark moved: with the broker down it never
+        // moves, and the gauges would show what the last checkpoint saw while the records
+        // made durable (and acknowledged) since were missing from them.
+        self.refresh_gauges();
         self.stats.durable_seq.set(seq as i64);
         self.durable_waiters.wake_all();
         self.writable_waiters.wake_all();

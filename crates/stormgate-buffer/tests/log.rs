@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use std::time::Duration;
 
 use common::*;
-use stormgate_buffer::{AppendError, CheckpointState, OpenMode, RecordKind};
+use stormgate_buffer::{AppendError, CheckpointState, LogConfig, OpenMode, RecordKind};
 
 #[test]
 fn appended_records_become_durable_and_read_back_in_order_across_segments() {
@@ -91,6 +91,34 @@ fn a_reader_close_behind_the_writer_reads_from_memory_and_a_late_one_from_disk()
             stats.read_disk_records.get()
         );
         assert!(stats.read_memory_records.get() > 500);
+        log.close().await;
+    });
+}
+
+/// With nothing delivered (the broker down) the watermark never moves: the buffer's gauges
+/// must still count every record made durable, at the moment it is durable, not at the next
+/// checkpoint (an hour away here).
+#[test]
+fn the_gauges_count_durable_records_while_nothing_is_delivered() {
+    let tmp = TempDir::new("gauges");
+    let dir = tmp.log();
+    run(|| async {
+        let config = LogConfig {
+            checkpoint_interval: Duration::from_secs(3600),
+            ..small_config()
+        };
+        let (log, _) = open(&dir, config, OpenMode::ReadWrite).await;
+        for n in [1u64, 100, 1_000] {
+            let last = append_n(&log, n).await;
+            with_timeout(log.wait_durable(last), "durability").await;
+            let stats = log.stats();
+            assert_eq!(
+                stats.records.get() as u64,
+                last,
+                "after {last} durable records"
+            );
+            assert!(stats.disk_bytes.get() > 0);
+        }
         log.close().await;
     });
 }
