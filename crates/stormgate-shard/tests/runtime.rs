@@ -1024,3 +1024,116 @@ fn without_station_auth_a_token_changes_nothing() {
     wait_for("2 records", WAIT, || server.totals().records_delivered == 2);
     assert_eq!(server.totals().line_errors_total(), 0);
 }
+
+/// A sink that takes the first record, settles it once `release` is set, and takes nothing
+/// more until `open` is set: the queue stays full, and the shard's read gate closed, while
+/// the first record's acknowledgement becomes ready.
+struct FirstThenHold {
+    release: Arc<AtomicBool>,
+    open: Arc<AtomicBool>,
+}
+
+impl Sink for FirstThenHold {
+    async fn run(self, records: RecordReceiver, ctx: SinkContext) {
+        let Some(first) = records.recv().await else {
+            return;
+        };
+        // Shutdown (a failed test's) ends the waits: a sink must settle by the deadline.
+        while !self.release.load(Ordering::Relaxed) && ctx.deadline().is_none() {
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+        }
+        ctx.settle(first.ticket, Outcome::Delivered);
+        while !self.open.load(Ordering::Relaxed) && ctx.deadline().is_none() {
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+        }
+        while let Some(r) = records.recv().await {
+            ctx.settle(r.ticket, Outcome::Delivered);
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+struct FirstThenHoldFactory {
+    release: Arc<AtomicBool>,
+    open: Arc<AtomicBool>,
+}
+
+impl SinkFactory for FirstThenHoldFactory {
+    type Sink = FirstThenHold;
+    fn build(
+        &self,
+        _: &ShardInfo,
+    ) -> Result<FirstThenHold, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(FirstThenHold {
+            release: self.release.clone(),
+            open: self.open.clone(),
+        })
+    }
+}
+
+/// Answers come before the gate, on the long-partial-line read too: a station holding a
+/// partial line longer than a carry (so its next read goes onto its own leftover) gets the
+/// acknowledgement of an earlier line while the shard's queue is full and its gate closed.
+/// (The two read paths once disagreed: the long-line one checked the gate first, and the
+/// answer waited for the queue to drain.)
+#[test]
+fn answers_come_first_behind_a_long_partial_line_while_the_gate_is_closed() {
+    let factory = FirstThenHoldFactory::default();
+    let server = Server::start(
+        RuntimeConfig {
+            queue_size: 8,
+            shards: 1,
+            shutdown_timeout: Duration::from_secs(2),
+            ..config()
+        },
+        factory.clone(),
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let mut a = StationConn::connect(addr);
+    a.send(stormgate_testkit::identify("1", None));
+    a.send(stormgate_testkit::metrics(1, "t=1"));
+    // The start of a line far longer than a carry (4 KiB), not finished: a valid line once
+    // its closing brace comes (JSON allows the whitespace).
+    a.send(format!(
+        "{{\"type\":\"metrics\",\"seq\":2,\"data\":\"t=2\"{}",
+        " ".repeat(8 * 1024)
+    ));
+    wait_for(
+        "the first record taken and the long line read",
+        WAIT,
+        || {
+            let t = server.totals();
+            t.records_enqueued == 1 && t.bytes_received > 8 * 1024
+        },
+    );
+    // Another station fills the queue: the gate closes (half full) and stays closed.
+    let mut b = StationConn::connect(addr);
+    b.identify("2");
+    b.metrics(64);
+    wait_for("a full queue", WAIT, || {
+        server.totals().backpressure_waits > 0
+    });
+    assert!(server.totals().records_enqueued > 8, "the queue is full");
+    factory.release.store(true, Ordering::Relaxed);
+    // The first line's answer arrives while the queue is still full.
+    a.stream().set_read_timeout(Some(WAIT)).unwrap();
+    let reply = a.reply();
+    assert_eq!(
+        reply,
+        stormgate_protocol::Reply::Ack { seq: 1 },
+        "the answer waited for the gate"
+    );
+    assert_eq!(
+        server.totals().records_delivered,
+        1,
+        "the queue drained first"
+    );
+    factory.open.store(true, Ordering::Relaxed);
+    a.send(b"}\n");
+    let reply = a.reply();
+    assert_eq!(reply, stormgate_protocol::Reply::Ack { seq: 2 });
+    wait_for("every record", WAIT, || {
+        server.totals().records_delivered == 1 + 1 + 64
+    });
+}
