@@ -220,10 +220,6 @@ shard_metrics! {
     connections_rejected: Counter =>
         "stormgate_connections_rejected_total",
         "Connections refused at accept because a connection limit was reached.";
-    /// `accept` calls that failed (out of file descriptors or memory: the shard backs off).
-    accept_failures: Counter =>
-        "stormgate_accept_failures_total",
-        "Accepts that failed (EMFILE, ENFILE, ENOBUFS, ENOMEM: the shard backs off 10 ms).";
     /// Connection tasks that panicked (bugs); each closed its connection only.
     connection_panics: Counter =>
         "stormgate_connection_panics_total",
@@ -294,6 +290,10 @@ shard_metrics! {
     tls_handshake_failures: Counter =>
         "stormgate_tls_handshake_failures_total",
         "TLS handshakes that failed or timed out; each closed its connection.";
+    /// `accept` calls that failed (out of file descriptors or memory: the shard backs off).
+    accept_failures: Counter =>
+        "stormgate_accept_failures_total",
+        "Accepts that failed (EMFILE, ENFILE, ENOBUFS, ENOMEM: the shard backs off 10 ms).";
     /// Connections open now.
     connections_active: Gauge =>
         "stormgate_connections_active", "Station connections open now.";
