@@ -118,19 +118,34 @@ fn the_protocol_crate_does_no_io() {
     }
 }
 
-/// The modules a crate's `lib.rs` declares (`mod x;`, `pub mod x;`, `pub(crate) mod x;`).
+/// The modules a crate's `lib.rs` declares (`mod x;`, `pub mod x;`, `pub(crate) mod x;`), each
+/// with whether it is declared under `#[cfg(test)]`.
+fn declared_modules(lib: &Path) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    let mut test_only = false;
+    for line in read(lib).lines().map(str::trim) {
+        if line == "#[cfg(test)]" {
+            test_only = true;
+            continue;
+        }
+        let declared = line
+            .strip_prefix("pub mod ")
+            .or_else(|| line.strip_prefix("pub(crate) mod "))
+            .or_else(|| line.strip_prefix("mod "))
+            .and_then(|l| l.strip_suffix(';'));
+        if let Some(module) = declared {
+            out.push((module.to_owned(), test_only));
+        }
+        if !line.starts_with("#[") {
+            test_only = false;
+        }
+    }
+    out
+}
+
+/// Every module a crate's `lib.rs` declares, test-only ones included.
 fn modules(lib: &Path) -> Vec<String> {
-    read(lib)
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let l = l
-                .strip_prefix("pub mod ")
-                .or_else(|| l.strip_prefix("pub(crate) mod "))
-                .or_else(|| l.strip_prefix("mod "))?;
-            l.strip_suffix(';').map(str::to_owned)
-        })
-        .collect()
+    declared_modules(lib).into_iter().map(|(m, _)| m).collect()
 }
 
 /// The part of docs/ARCHITECTURE.md's code map about one crate: from its heading to the next.
@@ -185,29 +200,10 @@ fn the_code_map_names_every_module_and_test_file() {
 
 /// The modules a crate's `lib.rs` declares for every build (not `#[cfg(test)]` ones).
 fn built_modules(lib: &Path) -> Vec<String> {
-    let text = read(lib);
-    let mut out = Vec::new();
-    let mut test_only = false;
-    for line in text.lines().map(str::trim) {
-        if line == "#[cfg(test)]" {
-            test_only = true;
-            continue;
-        }
-        let declared = line
-            .strip_prefix("pub mod ")
-            .or_else(|| line.strip_prefix("pub(crate) mod "))
-            .or_else(|| line.strip_prefix("mod "))
-            .and_then(|l| l.strip_suffix(';'));
-        if let Some(module) = declared
-            && !test_only
-        {
-            out.push(module.to_owned());
-        }
-        if !line.starts_with("#[") {
-            test_only = false;
-        }
-    }
-    out
+    declared_modules(lib)
+        .into_iter()
+        .filter_map(|(m, test_only)| (!test_only).then_some(m))
+        .collect()
 }
 
 /// Which module each name `lib.rs` re-exports comes from (`pub use m::{A, B};` → A: m).
