@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, AsyncWriteExt, FutureExt};
 use glommio::channels::local_channel::LocalSender;
-use glommio::net::TcpStream;
 use stormgate_protocol::ErrorCode;
 use stormgate_telemetry::Event;
 
@@ -32,6 +31,7 @@ use crate::core::{Registration, ShardCore};
 use crate::events::{CloseReason, ConnectionClosed, TlsHandshakeFailed};
 use crate::lines::{Blocked, Env, LineHandler, REPLY_MAX, ReadStamp, timeouts};
 use crate::policy::{Closing, Timeouts, after, earliest};
+use crate::readiness::Socket;
 use crate::tls::StationStream;
 
 /// How much a read into a connection's own leftover asks for.
@@ -51,7 +51,7 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 /// small (see `Connection::run`).
 pub(crate) fn serve(
     core: Rc<ShardCore>,
-    stream: TcpStream,
+    stream: Socket,
     peer: SocketAddr,
     queue: Rc<LocalSender<Record>>,
 ) -> impl Future<Output = ()> + 'static {
@@ -59,8 +59,6 @@ pub(crate) fn serve(
     let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut id);
     let lines = LineHandler::new(&core, id, peer, ReadStamp::now());
     let registration = core.register(stream.as_raw_fd());
-    // A write blocked for the idle timeout is a station that stopped reading its replies.
-    let _ = stream.set_write_timeout(core.config.idle_timeout.filter(|d| !d.is_zero()));
     let mut conn = Connection {
         core,
         stream: StationStream::Plain(stream),
@@ -678,7 +676,7 @@ fn gate_closed_to(
 /// Over TLS the connection is closed without a word: the line would have to follow a
 /// handshake, and a refusal exists to spare the server work (a handshake costs more CPU than
 /// thousands of lines). The station sees its handshake end early and retries later.
-pub(crate) async fn refuse(mut stream: TcpStream, tls: bool) {
+pub(crate) async fn refuse(mut stream: Socket, tls: bool) {
     let line = ErrorCode::TooManyConnections.error_line().as_bytes();
     let _ = glommio::timer::timeout(std::time::Duration::from_secs(1), async move {
         if !tls {
@@ -716,20 +714,22 @@ pub(crate) mod tests {
     pub(crate) static TASK_BYTES: std::sync::atomic::AtomicUsize =
         std::sync::atomic::AtomicUsize::new(0);
 
-    /// An idle connection costs its task (this state plus the small `run` future) and
-    /// glommio's poll source; nothing else stays allocated (docs/PERFORMANCE.md). A field
-    /// added here is paid by every one of 50,000 idle connections: keep rare state boxed.
+    /// An idle connection costs its task (this state plus the small `run` future) and its
+    /// slots in the shard's tables; nothing else stays allocated (docs/PERFORMANCE.md). A
+    /// field added here is paid by every one of 50,000 idle connections: keep rare state
+    /// boxed. 360 bytes; 464 while the socket was glommio's `TcpStream` (its two pending
+    /// sources and two timeouts).
     #[test]
     fn a_connection_stays_small() {
         let size = std::mem::size_of::<super::Connection>();
         eprintln!("Connection: {size} bytes");
-        assert!(size <= 464, "Connection grew to {size} bytes");
+        assert!(size <= 360, "Connection grew to {size} bytes");
     }
 
     /// The whole future an idle connection's task holds: its `Connection` and the state of
-    /// the read it waits in (544 bytes; 720 when the read was an async fn around a
-    /// `poll_fn` closure, which kept a reference per captured variable, and the station
-    /// kept its city apart from its record prefix).
+    /// the read it waits in (440 bytes; 544 with glommio's `TcpStream`, 720 when the read
+    /// was an async fn around a `poll_fn` closure, which kept a reference per captured
+    /// variable, and the station kept its city apart from its record prefix).
     #[test]
     fn an_idle_connections_task_stays_small() {
         let server = start_one_shard();
@@ -741,9 +741,9 @@ pub(crate) mod tests {
         }
         let size = TASK_BYTES.load(std::sync::atomic::Ordering::Relaxed);
         eprintln!("connection task future: {size} bytes");
-        assert!(size > 464, "no connection future was measured ({size})");
+        assert!(size > 360, "no connection future was measured ({size})");
         assert!(
-            size <= 544,
+            size <= 440,
             "an idle connection's future grew to {size} bytes"
         );
         drop(s);

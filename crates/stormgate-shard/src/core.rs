@@ -4,6 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
+use std::io;
 use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::rc::Rc;
@@ -21,6 +22,7 @@ use crate::buffers::{BufPool, PoolSize, ReadBuf};
 use crate::config::RuntimeConfig;
 use crate::gate::ReadGate;
 use crate::ledger::Ledger;
+use crate::readiness::Readiness;
 use crate::signal::Signal;
 
 /// How often a shard checks the process's stop flag and its connections' read deadlines,
@@ -56,6 +58,9 @@ pub(crate) struct ShardCore {
     pub(crate) stopped: Cell<bool>,
     /// Parks connections before they read while the record queue is full.
     pub(crate) gate: Rc<ReadGate>,
+    /// The shard's epoll instance, which every station socket is registered with, and the
+    /// wakers of the connections waiting on their sockets.
+    pub(crate) readiness: Rc<Readiness>,
     /// Open connections' sockets and read deadlines: shutdown wakes and ends them through
     /// it, and the housekeeping tick expires the ones past their deadline (`expire_overdue`).
     sockets: RefCell<Slab<Socket>>,
@@ -87,8 +92,11 @@ impl ShardCore {
         limits: Arc<ConnectionLimit>,
         ledger: Rc<Ledger>,
         sink_ledger: Option<Rc<Ledger>>,
-    ) -> ShardCore {
-        ShardCore {
+    ) -> io::Result<ShardCore> {
+        // A write blocked for the idle timeout is a station that stopped reading its replies.
+        let write_timeout = config.idle_timeout.filter(|d| !d.is_zero());
+        Ok(ShardCore {
+            readiness: Rc::new(Readiness::new(write_timeout)?),
             read_buf: RefCell::new(ReadBuf::new(config.read_buffer_bytes)),
             parser: RefCell::new(LineParser::new()),
             leftovers: BufPool::new(LEFTOVER_POOL),
@@ -105,7 +113,7 @@ impl ShardCore {
             config,
             metrics,
             limits,
-        }
+        })
     }
 
     /// Registers an open connection's socket until [`ShardCore::deregister`].

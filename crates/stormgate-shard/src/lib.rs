@@ -23,10 +23,11 @@
 //!   [`StartServerError`]: the words every other module speaks. Beside it `policy` (a
 //!   connection's decisions as pure state: deadlines, rate budget, strikes) and the primitives:
 //!   [`auth`] ([`StationAuth`], the per-identify question asked when stations must prove who
-//!   they are), [`tls`] ([`StationTls`] and the stream that is plain TCP or TLS), `signal`,
-//!   `gate` (parks connections before they read while the record queue is full), `buffers`
-//!   (the shard-local read buffer and the pools that keep idle connections small),
-//!   `placement` and `listener` (cores and sockets).
+//!   they are), `readiness` (the station sockets and the shard's one epoll instance that
+//!   wakes them), `signal`, `gate` (parks connections before they read while the record
+//!   queue is full), `buffers` (the shard-local read buffer and the pools that keep idle
+//!   connections small), `placement` and `listener` (cores and sockets).
+//! - [`tls`]: [`StationTls`] and the stream that is a plain socket or TLS over it.
 //! - [`config`] ([`RuntimeConfig`] and its defaults), `acks` (a connection's window of lines
 //!   awaiting their answer), `events` (logged and counted at a rate limit).
 //! - `ledger`: the records in flight, their byte budgets, each connection's share.
@@ -58,6 +59,7 @@ mod lines;
 mod listener;
 mod placement;
 mod policy;
+mod readiness;
 mod shard;
 mod signal;
 

@@ -529,7 +529,7 @@ mod tests {
                 Stage::Memory,
             ));
             let limits = Arc::new(ConnectionLimit::new(10, 0));
-            let core = ShardCore::new(Arc::new(config), metrics, limits, ledger, None);
+            let core = ShardCore::new(Arc::new(config), metrics, limits, ledger, None).unwrap();
             let (queue, records) = local_channel::new_bounded(queue_size);
             let t0 = Instant::now();
             let peer = "127.0.0.1:5000".parse().unwrap();

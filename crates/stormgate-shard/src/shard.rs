@@ -2,7 +2,7 @@
 
 use std::cell::Cell;
 use std::io;
-use std::os::fd::IntoRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::pin;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::future;
 use glommio::channels::local_channel::{self, LocalSender};
-use glommio::net::TcpListener;
+use glommio::net::{AcceptedTcpStream, TcpListener};
 use glommio::timer::sleep;
 use stormgate_telemetry::{Event, ShardMetrics};
 use tracing::{debug, info};
@@ -25,6 +25,7 @@ use crate::disk::{self, ShardLogs};
 use crate::events::{AcceptFailed, ConnectionRejected};
 use crate::gate::ReadGate;
 use crate::ledger::{Ledger, LogLink, Stage};
+use crate::readiness::Socket;
 use crate::sink::{RecordReceiver, Sink, SinkContext, SinkFactory};
 
 /// Record value buffers kept for reuse per shard, and the largest one kept.
@@ -78,6 +79,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
             return;
         }
     };
+    let listener_fd = socket.as_raw_fd();
     // SAFETY: the fd comes from a listening socket we own and hand over whole.
     let listener =
         unsafe { <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(socket.into_raw_fd()) };
@@ -119,13 +121,26 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
             .sharing_deadline(&ledger),
         )
     });
-    let core = Rc::new(ShardCore::new(
+    let core = match ShardCore::new(
         config,
         metrics,
         limits,
         Rc::clone(&ledger),
         sink_ledger.clone(),
-    ));
+    ) {
+        Ok(core) => Rc::new(core),
+        Err(e) => {
+            let _ = ready.send(Err(StartServerError::Executor {
+                shard: info.id,
+                core: info.core,
+                message: format!("cannot create its epoll instance: {e}"),
+            }));
+            return;
+        }
+    };
+    // Wakes the connections whose sockets have bytes or room; ends (dropped) once every
+    // connection has.
+    let readiness = glommio::spawn_local(Rc::clone(&core.readiness).run());
     let (tx, rx) = local_channel::new_bounded(core.config.queue_size);
     let queue = Rc::new(tx);
     let records = RecordReceiver::new(rx, Rc::clone(&core.gate));
@@ -155,7 +170,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
     }));
     drop(ready);
 
-    accept_loop(&core, &listener, &queue).await;
+    accept_loop(&core, &listener, listener_fd, &queue).await;
     drop(listener);
     debug!(shard = info.id, "stopped accepting; draining connections");
     let deadline = core
@@ -181,6 +196,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
         core.shut_down_all_sockets();
         core.all_closed().await;
     }
+    drop(readiness);
     drop(queue);
     if let (Some(tasks), Some(logs)) = (disk_tasks, &logs) {
         // Every record the connections handed over goes into the log (or is refused); the
@@ -277,19 +293,39 @@ impl DiskTasks {
     }
 }
 
+/// Accepts connections until shutdown begins. Then it shuts the listener, which ends the
+/// accept in flight, and serves what that accept still got: a connection the kernel handed
+/// over at that moment would otherwise stay open and unread until the process exits, and
+/// be reset then. Connections still queued on the listener go to another listener of the
+/// group (`net.ipv4.tcp_migrate_req`) or are reset by the kernel, docs/TUNING.md.
 async fn accept_loop(
     core: &Rc<ShardCore>,
     listener: &TcpListener,
+    listener_fd: RawFd,
     queue: &Rc<LocalSender<Record>>,
 ) {
     let mut draining = pin!(core.draining.wait());
     loop {
-        let accepted = future::or(async { Some(listener.accept().await) }, async {
+        let mut accept = pin!(listener.shared_accept());
+        let accepted = future::or(async { Some(accept.as_mut().await) }, async {
             draining.as_mut().await;
             None
         })
         .await;
-        let Some(accepted) = accepted else { return };
+        let accepted = match accepted {
+            Some(accepted) => accepted,
+            None => {
+                // SAFETY: the listener's own descriptor. A shut listening socket fails its
+                // pending and future accepts (EINVAL).
+                unsafe { libc::shutdown(listener_fd, libc::SHUT_RD) };
+                if let Ok(last) = accept.await {
+                    // Served like every connection accepted during the drain: told to
+                    // reconnect at once.
+                    admit(core, last, queue);
+                }
+                return;
+            }
+        };
         match accepted {
             Ok(stream) => admit(core, stream, queue),
             Err(e) => {
@@ -307,10 +343,24 @@ async fn accept_loop(
     }
 }
 
-fn admit(core: &Rc<ShardCore>, stream: glommio::net::TcpStream, queue: &Rc<LocalSender<Record>>) {
-    let Ok(peer) = stream.peer_addr() else {
+fn admit(core: &Rc<ShardCore>, accepted: AcceptedTcpStream, queue: &Rc<LocalSender<Record>>) {
+    let peer = accepted.peer_addr();
+    // Taken as a descriptor: glommio's `TcpStream` would arm a poll on it at once and keep
+    // one per waiting read (see `readiness`).
+    // SAFETY: the accepted descriptor, owned by nothing else from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(accepted.into_raw_fd()) };
+    let Ok(peer) = peer else {
         // The peer already left (ENOTCONN); nothing to serve.
         return;
+    };
+    let _ = socket2::SockRef::from(&fd).set_tcp_nodelay(true);
+    let stream = match Socket::new(fd, &core.readiness) {
+        Ok(stream) => stream,
+        Err(e) => {
+            // Out of epoll watches (fs.epoll.max_user_watches) or memory.
+            AcceptFailed { error: &e }.emit(&core.metrics, &core.logs.accept_failed);
+            return;
+        }
     };
     let per_shard = core.config.max_connections_per_shard;
     let refused = if per_shard > 0 && core.metrics.connections_active.get() >= per_shard as i64 {
@@ -329,7 +379,6 @@ fn admit(core: &Rc<ShardCore>, stream: glommio::net::TcpStream, queue: &Rc<Local
         glommio::spawn_local(connection::refuse(stream, tls)).detach();
         return;
     }
-    let _ = stream.set_nodelay(true);
     core.metrics.connections_accepted.incr();
     core.metrics.connections_active.add(1);
     // Spawned as it is, in one allocation with its task. The drain waits for the socket
@@ -363,7 +412,9 @@ async fn housekeeping(
         core.metrics
             .records_in_flight
             .set((core.ledger.len() + sink_side) as i64);
-        core.expire_overdue(Instant::now());
+        let now = Instant::now();
+        core.expire_overdue(now);
+        core.readiness.expire_writes(now);
         if stop.load(Ordering::Relaxed) && !core.draining.is_fired() {
             // A timeout too long to add to a clock reading (years) waits a century.
             let now = Instant::now();

@@ -18,7 +18,8 @@ use std::time::Duration;
 use futures_lite::{AsyncRead, AsyncWrite};
 use futures_rustls::TlsAcceptor;
 use futures_rustls::server::TlsStream;
-use glommio::net::TcpStream;
+
+use crate::readiness::Socket;
 
 /// Where new connections get their TLS configuration.
 ///
@@ -36,8 +37,8 @@ pub trait StationTls: Send + Sync + Debug {
 /// The TLS state is boxed so that a plain connection pays one word for the possibility, and
 /// a TLS connection's task stays small while rustls keeps its buffers on the heap.
 pub(crate) enum StationStream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Plain(Socket),
+    Tls(Box<TlsStream<Socket>>),
     /// Only while [`StationStream::start_tls`] holds the socket, and after it failed.
     Gone,
 }
