@@ -12,7 +12,8 @@ Every scenario starts what it needs itself: Apache Kafka 4.4 (deploy/kafka/kafka
 BENCH_KAFKA_PORT, default 29092, and the four ports after it), started with empty storage once
 per harness run and stopped at its end, a fresh topic for each Kafka measurement (deleted after
 it), the stormgate server on a free loopback port, and the load generator
-(target/release/stormgate-loadgen; target/$BENCH_PROFILE/ when set). CPU time and memory of the server and of the broker's JVM
+(target/release/stormgate-loadgen; $BENCH_PROFILE instead of release, $CARGO_TARGET_DIR instead of
+target, when set). CPU time and memory of the server and of the broker's JVM
 come from /proc/PID/stat and /proc/PID/status; the server's own line-to-delivery-report latency
 histogram comes from its --stats-file; record counts are verified by consuming the topic from
 offset 0 to the end the broker states (its watermarks): every short read, duplicate or gap
@@ -47,8 +48,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # deploy/test.sh runs the smoke scenarios on its test profile's binaries (BENCH_PROFILE=
-# release-checked), so that CI builds librdkafka once; measurements use release.
-BIN = ROOT / "target" / os.environ.get("BENCH_PROFILE", "release")
+# release-checked), so that CI builds librdkafka once; measurements use release. The binaries
+# are where benches/run.sh's cargo build put them: CARGO_TARGET_DIR when set (relative to the
+# repository, where run.sh runs cargo), else target/.
+BIN = ROOT / os.environ.get("CARGO_TARGET_DIR", "target") / os.environ.get("BENCH_PROFILE",
+                                                                          "release")
 STORMGATE = BIN / "stormgate"
 LOADGEN = BIN / "stormgate-loadgen"
 KAFKA_SH = ROOT / "deploy" / "kafka" / "kafka.sh"
