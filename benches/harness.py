@@ -4,7 +4,8 @@
 Usage (through benches/run.sh, which builds the binaries first):
 
     benches/run.sh SCENARIO [--smoke]     one of: parse-only e2e ceiling before shards
-                                          connections latency acks buffer fairness tls fleet all
+                                          connections latency acks buffer fairness tls fleet
+                                          restart all
     benches/run.sh report                 tables (benches/results/summary.md) and plots
                                           (docs/img/*.svg) from the latest results
 
@@ -29,12 +30,16 @@ Only the standard library is used, so the harness runs wherever python3 does.
 
 import argparse
 import atexit
+import collections
 import datetime
+import errno
 import json
+import heapq
 import math
 import os
 import platform
 import resource
+import selectors
 import shutil
 import signal
 import socket
@@ -1024,6 +1029,521 @@ def scenario_fleet():
     return result
 
 
+class Stations:
+    """Stations that do what the protocol asks of one on `reconnect` (docs/PROTOCOL.md): stop
+    writing, close, connect again at once and send what has no answer yet, their seqs going
+    on. The load generator cannot stand in for them: it counts a `reconnect` line but keeps
+    its connection, so the server closes it a second later and the station is gone for the
+    rest of the run (and a sender still writing then is reset, its unread lines lost).
+
+    `idle` stations (zipcodes from 20000) send one line per connection: identify, one line,
+    its ack, then nothing, as a station reporting once a minute; after a reconnect, the next
+    line. `senders` (from 60000) send `rate` lines a second each, from `start_sending()` to
+    `stop_sending()`. All ask for acknowledgements. One thread runs them on one epoll loop:
+    idle stations cost it nothing, and a drain moves a few hundred a second.
+
+    Counts what stations see going wrong: connects failed (by errno: refused, reset),
+    connections lost to a read or write error after connecting (reset), connections the
+    server ended without a `reconnect` line (cut); and times each `reconnect` line and each
+    connection made again after one."""
+
+    MAX_CONNECTING = 256  # connects outstanding at once, as the load generator's threads
+    RETRY_S = 0.1  # before connecting again after a failure (not after `reconnect`)
+    SOURCES = 4  # loopback source addresses, as the load generator's --sources
+    IP_BIND_ADDRESS_NO_PORT = 24  # <linux/in.h>: the port is chosen at connect, per target
+
+    def __init__(self, port, idle, senders, rate):
+        import threading
+        self.addr = ("127.0.0.1", port)
+        self.sel = selectors.DefaultSelector()
+        self.stations = []
+        self.senders = []
+        self.pending = collections.deque()  # to connect, in order
+        self.retries = []  # heap of (at, n, station)
+        self.connecting = 0
+        self.sending_since = None
+        self.stopping = threading.Event()
+        self.connect_failures = {}
+        self.lost = {}
+        self.cut = 0
+        self.told = []  # monotonic time of each `reconnect` line
+        self.back_after_s = []  # `reconnect` line → connected again
+        self.acked = 0
+        self.nacks = 0
+        self.error_replies = {}
+        self.error = None
+        self.add(idle, 20000, 0)
+        self.add(senders, 60000, rate)
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def add(self, n, zip_base, rate):
+        """`n` more stations, zipcodes `zip_base` + 0..n (deque appends are thread-safe)."""
+        for i in range(n):
+            st = _Station(len(self.stations), f"{zip_base + i:05}", rate)
+            self.stations.append(st)
+            if rate:
+                self.senders.append(st)
+            self.pending.append(st)
+
+    # ---- what the scenario asks -------------------------------------------------------
+
+    def settled(self):
+        """Every station connected and every line it sent answered."""
+        if self.error is not None:
+            raise RuntimeError(f"the stations' loop failed: {self.error!r}")
+        return all(s.sock is not None and s.open and not s.unacked for s in self.stations)
+
+    def start_sending(self):
+        self.sending_since = time.monotonic()
+
+    def stop_sending(self):
+        self.sending_since = None
+
+    def close(self):
+        """Stops the loop and closes every connection (the station closes first: the
+        server's side then ends without a reset); returns the figures."""
+        self.stopping.set()
+        self.thread.join(timeout=30)
+        for st in self.stations:
+            if st.sock is not None:
+                st.sock.close()
+        self.sel.close()
+        sent = sum(s.next_seq for s in self.stations)
+        return {"stations": len(self.stations), "lines_sent": sent, "acked_lines": self.acked,
+                "nacks": self.nacks, "error_replies": self.error_replies,
+                "connect_failures": self.connect_failures, "lost_after_connect": self.lost,
+                "cut_without_reconnect": self.cut, "told_to_reconnect": len(self.told)}
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def run(self):
+        try:
+            self.loop()
+        except BaseException as e:  # the scenario's next wait reports it
+            self.error = e
+
+    def loop(self):
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            while self.retries and self.retries[0][0] <= now:
+                self.pending.append(heapq.heappop(self.retries)[2])
+            while self.pending and self.connecting < self.MAX_CONNECTING:
+                self.connect(self.pending.popleft())
+            if self.sending_since is not None:
+                for st in self.senders:
+                    due = int((now - self.sending_since) * st.rate)
+                    if st.sent_since_start < due:
+                        while st.sent_since_start < due:
+                            st.sent_since_start += 1
+                            self.new_line(st)
+                        if st.open:
+                            self.write(st)
+            for key, mask in self.sel.select(0.005):
+                st = key.data
+                if not st.open:
+                    self.connected(st)
+                    continue
+                if mask & selectors.EVENT_READ:
+                    self.read(st)
+                if st.sock is not None and mask & selectors.EVENT_WRITE:
+                    self.write(st)
+
+    def connect(self, st):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_IP, self.IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((f"127.0.0.{1 + st.index % self.SOURCES}", 0))
+        err = sock.connect_ex(self.addr)
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self.failed(self.connect_failures, st, err)
+            return
+        st.sock, st.open = sock, False
+        self.connecting += 1
+        self.sel.register(sock, selectors.EVENT_WRITE, st)
+
+    def connected(self, st):
+        self.connecting -= 1
+        err = st.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.drop(st)
+            self.failed(self.connect_failures, st, err)
+            return
+        st.open, st.events = True, selectors.EVENT_WRITE
+        if st.told_at is not None:
+            self.back_after_s.append(time.monotonic() - st.told_at)
+            st.told_at = None
+        identify = {"type": "identify", "zipcode": st.zipcode, "city": "Bench City",
+                    "acks": True}
+        st.out = bytearray((json.dumps(identify) + "\n").encode())
+        for line in st.unacked.values():  # in seq order: insertion order
+            st.out += line
+        if not st.rate and not st.unacked:
+            self.new_line(st)
+        self.write(st)
+
+    def new_line(self, st):
+        """The station's next line: without an answer until acknowledged, and on its way at
+        the next write if it is connected (else with the others on the next connection)."""
+        line = (f'{{"type":"metrics","seq":{st.next_seq},"data":"temperature=21.5,'
+                f'humidity=40.0"}}\n').encode()
+        st.unacked[st.next_seq] = line
+        st.next_seq += 1
+        if st.open:
+            st.out += line
+
+    def write(self, st):
+        try:
+            n = st.sock.send(st.out) if st.out else 0
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            self.lose(st, self.lost, e.errno)
+            return
+        del st.out[:n]
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if st.out else 0)
+        if want != st.events:
+            st.events = want
+            self.sel.modify(st.sock, want, st)
+
+    def read(self, st):
+        try:
+            data = st.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.lose(st, self.lost, e.errno)
+            return
+        if not data:
+            self.cut += 1
+            self.drop(st)
+            self.retry(st)
+            return
+        *lines, st.inbuf = (st.inbuf + data).split(b"\n")
+        for line in lines:
+            if line and self.reply(st, json.loads(line)):
+                return
+
+    def reply(self, st, r):
+        """Handles one reply; True when the connection ended with it."""
+        kind = r.get("type")
+        if kind == "reconnect":
+            # Every line read was answered before this one: what has no answer was not read
+            # and goes again on the next connection.
+            now = time.monotonic()
+            self.told.append(now)
+            st.told_at = now
+            self.drop(st)
+            self.pending.appendleft(st)
+            return True
+        if kind == "ack":
+            last = r.get("upto", r.get("seq"))
+            while st.unacked and next(iter(st.unacked)) <= last:
+                del st.unacked[next(iter(st.unacked))]
+                self.acked += 1
+        elif kind == "nack":
+            self.nacks += 1
+            st.unacked.pop(r.get("seq"), None)
+        else:
+            code = r.get("code", kind)
+            self.error_replies[code] = self.error_replies.get(code, 0) + 1
+            st.unacked.pop(r.get("seq"), None)
+        return False
+
+    def lose(self, st, counts, err):
+        self.drop(st)
+        self.failed(counts, st, err)
+
+    def failed(self, counts, st, err):
+        name = errno.errorcode.get(err, str(err))
+        counts[name] = counts.get(name, 0) + 1
+        self.retry(st)
+
+    def retry(self, st):
+        heapq.heappush(self.retries, (time.monotonic() + self.RETRY_S, st.index, st))
+
+    def drop(self, st):
+        self.sel.unregister(st.sock)
+        st.sock.close()
+        st.sock, st.open, st.events = None, False, 0
+        st.out = bytearray()
+        st.inbuf = b""
+
+
+class _Station:
+    """One of `Stations`: its socket, its next seq and its lines without an answer."""
+
+    __slots__ = ("index", "zipcode", "rate", "sock", "open", "events", "out", "inbuf",
+                 "next_seq", "unacked", "told_at", "sent_since_start")
+
+    def __init__(self, index, zipcode, rate):
+        self.index, self.zipcode, self.rate = index, zipcode, rate
+        self.sock, self.open, self.events = None, False, 0
+        self.out, self.inbuf = bytearray(), b""
+        self.next_seq = 0
+        self.unacked = {}  # seq → line, in seq order
+        self.told_at = None
+        self.sent_since_start = 0
+
+
+def per_bucket(offsets, bucket, buckets):
+    """Counts of `offsets` (seconds) per `bucket` seconds, `buckets` of them from 0 (the last
+    takes the rest; negative offsets count in the first)."""
+    h = [0] * buckets
+    for o in offsets:
+        h[min(max(int(o // bucket), 0), buckets - 1)] += 1
+    return h
+
+
+def quantiles_s(values):
+    v = sorted(values)
+    if not v:
+        return {}
+    return {"p50": round(v[len(v) // 2], 3),
+            "p99": round(v[min(len(v) - 1, int(0.99 * len(v)))], 3), "max": round(v[-1], 3)}
+
+
+def scenario_restart():
+    """Restarting one of several instances on one address (docs/TUNING.md): (1) under load,
+    with a Kafka broker: three single-shard instances, idle stations and acknowledging
+    senders (`Stations`, which reconnect as the protocol asks), one instance stopped with
+    SIGTERM and TCP_DRAIN_PERIOD, then started again; what the stations saw (refusals,
+    resets, cuts), when they were told to reconnect over the period, how long the instance
+    took to exit, and every acknowledged line in the topic. (2) A storm of new connections
+    (`storm_trial`) in a network namespace per trial, with net.ipv4.tcp_migrate_req 0 and
+    1: what closing one instance's listeners costs connections queued on them."""
+    # The machine's cores are shared: the load beside the figures.
+    load = [round(x, 2) for x in os.getloadavg()]
+    result = {"under_load": restart_under_load(),
+              "storm": {str(m): storm_trials(m) for m in (0, 1)}}
+    result["load_average"] = {"start": load, "end": [round(x, 2) for x in os.getloadavg()]}
+    return result
+
+
+def restart_under_load():
+    idle, senders, rate = (300, 6, 20) if SMOKE else (15_000, 30, 20)
+    drain_s, steady_s, after_s, late = (2, 1, 1, 30) if SMOKE else (10, 3, 5, 300)
+    broker = Broker.get()
+    topic = broker.topic("restart")
+    port = free_port()
+    args = ("--kafka-brokers", broker.brokers, "--kafka-topic", topic, "--shards", 1,
+            "--drain-period", f"{drain_s}s")
+    servers = [Server(*args, metrics=True, port=port) for _ in range(3)]
+    loadgen("send", "--target", servers[0].target, "--connections", 1, "--lines-per-conn",
+            WARMUP_LINES, "--zip-base", 99000, quiet=True)
+
+    def held():
+        return [int(s.metric("stormgate_connections_active") or 0) for s in servers]
+
+    stations = Stations(port, idle, senders, rate)
+    try:
+        t0 = time.monotonic()
+        wait_until(stations.settled, 300, f"{idle + senders} stations to connect and be acked")
+        connect_s = time.monotonic() - t0
+        wait_until(lambda: sum(held()) == idle + senders, 30, "the servers to count them")
+        held_before = held()
+        log(f"restart: {idle + senders:,} stations in {connect_s:.1f} s, held {held_before}")
+        stations.start_sending()
+        time.sleep(steady_s)
+        sigterm = time.monotonic()
+        stopped = servers[1].stop(timeout=drain_s + 60)
+        exit_s = time.monotonic() - sigterm
+        servers[1] = Server(*args, metrics=True, port=port)
+        restarted_s = time.monotonic() - sigterm
+        # New stations after the restart: the instance takes its share of them again.
+        stations.add(late, 40000, 0)
+        wait_until(stations.settled, 60, "the stations to settle after the restart")
+        time.sleep(after_s)
+        held_after = held()
+        stations.stop_sending()
+        wait_until(stations.settled, 60, "every line to be acknowledged")
+    except BaseException:
+        kill_all(servers)
+        raise
+    finally:
+        figures = stations.close()
+    finals = [stopped] + [s.stop() for s in servers]
+    delivered = sum(f["totals"]["records_delivered"] for f in finals) - WARMUP_LINES
+    failed = sum(f["totals"]["records_failed"] for f in finals)
+    topic_check = consume_check(broker, topic, "restart", delivered, figures["lines_sent"],
+                                figures["stations"], warmup=WARMUP_LINES)
+    broker.drop(topic)
+    told = [t - sigterm for t in stations.told]
+    per_tenth = per_bucket(told, drain_s / 10, 12)
+    result = {
+        "instances": 3,
+        "shards_per_instance": 1,
+        "host_tcp_migrate_req": int(Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text()),
+        "idle_stations": idle,
+        "senders": senders,
+        "sender_rate": rate,
+        "stations_after_restart": late,
+        "drain_period_s": drain_s,
+        "connect_s": round(connect_s, 2),
+        "held_before": held_before,
+        "held_after": held_after,
+        "exit_after_sigterm_s": round(exit_s, 2),
+        "listening_again_after_sigterm_s": round(restarted_s, 2),
+        # `reconnect` lines per tenth of the drain period from SIGTERM (two more tenths:
+        # any later), and the time from each to the station's next connection.
+        "told_per_tenth": per_tenth,
+        "told_span_s": round(max(told) - min(told), 2) if told else 0,
+        "back_after_told_s": quantiles_s(stations.back_after_s),
+        "records_delivered": delivered,
+        "records_failed": failed,
+        "topic_check": topic_check,
+        **figures,
+    }
+    n = len(told)
+    verdict(result, "restart under load",
+            no_connect_failed=not figures["connect_failures"],
+            no_connection_reset=not figures["lost_after_connect"],
+            no_connection_cut=figures["cut_without_reconnect"] == 0,
+            every_station_on_it_told=n == held_before[1] > 0,
+            told_over_half_the_period=n > 0 and max(told) - min(told) >= drain_s / 2,
+            no_tenth_over_a_third=max(per_tenth) <= n / 3,
+            every_line_acked=figures["acked_lines"] == figures["lines_sent"]
+            and not figures["nacks"] and not figures["error_replies"] and failed == 0,
+            every_acked_line_in_the_topic=topic_check["ok"],
+            restarted_instance_serves=held_after[1] > 0)
+    log(f"restart: {n:,} told to reconnect per {drain_s / 10:g} s: {per_tenth}; exit after "
+        f"{exit_s:.2f} s; connect failures {figures['connect_failures']}, lost "
+        f"{figures['lost_after_connect']}, cut {figures['cut_without_reconnect']}; "
+        f"{figures['acked_lines']:,} of {figures['lines_sent']:,} lines acked; "
+        f"held after {held_after}")
+    return result
+
+
+# The storm: connections the load generator opens as fast as it can, and the moment one of
+# the three instances gets SIGTERM, from the load generator's start.
+STORM_CONNECTIONS = 15_000
+STORM_SIGTERM_S = 0.25
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def storm_trials(migrate):
+    """`storm_trial` in a new network namespace per trial (`unshare --net`, as root: the
+    setting is per namespace, so the host's stays as it is, and each trial starts without
+    the last one's sockets). With 1, no connect may fail; with 0 the figures are the result."""
+    trials = 1 if SMOKE else 8
+    host = MIGRATE_REQ.read_text()
+    runs = []
+    for _ in range(trials):
+        cmd = ["unshare", "--net", sys.executable, __file__, "restart", "--storm-trial",
+               str(migrate)]
+        env = dict(os.environ, BENCH_HOST_NETNS=os.readlink("/proc/self/ns/net"))
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise CheckFailed(f"a storm trial exited {proc.returncode} (root is needed)")
+        runs.append(json.loads(proc.stdout.splitlines()[-1]))
+    result = {"trials": runs,
+              "connects_failed": [r["connects_failed"] for r in runs],
+              "reset_after_connect": [r["reset_after_connect"] for r in runs],
+              # Requests queued on the closing listener that the kernel moved to another.
+              "requests_migrated": [r["kernel"]["TCPMigrateReqSuccess"] for r in runs],
+              # Sockets closed with bytes unread: each resets its connection.
+              "closed_unread": [r["kernel"]["TCPAbortOnClose"] for r in runs]}
+    log(f"storm, tcp_migrate_req={migrate}: per trial, connects failed "
+        f"{result['connects_failed']}, reset after connecting {result['reset_after_connect']}, "
+        f"requests migrated {result['requests_migrated']}")
+    checks = {
+        "host_setting_untouched": MIGRATE_REQ.read_text() == host,
+        "sigterm_while_connecting": all(r["sigterm_s"] < r["connect_s"] for r in runs),
+        "every_connection_accounted": all(
+            r["connected"] + r["connects_failed"] == STORM_CONNECTIONS for r in runs),
+    }
+    if migrate:
+        checks["no_connect_failed"] = not any(r["connects_failed"] for r in runs)
+    return verdict(result, f"storm tcp_migrate_req={migrate}", **checks)
+
+
+def storm_trial(migrate):
+    """One trial, inside its network namespace: loopback up, the setting, three null-sink
+    instances with one shard on one address, the load generator opening connections as fast
+    as it can, and SIGTERM to one instance (TCP_DRAIN_PERIOD 0: its stations are told to
+    reconnect at once) STORM_SIGTERM_S after the load generator started."""
+    if os.readlink("/proc/self/ns/net") == os.environ.get("BENCH_HOST_NETNS", ""):
+        raise SystemExit("not in a network namespace of its own: the host's setting stays")
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    subprocess.run(["sysctl", "-q", "-w", f"net.ipv4.tcp_migrate_req={migrate}"], check=True)
+    port = free_port()
+    servers = []
+    try:
+        for _ in range(3):
+            servers.append(Server("--sink", "null", "--shards", 1, port=port))
+        summary = Path(tempfile.mkstemp(suffix=".json")[1])
+        t0 = time.monotonic()
+        sender = subprocess.Popen(
+            [str(LOADGEN), "send", "--target", servers[0].target, "--connections",
+             str(STORM_CONNECTIONS), "--idle", "--duration", "1s", "--quiet-progress",
+             "--summary", str(summary)], stdout=subprocess.DEVNULL)
+        time.sleep(max(0.0, t0 + STORM_SIGTERM_S - time.monotonic()))
+        sigterm_s = time.monotonic() - t0
+        stopped = servers[1].stop(timeout=60)
+        exit_s = time.monotonic() - t0 - sigterm_s
+        if sender.wait(timeout=120) != 0:
+            raise RuntimeError(f"the load generator exited {sender.returncode}")
+        sent = json.loads(summary.read_text())
+        summary.unlink()
+        finals = [servers[0].stop(), stopped, servers[2].stop()]
+    except BaseException:
+        # The namespace lives as long as a process in it: leave none behind.
+        kill_all(servers)
+        raise
+    return {
+        "tcp_migrate_req": int(MIGRATE_REQ.read_text()),
+        "connections": STORM_CONNECTIONS,
+        "sigterm_s": round(sigterm_s, 3),
+        "connect_s": round(sent["connect_s"], 3),
+        "exit_after_sigterm_s": round(exit_s, 2),
+        "connected": sent["connected"],
+        # Connects that failed after the load generator's one retry of a refused one:
+        # reset (or refused twice) by the kernel as the listener closed.
+        "connects_failed": sent["connect_errors"],
+        # Connections lost to a read or write error: reset after the handshake, in the
+        # closed listener's accept queue.
+        "reset_after_connect": sent["io_errors"],
+        "told_to_reconnect": sent["reconnects"],
+        "first_error": sent["first_error"],
+        "accepted_per_instance": [f["totals"].get("connections_accepted") for f in finals],
+        # The namespace's own TCP counters (it began with none): the kernel's side of it.
+        "kernel": tcp_counters(),
+    }
+
+
+def kill_all(servers):
+    """Kills the servers still running (a run that failed half way)."""
+    for s in servers:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
+# Kernel TCP counters that say where a connection was refused or reset: listener drops and
+# overflows, requests moved to another listener (net.ipv4.tcp_migrate_req) or not, sockets
+# closed with unread data (`AbortOnClose`, a reset) and resets sent.
+TCP_COUNTERS = {"TcpExt": ["ListenDrops", "ListenOverflows", "TCPMigrateReqSuccess",
+                           "TCPMigrateReqFailure", "TCPAbortOnClose", "TCPAbortOnData",
+                           "TCPReqQFullDrop"],
+                "Tcp": ["OutRsts", "EstabResets", "AttemptFails"]}
+
+
+def tcp_counters():
+    """TCP_COUNTERS from /proc/net/netstat and /proc/net/snmp (this network namespace's)."""
+    out = {}
+    for table in ("/proc/net/netstat", "/proc/net/snmp"):
+        with open(table) as f:
+            rows = [line.split() for line in f]
+        for names, values in zip(rows[::2], rows[1::2]):
+            group = names[0].rstrip(":")
+            for name in TCP_COUNTERS.get(group, []):
+                if name in names:
+                    out[name] = int(values[names.index(name)])
+    return out
+
+
 def count_established(port):
     """Established TCP connections to the server's port, from /proc/net/tcp (no ss needed)."""
     n = 0
@@ -1613,6 +2133,7 @@ SCENARIOS = {
     "fairness": scenario_fairness,
     "tls": scenario_tls,
     "fleet": scenario_fleet,
+    "restart": scenario_restart,
 }
 
 SMOKE = False
@@ -1644,8 +2165,13 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", choices=[*SCENARIOS, "all", "report"])
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI")
+    # The restart scenario runs each storm trial as this script in a new network namespace.
+    parser.add_argument("--storm-trial", type=int, choices=[0, 1], help=argparse.SUPPRESS)
     args = parser.parse_args()
     SMOKE = args.smoke
+    if args.storm_trial is not None:
+        print(json.dumps(storm_trial(args.storm_trial)))
+        return
     if args.scenario == "report":
         import report
         report.main(RESULTS, ROOT / "docs" / "img")
