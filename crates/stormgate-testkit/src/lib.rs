@@ -5,7 +5,7 @@
 //!
 //! - [`wait_for`]: poll a condition with a deadline instead of sleeping.
 //! - [`station`]: a raw station connection whose calls panic on failure ([`StationConn`]),
-//!   its TLS counterpart ([`TlsStation`]) and [`wait_for_ack`].
+//!   its TLS counterpart ([`TlsStation`], or [`tls_handshake`] alone) and [`wait_for_ack`].
 //! - [`lines`]: station lines (identify, metrics, numbered runs of metrics).
 //! - [`pki`]: throwaway certificates ([`Ca`], [`Leaf`]) and rustls client configurations.
 //! - [`broker`]: the suite's Apache Kafka address and [`OwnBroker`], a broker of a test's own
@@ -28,7 +28,7 @@ pub use broker::{OwnBroker, broker};
 pub use lines::{identify, identify_without_acks, metrics, seq_lines, station_lines};
 pub use net::connect_from;
 pub use pki::{Ca, Leaf, pki_dir, replace};
-pub use station::{StationConn, TlsStation, wait_for_ack};
+pub use station::{StationConn, TlsStation, tls_handshake, wait_for_ack};
 
 /// How often [`wait_for`] checks its condition.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);

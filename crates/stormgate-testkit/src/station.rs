@@ -136,6 +136,20 @@ pub fn wait_for_ack(mut next: impl FnMut() -> io::Result<Reply>, seq: u64) {
     }
 }
 
+/// Completes a TLS handshake as a client of `localhost` on `tcp`, blocking: the session,
+/// for a test that drives its I/O itself (e.g. reads and writes from two threads).
+pub fn tls_handshake(
+    tcp: &mut TcpStream,
+    config: Arc<ClientConfig>,
+) -> io::Result<ClientConnection> {
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut conn = ClientConnection::new(config, name).map_err(io::Error::other)?;
+    while conn.is_handshaking() {
+        conn.complete_io(tcp)?;
+    }
+    Ok(conn)
+}
+
 /// A station over TLS, blocking, in the spirit of `stormgate_station::Station`.
 pub struct TlsStation {
     stream: BufReader<StreamOwned<ClientConnection, TcpStream>>,
@@ -147,11 +161,7 @@ impl TlsStation {
     pub fn connect(addr: SocketAddr, config: Arc<ClientConfig>) -> io::Result<TlsStation> {
         let mut tcp = TcpStream::connect(addr)?;
         tcp.set_read_timeout(Some(READ_TIMEOUT))?;
-        let name = ServerName::try_from("localhost").unwrap();
-        let mut conn = ClientConnection::new(config, name).map_err(io::Error::other)?;
-        while conn.is_handshaking() {
-            conn.complete_io(&mut tcp)?;
-        }
+        let conn = tls_handshake(&mut tcp, config)?;
         Ok(TlsStation {
             stream: BufReader::new(StreamOwned::new(conn, tcp)),
         })
