@@ -2,13 +2,16 @@
 //! plain-text client, a client without a valid certificate (mutual TLS) and a client that
 //! stalls its handshake are turned away and publish nothing; a client certificate proves its
 //! zipcode (`STATION_AUTH=certificate`, and in place of a token); a new certificate reaches
-//! new connections without a restart while open ones keep working.
+//! new connections without a restart while open ones keep working; stations sending flat
+//! out when the server stops end with an orderly TLS close and lose no accepted line.
 
 mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use stormgate_protocol::ErrorCode;
@@ -474,4 +477,329 @@ fn a_connection_over_the_limit_is_closed_before_its_handshake() {
     let t = app.server().totals();
     assert_eq!((t.tls_handshakes, t.tls_handshake_failures), (1, 0));
     app.stop().unwrap();
+}
+
+/// Stations sending flat out over TLS, acknowledgements on, while the server stops: each
+/// reads the answers to every line the server took, `reconnect`, then TLS's close_notify and
+/// an orderly TCP end — never a reset, though it was still writing when the drain reached it
+/// (the server lingers until the station closed its side, as for a busy plain station).
+/// Every line the server accepted, so every line acknowledged, is in the topic once, and the
+/// drain ends long before its deadline.
+#[test]
+fn flat_out_tls_stations_end_in_order_at_shutdown_and_lose_nothing() {
+    const STATIONS: usize = 4;
+    // Far below the shutdown timeout: per connection, the farewell and the linger take 1 s
+    // at most each, concurrently, plus the delivery of what was in flight.
+    const DRAIN_MAX: Duration = Duration::from_secs(5);
+    let brokers = broker();
+    let topic = fresh_topic(&brokers, "tls-drain");
+    let dir = pki_dir();
+    let ca = Ca::new("Stormgate test CA");
+    // No line-rate limit: each station is held back only by what the shard and the broker
+    // take, so its socket is full when the drain reaches it.
+    let app = start_tls(
+        &dir,
+        &ca.server(),
+        &[
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-topic",
+            &topic,
+            "--max-lines-per-sec",
+            "0",
+            "--shutdown-timeout",
+            "20s",
+        ],
+    );
+    let config = ca.client_config(None);
+    let stations: Vec<FlatOutTls> = (0..STATIONS)
+        .map(|i| FlatOutTls::start(app.local_addr(), config.clone(), i))
+        .collect();
+    wait_for(
+        "every station's lines acknowledged",
+        Duration::from_secs(30),
+        || stations.iter().all(|s| s.acked() >= 2_000),
+    );
+    let t0 = Instant::now();
+    let report = app.stop().unwrap();
+    let drain = t0.elapsed();
+    let ends: Vec<StationEnd> = stations.into_iter().map(FlatOutTls::join).collect();
+    let t = &report.totals;
+    eprintln!(
+        "drain {drain:?}; accepted {}, delivered {}; stations {ends:?}",
+        t.records_enqueued, t.records_delivered
+    );
+
+    for (i, end) in ends.iter().enumerate() {
+        assert!(
+            end.reconnect,
+            "station {i} was not told to reconnect: {end:?}"
+        );
+        assert!(
+            end.unexpected.is_empty(),
+            "station {i}: replies other than acks, or after reconnect: {end:?}"
+        );
+        assert_eq!(end.close, Ok(()), "station {i}: not an orderly TLS end");
+        assert_eq!(
+            end.writes,
+            Ok(()),
+            "station {i}: its writes failed before it stopped"
+        );
+    }
+    assert!(
+        drain < DRAIN_MAX,
+        "the drain took {drain:?} (bound {DRAIN_MAX:?})"
+    );
+    assert_eq!(t.tls_handshakes, STATIONS as u64);
+    assert_eq!(t.line_errors_total(), 0);
+    assert_eq!(t.records_failed, 0);
+    assert_eq!(
+        t.records_delivered, t.records_enqueued,
+        "every accepted line delivered by the drain"
+    );
+    let records = consume(&brokers, &topic, t.records_enqueued as usize);
+    let by_station = by_key(&records);
+    assert_eq!(by_station.len(), STATIONS);
+    for (i, end) in ends.iter().enumerate() {
+        let seqs: Vec<u64> = by_station[&format!("2000{i}")]
+            .iter()
+            .map(|r| r.value["seq"].as_u64().unwrap())
+            .collect();
+        let accepted = seqs.len() as u64;
+        assert!(
+            seqs.iter().copied().eq(1..=accepted),
+            "station {i}: its accepted lines are a gapless prefix of what it sent, in order"
+        );
+        assert!(
+            end.acked <= accepted && accepted <= end.sent,
+            "station {i}: {} acknowledged, {accepted} in the topic, {} sent",
+            end.acked,
+            end.sent
+        );
+    }
+}
+
+/// Lines a [`FlatOutTls`] station encrypts and writes at a time.
+const FLAT_OUT_BATCH: u64 = 64;
+
+/// A station that sends numbered lines over TLS as fast as its socket takes them, from one
+/// thread, while another reads its answers; like the reference client it stops once it reads
+/// `reconnect`, then ends its TLS session and closes its side. The two threads share the
+/// rustls session under a lock held only to encrypt or decrypt, never across socket I/O.
+struct FlatOutTls {
+    acked: Arc<AtomicU64>,
+    writer: std::thread::JoinHandle<(u64, Result<(), String>)>,
+    reader: std::thread::JoinHandle<StationEnd>,
+}
+
+/// How a [`FlatOutTls`] station's connection ended.
+#[derive(Debug)]
+struct StationEnd {
+    /// Lines written.
+    sent: u64,
+    /// The highest seq acknowledged.
+    acked: u64,
+    /// Whether `reconnect` came.
+    reconnect: bool,
+    /// Replies other than acknowledgements before `reconnect`, and any after it (none is
+    /// right).
+    unexpected: Vec<String>,
+    /// The end after `reconnect`: the server's close_notify, then its FIN; else what came.
+    close: Result<(), String>,
+    /// Whether every write succeeded, its close_notify and FIN included.
+    writes: Result<(), String>,
+}
+
+impl FlatOutTls {
+    /// Connects, identifies as zipcode `2000<station>` asking for acknowledgements, and
+    /// starts sending. The send buffer is one a station on a network might have rather than
+    /// the loopback's autotuned megabytes: what is in flight when `reconnect` is read is the
+    /// server's receive window plus this.
+    fn start(
+        addr: std::net::SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+        station: usize,
+    ) -> Self {
+        let socket = connect_from(addr, None, |s| s.set_send_buffer_size(64 * 1024)).unwrap();
+        let mut tcp = TcpStream::from(socket);
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let conn = Arc::new(Mutex::new(tls_handshake(&mut tcp, config).unwrap()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (conn, stop, tcp) = (
+                Arc::clone(&conn),
+                Arc::clone(&stop),
+                tcp.try_clone().unwrap(),
+            );
+            std::thread::spawn(move || send_flat_out(&conn, tcp, &stop, station))
+        };
+        let reader = {
+            let acked = Arc::clone(&acked);
+            std::thread::spawn(move || read_to_the_end(&conn, tcp, &stop, &acked))
+        };
+        FlatOutTls {
+            acked,
+            writer,
+            reader,
+        }
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    fn join(self) -> StationEnd {
+        let mut end = self.reader.join().unwrap();
+        (end.sent, end.writes) = self.writer.join().unwrap();
+        end
+    }
+}
+
+/// Encrypts `plain` (and with `close` the close_notify after it) and writes it to `tcp`;
+/// the session is locked only while encrypting.
+fn send_sealed(
+    conn: &Mutex<rustls::ClientConnection>,
+    tcp: &mut TcpStream,
+    plain: &[u8],
+    close: bool,
+) -> std::io::Result<()> {
+    let mut sealed = Vec::new();
+    {
+        let mut conn = conn.lock().unwrap();
+        conn.writer().write_all(plain)?;
+        if close {
+            conn.send_close_notify();
+        }
+        while conn.wants_write() {
+            conn.write_tls(&mut sealed)?;
+        }
+    }
+    tcp.write_all(&sealed)
+}
+
+/// The writing thread: the identify, then batches of lines until `stop`; then close_notify
+/// and the FIN. Returns the lines written and whether every write succeeded.
+fn send_flat_out(
+    conn: &Mutex<rustls::ClientConnection>,
+    mut tcp: TcpStream,
+    stop: &AtomicBool,
+    station: usize,
+) -> (u64, Result<(), String>) {
+    let mut sent = 0;
+    let mut run = || {
+        send_sealed(
+            conn,
+            &mut tcp,
+            &identify(&format!("2000{station}"), None),
+            false,
+        )?;
+        while !stop.load(Ordering::Relaxed) {
+            let lines = station_lines(station, sent + 1, FLAT_OUT_BATCH);
+            send_sealed(conn, &mut tcp, lines.as_bytes(), false)?;
+            sent += FLAT_OUT_BATCH;
+        }
+        send_sealed(conn, &mut tcp, b"", true)?;
+        tcp.shutdown(std::net::Shutdown::Write)
+    };
+    let result = run().map_err(|e| format!("{e} ({:?})", e.kind()));
+    (sent, result)
+}
+
+/// The reading thread: decrypts answers, counting acknowledgements, until `reconnect`
+/// (which sets `stop`) and the end after it.
+fn read_to_the_end(
+    conn: &Mutex<rustls::ClientConnection>,
+    mut tcp: TcpStream,
+    stop: &AtomicBool,
+    acked: &AtomicU64,
+) -> StationEnd {
+    let mut end = StationEnd {
+        sent: 0,
+        acked: 0,
+        reconnect: false,
+        unexpected: Vec::new(),
+        close: Err("no end".to_owned()),
+        writes: Ok(()),
+    };
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut closed = false;
+    while !closed {
+        let n = match tcp.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                end.close = Err(format!("read: {e} ({:?})", e.kind()));
+                return end;
+            }
+        };
+        match open(conn, &buf[..n], &mut pending) {
+            Ok(c) => closed = c,
+            Err(e) => {
+                end.close = Err(format!("TLS: {e} ({:?})", e.kind()));
+                return end;
+            }
+        }
+        while let Some(at) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=at).collect();
+            if end.reconnect {
+                end.unexpected
+                    .push(String::from_utf8_lossy(&line).into_owned());
+                continue;
+            }
+            match Reply::parse(&line) {
+                Ok(Reply::Ack { seq: n } | Reply::AckUpto { upto: n }) => {
+                    end.acked = end.acked.max(n);
+                    acked.store(end.acked, Ordering::Relaxed);
+                }
+                Ok(Reply::Reconnect) => {
+                    end.reconnect = true;
+                    stop.store(true, Ordering::Relaxed);
+                }
+                _ => end
+                    .unexpected
+                    .push(String::from_utf8_lossy(&line).into_owned()),
+            }
+        }
+        if n == 0 && !closed {
+            end.close = Err("end of stream without close_notify".to_owned());
+            return end;
+        }
+    }
+    // After close_notify the server closes once the station has closed its side: a FIN,
+    // with nothing before it.
+    end.close = match tcp.read(&mut buf) {
+        Ok(0) => Ok(()),
+        Ok(n) => Err(format!("{n} bytes after close_notify")),
+        Err(e) => Err(format!("after close_notify: {e} ({:?})", e.kind())),
+    };
+    end
+}
+
+/// Feeds `tls` (empty: the end of the TCP stream) to the session and appends the plaintext
+/// to `plain`; whether the server's close_notify has come.
+fn open(
+    conn: &Mutex<rustls::ClientConnection>,
+    mut tls: &[u8],
+    plain: &mut Vec<u8>,
+) -> std::io::Result<bool> {
+    let mut conn = conn.lock().unwrap();
+    let eof = tls.is_empty();
+    while !tls.is_empty() || eof {
+        conn.read_tls(&mut tls)?;
+        conn.process_new_packets().map_err(std::io::Error::other)?;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match conn.reader().read(&mut chunk) {
+                Ok(0) => return Ok(true),
+                Ok(k) => plain.extend_from_slice(&chunk[..k]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if eof {
+            break;
+        }
+    }
+    Ok(false)
 }
