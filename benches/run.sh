@@ -2,7 +2,7 @@
 # Runs one benchmark scenario (or all of them) and writes its JSON result to benches/results/.
 #
 #   benches/run.sh parse-only|e2e|ceiling|before|shards|connections|latency|acks|buffer|fairness|
-#                  tls|fleet|restart|all [--smoke]
+#                  tls|fleet|restart|recovery|all [--smoke]
 #   benches/run.sh report      # benches/results/summary.md and docs/img/*.svg from the results
 #
 # Builds the release binaries first (the profile BENCH_PROFILE names, when set: deploy/test.sh
