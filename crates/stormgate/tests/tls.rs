@@ -529,6 +529,8 @@ fn flat_out_tls_stations_end_in_order_at_shutdown_and_lose_nothing() {
         "drain {drain:?}; accepted {}, delivered {}; stations {ends:?}",
         t.records_enqueued, t.records_delivered
     );
+    let resets = ends.iter().filter(|e| e.reset_after_fin).count();
+    eprintln!("{resets} of {STATIONS} stations reset after the server's FIN");
 
     for (i, end) in ends.iter().enumerate() {
         assert!(
@@ -540,6 +542,16 @@ fn flat_out_tls_stations_end_in_order_at_shutdown_and_lose_nothing() {
             "station {i}: replies other than acks, or after reconnect: {end:?}"
         );
         assert_eq!(end.close, Ok(()), "station {i}: not an orderly TLS end");
+        // FIXME: in 4 of 12 runs one or two stations' connections were reset after the
+        // server's FIN (`reset_after_fin`): the runs whose drain took ~1.05 s rather than
+        // ~0.35 s. The server shuts the read side of a drained socket, and Linux sends no
+        // window update for a read-shut socket (`tcp_cleanup_rbuf`), so `linger` discards
+        // what arrives but the station, at a zero window, only learns of the room through
+        // its window probes (200 ms, then backing off); its FIN waits behind that data, the
+        // linger gives up at its 1 s bound, and the close meets the station's next segment
+        // with a reset. Everything the server sent had been read first here; a stack that
+        // drops unread data on a reset would lose it. Asserted once the drain reopens the
+        // window (or stops shutting the read side).
         assert_eq!(
             end.writes,
             Ok(()),
@@ -606,6 +618,8 @@ struct StationEnd {
     unexpected: Vec<String>,
     /// The end after `reconnect`: the server's close_notify, then its FIN; else what came.
     close: Result<(), String>,
+    /// Whether a reset followed the FIN (see the FIXME in the test).
+    reset_after_fin: bool,
     /// Whether every write succeeded, its close_notify and FIN included.
     writes: Result<(), String>,
 }
@@ -720,6 +734,7 @@ fn read_to_the_end(
         reconnect: false,
         unexpected: Vec::new(),
         close: Err("no end".to_owned()),
+        reset_after_fin: false,
         writes: Ok(()),
     };
     let mut pending: Vec<u8> = Vec::new();
@@ -773,8 +788,16 @@ fn read_to_the_end(
         Ok(n) => Err(format!("{n} bytes after close_notify")),
         Err(e) => Err(format!("after close_notify: {e} ({:?})", e.kind())),
     };
+    // A reset after the FIN shows only as the socket's error, once the station's next
+    // segment (a window probe, within a second) has met the server's closed socket.
+    std::thread::sleep(RESET_WAIT);
+    end.reset_after_fin = tcp.take_error().ok().flatten().is_some();
     end
 }
+
+/// How long a station looks for a reset after the server's FIN: its window probes back off
+/// from 200 ms; with this wait the reset showed in each run whose linger ran its full 1 s.
+const RESET_WAIT: Duration = Duration::from_millis(1500);
 
 /// Feeds `tls` (empty: the end of the TCP stream) to the session and appends the plaintext
 /// to `plain`; whether the server's close_notify has come.
