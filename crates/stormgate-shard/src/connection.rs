@@ -13,7 +13,6 @@
 use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -58,7 +57,7 @@ pub(crate) fn serve(
     let mut id = uuid::Uuid::encode_buffer();
     let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut id);
     let lines = LineHandler::new(&core, id, peer, ReadStamp::now());
-    let registration = core.register(stream.as_raw_fd());
+    let registration = core.register(&stream);
     let mut conn = Connection {
         core,
         stream: StationStream::Plain(stream),
@@ -132,7 +131,7 @@ impl Connection {
                 continue;
             };
             if n == 0 && self.registration.expired(&self.core) {
-                // The shard shut the read side at the deadline (not the station leaving):
+                // The shard ended the reads at the deadline (not the station leaving):
                 // a partial line in the leftover is cut, not completed.
                 let code = if self.lines.policy.partial() {
                     ErrorCode::LineTimeout
@@ -261,9 +260,8 @@ impl Connection {
         let _ = glommio::timer::timeout(FAREWELL_TIMEOUT, async {
             self.flush_replies().await?;
             // TLS's close_notify, so that the station's TLS stack sees an orderly end rather
-            // than a truncation. Queued and flushed, not `close`d: that would also shut the
-            // socket's write side, and a drained connection's read side is shut already —
-            // with both shut, Linux resets on any byte still arriving (see `linger`).
+            // than a truncation. Queued and flushed, not `close`d: the socket closes when the
+            // connection ends (for a drained one, after `linger`).
             if self.stream.queue_close_notify() {
                 self.stream.flush().await?;
             }
@@ -488,12 +486,13 @@ const LINGER_MAX_BYTES: usize = 1024 * 1024;
 /// sends them again after reconnecting; one that does not read what the server writes
 /// cannot learn of the reconnect, keeps sending past the bounds, and is reset as before.
 ///
-/// The read side was shut down when the connection was drained, so a read cannot tell the
-/// station's close from an empty queue: the socket's TCP state can (`CLOSE_WAIT` once the
-/// station's FIN came). The server's side stays open meanwhile: with both sides shut, the
-/// kernel would answer any byte still arriving with a reset (RFC 1122, `TCPAbortOnData`).
-/// Plain non-blocking `recv`s, off the hot path: this runs once per connection, at
-/// shutdown.
+/// Discarding re-opens the receive window, so a station with bytes still unsent gets them
+/// through and its FIN follows; the socket's TCP state says when it came (`CLOSE_WAIT`).
+/// The drain leaves the socket's read side open for this: on a socket whose read side is
+/// shut Linux sends no window update as its queue empties (`tcp_cleanup_rbuf`), and such
+/// a station would find the room only by its window probes, backing off past the
+/// farewell's bound. Plain non-blocking `recv`s, off the hot path: this runs once per
+/// connection, at shutdown.
 async fn linger(fd: std::os::fd::RawFd, deadline: Option<Instant>) {
     let until = earliest(after(Instant::now(), Some(FAREWELL_TIMEOUT)), deadline)
         .expect("a timeout is set");
@@ -584,6 +583,11 @@ impl Future for Read<'_> {
         let conn = &mut **conn;
         if acks_ready(conn.lines.acks.as_deref(), cx) {
             return Poll::Ready(Ok(None));
+        }
+        if conn.registration.ended(&conn.core) {
+            // Drained or expired: the end of this connection's stream, whatever the socket
+            // still holds (see `ShardCore::drain_connections`).
+            return Poll::Ready(Ok(Some(0)));
         }
         if gate_closed_to(&conn.core, &conn.registration, turn, cx) {
             arm(&conn.core, &conn.registration, None, armed);

@@ -6,7 +6,7 @@ use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -22,7 +22,7 @@ use crate::buffers::{BufPool, PoolSize, ReadBuf};
 use crate::config::RuntimeConfig;
 use crate::gate::ReadGate;
 use crate::ledger::Ledger;
-use crate::readiness::Readiness;
+use crate::readiness::{self, Readiness};
 use crate::signal::Signal;
 
 /// How often a shard checks the process's stop flag and its connections' read deadlines,
@@ -117,9 +117,10 @@ impl ShardCore {
     }
 
     /// Registers an open connection's socket until [`ShardCore::deregister`].
-    pub(crate) fn register(&self, fd: RawFd) -> Registration {
+    pub(crate) fn register(&self, socket: &readiness::Socket) -> Registration {
         let key = self.sockets.borrow_mut().insert(Socket {
-            fd,
+            fd: socket.as_raw_fd(),
+            readiness: socket.key(),
             deadline: None,
             expired: false,
             // A connection whose task starts after the drain began (accepted just before
@@ -141,10 +142,10 @@ impl ShardCore {
         }
     }
 
-    /// Expires every connection whose read deadline has passed: marks it and shuts down its
-    /// read side, so that its pending read returns end-of-file and the connection closes
-    /// with its timeout's error line (`idle_timeout`, `line_timeout`). Scans the table only
-    /// when the earliest deadline may have passed.
+    /// Expires every connection whose read deadline has passed: marks it and wakes it, so
+    /// that its read returns end-of-file (see `Registration::ended`) and the connection
+    /// closes with its timeout's error line (`idle_timeout`, `line_timeout`). Scans the
+    /// table only when the earliest deadline may have passed.
     ///
     /// This replaces a timer per pending read: glommio keeps one in its timer tree for
     /// every read with a timeout, inserted and removed at each read that waits, and holding
@@ -160,9 +161,7 @@ impl ShardCore {
                 Some(_) if socket.expired => {}
                 Some(d) if d <= now => {
                     socket.expired = true;
-                    // SAFETY: the fd belongs to a live connection (it deregisters before
-                    // closing).
-                    unsafe { libc::shutdown(socket.fd, libc::SHUT_RD) };
+                    self.readiness.wake(socket.readiness);
                 }
                 Some(d) => next = Some(next.map_or(d, |n| n.min(d))),
                 None => {}
@@ -187,9 +186,11 @@ impl ShardCore {
 
     /// Ends every connection as shutdown begins, over `TCP_DRAIN_PERIOD`: each at a moment
     /// drawn uniformly from the period (all at once when it is zero), never past
-    /// `deadline`. Ending one marks it drained and shuts its read side: its pending read
-    /// returns end-of-file, and it handles what it had read, answers, tells the station
-    /// `reconnect` and closes. The moments are taken in housekeeping ticks, so a period
+    /// `deadline`. Ending one marks it drained and wakes it: its read returns end-of-file
+    /// (see `Registration::ended`), and it handles what it had read, answers, tells the
+    /// station `reconnect` and closes. The socket's read side stays open: shut, Linux would
+    /// stop re-opening the receive window as the connection discards what still arrives, and
+    /// a station with bytes unsent would wait on window probes for its own close (`linger`). The moments are taken in housekeeping ticks, so a period
     /// costs a sleep per tick, not a timer per connection. Returns once every connection was
     /// told (or had left).
     pub(crate) async fn drain_connections(&self, deadline: Instant) {
@@ -220,14 +221,13 @@ impl ShardCore {
         }
     }
 
-    /// Marks connection `key` drained and shuts its read side (nothing if it has left).
+    /// Marks connection `key` drained and wakes it (nothing if it has left).
     fn drain_one(&self, key: usize) {
         if let Some(socket) = self.sockets.borrow_mut().get_mut(key)
             && !socket.drained
         {
             socket.drained = true;
-            // SAFETY: the fd belongs to a live connection (it deregisters before closing).
-            unsafe { libc::shutdown(socket.fd, libc::SHUT_RD) };
+            self.readiness.wake(socket.readiness);
         }
     }
 
@@ -245,12 +245,14 @@ impl ShardCore {
 /// An open connection as the shard's table knows it.
 struct Socket {
     fd: RawFd,
+    /// Its key in the shard's readiness table, to wake its task.
+    readiness: u32,
     /// The connection must have read again by then, or it is expired.
     deadline: Option<Instant>,
-    /// Past its deadline: its read side was shut down.
+    /// Past its deadline: its reads end.
     expired: bool,
-    /// Shutdown reached it (see `ShardCore::drain_connections`): its read side was shut
-    /// down, and it is to tell its station `reconnect` and close.
+    /// Shutdown reached it (see `ShardCore::drain_connections`): its reads end, and it is to
+    /// tell its station `reconnect` and close.
     drained: bool,
 }
 
@@ -273,6 +275,15 @@ impl Registration {
         }
     }
 
+    /// Whether the shard ended the connection's reads: drained or expired. Its read then
+    /// returns end-of-file without touching the socket.
+    pub(crate) fn ended(&self, core: &ShardCore) -> bool {
+        core.sockets
+            .borrow()
+            .get(self.key)
+            .is_some_and(|socket| socket.drained || socket.expired)
+    }
+
     /// Whether shutdown reached the connection (see `ShardCore::drain_connections`): the end
     /// of stream it reads is the server stopping, not the station leaving.
     pub(crate) fn drained(&self, core: &ShardCore) -> bool {
@@ -282,8 +293,8 @@ impl Registration {
             .is_some_and(|socket| socket.drained)
     }
 
-    /// Whether the connection was expired (see `ShardCore::expire_overdue`): its read side
-    /// is shut, and the end of stream it reads is a timeout, not the station leaving.
+    /// Whether the connection was expired (see `ShardCore::expire_overdue`): the end of
+    /// stream it reads is a timeout, not the station leaving.
     pub(crate) fn expired(&self, core: &ShardCore) -> bool {
         core.sockets
             .borrow()

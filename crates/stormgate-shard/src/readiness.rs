@@ -160,6 +160,18 @@ impl Readiness {
         }
     }
 
+    /// Wakes the task waiting on socket `key`, if any (the shard ended its reads).
+    pub(crate) fn wake(&self, key: u32) {
+        let waker = self
+            .slots
+            .borrow_mut()
+            .get_mut(key as usize)
+            .and_then(|slot| slot.waker.take());
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
     /// Fails the writes that waited past their deadline (see [`Readiness::new`]): marks them
     /// and wakes their tasks. Scans the table only when the earliest deadline may have
     /// passed; the shard's housekeeping tick calls it, so the timeout is as precise as the
@@ -257,6 +269,11 @@ impl Socket {
             key: u32::try_from(key).expect("fewer than 2^32 sockets per shard"),
             readiness: Rc::clone(readiness),
         })
+    }
+
+    /// Its key in the readiness table (see [`Readiness::wake`]).
+    pub(crate) fn key(&self) -> u32 {
+        self.key
     }
 
     fn io_poll(
