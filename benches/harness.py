@@ -1442,9 +1442,9 @@ def storm_trials(migrate):
               "connects_failed": [r["connects_failed"] for r in runs],
               "reset_after_connect": [r["reset_after_connect"] for r in runs],
               # Requests queued on the closing listener that the kernel moved to another.
-              "requests_migrated": [r["kernel"]["TCPMigrateReqSuccess"] for r in runs],
+              "requests_migrated": [r["kernel"]["TcpExtTCPMigrateReqSuccess"] for r in runs],
               # Sockets closed with bytes unread: each resets its connection.
-              "closed_unread": [r["kernel"]["TCPAbortOnClose"] for r in runs]}
+              "closed_unread": [r["kernel"]["TcpExtTCPAbortOnClose"] for r in runs]}
     log(f"storm, tcp_migrate_req={migrate}: per trial, connects failed "
         f"{result['connects_failed']}, reset after connecting {result['reset_after_connect']}, "
         f"requests migrated {result['requests_migrated']}")
@@ -1519,29 +1519,6 @@ def kill_all(servers):
         if s.proc.poll() is None:
             s.proc.kill()
             s.proc.wait()
-
-
-# Kernel TCP counters that say where a connection was refused or reset: listener drops and
-# overflows, requests moved to another listener (net.ipv4.tcp_migrate_req) or not, sockets
-# closed with unread data (`AbortOnClose`, a reset) and resets sent.
-TCP_COUNTERS = {"TcpExt": ["ListenDrops", "ListenOverflows", "TCPMigrateReqSuccess",
-                           "TCPMigrateReqFailure", "TCPAbortOnClose", "TCPAbortOnData",
-                           "TCPReqQFullDrop"],
-                "Tcp": ["OutRsts", "EstabResets", "AttemptFails"]}
-
-
-def tcp_counters():
-    """TCP_COUNTERS from /proc/net/netstat and /proc/net/snmp (this network namespace's)."""
-    out = {}
-    for table in ("/proc/net/netstat", "/proc/net/snmp"):
-        with open(table) as f:
-            rows = [line.split() for line in f]
-        for names, values in zip(rows[::2], rows[1::2]):
-            group = names[0].rstrip(":")
-            for name in TCP_COUNTERS.get(group, []):
-                if name in names:
-                    out[name] = int(values[names.index(name)])
-    return out
 
 
 def count_established(port):
@@ -2122,16 +2099,21 @@ def scenario_tls():
     return {"certificate_key": "ECDSA P-256", "flat_out": flat, "idle": held}
 
 
-# The host's TCP counters the recovery scenario reads before and after its backpressure
-# episode: memory pressure entered, segments dropped on arrival (receive queue full, socket
-# backlog full, queue pruned) and retransmission timeouts, the stall's signature; and the
-# retransmitted segments, with the tail loss probes among them (a probe is sent, and
-# counted as a retransmission, when a sender hears no ACK for two round trips: on loopback
-# a busy receiver, not a loss).
+# The kernel's TCP counters (`nstat` names: TcpExt... and Tcp...) the scenarios read before
+# and after what they measure. Where a connection was refused or reset (restart): listener
+# drops and overflows, requests moved to another listener (net.ipv4.tcp_migrate_req) or not,
+# sockets closed with unread data (`AbortOnClose`, a reset) and resets sent. The stall's
+# signature (recovery): memory pressure entered, segments dropped on arrival (receive queue
+# full, socket backlog full, queue pruned) and retransmission timeouts; and the
+# retransmitted segments, with the tail loss probes among them (a probe is sent, and counted
+# as a retransmission, when a sender hears no ACK for two round trips: on loopback a busy
+# receiver, not a loss).
 NSTAT_COUNTERS = {
-    "TcpExt": ["TCPMemoryPressures", "TCPRcvQDrop", "TCPBacklogDrop", "PruneCalled",
+    "TcpExt": ["ListenDrops", "ListenOverflows", "TCPMigrateReqSuccess", "TCPMigrateReqFailure",
+               "TCPAbortOnClose", "TCPAbortOnData", "TCPReqQFullDrop",
+               "TCPMemoryPressures", "TCPRcvQDrop", "TCPBacklogDrop", "PruneCalled",
                "TCPTimeouts", "TCPAbortOnMemory", "TCPLossProbes"],
-    "Tcp": ["RetransSegs"],
+    "Tcp": ["OutRsts", "EstabResets", "AttemptFails", "RetransSegs"],
 }
 
 
