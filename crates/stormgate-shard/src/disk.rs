@@ -136,7 +136,7 @@ impl ShardLogs {
         let own = settings.dir.join(shard_dir_name(id));
         let mut logs = Vec::with_capacity(1 + adopted.len());
         let (log, _) = Log::open(&own, cfg.clone(), OpenMode::ReadWrite).await?;
-        glommio::spawn_local(log.run()).detach();
+        spawn_durability(log.run()).detach();
         logs.push(log);
         for dir in adopted {
             let (log, report) = Log::open(dir, cfg.clone(), OpenMode::Drain).await?;
@@ -161,6 +161,25 @@ impl ShardLogs {
     }
 }
 
+/// Spawns one of the tasks a durable acknowledgement waits on (the log's group commit, the
+/// settler) into the shard's durability task queue: `Latency::Matters`, so that when one of
+/// them is woken (a write or an fdatasync completed, the sync interval passed) the executor
+/// leaves the connections' queue at its next task switch rather than at the end of its time
+/// slice.
+fn spawn_durability<T: 'static>(
+    future: impl std::future::Future<Output = T> + 'static,
+) -> glommio::Task<T> {
+    thread_local! {
+        static QUEUE: glommio::TaskQueueHandle = glommio::executor().create_task_queue(
+            glommio::Shares::default(),
+            glommio::Latency::Matters(std::time::Duration::from_millis(1)),
+            "durability",
+        );
+    }
+    let queue = QUEUE.with(|q| *q);
+    glommio::spawn_local_into(future, queue).expect("the shard's durability queue exists")
+}
+
 /// The stage: takes the shard queue's records into the shard's own log and settles each in
 /// `ledger` once durable. Returns once the queue closed and every record taken is settled.
 pub(crate) async fn stage(
@@ -173,7 +192,7 @@ pub(crate) async fn stage(
     let durable: Rc<RefCell<VecDeque<(u64, Ticket)>>> = Rc::default();
     let more = Rc::new(Notify::default());
     let ended = Rc::new(Cell::new(false));
-    let settler = glommio::spawn_local(settle_durable(
+    let settler = spawn_durability(settle_durable(
         log.clone(),
         Rc::clone(&ledger),
         Rc::clone(&durable),
