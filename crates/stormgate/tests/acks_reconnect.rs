@@ -304,20 +304,32 @@ impl LineTap<'_> {
         self.partial.extend_from_slice(bytes);
         while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=end).collect();
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if v["type"] == "identify" {
-                self.zipcode = v["zipcode"].as_str().map(str::to_owned);
-            } else if let (Some(zip), Some(seq)) = (&self.zipcode, v["seq"].as_u64()) {
-                *self
-                    .forwarded
-                    .lines
-                    .lock()
-                    .unwrap()
-                    .entry((zip.clone(), seq))
-                    .or_insert(0) += 1;
-            }
+            self.note(&line);
+        }
+    }
+
+    /// The connection was cut (the server sees its end of stream): a last line cut just
+    /// before its newline is still a whole JSON value, which the server takes as the last
+    /// line (docs/PROTOCOL.md), so it counts as carried too.
+    fn cut(&mut self) {
+        let rest = std::mem::take(&mut self.partial);
+        self.note(&rest);
+    }
+
+    fn note(&mut self, line: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+            return;
+        };
+        if v["type"] == "identify" {
+            self.zipcode = v["zipcode"].as_str().map(str::to_owned);
+        } else if let (Some(zip), Some(seq)) = (&self.zipcode, v["seq"].as_u64()) {
+            *self
+                .forwarded
+                .lines
+                .lock()
+                .unwrap()
+                .entry((zip.clone(), seq))
+                .or_insert(0) += 1;
         }
     }
 }
@@ -360,6 +372,7 @@ fn carry(
                 partial: Vec::new(),
             };
             let spent = pump(from, to, bytes.unwrap_or(u64::MAX), |b| tap.carried(b));
+            tap.cut();
             close() && spent
         })
     };
