@@ -8,7 +8,7 @@
 //! the shard's epoll instance, and one task ([`Readiness::run`]) awaits that instance's
 //! readiness on the shard's ring (`glommio::net::readable`, see vendor/README.md) and wakes
 //! the connections whose sockets changed. An idle connection holds a slot of the table
-//! here (a waker, two flags, a write deadline) and the kernel's epoll item; nothing else.
+//! here (a waker, a few flags, a write deadline) and the kernel's epoll item; nothing else.
 //!
 //! Readiness is edge-triggered, so a socket's flags say "may have bytes / room": they are
 //! set by every event and cleared only when a system call says there is nothing (`EAGAIN`),
