@@ -584,11 +584,6 @@ impl Future for Read<'_> {
         if acks_ready(conn.lines.acks.as_deref(), cx) {
             return Poll::Ready(Ok(None));
         }
-        if conn.registration.ended(&conn.core) {
-            // Drained or expired: the end of this connection's stream, whatever the socket
-            // still holds (see `ShardCore::drain_connections`).
-            return Poll::Ready(Ok(Some(0)));
-        }
         if gate_closed_to(&conn.core, &conn.registration, turn, cx) {
             arm(&conn.core, &conn.registration, None, armed);
             return Poll::Pending;

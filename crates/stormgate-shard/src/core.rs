@@ -142,8 +142,8 @@ impl ShardCore {
         }
     }
 
-    /// Expires every connection whose read deadline has passed: marks it and wakes it, so
-    /// that its read returns end-of-file (see `Registration::ended`) and the connection
+    /// Expires every connection whose read deadline has passed: marks it and ends its reads
+    /// (`Readiness::end_reads`), so that its read returns end-of-file and the connection
     /// closes with its timeout's error line (`idle_timeout`, `line_timeout`). Scans the
     /// table only when the earliest deadline may have passed.
     ///
@@ -161,7 +161,7 @@ impl ShardCore {
                 Some(_) if socket.expired => {}
                 Some(d) if d <= now => {
                     socket.expired = true;
-                    self.readiness.wake(socket.readiness);
+                    self.readiness.end_reads(socket.readiness);
                 }
                 Some(d) => next = Some(next.map_or(d, |n| n.min(d))),
                 None => {}
@@ -186,11 +186,10 @@ impl ShardCore {
 
     /// Ends every connection as shutdown begins, over `TCP_DRAIN_PERIOD`: each at a moment
     /// drawn uniformly from the period (all at once when it is zero), never past
-    /// `deadline`. Ending one marks it drained and wakes it: its read returns end-of-file
-    /// (see `Registration::ended`), and it handles what it had read, answers, tells the
-    /// station `reconnect` and closes. The socket's read side stays open: shut, Linux would
-    /// stop re-opening the receive window as the connection discards what still arrives, and
-    /// a station with bytes unsent would wait on window probes for its own close (`linger`). The moments are taken in housekeeping ticks, so a period
+    /// `deadline`. Ending one marks it drained and ends its reads (`Readiness::end_reads`):
+    /// its read returns end-of-file, and it handles what it had read, answers, tells the
+    /// station `reconnect` and closes; its socket's read side stays open (see
+    /// `Readiness::end_reads`). The moments are taken in housekeeping ticks, so a period
     /// costs a sleep per tick, not a timer per connection. Returns once every connection was
     /// told (or had left).
     pub(crate) async fn drain_connections(&self, deadline: Instant) {
@@ -221,13 +220,13 @@ impl ShardCore {
         }
     }
 
-    /// Marks connection `key` drained and wakes it (nothing if it has left).
+    /// Marks connection `key` drained and ends its reads (nothing if it has left).
     fn drain_one(&self, key: usize) {
         if let Some(socket) = self.sockets.borrow_mut().get_mut(key)
             && !socket.drained
         {
             socket.drained = true;
-            self.readiness.wake(socket.readiness);
+            self.readiness.end_reads(socket.readiness);
         }
     }
 
@@ -245,7 +244,7 @@ impl ShardCore {
 /// An open connection as the shard's table knows it.
 struct Socket {
     fd: RawFd,
-    /// Its key in the shard's readiness table, to wake its task.
+    /// Its key in the shard's readiness table, to end its reads.
     readiness: u32,
     /// The connection must have read again by then, or it is expired.
     deadline: Option<Instant>,
@@ -273,15 +272,6 @@ impl Registration {
         {
             core.next_deadline.set(Some(d));
         }
-    }
-
-    /// Whether the shard ended the connection's reads: drained or expired. Its read then
-    /// returns end-of-file without touching the socket.
-    pub(crate) fn ended(&self, core: &ShardCore) -> bool {
-        core.sockets
-            .borrow()
-            .get(self.key)
-            .is_some_and(|socket| socket.drained || socket.expired)
     }
 
     /// Whether shutdown reached the connection (see `ShardCore::drain_connections`): the end

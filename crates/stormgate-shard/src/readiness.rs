@@ -60,6 +60,9 @@ struct Slot {
     write_deadline: Option<Instant>,
     /// The write waited past its deadline: it fails.
     write_expired: bool,
+    /// The shard ended the connection's reads (drained or expired, see
+    /// [`Readiness::end_reads`]): every read returns end-of-file.
+    reads_ended: bool,
 }
 
 impl Slot {
@@ -160,13 +163,20 @@ impl Readiness {
         }
     }
 
-    /// Wakes the task waiting on socket `key`, if any (the shard ended its reads).
-    pub(crate) fn wake(&self, key: u32) {
+    /// Ends the reads of socket `key` (the shard drained or expired its connection): from
+    /// now on they return end-of-file, whatever the kernel still holds, and the task waiting
+    /// on the socket is woken. The socket itself stays open both ways: shutting its read
+    /// side would do the same for reads, but Linux then stops re-opening the receive window
+    /// as the connection discards what still arrives (see `connection::linger`).
+    pub(crate) fn end_reads(&self, key: u32) {
         let waker = self
             .slots
             .borrow_mut()
             .get_mut(key as usize)
-            .and_then(|slot| slot.waker.take());
+            .and_then(|slot| {
+                slot.reads_ended = true;
+                slot.waker.take()
+            });
         if let Some(waker) = waker {
             waker.wake();
         }
@@ -271,7 +281,7 @@ impl Socket {
         })
     }
 
-    /// Its key in the readiness table (see [`Readiness::wake`]).
+    /// Its key in the readiness table (see [`Readiness::end_reads`]).
     pub(crate) fn key(&self) -> u32 {
         self.key
     }
@@ -293,7 +303,7 @@ impl Socket {
                 "the station took no bytes for the write timeout",
             )));
         }
-        if len == 0 {
+        if len == 0 || (!write && slot.reads_ended) {
             return Poll::Ready(Ok(0));
         }
         let (ready, closed) = if write {
@@ -471,6 +481,42 @@ mod tests {
             .await
             .expect("the end of stream was missed");
             assert_eq!(eof.unwrap(), 0);
+            drop(pump);
+        });
+    }
+
+    /// The shard ends a connection's reads (drain, read timeout): a read waiting on the
+    /// socket is woken with end-of-file, and later reads return it too, even with bytes
+    /// queued in the kernel; writes go on.
+    #[test]
+    fn ended_reads_return_end_of_file_and_wake_the_waiting_read() {
+        LocalExecutor::default().run(async {
+            let readiness = Rc::new(Readiness::new(None).unwrap());
+            let pump = glommio::spawn_local(Rc::clone(&readiness).run());
+            let (mut socket, mut client) = pair(&readiness);
+            let key = socket.key();
+            let ender = glommio::spawn_local({
+                let readiness = Rc::clone(&readiness);
+                async move {
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                    readiness.end_reads(key);
+                }
+            });
+            let mut buf = [0u8; 64];
+            let first = glommio::timer::timeout(Duration::from_secs(5), async {
+                Ok(socket.read(&mut buf).await)
+            })
+            .await
+            .expect("the waiting read was not woken");
+            assert_eq!(first.unwrap(), 0);
+            ender.await;
+            client.write_all(b"more\n").unwrap();
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            assert_eq!(socket.read(&mut buf).await.unwrap(), 0);
+            socket.write_all(b"answer\n").await.unwrap();
+            let mut answer = [0u8; 7];
+            client.read_exact(&mut answer).unwrap();
+            assert_eq!(&answer, b"answer\n");
             drop(pump);
         });
     }
