@@ -302,8 +302,7 @@ def verdict(run, label, **checks):
     return run
 
 
-def consume_check(broker, topic, label, delivered, sent, keys, warmup=0, lines_per_conn=None,
-                  extra=0, extra_keys=0):
+def consume_check(broker, topic, label, delivered, sent, keys, warmup=0, lines_per_conn=None):
     """Reads `topic` from offset 0 to the end the broker states and checks it against what
     was sent: `delivered` (+ `warmup` records without a seq) records, exactly the broker's
     content, equal to the `sent` lines (every line with a seq), from `keys` + 1 (warm-up)
@@ -312,10 +311,9 @@ def consume_check(broker, topic, label, delivered, sent, keys, warmup=0, lines_p
     lost tail still fails: each station's seqs are gapless from 0, so the sum of the
     stations' counts is the line count only if no station lost its last lines (none can have
     more than it sent: a seq above that would be `missing` elsewhere or a duplicate).
-    `extra` records from `extra_keys` more stations (an `AckProbe`) come on top, each with
-    its seq. Returns the verified dict."""
+    Returns the verified dict."""
     args = ["consume", "--brokers", broker.brokers, "--topic", topic,
-            "--expect", delivered + warmup + extra, "--timeout", "120s"]
+            "--expect", delivered + warmup, "--timeout", "120s"]
     if lines_per_conn:
         args += ["--lines-per-conn", lines_per_conn]
     check = loadgen(*args, quiet=True, allow_failure=True)
@@ -325,7 +323,7 @@ def consume_check(broker, topic, label, delivered, sent, keys, warmup=0, lines_p
                                "out_of_order")}
     checks = {
         "records_are_the_broker_content": check["records"] == check["broker_records"],
-        "records_are_the_delivered": check["records"] == delivered + warmup + extra,
+        "records_are_the_delivered": check["records"] == delivered + warmup,
         "delivered_are_the_sent": delivered == sent,
         "no_duplicates": check["duplicates"] == 0,
         "no_gaps_nor_lost_tails": check["missing"] == 0 and check["unexpected_seq"] == 0,
@@ -334,7 +332,7 @@ def consume_check(broker, topic, label, delivered, sent, keys, warmup=0, lines_p
         "keys_match_zipcodes": check["key_mismatches"] == 0,
         "in_order_per_station": check["out_of_order"] == 0,
         "every_line_has_its_seq": check["without_seq"] == warmup,
-        "every_station": check["keys"] == keys + extra_keys + (1 if warmup else 0),
+        "every_station": check["keys"] == keys + (1 if warmup else 0),
     }
     result = verdict({}, label, **checks)
     v.update(result["verified"])
@@ -362,6 +360,14 @@ def git_rev():
 
 def per_million(cpu, lines):
     return round(cpu / lines * 1e6, 3) if lines else None
+
+
+def ms_summary(us):
+    """A load generator's latency summary (µs) in ms: p50, p90, p99, p99.9, max, count."""
+    ms = {k: (round(us[k] / 1e3, 2) if us.get(k) is not None else None)
+          for k in ("p50", "p90", "p99", "p999", "max")}
+    ms["count"] = us["count"]
+    return ms
 
 
 def parse_only_run(connections, duration, shards=0, threads=1, tls=None):
@@ -459,7 +465,7 @@ SMOKE_RATE = 2000
 
 
 def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, verify=True,
-              lines_per_conn=None, send_args=(), buffer_metrics=False, probe_rate=0):
+              lines_per_conn=None, send_args=(), buffer_metrics=False):
     """Stations → stormgate → broker, then consume the topic and check every record.
 
     The rate is delivered records over the time from the first line sent to the end of the
@@ -468,8 +474,8 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
 
     With `buffer_metrics` the server's operations endpoint is scraped before and after the
     load, and the disk buffer's figures over the load (see `buffer_figures`) go in `buffer`.
-    With `probe_rate`, one more station (`AckProbe`) sends that many lines a second beside
-    the load and times each line's acknowledgement: `ack_probe`."""
+    With `--acks` among `send_args` the load generator times every line from building it to
+    reading its acknowledgement: `ack_latency_ms` (the stations' view, all of them)."""
     broker = Broker.get()
     topic = broker.topic(label)
     server = Server("--kafka-brokers", broker.brokers, "--kafka-topic", topic, *server_args,
@@ -480,7 +486,6 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
             WARMUP_LINES, "--zip-base", 99000, quiet=True)
     time.sleep(1.5)
     scrape0 = scrape(server) if buffer_metrics else None
-    probe = AckProbe(server.port, probe_rate) if probe_rate else None
     cpu0 = server.cpu()
     bcpu0 = broker.cpu()
     t0 = time.time()
@@ -495,7 +500,6 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
         "--rate", rate, "--seq", "--timestamps", "--drain-timeout", "120s", *send_args,
         quiet=SMOKE,
     )
-    probed = probe.stop() if probe else None
     cpu_load = server.cpu() - cpu0
     load_s = time.time() - t0
     scrape1 = scrape(server) if buffer_metrics else None
@@ -505,8 +509,7 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
     stats = server.stop()
     elapsed = time.time() - t0
     totals = stats["totals"]
-    # The probe's lines are records too, beside the load generator's.
-    delivered = totals["records_delivered"] - WARMUP_LINES - (probed["sent"] if probed else 0)
+    delivered = totals["records_delivered"] - WARMUP_LINES
     result = {
         "label": label,
         "connections": connections,
@@ -533,18 +536,15 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
     if buffer_metrics:
         result["load_s"] = round(load_s, 2)
         result["buffer"] = buffer_figures(scrape0, scrape1, load_s, delivered)
-    if probed:
-        result["ack_probe"] = probed
+    if sent.get("ack_latency_us"):
+        result["ack_latency_ms"] = ms_summary(sent["ack_latency_us"])
     if verify:
         # Everything was delivered before the server exited, so the topic is complete: read
         # it from offset 0 to the end the broker states. A short read, a duplicate, a gap, a
-        # lost tail, a bad record or a failed one fails the run. An ack probe's station is
-        # one more key, with its own seqs.
-        extra = probed["sent"] if probed else 0
+        # lost tail, a bad record or a failed one fails the run.
         result["verified"] = consume_check(
             broker, topic, label, delivered, sent["lines_sent"], connections,
-            warmup=WARMUP_LINES, lines_per_conn=None if probed else lines_per_conn,
-            extra=extra, extra_keys=1 if probed else 0)
+            warmup=WARMUP_LINES, lines_per_conn=lines_per_conn)
         if totals["records_failed"] != 0:
             result["verified"]["ok"] = False
             log(f"VERIFY FAILED for {label}: {totals['records_failed']} records failed")
@@ -552,93 +552,6 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
     log(f"{label}: {result['records_per_s']:,} records/s, p99 "
         f"{result['latency_us']['p99']} µs, verified={result.get('verified', {}).get('ok')}")
     return result
-
-
-class AckProbe:
-    """One acknowledging station beside the load: `rate` lines a second, each with its `seq`,
-    and the time from writing a line to reading the ack that covers it (`ack` with `seq`,
-    or `upto` for a coalesced range), as a station sees it. The load generator counts acks
-    but does not time them; this probe does, at a rate low enough for Python.
-
-    Two threads: one paces the lines, one reads the replies."""
-
-    ZIPCODE = "99500"
-
-    def __init__(self, port, rate):
-        import threading
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        identify = {"type": "identify", "zipcode": self.ZIPCODE, "city": "Bench City",
-                    "acks": True}
-        self.sock.sendall((json.dumps(identify) + "\n").encode())
-        self.rate = rate
-        self.sent_at = {}  # seq → perf_counter() when written; bounded by the acks
-        self.latencies_ms = []
-        self.nacks = 0
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.sender = threading.Thread(target=self.send, daemon=True)
-        self.reader = threading.Thread(target=self.read, daemon=True)
-        self.sent = 0
-        self.reader.start()
-        self.sender.start()
-
-    def send(self):
-        start = time.perf_counter()
-        while not self.stopping.is_set():
-            line = (f'{{"type":"metrics","seq":{self.sent},"data":"temperature=21.5,'
-                    f'humidity=40.0,pressure=1013.2"}}\n').encode()
-            with self.lock:
-                self.sent_at[self.sent] = time.perf_counter()
-            self.sock.sendall(line)
-            self.sent += 1
-            pause = start + self.sent / self.rate - time.perf_counter()
-            if pause > 0:
-                self.stopping.wait(pause)
-
-    def read(self):
-        buf = b""
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            now = time.perf_counter()
-            buf += data
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                self.answer(json.loads(line), now)
-
-    def answer(self, reply, now):
-        last = reply.get("upto", reply.get("seq"))
-        if reply.get("type") == "nack":
-            self.nacks += 1
-        if reply.get("type") not in ("ack", "nack") or last is None:
-            return
-        with self.lock:
-            for seq in [q for q in self.sent_at if q <= last]:
-                sent = self.sent_at.pop(seq)
-                if reply["type"] == "ack":
-                    self.latencies_ms.append((now - sent) * 1e3)
-
-    def stop(self):
-        """Stops sending, waits (up to 10 s) for the last acks; the figures."""
-        self.stopping.set()
-        self.sender.join()
-        wait_until(lambda: not self.sent_at, 10, "the probe's last acks")
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.reader.join(timeout=5)
-        lat = sorted(self.latencies_ms)
-
-        def q(p):
-            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else None
-
-        return {"rate": self.rate, "sent": self.sent, "acked": len(lat), "nacks": self.nacks,
-                "unanswered": len(self.sent_at), "p50_ms": q(0.5), "p99_ms": q(0.99),
-                "max_ms": round(lat[-1], 2) if lat else None}
 
 
 def scrape(server):
@@ -1565,9 +1478,6 @@ def scenario_acks():
             "p99_ratio": round(on["latency_us"]["p99"] / max(off["latency_us"]["p99"], 1), 2)}
 
 
-# Lines per second of the station that times its acks (AckProbe) beside the load.
-PROBE_RATE = 200
-
 # The disk buffer's group-commit window (BUFFER_SYNC_INTERVAL, the server's default): the
 # durable-ack target is this plus 5 ms.
 BUFFER_SYNC_INTERVAL_MS = 2
@@ -1610,7 +1520,7 @@ def buffered_run(label, connections, duration, rate=0):
     buf = BufferDir()
     try:
         r = kafka_run(label, connections, duration, server_args=buf.args(), rate=rate,
-                      send_args=["--acks"], buffer_metrics=True, probe_rate=PROBE_RATE)
+                      send_args=["--acks"], buffer_metrics=True)
     finally:
         buf.remove()
     r["buffer"]["fs_type"] = buf.fs_type
@@ -1632,7 +1542,7 @@ def scenario_buffer():
     (answered once durable with the disk buffer, once delivered without)."""
     conns, duration = (10, 1) if SMOKE else (100, 10)
     memory = kafka_run("buffer-memory", conns, duration, send_args=["--acks"],
-                       buffer_metrics=True, probe_rate=PROBE_RATE)
+                       buffer_metrics=True)
     acks_checked(memory)
     disk = buffered_run("buffer-disk", conns, duration)
     # Smoke runs are paced already (SMOKE_RATE); a third run would only cost time.
@@ -1641,9 +1551,9 @@ def scenario_buffer():
     throughput = disk["records_per_s"] / max(memory["records_per_s"], 1)
     cpu = (disk["cpu_s_per_million_records"] or 0) / max(
         memory["cpu_s_per_million_records"] or 0, 1e-9)
-    # The target is the station's view (the probe's send → ack); the server's histogram
-    # says how much of it is the group commit.
-    p99 = half["ack_probe"]["p99_ms"]
+    # The target is the stations' view (every line's build → ack, timed by the load
+    # generator); the server's histogram says how much of it is the group commit.
+    p99 = half["ack_latency_ms"]["p99"]
     p99_target = BUFFER_SYNC_INTERVAL_MS + 5
     targets = {
         "throughput_ratio_min": 0.8,
@@ -1669,7 +1579,7 @@ def scenario_buffer():
         "disk_over_memory": {"records_per_s": round(throughput, 2),
                              "cpu_s_per_million_records": round(cpu, 2)},
         "durable_ack_ms": {"at_records_per_s": half["records_per_s"],
-                           "station_send_to_ack": half["ack_probe"],
+                           "station_send_to_ack": half["ack_latency_ms"],
                            "server_append_to_durable": half["buffer"]["durable_ms"]},
         "outage": outage,
         "targets": targets,

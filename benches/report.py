@@ -134,8 +134,9 @@ def buffer_summary(doc, add):
     mem = d["memory"]
     add(f"{mem['connections']} acknowledging connections, same load, same run "
         "(`TCP_ACK_AFTER=durable`: a disk run's lines are answered once their fdatasync "
-        "completed). Ack = one more station's send → ack, as it sees it; durable = a group "
-        "commit's oldest record, append → fdatasync done, in the server.\n")
+        "completed). Ack = every line's build → ack, as the stations see it (the load "
+        "generator times them all); durable = a group commit's oldest record, append → "
+        "fdatasync done, in the server.\n")
     add("| buffer | records/s | CPU-s per M | fsyncs/s | MB/s written | ack p50 ms | ack p99 ms "
         "| durable p50 ms | durable p99 ms | acked | verified |")
     add("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -146,16 +147,16 @@ def buffer_summary(doc, add):
         b = r["buffer"]
         disk = label != "memory"
         dur = b["durable_ms"]
-        probe = r.get("ack_probe", {})
+        ack = r.get("ack_latency_ms", {})
         add(f"| {label} | {fmt(r['records_per_s'])} | {r['cpu_s_per_million_records']} | "
             f"{fmt(b['fsyncs_per_s']) if disk else '—'} | "
-            f"{b['written_mb_per_s'] if disk else '—'} | {fmt(probe.get('p50_ms'))} | "
-            f"{fmt(probe.get('p99_ms'))} | {fmt(dur.get('p50'))} | "
+            f"{b['written_mb_per_s'] if disk else '—'} | {fmt(ack.get('p50'))} | "
+            f"{fmt(ack.get('p99'))} | {fmt(dur.get('p50'))} | "
             f"{fmt(dur.get('p99'))} | {fmt(r['acked_lines'])} of {fmt(r['lines_sent'])} | "
             f"{verified(r)} |")
     q, t, met = d["disk_over_memory"], d["targets"], d["targets_met"]
     ack = d["durable_ack_ms"]
-    station = ack.get("station_send_to_ack", {}).get("p99_ms")
+    station = ack.get("station_send_to_ack", {}).get("p99")
     server = ack.get("server_append_to_durable", ack).get("p99")
     yes = {True: "met", False: "**not met**"}
     add(f"\ndisk/memory: **{q['records_per_s']}×** records/s (target ≥ "

@@ -16,16 +16,15 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use stormgate_kafka::verify::{ScanEnd, ScanEvent, ScanOptions, ScanStats, scan_topic, watermarks};
 
 use crate::cli::ConsumeArgs;
+use crate::latency::Latency;
+pub use crate::latency::{LatencySummary, MAX_LATENCY_US};
 use crate::lines::unix_micros;
 use crate::{LoadgenError, output};
 
-/// Highest latency the histograms hold (larger values are recorded as this).
-pub const MAX_LATENCY_US: u64 = 60_000_000;
 /// Sequence numbers above this are counted as out of range instead of tracked (a bit per
 /// number up to here is at most 32 MiB for one key).
 pub const MAX_TRACKED_SEQ: u64 = 1 << 28;
@@ -374,62 +373,6 @@ pub struct ConsumeReport {
     pub ingest_latency_us: LatencySummary,
 }
 
-/// Percentiles of a latency histogram, in µs; all `None` when it is empty.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LatencySummary {
-    /// Median.
-    pub p50: Option<u64>,
-    /// 90th percentile.
-    pub p90: Option<u64>,
-    /// 99th percentile.
-    pub p99: Option<u64>,
-    /// 99.9th percentile.
-    pub p999: Option<u64>,
-    /// Largest (capped at [`MAX_LATENCY_US`]).
-    pub max: Option<u64>,
-    /// Values recorded.
-    pub count: u64,
-    /// Values that were negative and recorded as 0.
-    pub negative: u64,
-}
-
-#[derive(Debug)]
-struct Latency {
-    histogram: Histogram<u64>,
-    negative: u64,
-}
-
-impl Latency {
-    fn new() -> Latency {
-        Latency {
-            histogram: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
-                .expect("valid histogram bounds"),
-            negative: 0,
-        }
-    }
-
-    fn record(&mut self, us: i64) {
-        if us < 0 {
-            self.negative += 1;
-        }
-        self.histogram.saturating_record(us.max(0) as u64);
-    }
-
-    fn summary(&self) -> LatencySummary {
-        let h = &self.histogram;
-        let at = |q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q));
-        LatencySummary {
-            p50: at(0.5),
-            p90: at(0.9),
-            p99: at(0.99),
-            p999: at(0.999),
-            max: (!h.is_empty()).then(|| h.max()),
-            count: h.len(),
-            negative: self.negative,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,17 +512,5 @@ mod tests {
         }
         let r = c.report(&stats(0));
         assert_eq!((r.offset_holes, r.offsets_skipped), (1, 2));
-    }
-
-    #[test]
-    fn negative_latency_is_counted_and_recorded_as_zero() {
-        let mut l = Latency::new();
-        l.record(-300);
-        l.record(70_000_000);
-        let s = l.summary();
-        assert_eq!((s.count, s.negative), (2, 1));
-        assert_eq!(s.p50, Some(0));
-        assert!(s.max.unwrap() >= MAX_LATENCY_US && s.max.unwrap() < MAX_LATENCY_US * 101 / 100);
-        assert_eq!(Latency::new().summary().p99, None);
     }
 }

@@ -22,6 +22,7 @@
 pub mod cli;
 pub mod consume;
 pub mod fdlimit;
+pub mod latency;
 pub mod lines;
 pub mod output;
 pub mod pki;

@@ -42,6 +42,8 @@ struct Behaviour {
     reject_every: Option<u64>,
     /// Sleep 1 ms after every this many lines (a slow reader: the client's writes block).
     pause_every: Option<u64>,
+    /// Sleep this long before each acknowledgement.
+    ack_delay: Option<Duration>,
 }
 
 /// A server that reads newline-delimited JSON on every connection until EOF, then closes it.
@@ -160,6 +162,9 @@ fn serve(stream: impl LineStream, behaviour: Behaviour) -> Seen {
                         let reply = ErrorCode::MalformedJson.error_line();
                         let _ = reader.get_mut().write_all(reply.as_bytes());
                     } else if acks {
+                        if let Some(delay) = behaviour.ack_delay {
+                            std::thread::sleep(delay);
+                        }
                         let mut reply = Vec::new();
                         stormgate_protocol::reply::push_ack(&mut reply, seq);
                         let _ = reader.get_mut().write_all(&reply);
@@ -641,6 +646,46 @@ fn over_tls_acknowledgements_are_read_and_counted() {
     assert_eq!(summary["acked_lines"], 2000);
     assert_eq!(summary["ack_replies"], 2000);
     assert_eq!(summary["nacks"], 0);
+}
+
+/// Every acknowledged line is timed, in every child process, from its building to its ack.
+#[test]
+fn acknowledgements_are_timed_across_child_processes() {
+    let delay = Duration::from_millis(5);
+    let server = LineServer::start(Behaviour {
+        ack_delay: Some(delay),
+        ..Behaviour::default()
+    });
+    let target = server.addr.to_string();
+    let (out, summary) = loadgen(&[
+        "send",
+        "--target",
+        &target,
+        "--connections=4",
+        "--max-conns-per-process=2",
+        "--rate=20",
+        "--lines-per-conn=20",
+        "--seq",
+        "--acks",
+        "--quiet-progress",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    server.collect(4);
+    assert_eq!(summary["processes"], 2);
+    assert_eq!(summary["acked_lines"], 80);
+    let latency = &summary["ack_latency_us"];
+    assert_eq!(latency["count"], 80, "{summary}");
+    // Every ack came at least `delay` after its line; none near a second (20 lines a
+    // second per connection, each answered 5 ms after it was read).
+    let p50 = latency["p50"].as_u64().unwrap();
+    let max = latency["max"].as_u64().unwrap();
+    assert!(
+        p50 >= delay.as_micros() as u64 && max < 500_000,
+        "{latency}"
+    );
+    let histogram = summary["ack_latency_histogram"].as_str().unwrap();
+    let whole = stormgate_loadgen::latency::Latency::decode(histogram).unwrap();
+    assert_eq!(whole.summary().count, 80);
 }
 
 /// Mutual TLS, paced, split over processes: the children get the TLS flags too.

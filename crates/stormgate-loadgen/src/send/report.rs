@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::worker::WorkerReport;
+use crate::latency::{Latency, LatencySummary};
 use crate::output::grouped;
 
 /// The JSON summary of a send run (one line on stdout).
@@ -69,6 +70,12 @@ pub struct SendSummary {
     /// `reconnect` replies (a draining server's request to connect again), apart from
     /// `error_replies`: the server stopping is not the stations' error.
     pub reconnects: u64,
+    /// With --acks: each acknowledged line's time from being built to its `ack` read, in
+    /// µs, as the station saw it (waits for room in the socket included).
+    pub ack_latency_us: Option<LatencySummary>,
+    /// The same as an HdrHistogram (V2 deflate, base64; see [`Latency::encode`]): how child
+    /// processes' latencies add up, and the whole distribution for whoever wants it.
+    pub ack_latency_histogram: Option<String>,
 }
 
 impl SendSummary {
@@ -80,7 +87,9 @@ impl SendSummary {
             threads: reports.len() as u64,
             ..SendSummary::default()
         };
+        let mut ack_latency = Latency::new();
         for r in reports {
+            ack_latency.add(&r.ack_latency);
             s.connected += r.connected;
             s.connect_errors += r.connect_errors;
             s.lines_sent += r.lines_sent;
@@ -111,6 +120,7 @@ impl SendSummary {
         s.duration_s = secs(started, finished);
         s.drain_s = secs(finished, ended);
         s.rates();
+        s.set_ack_latency(&ack_latency);
         s
     }
 
@@ -121,7 +131,15 @@ impl SendSummary {
             processes: children.len() as u64,
             ..SendSummary::default()
         };
+        let mut ack_latency = Latency::new();
         for c in children {
+            match c.ack_latency_histogram.as_deref().map(Latency::decode) {
+                Some(Ok(latency)) => ack_latency.add(&latency),
+                Some(Err(e)) if s.first_error.is_none() => {
+                    s.first_error = Some(format!("a child's ack latency histogram: {e}"));
+                }
+                _ => {}
+            }
             s.connections += c.connections;
             s.connected += c.connected;
             s.connect_errors += c.connect_errors;
@@ -147,7 +165,15 @@ impl SendSummary {
             }
         }
         s.rates();
+        s.set_ack_latency(&ack_latency);
         s
+    }
+
+    fn set_ack_latency(&mut self, latency: &Latency) {
+        if !latency.is_empty() {
+            self.ack_latency_us = Some(latency.summary());
+            self.ack_latency_histogram = Some(latency.encode());
+        }
     }
 
     fn rates(&mut self) {
@@ -256,6 +282,43 @@ mod tests {
         assert_eq!(s.error_replies, [("a".into(), 2), ("b".into(), 2)].into());
         assert_eq!(s.first_error.as_deref(), Some("boom"));
         assert_eq!(s.reconnects, 6);
+        assert_eq!(s.ack_latency_us, None, "no acks, no latencies");
+    }
+
+    #[test]
+    fn ack_latencies_add_up_across_threads_and_child_processes() {
+        let t0 = Instant::now();
+        let worker = |us: u64, n: u64| {
+            let mut r = WorkerReport::default();
+            r.ack_latency.record_n(us, n);
+            r
+        };
+        // Two processes, one of two threads: 60 lines at 1 ms, 40 at 1 s.
+        let a = SendSummary::from_workers(t0, &[worker(1_000, 50), worker(1_000_000, 30)]);
+        let b = SendSummary::from_workers(t0, &[worker(1_000, 10), worker(1_000_000, 10)]);
+        assert_eq!(a.ack_latency_us.as_ref().map(|l| l.count), Some(80));
+        // Through JSON, as a child's summary reaches its parent.
+        let b: SendSummary = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
+        let s = SendSummary::merge(&[a, b]);
+        let l = s.ack_latency_us.expect("the merged latencies");
+        assert_eq!((l.count, l.p50), (100, Some(1_000)));
+        assert!(
+            l.p90.is_some_and(|v| (1_000_000..=1_001_000).contains(&v)),
+            "{l:?}"
+        );
+        let whole = Latency::decode(s.ack_latency_histogram.as_deref().unwrap()).unwrap();
+        assert_eq!(whole.summary().count, 100);
+        assert_eq!(s.first_error, None);
+
+        let broken = SendSummary {
+            ack_latency_histogram: Some("garbage".into()),
+            ..SendSummary::default()
+        };
+        let s = SendSummary::merge(&[broken]);
+        assert!(
+            s.first_error
+                .is_some_and(|e| e.contains("ack latency histogram"))
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ use socket2::Socket;
 use stormgate_protocol::Reply;
 
 use super::stream::Stream;
+use crate::latency::Latency;
 use crate::lines::{self, MetricsLines};
 use crate::plan;
 use crate::tls::TlsClient;
@@ -138,6 +139,8 @@ pub struct WorkerReport {
     pub ack_replies: u64,
     /// `nack` replies.
     pub nacks: u64,
+    /// Each acknowledged line's time from being built to its `ack` read, in µs.
+    pub ack_latency: Latency,
     /// `reconnect` replies: a draining server asking the station to connect again (the
     /// senders do not); not errors.
     pub reconnects: u64,
@@ -185,8 +188,8 @@ struct Conn {
     tokens: f64,
     /// A reply line not complete yet.
     reply: Vec<u8>,
-    /// The next seq without an answer.
-    answered: u64,
+    /// With --acks: the lines without an answer yet.
+    unanswered: Unanswered,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -238,7 +241,7 @@ impl<'a> Worker<'a> {
                 lines: 0,
                 tokens: 0.0,
                 reply: Vec::new(),
-                answered: 0,
+                unanswered: Unanswered::default(),
             })
             .collect();
         Ok(Worker {
@@ -578,6 +581,9 @@ impl<'a> Worker<'a> {
         }
         let built = c.lines - first;
         self.report.lines_sent += built;
+        if self.cfg.acks {
+            c.unanswered.built(first..c.lines, Instant::now());
+        }
         if self.cfg.rate > 0.0 {
             c.tokens -= built as f64;
         }
@@ -651,17 +657,23 @@ impl<'a> Worker<'a> {
 
     /// Counts the error lines among the `n` bytes just read into the read buffer.
     fn handle_replies(&mut self, i: usize, n: usize) {
+        let now = Instant::now();
         let mut data = &self.read_buf[..n];
         while let Some(end) = data.iter().position(|&b| b == b'\n') {
             let (line, rest) = data.split_at(end + 1);
             data = rest;
             let c = &mut self.conns[i];
             if c.reply.is_empty() {
-                count_reply(&mut self.report, &mut c.answered, &line[..end]);
+                count_reply(&mut self.report, &mut c.unanswered, &line[..end], now);
             } else {
                 c.reply.extend_from_slice(line);
                 let full = std::mem::take(&mut c.reply);
-                count_reply(&mut self.report, &mut c.answered, &full[..full.len() - 1]);
+                count_reply(
+                    &mut self.report,
+                    &mut c.unanswered,
+                    &full[..full.len() - 1],
+                    now,
+                );
             }
         }
         self.conns[i].reply.extend_from_slice(data);
@@ -691,6 +703,7 @@ impl<'a> Worker<'a> {
         c.out = Vec::new();
         c.out_pos = 0;
         c.reply = Vec::new();
+        c.unanswered.built = VecDeque::new();
         self.drop_stream(i);
     }
 
@@ -857,21 +870,62 @@ fn unsent_lines(rest: &[u8]) -> u64 {
     rest.iter().filter(|&&b| b == b'\n').count() as u64
 }
 
-/// Counts one reply line; `answered` is the connection's next unanswered seq.
-fn count_reply(report: &mut WorkerReport, answered: &mut u64, line: &[u8]) {
+/// An acknowledging connection's lines without an answer yet: the next seq to be answered
+/// and, per batch of lines built, their seqs and when they were built. An `ack` times every
+/// line it covers as a station sees it: from building the line, through any wait for room
+/// in the socket and the server's work, to reading the reply.
+#[derive(Debug, Default)]
+struct Unanswered {
+    next: u64,
+    built: VecDeque<(Range<u64>, Instant)>,
+}
+
+impl Unanswered {
+    fn built(&mut self, seqs: Range<u64>, at: Instant) {
+        if !seqs.is_empty() {
+            self.built.push_back((seqs, at));
+        }
+    }
+
+    /// Answers every line up to seq `last`, timing them into `latency` if given (acks, not
+    /// nacks); returns how many lines that answered for the first time.
+    fn answer(&mut self, last: u64, now: Instant, mut latency: Option<&mut Latency>) -> u64 {
+        let end = last + 1;
+        let newly = end.saturating_sub(self.next);
+        self.next = self.next.max(end);
+        while let Some((seqs, at)) = self.built.front_mut() {
+            let covered = seqs.start..seqs.end.min(end);
+            if covered.is_empty() {
+                break;
+            }
+            if let Some(latency) = latency.as_deref_mut() {
+                let us = now.saturating_duration_since(*at).as_micros() as u64;
+                latency.record_n(us, covered.end - covered.start);
+            }
+            if covered.end < seqs.end {
+                seqs.start = covered.end;
+                break;
+            }
+            self.built.pop_front();
+        }
+        newly
+    }
+}
+
+/// Counts one reply line, read at `now`.
+fn count_reply(report: &mut WorkerReport, unanswered: &mut Unanswered, line: &[u8], now: Instant) {
     let code: Cow<'_, str> = match Reply::parse(line) {
         Ok(Reply::Error { code, .. }) => code.as_str().into(),
         // A newer server's code is still counted under its own name.
         Ok(Reply::OtherError { code, .. }) => String::from(code).into(),
         Ok(Reply::Ack { seq: last } | Reply::AckUpto { upto: last }) => {
             report.ack_replies += 1;
-            report.acked_lines += (last + 1).saturating_sub(*answered);
-            *answered = (*answered).max(last + 1);
+            report.acked_lines += unanswered.answer(last, now, Some(&mut report.ack_latency));
             return;
         }
         Ok(Reply::Nack { seq, .. } | Reply::OtherNack { seq, .. }) => {
             report.nacks += 1;
-            *answered = (*answered).max(seq + 1);
+            unanswered.answer(seq, now, None);
             return;
         }
         Ok(Reply::Reconnect) => {
@@ -900,7 +954,7 @@ mod tests {
             br#"{"type":"error","code":"from_a_newer_server","message":"x"}"#,
             b"garbage\r",
         ] {
-            count_reply(&mut r, &mut 0, line);
+            count_reply(&mut r, &mut Unanswered::default(), line, Instant::now());
         }
         assert_eq!(r.error_replies["from_a_newer_server"], 1);
         assert_eq!(r.error_replies["malformed_json"], 2);
@@ -912,12 +966,15 @@ mod tests {
     #[test]
     fn reconnect_replies_are_counted_apart_and_are_not_errors() {
         let mut r = WorkerReport::default();
-        let mut answered = 3;
+        let mut unanswered = Unanswered {
+            next: 3,
+            ..Unanswered::default()
+        };
         for line in [&br#"{"type":"reconnect"}"#[..], br#"{"type":"reconnect"}"#] {
-            count_reply(&mut r, &mut answered, line);
+            count_reply(&mut r, &mut unanswered, line, Instant::now());
         }
         assert_eq!(r.reconnects, 2);
-        assert_eq!(answered, 3, "a reconnect answers no line");
+        assert_eq!(unanswered.next, 3, "a reconnect answers no line");
         assert!(r.error_replies.is_empty());
         assert_eq!(r.first_error, None);
     }
@@ -925,18 +982,55 @@ mod tests {
     #[test]
     fn acks_count_lines_and_upto_counts_the_range() {
         let mut r = WorkerReport::default();
-        let mut answered = 0;
+        let mut unanswered = Unanswered::default();
         for line in [
             &br#"{"type":"ack","seq":0}"#[..],
             br#"{"type":"ack","upto":9}"#,
             br#"{"type":"nack","seq":10,"code":"delivery_failed"}"#,
             br#"{"type":"ack","upto":14}"#,
         ] {
-            count_reply(&mut r, &mut answered, line);
+            count_reply(&mut r, &mut unanswered, line, Instant::now());
         }
         assert_eq!((r.acked_lines, r.ack_replies, r.nacks), (14, 3, 1));
-        assert_eq!(answered, 15);
+        assert_eq!(unanswered.next, 15);
         assert!(r.error_replies.is_empty());
+    }
+
+    #[test]
+    fn an_ack_times_each_line_it_covers_from_its_batch_and_a_nack_times_none() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut u = Unanswered::default();
+        u.built(0..4, t0);
+        u.built(4..4, t0 + ms(1));
+        u.built(4..10, t0 + ms(2));
+        u.built(10..12, t0 + ms(3));
+        let mut latency = Latency::new();
+        // Lines 0-5 at 10 ms: four built at t0, two at 2 ms; the batch 4..10 stays, from 6.
+        assert_eq!(u.answer(5, t0 + ms(10), Some(&mut latency)), 6);
+        // Three significant figures: a value reads back as at most 0.1% more.
+        let near =
+            |got: Option<u64>, us: u64| got.is_some_and(|v| v >= us && v <= us * 1001 / 1000);
+        let s = latency.summary();
+        assert_eq!(s.count, 6);
+        assert!(near(latency.summary().p50, 10_000), "{s:?}");
+        assert!(near(s.p90, 10_000) && near(s.max, 10_000), "{s:?}");
+        let mut early = Latency::new();
+        early.record_n(8_000, 2);
+        early.record_n(10_000, 4);
+        assert_eq!(s, early.summary());
+        assert_eq!(u.built.front(), Some(&(6..10, t0 + ms(2))));
+        // A nack of line 9 answers 6-9 untimed; a repeated ack answers nothing more.
+        assert_eq!(u.answer(9, t0 + ms(20), None), 4);
+        assert_eq!(u.answer(3, t0 + ms(20), Some(&mut latency)), 0);
+        assert_eq!(u.answer(11, t0 + ms(23), Some(&mut latency)), 2);
+        let s = latency.summary();
+        assert_eq!(s.count, 8, "the nack's four lines are not timed");
+        assert!(
+            near(s.p999, 20_000),
+            "lines 10 and 11, built at 3 ms: {s:?}"
+        );
+        assert!(u.built.is_empty() && u.next == 12);
     }
 
     #[test]
