@@ -165,6 +165,13 @@ def buffer_summary(doc, add):
         f"{yes[met['cpu']]}); durable-ack p99 **{station} ms** at the station ({server} ms "
         f"append → durable in the server) at {fmt(ack['at_records_per_s'])} records/s "
         f"(target ≤ {t['durable_p99_ms_max']} ms: {yes[met['durable_p99']]}).\n")
+    alone = d.get("durable_ack_broker_paused_ms")
+    if alone:
+        add(f"The same half-rate load with the broker paused (SIGSTOP: the server's durable path "
+            f"alone, no deliveries, no broker on the cores or the disk): station ack p50/p99 "
+            f"{alone['station_send_to_ack']['p50']}/{alone['station_send_to_ack']['p99']} ms, "
+            f"fdatasync p99 {alone['fdatasync']['p99']} ms (with deliveries: "
+            f"{ack.get('fdatasync', {}).get('p99')} ms).\n")
     o = d["outage"]
     add(f"Outage: {fmt(o['incoming_per_s'])} lines/s from {o['connections']} stations; the "
         f"broker stopped at {o['broker_stopped_at_s']} s and answered again "
