@@ -31,6 +31,7 @@ Only the standard library is used, so the harness runs wherever python3 does.
 import argparse
 import atexit
 import collections
+import contextlib
 import datetime
 import errno
 import json
@@ -144,6 +145,19 @@ class Broker:
 
     def rss_mib(self):
         return round(memory_bytes(self.pid())[0] / 2**20, 1)
+
+    @contextlib.contextmanager
+    def paused(self, pause=True):
+        """Stops the broker (SIGSTOP) for the `with` block, and continues it (SIGCONT)
+        however the block ends; a no-op unless `pause`."""
+        pid = self.pid() if pause else None
+        if pid:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            if pid:
+                os.kill(pid, signal.SIGCONT)
 
 
 def kafka_sh(*args, check=True):
@@ -499,17 +513,12 @@ def kafka_run(label, connections, duration, server_args=(), env=None, rate=0, ve
         # Smoke runs prove the harness works, not speed: a paced trickle keeps them short and
         # light on the broker (flat out, one smoke second is ~1.5M records).
         rate = SMOKE_RATE
-    if broker_paused:
-        os.kill(broker.pid(), signal.SIGSTOP)
-    try:
+    with broker.paused(broker_paused):
         sent = loadgen(
             "send", "--target", server.target, "--connections", connections, *limit,
             "--rate", rate, "--seq", "--timestamps", "--drain-timeout", "120s", *send_args,
             quiet=SMOKE,
         )
-    finally:
-        if broker_paused:
-            os.kill(broker.pid(), signal.SIGCONT)
     cpu_load = server.cpu() - cpu0
     load_s = time.time() - t0
     scrape1 = scrape(server) if buffer_metrics else None
@@ -2180,15 +2189,11 @@ def recovery_run(label, conns, send_buffer, phases, bound=True):
     time.sleep(steady)
     counters0 = tcp_counters()
     t_pause = time.time() - t0
-    pid = broker.pid()
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    with broker.paused():
         time.sleep(down)
         memory_paused = tcp_mem_pages()
         backpressure_waits = server.metric("stormgate_backpressure_waits_total")
-    finally:
         t_release = time.time() - t0
-        os.kill(pid, signal.SIGCONT)
     counters1 = tcp_counters()
     log(f"{label}: broker paused at {t_pause:.1f} s, resumed at {t_release:.1f} s; host TCP "
         f"memory {memory_paused['mem_pages']:,} pages (tcp_mem {memory_paused['tcp_mem']})")
