@@ -1320,20 +1320,31 @@ impl LocalExecutor {
         self.reactor.need_preempt()
     }
 
+    /// Runs task queues until preempted or until none is runnable. Returns
+    /// `false` only when no task queue is active: the one case in which the
+    /// caller may park.
+    ///
+    /// Every pass runs at least one task, however early the preemption. One
+    /// can be pending before the first queue runs: the preempt timer armed by
+    /// `poll_io` expired while this thread was off its core, or it is shorter
+    /// than the way here (a `Latency::Matters` queue can ask for any duration).
+    /// Reading that as "nothing to run" parked the executor with runnable
+    /// tasks, which are its own work: no completion and no other thread wakes
+    /// it for them, so it slept for good. Checking before the first task
+    /// instead would spin without progress for as long as the timer keeps
+    /// expiring first.
     fn run_task_queues(&self) -> bool {
         let mut ran = false;
         loop {
             self.reactor.sys.install_eventfd();
-            if self.need_preempt() {
-                break;
+            if ran && self.need_preempt() {
+                return true;
             }
             if !self.run_one_task_queue() {
                 return false;
-            } else {
-                ran = true;
             }
+            ran = true;
         }
-        ran
     }
 
     fn run_one_task_queue(&self) -> bool {
@@ -1373,7 +1384,9 @@ impl LocalExecutor {
             let mut tasks_executed_this_loop = 0;
             loop {
                 let mut queue_ref = queue.borrow_mut();
-                if self.need_preempt() || queue_ref.yielded() {
+                // The first task runs even if a preemption is pending: see
+                // `run_task_queues`.
+                if queue_ref.yielded() || (tasks_executed_this_loop > 0 && self.need_preempt()) {
                     break;
                 }
 
