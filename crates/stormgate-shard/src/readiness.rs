@@ -428,11 +428,24 @@ mod tests {
         (Socket::new(fd, readiness).unwrap(), client)
     }
 
+    /// Runs `body` on an executor, with a readiness source whose writes time out after
+    /// `write_timeout` and its pump running, as a shard has them.
+    fn on_shard<F, Fut>(write_timeout: Option<Duration>, body: F)
+    where
+        F: FnOnce(Rc<Readiness>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        LocalExecutor::default().run(async {
+            let readiness = Rc::new(Readiness::new(write_timeout).unwrap());
+            let pump = glommio::spawn_local(Rc::clone(&readiness).run());
+            body(readiness).await;
+            drop(pump);
+        });
+    }
+
     #[test]
     fn a_waiting_read_is_woken_by_bytes_and_by_the_end_of_stream() {
-        LocalExecutor::default().run(async {
-            let readiness = Rc::new(Readiness::new(None).unwrap());
-            let pump = glommio::spawn_local(Rc::clone(&readiness).run());
+        on_shard(None, |readiness| async move {
             let (mut socket, mut client) = pair(&readiness);
             let writer = std::thread::spawn(move || {
                 for chunk in [&b"first\n"[..], b"second\n"] {
@@ -456,7 +469,6 @@ mod tests {
             assert_eq!(readiness.len(), 1);
             drop(socket);
             assert_eq!(readiness.len(), 0, "a dropped socket leaves the table");
-            drop(pump);
         });
     }
 
@@ -465,9 +477,7 @@ mod tests {
     /// brings no further event).
     #[test]
     fn the_end_of_stream_behind_the_last_bytes_is_not_missed() {
-        LocalExecutor::default().run(async {
-            let readiness = Rc::new(Readiness::new(None).unwrap());
-            let pump = glommio::spawn_local(Rc::clone(&readiness).run());
+        on_shard(None, |readiness| async move {
             let (mut socket, mut client) = pair(&readiness);
             client.write_all(b"last line\n").unwrap();
             client.shutdown(std::net::Shutdown::Write).unwrap();
@@ -481,7 +491,6 @@ mod tests {
             .await
             .expect("the end of stream was missed");
             assert_eq!(eof.unwrap(), 0);
-            drop(pump);
         });
     }
 
@@ -490,9 +499,7 @@ mod tests {
     /// queued in the kernel; writes go on.
     #[test]
     fn ended_reads_return_end_of_file_and_wake_the_waiting_read() {
-        LocalExecutor::default().run(async {
-            let readiness = Rc::new(Readiness::new(None).unwrap());
-            let pump = glommio::spawn_local(Rc::clone(&readiness).run());
+        on_shard(None, |readiness| async move {
             let (mut socket, mut client) = pair(&readiness);
             let key = socket.key();
             let ender = glommio::spawn_local({
@@ -517,15 +524,12 @@ mod tests {
             let mut answer = [0u8; 7];
             client.read_exact(&mut answer).unwrap();
             assert_eq!(&answer, b"answer\n");
-            drop(pump);
         });
     }
 
     #[test]
     fn many_sockets_wait_on_one_source_and_each_gets_its_own_bytes() {
-        LocalExecutor::default().run(async {
-            let readiness = Rc::new(Readiness::new(None).unwrap());
-            let pump = glommio::spawn_local(Rc::clone(&readiness).run());
+        on_shard(None, |readiness| async move {
             let mut clients = Vec::new();
             let mut tasks = Vec::new();
             for i in 0..300u32 {
@@ -549,15 +553,12 @@ mod tests {
                 task.await;
             }
             drop(writer.join().unwrap());
-            drop(pump);
         });
     }
 
     #[test]
     fn a_write_waits_for_room_and_fails_past_the_write_timeout() {
-        LocalExecutor::default().run(async {
-            let readiness = Rc::new(Readiness::new(Some(Duration::from_millis(200))).unwrap());
-            let pump = glommio::spawn_local(Rc::clone(&readiness).run());
+        on_shard(Some(Duration::from_millis(200)), |readiness| async move {
             let (mut socket, mut client) = pair(&readiness);
             // The station reads 1 MiB later: the write waits for room, then completes.
             let reader = std::thread::spawn(move || {
@@ -583,7 +584,6 @@ mod tests {
             assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
             assert!(started.elapsed() >= Duration::from_millis(200));
             drop(expire);
-            drop(pump);
         });
     }
 }
