@@ -147,6 +147,17 @@ class Broker:
         return round(memory_bytes(self.pid())[0] / 2**20, 1)
 
     @contextlib.contextmanager
+    def stopped(self):
+        """Stops the broker (`kafka.sh stop`: a controlled shutdown, then connections
+        refused) for the `with` block, and starts it again however the block ends; the start
+        returns once it answers Metadata."""
+        kafka_sh("stop", KAFKA_PORT)
+        try:
+            yield
+        finally:
+            kafka_sh("start", KAFKA_PORT)
+
+    @contextlib.contextmanager
     def paused(self, pause=True):
         """Stops the broker (SIGSTOP) for the `with` block, and continues it (SIGCONT)
         however the block ends; a no-op unless `pause`."""
@@ -1721,20 +1732,10 @@ def outage_run(method):
     steady_max = max([conns * per_conn / 20] + [
         s["buffered"] for s in sampler.samples[len(sampler.samples) // 2:]])
     t_stop = time.time() - t0
-    pid = broker.pid()
-    if method == "pause":
-        os.kill(pid, signal.SIGSTOP)
-    else:
-        kafka_sh("stop", KAFKA_PORT)
-    try:
+    with broker.paused() if method == "pause" else broker.stopped():
         t_stopped = time.time() - t0
         time.sleep(max(0.0, t0 + t_stop + down - time.time()))
         t_start = time.time() - t0
-    finally:
-        if method == "pause":
-            os.kill(pid, signal.SIGCONT)
-        else:
-            kafka_sh("start", KAFKA_PORT)
     t_up = time.time() - t0
     log(f"outage: broker stopped at {t_stop:.1f} s (down in {t_stopped - t_stop:.1f} s), "
         f"started at {t_start:.1f} s, answering at {t_up:.1f} s; "
