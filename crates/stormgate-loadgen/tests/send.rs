@@ -197,6 +197,16 @@ fn loadgen(args: &[&str]) -> (Output, Value) {
     (out, summary)
 }
 
+/// `stormgate-loadgen send --target SERVER FLAGS...`: its output and its JSON summary.
+fn send(server: &LineServer, flags: &[&str]) -> (Output, Value) {
+    let target = server.addr.to_string();
+    let args: Vec<&str> = ["send", "--target", &target]
+        .into_iter()
+        .chain(flags.iter().copied())
+        .collect();
+    loadgen(&args)
+}
+
 fn zipcodes(seen: &[Seen]) -> Vec<String> {
     let mut z: Vec<String> = seen.iter().filter_map(|s| s.zipcode.clone()).collect();
     z.sort();
@@ -209,17 +219,16 @@ fn every_line_arrives_in_order_and_error_replies_are_counted() {
         reject_every: Some(10),
         ..Behaviour::default()
     });
-    let target = server.addr.to_string();
-    let (out, summary) = loadgen(&[
-        "send",
-        "--target",
-        &target,
-        "--connections=50",
-        "--lines-per-conn=100",
-        "--seq",
-        "--timestamps",
-        "--quiet-progress",
-    ]);
+    let (out, summary) = send(
+        &server,
+        &[
+            "--connections=50",
+            "--lines-per-conn=100",
+            "--seq",
+            "--timestamps",
+            "--quiet-progress",
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     let seen = server.collect(50);
     assert_eq!(seen.iter().map(|s| s.identifies).sum::<u64>(), 50);
@@ -258,21 +267,20 @@ fn every_line_arrives_in_order_and_error_replies_are_counted() {
 #[test]
 fn a_split_run_adds_up_its_processes() {
     let server = LineServer::start(Behaviour::default());
-    let target = server.addr.to_string();
     let summary_file =
         std::env::temp_dir().join(format!("loadgen-split-{}.json", std::process::id()));
-    let (out, summary) = loadgen(&[
-        "send",
-        "--target",
-        &target,
-        "--connections=20",
-        "--max-conns-per-process=8",
-        "--lines-per-conn=10",
-        "--zip-base=500",
-        "--seq",
-        "--summary",
-        summary_file.to_str().unwrap(),
-    ]);
+    let (out, summary) = send(
+        &server,
+        &[
+            "--connections=20",
+            "--max-conns-per-process=8",
+            "--lines-per-conn=10",
+            "--zip-base=500",
+            "--seq",
+            "--summary",
+            summary_file.to_str().unwrap(),
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     let seen = server.collect(20);
     assert_eq!(seen.iter().map(|s| s.metrics).sum::<u64>(), 200);
@@ -306,17 +314,16 @@ fn ratio_ok(sent: f64, due: f64) -> bool {
 #[test]
 fn rate_limits_each_connection() {
     let server = LineServer::start(Behaviour::default());
-    let target = server.addr.to_string();
-    let (out, summary) = loadgen(&[
-        "send",
-        "--target",
-        &target,
-        "--connections=10",
-        "--rate=50",
-        "--duration=1s",
-        "--seq",
-        "--quiet-progress",
-    ]);
+    let (out, summary) = send(
+        &server,
+        &[
+            "--connections=10",
+            "--rate=50",
+            "--duration=1s",
+            "--seq",
+            "--quiet-progress",
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     let seen = server.collect(10);
     let lines = summary["lines_sent"].as_u64().unwrap();
@@ -498,11 +505,7 @@ fn backpressure_loses_and_splits_no_line(transport: Transport) {
         pause_every: Some(100),
         ..Behaviour::default()
     });
-    let target = server.addr.to_string();
-    let mut args = vec![
-        "send",
-        "--target",
-        &target,
+    let mut flags = vec![
         "--connections=4",
         "--duration=1s",
         "--drain-timeout=10s",
@@ -510,8 +513,8 @@ fn backpressure_loses_and_splits_no_line(transport: Transport) {
         "--timestamps",
         "--quiet-progress",
     ];
-    args.extend(transport.args());
-    let (out, summary) = loadgen(&args);
+    flags.extend(transport.args());
+    let (out, summary) = send(&server, &flags);
     assert!(out.status.success(), "{out:?}");
     let seen = server.collect(4);
     assert_intact(&seen);
@@ -536,18 +539,14 @@ fn backpressure_loses_and_splits_no_line_over_tls() {
 /// Idle connections connect (over TLS: handshake), identify and hold until the end.
 fn idle_connections_identify_and_hold(transport: Transport) {
     let server = transport.start(Behaviour::default());
-    let target = server.addr.to_string();
-    let mut args = vec![
-        "send",
-        "--target",
-        &target,
+    let mut flags = vec![
         "--connections=10",
         "--idle",
         "--duration=700ms",
         "--quiet-progress",
     ];
-    args.extend(transport.args());
-    let (out, summary) = loadgen(&args);
+    flags.extend(transport.args());
+    let (out, summary) = send(&server, &flags);
     assert!(out.status.success(), "{out:?}");
     let seen = server.collect(10);
     assert_intact(&seen);
@@ -582,20 +581,19 @@ fn over_tls_every_line_arrives_in_order_and_replies_are_read() {
         },
         pki.server_config(false),
     );
-    let target = server.addr.to_string();
-    let (out, summary) = loadgen(&[
-        "send",
-        "--target",
-        &target,
-        "--connections=20",
-        "--threads=2",
-        "--lines-per-conn=300",
-        "--seq",
-        "--timestamps",
-        "--quiet-progress",
-        "--tls-ca",
-        &pki.ca,
-    ]);
+    let (out, summary) = send(
+        &server,
+        &[
+            "--connections=20",
+            "--threads=2",
+            "--lines-per-conn=300",
+            "--seq",
+            "--timestamps",
+            "--quiet-progress",
+            "--tls-ca",
+            &pki.ca,
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     let seen = server.collect(20);
     assert_intact(&seen);
@@ -624,21 +622,20 @@ fn over_tls_every_line_arrives_in_order_and_replies_are_read() {
 fn over_tls_acknowledgements_are_read_and_counted() {
     let pki = Pki::new();
     let server = LineServer::start_tls(Behaviour::default(), pki.server_config(false));
-    let target = server.addr.to_string();
-    let (out, summary) = loadgen(&[
-        "send",
-        "--target",
-        &target,
-        "--connections=5",
-        "--lines-per-conn=400",
-        "--seq",
-        "--acks",
-        "--quiet-progress",
-        "--tls-ca",
-        &pki.ca,
-        // The certificate names the address too.
-        "--tls-server-name=127.0.0.1",
-    ]);
+    let (out, summary) = send(
+        &server,
+        &[
+            "--connections=5",
+            "--lines-per-conn=400",
+            "--seq",
+            "--acks",
+            "--quiet-progress",
+            "--tls-ca",
+            &pki.ca,
+            // The certificate names the address too.
+            "--tls-server-name=127.0.0.1",
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     let seen = server.collect(5);
     assert_intact(&seen);
@@ -656,19 +653,18 @@ fn acknowledgements_are_timed_across_child_processes() {
         ack_delay: Some(delay),
         ..Behaviour::default()
     });
-    let target = server.addr.to_string();
-    let (out, summary) = loadgen(&[
-        "send",
-        "--target",
-        &target,
-        "--connections=4",
-        "--max-conns-per-process=2",
-        "--rate=20",
-        "--lines-per-conn=20",
-        "--seq",
-        "--acks",
-        "--quiet-progress",
-    ]);
+    let (out, summary) = send(
+        &server,
+        &[
+            "--connections=4",
+            "--max-conns-per-process=2",
+            "--rate=20",
+            "--lines-per-conn=20",
+            "--seq",
+            "--acks",
+            "--quiet-progress",
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     server.collect(4);
     assert_eq!(summary["processes"], 2);
@@ -693,24 +689,23 @@ fn acknowledgements_are_timed_across_child_processes() {
 fn over_tls_a_paced_split_run_presents_its_client_certificate() {
     let pki = Pki::new();
     let server = LineServer::start_tls(Behaviour::default(), pki.server_config(true));
-    let target = server.addr.to_string();
-    let (out, summary) = loadgen(&[
-        "send",
-        "--target",
-        &target,
-        "--connections=10",
-        "--max-conns-per-process=4",
-        "--rate=100",
-        "--duration=1s",
-        "--seq",
-        "--quiet-progress",
-        "--tls-ca",
-        &pki.ca,
-        "--tls-cert",
-        &pki.client_cert,
-        "--tls-key",
-        &pki.client_key,
-    ]);
+    let (out, summary) = send(
+        &server,
+        &[
+            "--connections=10",
+            "--max-conns-per-process=4",
+            "--rate=100",
+            "--duration=1s",
+            "--seq",
+            "--quiet-progress",
+            "--tls-ca",
+            &pki.ca,
+            "--tls-cert",
+            &pki.client_cert,
+            "--tls-key",
+            &pki.client_key,
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     let seen = server.collect(10);
     assert_intact(&seen);
@@ -728,17 +723,16 @@ fn over_tls_a_paced_split_run_presents_its_client_certificate() {
 fn over_tls_a_server_certificate_from_another_ca_fails_every_handshake() {
     let (ours, theirs) = (Pki::new(), Pki::new());
     let server = LineServer::start_tls(Behaviour::default(), theirs.server_config(false));
-    let target = server.addr.to_string();
-    let (out, summary) = loadgen(&[
-        "send",
-        "--target",
-        &target,
-        "--connections=3",
-        "--lines-per-conn=1",
-        "--quiet-progress",
-        "--tls-ca",
-        &ours.ca,
-    ]);
+    let (out, summary) = send(
+        &server,
+        &[
+            "--connections=3",
+            "--lines-per-conn=1",
+            "--quiet-progress",
+            "--tls-ca",
+            &ours.ca,
+        ],
+    );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert_eq!(summary["connected"], 0);
     assert_eq!(summary["connect_errors"], 3);
