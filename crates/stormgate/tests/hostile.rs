@@ -234,7 +234,10 @@ fn stations_that_never_read_their_answers_are_not_read_either() {
 }
 
 /// 400 connections each holding a 65,000-byte partial line: each costs about the line
-/// (`TCP_MAX_LINE_BYTES`), not twice it.
+/// (`TCP_MAX_LINE_BYTES`), not twice it. A backlog that doubles as it grows costs 125,808
+/// bytes each; the fixed one 72,000-92,000 on the 2-core VM (RSS, so glibc's placement of
+/// the freed smaller backlogs across two shards' arenas moves it from run to run): the
+/// bound sits between the two.
 #[test]
 fn a_partial_line_costs_about_its_length() {
     let p = &mut Process::spawn(&[("SINK", "null"), ("TCP_LINE_TIMEOUT", "0s")]);
@@ -257,7 +260,7 @@ fn a_partial_line_costs_about_its_length() {
     let per_connection = grown / 400;
     eprintln!("partial lines: {per_connection} bytes per connection");
     assert!(
-        per_connection < 80_000,
+        per_connection < 105_000,
         "{per_connection} bytes per connection"
     );
     drop(streams);
