@@ -248,8 +248,8 @@ impl Connection {
             .replies
             .extend_from_slice(stormgate_protocol::RECONNECT_LINE.as_bytes());
         self.farewell().await;
-        if let Some(socket) = self.stream.socket() {
-            linger(socket, self.core.ledger.deadline.get()).await;
+        if let Some(fd) = self.stream.raw_fd() {
+            linger(fd, self.core.ledger.deadline.get()).await;
         }
         CloseReason::Shutdown
     }
@@ -466,6 +466,8 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
+/// How often [`linger`] looks whether the station closed its side.
+const LINGER_POLL: Duration = Duration::from_millis(10);
 /// Most bytes [`linger`] discards: more than a station that reads its replies can still
 /// have on its way when the `reconnect` line reaches it (the receive window is at most
 /// `TCP_RECV_BUFFER`, 256 KiB by default, and refills once while the line travels).
@@ -485,23 +487,25 @@ const LINGER_MAX_BYTES: usize = 1024 * 1024;
 /// cannot learn of the reconnect, keeps sending past the bounds, and is reset as before.
 ///
 /// Discarding re-opens the receive window, so a station with bytes still unsent gets them
-/// through and its FIN follows. The drain leaves the socket's read side open for this: on
-/// a socket whose read side is shut Linux sends no window update as its queue empties
-/// (`tcp_cleanup_rbuf`), and such a station would find the room only by its window probes,
-/// backing off past the farewell's bound. The wait is on the socket's events, as a read's
-/// is (`Socket::discard_until_closed`): at shutdown every connection of the shard lingers
-/// at once, and tens of thousands of them must not poll.
-async fn linger(socket: &Socket, deadline: Option<Instant>) {
+/// through and its FIN follows; the socket's TCP state says when it came (`CLOSE_WAIT`).
+/// The drain leaves the socket's read side open for this: on a socket whose read side is
+/// shut Linux sends no window update as its queue empties (`tcp_cleanup_rbuf`), and such
+/// a station would find the room only by its window probes, backing off past the
+/// farewell's bound. Plain non-blocking `recv`s, off the hot path: this runs once per
+/// connection, at shutdown.
+async fn linger(fd: std::os::fd::RawFd, deadline: Option<Instant>) {
     let until = earliest(after(Instant::now(), Some(FAREWELL_TIMEOUT)), deadline)
         .expect("a timeout is set");
-    let closed = async {
-        // An error (a reset) ends the wait as the station's end of stream does.
-        let _ = socket.discard_until_closed(LINGER_MAX_BYTES).await;
-    };
-    let bound = glommio::timer::sleep(until.saturating_duration_since(Instant::now()));
-    futures_lite::future::or(closed, bound).await;
-    // Whatever arrived since: a reset only if the station is still sending.
-    discard_queued(std::os::fd::AsRawFd::as_raw_fd(socket));
+    let mut discarded = 0;
+    loop {
+        discarded += discard_queued(fd);
+        if peer_closed(fd) || discarded > LINGER_MAX_BYTES || Instant::now() >= until {
+            // Whatever arrived since: a reset only if the station is still sending.
+            discard_queued(fd);
+            return;
+        }
+        glommio::timer::sleep(LINGER_POLL).await;
+    }
 }
 
 /// Reads and drops whatever the socket holds now, without waiting; returns how much.
@@ -523,6 +527,25 @@ fn discard_queued(fd: std::os::fd::RawFd) -> usize {
         }
         total += n as usize;
     }
+}
+
+/// Whether the station closed its side, or the connection is no longer established.
+fn peer_closed(fd: std::os::fd::RawFd) -> bool {
+    // SAFETY: tcp_info is plain integers, for which all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid fd, and a tcp_info buffer of the stated length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    const TCP_ESTABLISHED: u8 = 1;
+    rc != 0 || info.tcpi_state != TCP_ESTABLISHED
 }
 
 /// Where a read puts the station's bytes.

@@ -337,62 +337,6 @@ impl Socket {
         }
         Poll::Pending
     }
-
-    /// Reads and drops what the station sends, whether or not the shard ended the socket's
-    /// reads, until its end of stream (`Ok(true)`) or until more than `max` bytes were
-    /// dropped (`Ok(false)`); an error (a reset) ends it too. Waits on the socket's events
-    /// like a read: no system call while nothing arrives.
-    pub(crate) async fn discard_until_closed(&self, max: usize) -> io::Result<bool> {
-        let mut discarded = 0;
-        std::future::poll_fn(|cx| self.poll_discard(cx, &mut discarded, max)).await
-    }
-
-    fn poll_discard(
-        &self,
-        cx: &Context<'_>,
-        discarded: &mut usize,
-        max: usize,
-    ) -> Poll<io::Result<bool>> {
-        let mut scratch = [0u8; 4096];
-        let mut slots = self.readiness.slots.borrow_mut();
-        let slot = slots
-            .get_mut(self.key as usize)
-            .expect("a socket stays registered until dropped");
-        // The same rules as `io_poll`'s reads (see the module's documentation), without
-        // `reads_ended`.
-        while slot.readable {
-            // SAFETY: a valid descriptor and a buffer of the stated length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    scratch.as_mut_ptr().cast(),
-                    scratch.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n == 0 {
-                return Poll::Ready(Ok(true));
-            }
-            if n > 0 {
-                *discarded += n as usize;
-                if *discarded > max {
-                    return Poll::Ready(Ok(false));
-                }
-                if (n as usize) < scratch.len() {
-                    slot.readable = slot.read_closed;
-                }
-                continue;
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => {}
-                io::ErrorKind::WouldBlock => slot.readable = slot.read_closed,
-                _ => return Poll::Ready(Err(e)),
-            }
-        }
-        slot.park(cx);
-        Poll::Pending
-    }
 }
 
 impl AsRawFd for Socket {
@@ -464,7 +408,7 @@ impl AsyncWrite for Socket {
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
-    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+    use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
     use std::rc::Rc;
     use std::time::{Duration, Instant};
 
@@ -640,61 +584,6 @@ mod tests {
             assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
             assert!(started.elapsed() >= Duration::from_millis(200));
             drop(expire);
-        });
-    }
-
-    /// A lingering connection (see `connection::linger`): its reads ended, what the station
-    /// still sends is dropped as it arrives, each wait woken by the socket's events, until
-    /// the station's end of stream — or until more than the bound was dropped.
-    #[test]
-    fn discarding_drops_what_arrives_until_the_end_of_stream_or_the_bound() {
-        on_shard(None, |readiness| async move {
-            let (socket, mut client) = pair(&readiness);
-            readiness.end_reads(socket.key());
-            // Bursts apart in time: the discard waits between them.
-            let writer = std::thread::spawn(move || {
-                for _ in 0..3 {
-                    client.write_all(&[1u8; 100_000]).unwrap();
-                    std::thread::sleep(Duration::from_millis(30));
-                }
-                client.shutdown(std::net::Shutdown::Write).unwrap();
-                client
-            });
-            let closed = glommio::timer::timeout(Duration::from_secs(10), async {
-                Ok(socket.discard_until_closed(1 << 20).await)
-            })
-            .await
-            .expect("the end of stream did not end the discard");
-            assert!(closed.unwrap(), "300,000 bytes are within the bound");
-            drop(writer.join().unwrap());
-            let mut byte = [0u8; 1];
-            // SAFETY: a valid descriptor and a buffer of the stated length.
-            let left = unsafe {
-                libc::recv(
-                    socket.as_raw_fd(),
-                    byte.as_mut_ptr().cast(),
-                    1,
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            assert_eq!(left, 0, "all dropped: only the end of stream is left");
-
-            let (socket, mut client) = pair(&readiness);
-            let writer = std::thread::spawn(move || {
-                // Stops when the socket is closed; what the kernel held is then reset.
-                while client.write_all(&[2u8; 65536]).is_ok() {}
-            });
-            let closed = glommio::timer::timeout(Duration::from_secs(10), async {
-                Ok(socket.discard_until_closed(256 << 10).await)
-            })
-            .await
-            .expect("the bound did not end the discard");
-            assert!(
-                !closed.unwrap(),
-                "a station still sending is past the bound"
-            );
-            drop(socket);
-            writer.join().unwrap();
         });
     }
 }
