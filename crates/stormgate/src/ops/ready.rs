@@ -25,7 +25,9 @@ impl OpsState {
             let segments = b.segments_quarantined.get();
             if quarantined > 0 || segments > 0 {
                 notes.push(format!(
-                    "disk buffer of shard {shard}: {segments} damaged segment(s) set aside in                      quarantine/, {quarantined} record(s) lost to damage (stormgate buffer inspect)"
+                    "disk buffer of shard {shard}: {segments} damaged segment(s) set aside in \
+                     quarantine/, {quarantined} record(s) lost to damage (stormgate buffer \
+                     inspect)"
                 ));
             }
         }
@@ -120,6 +122,7 @@ pub(super) mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use stormgate_buffer::LogStats;
     use stormgate_kafka::sink::ProducerStats;
 
     use super::super::tests::state;
@@ -165,5 +168,33 @@ pub(super) mod tests {
         );
         ready.set_draining();
         assert_eq!(ready.readiness(), Err("shutting down".to_owned()));
+    }
+
+    /// With a disk buffer a broker outage is a note, damage found at start is a note, and
+    /// failing storage is the one reason not to be ready.
+    #[test]
+    fn a_disk_buffer_turns_producer_trouble_and_damage_into_notes() {
+        let down = UP.replace(r#""state": "UP""#, r#""state": "CONNECT""#);
+        let buffers: Vec<Arc<LogStats>> = (0..2).map(|_| Arc::default()).collect();
+        let (s, _) = state(vec![producer(0, Some(UP)), producer(1, Some(&down))]);
+        let s = s.with_buffers(buffers.clone());
+        buffers[0].segments_quarantined.add(1);
+        buffers[0].quarantined_records.add(42);
+        assert_eq!(s.readiness(), Ok(()));
+        assert_eq!(
+            s.readiness_notes(),
+            [
+                "disk buffer of shard 0: 1 damaged segment(s) set aside in quarantine/, 42 \
+                 record(s) lost to damage (stormgate buffer inspect)",
+                "shard 1: producer not connected to any broker (1 known) (records wait in the \
+                 disk buffer)",
+            ]
+        );
+        buffers[1].last_storage_errno.set(28);
+        let reason = s.readiness().unwrap_err();
+        assert!(
+            reason.starts_with("disk buffer of shard 1: storage failing (No space left"),
+            "{reason}"
+        );
     }
 }
