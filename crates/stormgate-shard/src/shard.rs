@@ -217,6 +217,7 @@ pub(crate) async fn run<F: SinkFactory>(start: ShardStart<F>) {
     }
     core.stopped.set(true);
     housekeeper.await;
+    core.metrics.heartbeat.finish();
     info!(shard = info.id, "shard stopped");
 }
 
@@ -396,14 +397,16 @@ fn admit(core: &Rc<ShardCore>, accepted: AcceptedTcpStream, queue: &Rc<LocalSend
     glommio::spawn_local(task).detach();
 }
 
-/// Watches the process's stop flag, expires connections past their read deadline, and keeps
-/// the shard's gauges fresh.
+/// Watches the process's stop flag, expires connections past their read deadline, keeps
+/// the shard's gauges fresh, and beats the shard's heartbeat (the liveness check's evidence
+/// that its executor goes round) until the shard ends.
 async fn housekeeping(
     core: Rc<ShardCore>,
     stop: Arc<AtomicBool>,
     queue: Weak<LocalSender<Record>>,
 ) {
     while !core.stopped.get() {
+        core.metrics.heartbeat.beat();
         sleep(TICK).await;
         if let Some(queue) = queue.upgrade() {
             core.metrics.queue_depth.set(queue.len() as i64);

@@ -12,6 +12,7 @@ use stormgate_shard::{
     Credentials, NullSinkFactory, Outcome, RecordReceiver, RuntimeConfig, Server, ServerHandle,
     ShardInfo, Sink, SinkContext, SinkFactory, StationAuth,
 };
+use stormgate_telemetry::Pulse;
 use stormgate_testkit::{StationConn, identify_without_acks, wait_for};
 
 fn config() -> RuntimeConfig {
@@ -63,6 +64,12 @@ fn both_shards_accept_connections() {
     for (id, m) in server.metrics().iter().enumerate() {
         let accepted = m.connections_accepted.get();
         assert!(accepted > 0, "shard {id} accepted none of 64 connections");
+        // Each shard beats its heartbeat (what /healthz judges) while it runs.
+        let pulse = m.heartbeat.pulse(Instant::now());
+        assert!(
+            matches!(pulse, Pulse::Since(age) if age < Duration::from_secs(10)),
+            "shard {id}: {pulse:?}"
+        );
     }
 }
 
@@ -484,6 +491,10 @@ fn shutdown_delivers_what_was_read_and_refuses_new_connections() {
         "before shutdown: {totals_before:?}"
     );
     assert_eq!(t.connections_active, 0);
+    for m in &metrics {
+        // An ended shard owes no heartbeat.
+        assert_eq!(m.heartbeat.pulse(Instant::now()), Pulse::Finished);
+    }
     assert!(
         TcpStream::connect(addr).is_err(),
         "listener still open after shutdown"

@@ -10,6 +10,7 @@
 //!   across shards, from which percentiles and Prometheus buckets are derived.
 //! - [`LogLimiter`]: lets one log line through per interval and counts the ones it held back.
 //! - [`Event`]: an internal event, counted every time and logged at its limiter's rate.
+//! - [`Heartbeat`]: when a shard last ran its periodic tick, for the liveness check.
 //! - [`DistinctCounter`]: a HyperLogLog sketch of distinct keys (zipcodes) per shard, whose
 //!   [`DistinctSnapshot`]s merge across shards into an estimate within about 1.6%.
 //! - [`ShardMetrics`]: the full set one shard keeps, and [`Totals`], their sum. Each counter
@@ -18,17 +19,19 @@
 //!   list, and [`shard_catalogue`] names every metric that comes from a shard.
 
 mod event;
+mod heartbeat;
 mod histogram;
 mod hll;
 mod limiter;
 mod metrics;
 
 pub use event::Event;
+pub use heartbeat::{Heartbeat, Pulse};
 pub use histogram::{HistogramSnapshot, LatencyHistogram};
 pub use hll::{DistinctCounter, DistinctSnapshot};
 pub use limiter::LogLimiter;
 pub use metrics::{
-    Counter, DELIVERY_LATENCY, Gauge, LINE_ERROR_CODES, LINE_ERRORS, MetricDesc, MetricKind,
-    PRODUCER_IN_FLIGHT_RECORDS, SHARD_SCALARS, ShardMetrics, ShardRead, ShardScalar, Total, Totals,
-    UNIQUE_ZIPCODES, shard_catalogue,
+    Counter, DELIVERY_LATENCY, Gauge, HEARTBEAT_AGE, LINE_ERROR_CODES, LINE_ERRORS, MetricDesc,
+    MetricKind, PRODUCER_IN_FLIGHT_RECORDS, SHARD_SCALARS, ShardMetrics, ShardRead, ShardScalar,
+    Total, Totals, UNIQUE_ZIPCODES, shard_catalogue,
 };

@@ -1,5 +1,6 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
+use crate::heartbeat::Heartbeat;
 use crate::histogram::{HistogramSnapshot, LatencyHistogram};
 use crate::hll::{DistinctCounter, DistinctSnapshot};
 
@@ -161,6 +162,8 @@ macro_rules! shard_metrics {
             /// Zipcodes of the stations that identified on this shard, as a HyperLogLog
             /// sketch; merged across shards when read (see [`DistinctCounter`]).
             pub zipcodes: DistinctCounter,
+            /// When the shard last ran its periodic tick.
+            pub heartbeat: Heartbeat,
         }
 
         /// The sum of several shards' metrics at one moment (not atomic across counters).
@@ -314,6 +317,14 @@ pub const PRODUCER_IN_FLIGHT_RECORDS: MetricDesc = MetricDesc {
     labels: &["shard"],
 };
 
+/// `stormgate_shard_heartbeat_age_seconds`: [`ShardMetrics::heartbeat`], while the shard runs.
+pub const HEARTBEAT_AGE: MetricDesc = MetricDesc {
+    name: "stormgate_shard_heartbeat_age_seconds",
+    help: "Seconds since the shard last ran its periodic tick (every 20 ms while its executor makes progress).",
+    kind: MetricKind::Gauge,
+    labels: &["shard"],
+};
+
 /// `stormgate_line_errors_total`: [`ShardMetrics::line_errors`], by code.
 pub const LINE_ERRORS: MetricDesc = MetricDesc {
     name: "stormgate_line_errors_total",
@@ -345,6 +356,7 @@ pub fn shard_catalogue() -> impl Iterator<Item = &'static MetricDesc> {
         &LINE_ERRORS,
         &DELIVERY_LATENCY,
         &UNIQUE_ZIPCODES,
+        &HEARTBEAT_AGE,
     ])
 }
 

@@ -183,6 +183,15 @@ fn metrics_move_with_traffic_and_readiness_follows_the_broker() {
     assert_eq!(m.sum("stormgate_shards", &[]), 2.0);
     assert_eq!(m.sum("stormgate_ready", &[]), 1.0);
     for shard in ["shard=\"0\"", "shard=\"1\""] {
+        // A series per running shard, as fresh as /healthz wants it (10 s).
+        let series = m.0.keys().filter(|k| {
+            k.starts_with("stormgate_shard_heartbeat_age_seconds{") && k.contains(shard)
+        });
+        assert_eq!(series.count(), 1, "{shard}: {:?}", m.0);
+        let age = m.sum("stormgate_shard_heartbeat_age_seconds", &[shard]);
+        assert!((0.0..10.0).contains(&age), "{shard}: {age} s");
+    }
+    for shard in ["shard=\"0\"", "shard=\"1\""] {
         assert!(
             m.sum("stormgate_kafka_brokers", &[shard, "state=\"up\""]) >= 1.0,
             "{shard}: {:?}",

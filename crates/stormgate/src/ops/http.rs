@@ -148,7 +148,10 @@ fn respond(
                 Err(fmt::Error) => Response::text(500, "cannot encode the metrics\n"),
             }
         }
-        "/healthz" => Response::text(200, "ok\n"),
+        "/healthz" => match state.liveness(Instant::now()) {
+            Ok(()) => Response::text(200, "ok\n"),
+            Err(reasons) => Response::text(503, &format!("not alive: {reasons}\n")),
+        },
         _ => match state.readiness() {
             Ok(()) => {
                 let mut body = String::from("ready\n");
@@ -223,7 +226,7 @@ mod tests {
 
     #[test]
     fn requests_are_routed() {
-        let (s, _) = state(Vec::new());
+        let (s, metrics) = state(Vec::new());
         let listener = Ops::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let ops = Ops::start(s, Some(listener), Duration::ZERO).unwrap();
@@ -270,6 +273,17 @@ mod tests {
             "{out}"
         );
         assert!(out.ends_with("\n# EOF\n"), "{out}");
+        // A shard whose last tick is 11 s old.
+        let long_ago = Instant::now().checked_sub(Duration::from_secs(11));
+        if let Some(at) = long_ago {
+            metrics[1].heartbeat.beat_at(at);
+            let out = exchange(addr, "GET /healthz HTTP/1.1\r\n\r\n");
+            assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
+            assert!(
+                out.contains("\r\n\r\nnot alive: shard 1: no progress for "),
+                "{out}"
+            );
+        }
         ops.stop();
     }
 }

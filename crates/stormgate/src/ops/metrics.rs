@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Instant;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
@@ -29,8 +30,9 @@ use stormgate_buffer::LogStats;
 use stormgate_kafka::sink::ProducerStatsSnapshot;
 use stormgate_protocol::ErrorCode;
 use stormgate_telemetry::{
-    DELIVERY_LATENCY, HistogramSnapshot, LINE_ERRORS, LatencyHistogram, MetricDesc, MetricKind,
-    PRODUCER_IN_FLIGHT_RECORDS, SHARD_SCALARS, ShardRead, UNIQUE_ZIPCODES, shard_catalogue,
+    DELIVERY_LATENCY, HEARTBEAT_AGE, HistogramSnapshot, LINE_ERRORS, LatencyHistogram, MetricDesc,
+    MetricKind, PRODUCER_IN_FLIGHT_RECORDS, Pulse, SHARD_SCALARS, ShardRead, UNIQUE_ZIPCODES,
+    shard_catalogue,
 };
 
 use super::OpsState;
@@ -476,6 +478,13 @@ impl Collector for OpsCollector {
 
         let unique_zipcodes = state.totals().unique_zipcodes();
         gauge(&mut family(enc, &UNIQUE_ZIPCODES)?, unique_zipcodes)?;
+        let now = Instant::now();
+        // A series per shard that runs: none before its first tick or once it ended.
+        let heartbeats = shards().filter_map(|(m, l)| match m.heartbeat.pulse(now) {
+            Pulse::Since(age) => Some((l, age.as_secs_f64())),
+            Pulse::NotStarted | Pulse::Finished => None,
+        });
+        per_shard(enc, &HEARTBEAT_AGE, heartbeats, gauge)?;
         gauge(&mut family(enc, &CONNECTIONS_LIMIT)?, state.max_connections)?;
         gauge(&mut family(enc, &SHARDS)?, state.shards.len())?;
         let ready = u32::from(state.readiness().is_ok());

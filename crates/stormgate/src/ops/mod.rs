@@ -15,8 +15,8 @@
 //!   connection bounded by [`CONNECTION_TIMEOUT`], and at most [`MAX_CONNECTIONS`] at once
 //!   (more are closed at accept, so stalled clients cannot take the process's descriptors).
 //!   `GET /metrics` is the Prometheus text format 0.0.4, or OpenMetrics when `Accept` asks
-//!   for it ([`Format::negotiate`]), `GET /healthz` says the process is
-//!   alive, `GET /readyz` applies [`OpsState::readiness`]. Any other path is 404, any other
+//!   for it ([`Format::negotiate`]), `GET /healthz` applies [`OpsState::liveness`] (every
+//!   shard's executor still goes round), `GET /readyz` applies [`OpsState::readiness`]. Any other path is 404, any other
 //!   method 405.
 //! - The statistics block ([`StatsBlock`]) is one log event per interval, so with
 //!   `LOG_FORMAT=json` it is one JSON object.
@@ -46,7 +46,7 @@ use tracing::info;
 
 pub use http::{CONNECTION_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, MAX_REQUEST_BYTES};
 pub use metrics::{Format, LATENCY_BUCKETS_SECONDS, catalogue, render_metrics};
-pub use ready::{STALE_AFTER, STALE_INTERVALS};
+pub use ready::{HEARTBEAT_STALE, STALE_AFTER, STALE_INTERVALS};
 pub use stats::{BufferRates, BufferSample, StatsBlock, StatsSample};
 
 /// What the operations threads read: fixed at startup, then only atomics.
