@@ -286,6 +286,26 @@ impl Socket {
         self.key
     }
 
+    /// Waits until the socket may hold bytes, an end of stream or an error — whether or not
+    /// the shard ended its reads — and takes the mark: the caller drains the socket with
+    /// its own `recv`s next, and what arrives after that is a new event. A socket whose
+    /// station closed keeps its mark (no further event comes). No system call.
+    pub(crate) async fn arrival(&self) {
+        std::future::poll_fn(|cx| {
+            let mut slots = self.readiness.slots.borrow_mut();
+            let slot = slots
+                .get_mut(self.key as usize)
+                .expect("a socket stays registered until dropped");
+            if slot.readable {
+                slot.readable = slot.read_closed;
+                return Poll::Ready(());
+            }
+            slot.park(cx);
+            Poll::Pending
+        })
+        .await;
+    }
+
     fn io_poll(
         &self,
         cx: &Context<'_>,
@@ -408,7 +428,7 @@ impl AsyncWrite for Socket {
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
-    use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
     use std::rc::Rc;
     use std::time::{Duration, Instant};
 
@@ -524,6 +544,49 @@ mod tests {
             let mut answer = [0u8; 7];
             client.read_exact(&mut answer).unwrap();
             assert_eq!(&answer, b"answer\n");
+        });
+    }
+
+    /// A lingering connection (`connection::linger`) waits for arrivals with its reads
+    /// ended: each mark is taken once, nothing wakes it while the station is silent, and
+    /// the station's end of stream stays marked.
+    #[test]
+    fn an_arrival_is_each_event_once_whether_or_not_reads_ended() {
+        on_shard(None, |readiness| async move {
+            let (socket, mut client) = pair(&readiness);
+            readiness.end_reads(socket.key());
+            let pending = || futures_lite::future::poll_once(socket.arrival());
+            // A new socket is marked (bytes may have come before it was registered).
+            assert_eq!(pending().await, Some(()));
+            assert_eq!(pending().await, None, "the mark was taken");
+            let arrived = |what: &'static str| {
+                let socket = &socket;
+                async move {
+                    glommio::timer::timeout(Duration::from_secs(10), async {
+                        socket.arrival().await;
+                        Ok(())
+                    })
+                    .await
+                    .unwrap_or_else(|_| panic!("{what} did not wake the wait"));
+                }
+            };
+            client.write_all(b"still sending\n").unwrap();
+            arrived("bytes").await;
+            let mut scratch = [0u8; 64];
+            // SAFETY: a valid descriptor and a buffer of the stated length.
+            let n = unsafe {
+                libc::recv(
+                    socket.as_raw_fd(),
+                    scratch.as_mut_ptr().cast(),
+                    scratch.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            assert_eq!(n, 14);
+            assert_eq!(pending().await, None, "silent again");
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            arrived("the end of stream").await;
+            assert_eq!(pending().await, Some(()), "an end of stream stays marked");
         });
     }
 

@@ -65,12 +65,11 @@ impl StationStream {
         }
     }
 
-    /// The socket's descriptor (`None` once gone).
-    pub(crate) fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
+    /// The TCP socket under the stream (`None` once gone).
+    pub(crate) fn socket(&self) -> Option<&Socket> {
         match self {
-            StationStream::Plain(s) => Some(s.as_raw_fd()),
-            StationStream::Tls(s) => Some(s.get_ref().0.as_raw_fd()),
+            StationStream::Plain(s) => Some(s),
+            StationStream::Tls(s) => Some(s.get_ref().0),
             StationStream::Gone => None,
         }
     }
