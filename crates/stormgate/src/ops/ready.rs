@@ -112,13 +112,18 @@ impl OpsState {
             }
         }
         for (shard, b) in self.buffers.iter().enumerate() {
-            let errno = b.last_storage_errno.get();
-            if errno != 0 {
-                reasons.push(format!(
-                    "disk buffer of shard {shard}: storage failing ({})",
-                    std::io::Error::from_raw_os_error(errno as i32)
-                ));
-            }
+            let cause = match b.last_storage_errno.get() {
+                0 => continue,
+                errno @ 1.. => i32::try_from(errno).map_or_else(
+                    |_| format!("errno {errno}"),
+                    |e| std::io::Error::from_raw_os_error(e).to_string(),
+                ),
+                // An error that carries no OS code (a short write, say): the log has it.
+                _ => "an error without an OS code: see the log".to_owned(),
+            };
+            reasons.push(format!(
+                "disk buffer of shard {shard}: storage failing ({cause})"
+            ));
         }
         if reasons.is_empty() {
             Ok(())
@@ -263,5 +268,16 @@ pub(super) mod tests {
             reason.starts_with("disk buffer of shard 1: storage failing (No space left"),
             "{reason}"
         );
+        buffers[1].last_storage_errno.set(-1);
+        assert_eq!(
+            s.readiness(),
+            Err(
+                "disk buffer of shard 1: storage failing (an error without an OS code: see \
+                 the log)"
+                    .to_owned()
+            )
+        );
+        buffers[1].last_storage_errno.set(0);
+        assert_eq!(s.readiness(), Ok(()), "once flushes succeed again");
     }
 }
