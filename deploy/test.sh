@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs Stormgate's whole test suite from a clean checkout: installs and starts Apache Kafka 4.4
-# (KRaft, one node, data on disk; see deploy/kafka/kafka.sh), then checks formatting and lints
-# and runs every test against that broker, then every benchmark scenario in smoke mode so the
+# (KRaft, one node, data on disk; see deploy/kafka/kafka.sh), then checks the vendored crates
+# (vendor/check.sh), formatting and lints and runs every test against that broker, then every benchmark scenario in smoke mode so the
 # harness cannot rot. This is the test command README.md documents and .ci/run calls.
 #
 # Everything builds in one profile, release-checked (Cargo.toml): release code generation, so
@@ -46,6 +46,9 @@ export STORMGATE_TEST_KAFKA=$brokers
 export BENCH_KAFKA_PORT=$((port + 40))
 echo "STORMGATE_TEST_KAFKA=$STORMGATE_TEST_KAFKA BENCH_KAFKA_PORT=$BENCH_KAFKA_PORT" >&2
 deploy/kafka/kafka.sh status "$port" >&2
+
+step "vendored crates: their crates.io releases plus vendor/patches, nothing else"
+vendor/check.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
