@@ -155,6 +155,7 @@ pub struct ScanStats {
 }
 
 /// Creates `topic` with `partitions` partitions (replication 1); an existing topic is fine.
+/// Returns once every partition answers a ListOffsets (at most 30 s).
 pub fn create_topic(brokers: &str, topic: &str, partitions: i32) -> KafkaResult<()> {
     create_topic_with(brokers, topic, partitions, &[])
 }
@@ -181,8 +182,30 @@ pub fn create_topic_with(
             Err((_, code)) => return Err(KafkaError::AdminOp(code)),
         }
     }
-    Ok(())
+    // The controller answers once the topic is in its metadata; the broker loads the
+    // partitions after that, and until it has, a ListOffsets to the leader is refused with
+    // NOT_LEADER_OR_FOLLOWER (seen on a broker started seconds before). Wait until every
+    // partition answers, so that the caller's first request finds the topic served.
+    let deadline = Instant::now() + TOPIC_READY_TIMEOUT;
+    loop {
+        match watermarks(brokers, topic, properties) {
+            // Every partition the metadata names answered.
+            Ok(marks) if !marks.is_empty() => return Ok(()),
+            Ok(_) | Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(_) => {
+                return Err(KafkaError::MetadataFetch(
+                    RDKafkaErrorCode::UnknownTopicOrPartition,
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
+
+/// How long [`create_topic`] waits for a new topic's partitions to be served.
+const TOPIC_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Reads `topic` from the beginning of every partition until each partition has reached its
 /// end and at least `expected` records were read, or `timeout` passes; returns what was read.
