@@ -4,120 +4,20 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use stormgate_station::Station;
 use stormgate_testkit::*;
+use support::process::Process;
 use support::*;
 
-/// A running `stormgate` process whose JSON log lines are collected.
-struct Process {
-    child: Child,
-    logs: mpsc::Receiver<serde_json::Value>,
-    seen: Vec<serde_json::Value>,
-}
-
-impl Process {
-    fn spawn(env: &[(&str, &str)]) -> Process {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stormgate"));
-        cmd.env_remove("KAFKA_BROKERS")
-            .env("TCP_LISTEN", "127.0.0.1:0")
-            .env("TCP_SHARDS", "2")
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .env("METRICS_ADDR", "127.0.0.1:0")
-            .env(
-                "SPILL_DIR",
-                std::env::temp_dir().join(format!("stormgate-test-spill-{}", uuid::Uuid::now_v7())),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn stormgate");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, logs) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let v = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| serde_json::json!({"raw": line}));
-                if tx.send(v).is_err() {
-                    break;
-                }
-            }
-        });
-        Process {
-            child,
-            logs,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a log line whose message contains `needle` and returns it.
-    fn log_line(&mut self, needle: &str) -> serde_json::Value {
-        if let Some(v) = self
-            .seen
-            .iter()
-            .find(|v| v["message"].as_str().is_some_and(|m| m.contains(needle)))
-        {
-            return v.clone();
-        }
-        loop {
-            let v = self
-                .logs
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("no log line {needle:?}"));
-            self.seen.push(v.clone());
-            if v["message"].as_str().is_some_and(|m| m.contains(needle)) {
-                return v;
-            }
-        }
-    }
-
-    fn addr(&mut self) -> SocketAddr {
-        self.log_line("listening")["addr"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: plain kill(2) on our own child.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as libc::pid_t, sig) },
-            0
-        );
-    }
-
-    /// Waits for the process to exit and collects the rest of its log.
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        for _ in 0..600 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                while let Ok(v) = self.logs.recv_timeout(Duration::from_secs(5)) {
-                    self.seen.push(v);
-                }
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        panic!("stormgate did not exit within 60 s");
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Waits up to a minute for `p` to exit (collecting the rest of its log) and returns how.
+fn exited(p: &mut Process) -> std::process::ExitStatus {
+    p.wait_exit(Duration::from_secs(60))
+        .expect("stormgate did not exit within 60 s")
 }
 
 fn send_lines(addr: SocketAddr, stations: usize, lines: usize) -> Vec<Station> {
@@ -148,7 +48,7 @@ fn embedded_default_serves_records_that_a_kafka_client_can_read() {
     assert_eq!(by_key(&records).len(), 20);
     assert!(records.iter().all(|r| r.value["city"] == "Embedded"));
     p.signal(libc::SIGTERM);
-    assert!(p.wait_exit().success(), "exit status after SIGTERM");
+    assert!(exited(&mut p).success(), "exit status after SIGTERM");
     let summaries = p
         .seen
         .iter()
@@ -194,7 +94,7 @@ fn a_second_signal_exits_at_once() {
     assert!(p.child.try_wait().unwrap().is_none(), "still draining");
     let second = std::time::Instant::now();
     p.signal(libc::SIGTERM);
-    let status = p.wait_exit();
+    let status = exited(&mut p);
     let took = second.elapsed();
     eprintln!("exit {status} {took:?} after the second signal");
     assert_eq!(status.code(), Some(130), "{status}");
@@ -243,7 +143,7 @@ fn sigterm_flush(sig: libc::c_int) {
         "records reached the topic before SIGTERM: {marks:?}"
     );
     p.signal(sig);
-    assert!(p.wait_exit().success(), "exit status after signal {sig}");
+    assert!(exited(&mut p).success(), "exit status after signal {sig}");
     for s in &mut stations {
         assert_eq!(
             s.read_to_close().unwrap(),
@@ -307,7 +207,7 @@ fn sighup_reloads_certificates_and_registry_and_the_server_goes_on() {
     after.wait_for_ack(1);
 
     p.signal(libc::SIGTERM);
-    assert!(p.wait_exit().success(), "exit status after SIGTERM");
+    assert!(exited(&mut p).success(), "exit status after SIGTERM");
     let reloads = p
         .seen
         .iter()
@@ -325,7 +225,7 @@ fn a_taken_port_is_reported_and_exits_non_zero() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let mut p = Process::spawn(&[("TCP_LISTEN", &addr), ("SINK", "null")]);
-    let status = p.wait_exit();
+    let status = exited(&mut p);
     assert!(!status.success());
     let err = p.log_line("cannot listen");
     assert!(err["message"].as_str().unwrap().contains(&addr), "{err}");
@@ -414,7 +314,7 @@ fn connection_churn_returns_fds_and_memory_to_baseline() {
         "RSS grew from {rss0} to {rss1} bytes over {CHURN} connections"
     );
     p.signal(libc::SIGTERM);
-    assert!(p.wait_exit().success());
+    assert!(exited(&mut p).success());
     let stats: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&stats_file).unwrap()).unwrap();
     let total = (WARMUP + CHURN) as u64;
@@ -492,7 +392,7 @@ fn sigterm_under_load() -> (usize, usize) {
         .collect();
     std::thread::sleep(Duration::from_millis(30));
     p.signal(libc::SIGTERM);
-    let status = p.wait_exit();
+    let status = exited(&mut p);
     assert!(
         status.success(),
         "exit status after SIGTERM: {status}; log: {:#?}",

@@ -21,7 +21,7 @@ impl Process {
     /// Starts the binary on loopback ports with `env` on top; its spill files and statistics
     /// file go to a directory of its own.
     pub fn spawn(env: &[(&str, &str)]) -> Process {
-        let dir = std::env::temp_dir().join(format!("stormgate-hostile-{}", uuid::Uuid::now_v7()));
+        let dir = std::env::temp_dir().join(format!("stormgate-process-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stormgate"));
         cmd.env_remove("KAFKA_BROKERS")
