@@ -135,15 +135,22 @@ fn listen(stdout: impl BufRead, heard: &Mutex<Heard>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::send::worker::Counts;
 
     #[test]
     fn progress_and_summary_lines_are_told_apart() {
         let heard = Mutex::new(Heard::default());
         let summary = SendSummary {
             mode: "send".into(),
-            lines_sent: 42,
+            counts: Counts {
+                lines_sent: 42,
+                ..Counts::default()
+            },
             ..SendSummary::default()
         };
+        // The counts are top-level keys of the JSON, as the harness reads them.
+        let json: serde_json::Value = serde_json::to_value(&summary).unwrap();
+        assert_eq!(json["lines_sent"], 42, "{json}");
         let out = format!(
             "{}\n{}\n",
             serde_json::json!({"progress": Progress { lines: 7, open: 3, ..Progress::default() }}),

@@ -67,7 +67,7 @@ pub fn run(args: &SendArgs) -> Result<ExitCode, LoadgenError> {
     summary.idle = args.idle;
     summary.rate = args.rate;
     output::emit(&summary, args.summary.as_deref())?;
-    Ok(if summary.connected == 0 && args.connections > 0 {
+    Ok(if summary.counts.connected == 0 && args.connections > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

@@ -1,11 +1,10 @@
 //! The send summary and progress snapshots, and how they add up across threads and processes.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::worker::WorkerReport;
+use super::worker::{Counts, WorkerReport};
 use crate::latency::{Latency, LatencySummary};
 use crate::output::grouped;
 
@@ -16,10 +15,6 @@ pub struct SendSummary {
     pub mode: String,
     /// Connections asked for.
     pub connections: u64,
-    /// Connections established.
-    pub connected: u64,
-    /// Connections that could not be established.
-    pub connect_errors: u64,
     /// Processes that held connections.
     pub processes: u64,
     /// Sending threads per process.
@@ -30,10 +25,9 @@ pub struct SendSummary {
     pub idle: bool,
     /// `--rate` (lines/s per connection; 0 = unlimited).
     pub rate: f64,
-    /// Metrics lines fully written.
-    pub lines_sent: u64,
-    /// Bytes written, identify lines included.
-    pub bytes_sent: u64,
+    /// What the threads counted, added up (their fields appear at this level in the JSON).
+    #[serde(flatten)]
+    pub counts: Counts,
     /// From when every connection was open to the last line written (the longest process).
     pub duration_s: f64,
     /// `lines_sent / duration_s`.
@@ -49,27 +43,6 @@ pub struct SendSummary {
     pub connect_s: f64,
     /// Time from the last line to the server closing every connection (the longest process).
     pub drain_s: f64,
-    /// Writes that found the socket full (the server's backpressure).
-    pub blocked_writes: u64,
-    /// Error lines from the server, by code.
-    pub error_replies: BTreeMap<String, u64>,
-    /// The first error seen, if any.
-    pub first_error: Option<String>,
-    /// Connections the server closed while we were still sending.
-    pub closed_by_server: u64,
-    /// Connections lost to a read or write error.
-    pub io_errors: u64,
-    /// Connections the server had not closed when the drain timed out.
-    pub drain_timeouts: u64,
-    /// With --acks: lines acknowledged.
-    pub acked_lines: u64,
-    /// With --acks: `ack` reply lines (several lines each when coalesced).
-    pub ack_replies: u64,
-    /// With --acks: lines that failed delivery (`nack`).
-    pub nacks: u64,
-    /// `reconnect` replies (a draining server's request to connect again), apart from
-    /// `error_replies`: the server stopping is not the stations' error.
-    pub reconnects: u64,
     /// With --acks: each acknowledged line's time from being built to its `ack` read, in
     /// µs, as the station saw it (waits for room in the socket included).
     pub ack_latency_us: Option<LatencySummary>,
@@ -90,24 +63,7 @@ impl SendSummary {
         let mut ack_latency = Latency::new();
         for r in reports {
             ack_latency.add(&r.ack_latency);
-            s.connected += r.connected;
-            s.connect_errors += r.connect_errors;
-            s.lines_sent += r.lines_sent;
-            s.bytes_sent += r.bytes_sent;
-            s.blocked_writes += r.blocked_writes;
-            s.closed_by_server += r.closed_by_server;
-            s.io_errors += r.io_errors;
-            s.drain_timeouts += r.drain_timeouts;
-            s.acked_lines += r.acked_lines;
-            s.ack_replies += r.ack_replies;
-            s.nacks += r.nacks;
-            s.reconnects += r.reconnects;
-            for (code, n) in &r.error_replies {
-                *s.error_replies.entry(code.clone()).or_default() += n;
-            }
-            if s.first_error.is_none() {
-                s.first_error.clone_from(&r.first_error);
-            }
+            s.counts.add(&r.counts);
         }
         let started = reports.iter().filter_map(|r| r.started).min();
         let finished = reports.iter().filter_map(|r| r.finished).max();
@@ -135,34 +91,17 @@ impl SendSummary {
         for c in children {
             match c.ack_latency_histogram.as_deref().map(Latency::decode) {
                 Some(Ok(latency)) => ack_latency.add(&latency),
-                Some(Err(e)) if s.first_error.is_none() => {
-                    s.first_error = Some(format!("a child's ack latency histogram: {e}"));
+                Some(Err(e)) if s.counts.first_error.is_none() => {
+                    s.counts.first_error = Some(format!("a child's ack latency histogram: {e}"));
                 }
                 _ => {}
             }
             s.connections += c.connections;
-            s.connected += c.connected;
-            s.connect_errors += c.connect_errors;
             s.threads = s.threads.max(c.threads);
-            s.lines_sent += c.lines_sent;
-            s.bytes_sent += c.bytes_sent;
             s.duration_s = s.duration_s.max(c.duration_s);
             s.connect_s = s.connect_s.max(c.connect_s);
             s.drain_s = s.drain_s.max(c.drain_s);
-            s.blocked_writes += c.blocked_writes;
-            s.closed_by_server += c.closed_by_server;
-            s.io_errors += c.io_errors;
-            s.drain_timeouts += c.drain_timeouts;
-            s.acked_lines += c.acked_lines;
-            s.ack_replies += c.ack_replies;
-            s.nacks += c.nacks;
-            s.reconnects += c.reconnects;
-            for (code, n) in &c.error_replies {
-                *s.error_replies.entry(code.clone()).or_default() += n;
-            }
-            if s.first_error.is_none() {
-                s.first_error.clone_from(&c.first_error);
-            }
+            s.counts.add(&c.counts);
         }
         s.rates();
         s.set_ack_latency(&ack_latency);
@@ -178,9 +117,10 @@ impl SendSummary {
 
     fn rates(&mut self) {
         if self.duration_s > 0.0 {
-            self.lines_per_s = self.lines_sent as f64 / self.duration_s;
-            self.mb_per_s = self.bytes_sent as f64 / self.duration_s / 1e6;
-            self.lines_per_s_incl_drain = self.lines_sent as f64 / (self.duration_s + self.drain_s);
+            let (lines, bytes) = (self.counts.lines_sent as f64, self.counts.bytes_sent as f64);
+            self.lines_per_s = lines / self.duration_s;
+            self.mb_per_s = bytes / self.duration_s / 1e6;
+            self.lines_per_s_incl_drain = lines / (self.duration_s + self.drain_s);
         }
     }
 }
@@ -261,27 +201,36 @@ mod tests {
         let child = |lines: u64, secs: f64, code: &str| SendSummary {
             mode: "send".into(),
             connections: 10,
-            connected: 9,
-            connect_errors: 1,
             processes: 1,
             threads: 1,
-            lines_sent: lines,
-            bytes_sent: lines * 100,
+            counts: Counts {
+                connected: 9,
+                connect_errors: 1,
+                lines_sent: lines,
+                bytes_sent: lines * 100,
+                error_replies: [(code.to_owned(), 2)].into(),
+                first_error: (code == "b").then(|| "boom".to_owned()),
+                reconnects: 3,
+                ..Counts::default()
+            },
             duration_s: secs,
-            error_replies: [(code.to_owned(), 2)].into(),
-            first_error: (code == "b").then(|| "boom".to_owned()),
-            reconnects: 3,
             ..SendSummary::default()
         };
         let s = SendSummary::merge(&[child(100, 1.0, "a"), child(300, 2.0, "b")]);
-        assert_eq!((s.processes, s.connections, s.connected), (2, 20, 18));
-        assert_eq!((s.connect_errors, s.lines_sent), (2, 400));
+        assert_eq!(
+            (s.processes, s.connections, s.counts.connected),
+            (2, 20, 18)
+        );
+        assert_eq!((s.counts.connect_errors, s.counts.lines_sent), (2, 400));
         assert_eq!(s.duration_s, 2.0);
         assert_eq!(s.lines_per_s, 200.0);
         assert_eq!(s.mb_per_s, 0.02);
-        assert_eq!(s.error_replies, [("a".into(), 2), ("b".into(), 2)].into());
-        assert_eq!(s.first_error.as_deref(), Some("boom"));
-        assert_eq!(s.reconnects, 6);
+        assert_eq!(
+            s.counts.error_replies,
+            [("a".into(), 2), ("b".into(), 2)].into()
+        );
+        assert_eq!(s.counts.first_error.as_deref(), Some("boom"));
+        assert_eq!(s.counts.reconnects, 6);
         assert_eq!(s.ack_latency_us, None, "no acks, no latencies");
     }
 
@@ -308,7 +257,7 @@ mod tests {
         );
         let whole = Latency::decode(s.ack_latency_histogram.as_deref().unwrap()).unwrap();
         assert_eq!(whole.summary().count, 100);
-        assert_eq!(s.first_error, None);
+        assert_eq!(s.counts.first_error, None);
 
         let broken = SendSummary {
             ack_latency_histogram: Some("garbage".into()),
@@ -316,7 +265,8 @@ mod tests {
         };
         let s = SendSummary::merge(&[broken]);
         assert!(
-            s.first_error
+            s.counts
+                .first_error
                 .is_some_and(|e| e.contains("ack latency histogram"))
         );
     }
@@ -326,9 +276,12 @@ mod tests {
         let t0 = Instant::now();
         let at = |ms: u64| Some(t0 + Duration::from_millis(ms));
         let w = |lines, started, finished, ended| WorkerReport {
-            connected: 5,
-            reconnects: 1,
-            lines_sent: lines,
+            counts: Counts {
+                connected: 5,
+                reconnects: 1,
+                lines_sent: lines,
+                ..Counts::default()
+            },
             started,
             finished,
             ended,
@@ -341,8 +294,11 @@ mod tests {
                 w(3000, at(200), at(2100), at(2500)),
             ],
         );
-        assert_eq!((s.threads, s.connected, s.lines_sent), (2, 10, 4000));
-        assert_eq!(s.reconnects, 2);
+        assert_eq!(
+            (s.threads, s.counts.connected, s.counts.lines_sent),
+            (2, 10, 4000)
+        );
+        assert_eq!(s.counts.reconnects, 2);
         assert_eq!(s.connect_s, 0.1);
         assert_eq!(s.duration_s, 2.0);
         assert_eq!(s.drain_s, 0.4);

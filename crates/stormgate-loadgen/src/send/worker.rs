@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use serde::{Deserialize, Serialize};
 use socket2::Socket;
 use stormgate_protocol::Reply;
 
@@ -109,9 +110,10 @@ pub struct Live {
     pub errors: AtomicU64,
 }
 
-/// What a thread did.
-#[derive(Debug, Clone, Default)]
-pub struct WorkerReport {
+/// What a sender counts: a thread in its [`WorkerReport`], a process and a whole run in
+/// their `SendSummary`, which adds its parts' up with [`Counts::add`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counts {
     /// Connections established (with TLS: handshake done).
     pub connected: u64,
     /// Connections that could not be established (after the retry), TLS handshakes
@@ -119,31 +121,62 @@ pub struct WorkerReport {
     pub connect_errors: u64,
     /// Metrics lines fully written.
     pub lines_sent: u64,
-    /// Bytes written (identify lines included).
+    /// Bytes written, identify lines included.
     pub bytes_sent: u64,
-    /// Writes that found the socket full.
+    /// Writes that found the socket full (the server's backpressure).
     pub blocked_writes: u64,
-    /// Error lines received, by code.
+    /// Error lines from the server, by code.
     pub error_replies: BTreeMap<String, u64>,
     /// The first error: a connect error, an I/O error, or an error line.
     pub first_error: Option<String>,
-    /// Connections the server closed before we did.
+    /// Connections the server closed while we were still sending.
     pub closed_by_server: u64,
-    /// Connections lost to a write or read error.
+    /// Connections lost to a read or write error.
     pub io_errors: u64,
-    /// Connections still open (not closed by the server) when the drain gave up.
+    /// Connections the server had not closed when the drain gave up.
     pub drain_timeouts: u64,
-    /// Lines acknowledged (`ack` replies, `upto` ranges counted in full).
+    /// With --acks: lines acknowledged (`upto` ranges counted in full).
     pub acked_lines: u64,
-    /// `ack` reply lines.
+    /// With --acks: `ack` reply lines (several lines each when coalesced).
     pub ack_replies: u64,
-    /// `nack` replies.
+    /// With --acks: lines that failed delivery (`nack`).
     pub nacks: u64,
+    /// `reconnect` replies (a draining server's request to connect again; the senders do
+    /// not), apart from `error_replies`: the server stopping is not the stations' error.
+    pub reconnects: u64,
+}
+
+impl Counts {
+    /// Adds `other`'s counts to these; the first error stays the earliest part's.
+    pub fn add(&mut self, other: &Counts) {
+        self.connected += other.connected;
+        self.connect_errors += other.connect_errors;
+        self.lines_sent += other.lines_sent;
+        self.bytes_sent += other.bytes_sent;
+        self.blocked_writes += other.blocked_writes;
+        for (code, n) in &other.error_replies {
+            *self.error_replies.entry(code.clone()).or_default() += n;
+        }
+        if self.first_error.is_none() {
+            self.first_error.clone_from(&other.first_error);
+        }
+        self.closed_by_server += other.closed_by_server;
+        self.io_errors += other.io_errors;
+        self.drain_timeouts += other.drain_timeouts;
+        self.acked_lines += other.acked_lines;
+        self.ack_replies += other.ack_replies;
+        self.nacks += other.nacks;
+        self.reconnects += other.reconnects;
+    }
+}
+
+/// What a thread did.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerReport {
+    /// Its counts.
+    pub counts: Counts,
     /// Each acknowledged line's time from being built to its `ack` read, in µs.
     pub ack_latency: Latency,
-    /// `reconnect` replies: a draining server asking the station to connect again (the
-    /// senders do not); not errors.
-    pub reconnects: u64,
     /// When metrics sending (or holding) began.
     pub started: Option<Instant>,
     /// When the last line went out (or holding ended).
@@ -427,7 +460,7 @@ impl<'a> Worker<'a> {
         c.out_pos = 0;
         c.writable = true;
         self.open += 1;
-        self.report.connected += 1;
+        self.report.counts.connected += 1;
         self.enqueue(i);
     }
 
@@ -443,7 +476,7 @@ impl<'a> Worker<'a> {
             self.retries += 1;
         } else {
             c.state = State::Failed;
-            self.report.connect_errors += 1;
+            self.report.counts.connect_errors += 1;
             self.note_error(|| format!("connect: {e}"));
         }
     }
@@ -525,7 +558,7 @@ impl<'a> Worker<'a> {
         match stream.write(&c.out[c.out_pos..]) {
             Ok(n) => {
                 c.out_pos += n;
-                self.report.bytes_sent += n as u64;
+                self.report.counts.bytes_sent += n as u64;
                 if c.out_pos == c.out.len() {
                     // Freed rather than kept: under backpressure thousands of connections
                     // would otherwise each hold a batch.
@@ -536,7 +569,7 @@ impl<'a> Worker<'a> {
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 c.writable = false;
-                self.report.blocked_writes += 1;
+                self.report.counts.blocked_writes += 1;
                 false
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
@@ -554,7 +587,7 @@ impl<'a> Worker<'a> {
             Ok(()) => true,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 c.writable = false;
-                self.report.blocked_writes += 1;
+                self.report.counts.blocked_writes += 1;
                 false
             }
             Err(e) => {
@@ -580,7 +613,7 @@ impl<'a> Worker<'a> {
             c.lines += 1;
         }
         let built = c.lines - first;
-        self.report.lines_sent += built;
+        self.report.counts.lines_sent += built;
         if self.cfg.acks {
             c.unanswered.built(first..c.lines, Instant::now());
         }
@@ -592,7 +625,7 @@ impl<'a> Worker<'a> {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 c.writable = false;
-                self.report.blocked_writes += 1;
+                self.report.counts.blocked_writes += 1;
                 0
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
@@ -602,7 +635,7 @@ impl<'a> Worker<'a> {
                 return false;
             }
         };
-        self.report.bytes_sent += written as u64;
+        self.report.counts.bytes_sent += written as u64;
         if written < self.batch.len() {
             c.out.extend_from_slice(&self.batch[written..]);
             c.out_pos = 0;
@@ -621,7 +654,7 @@ impl<'a> Worker<'a> {
             // TLS: the close_notify waits for room; the next turn sends it and shuts down.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 c.writable = false;
-                self.report.blocked_writes += 1;
+                self.report.counts.blocked_writes += 1;
             }
             Err(e) => self.io_failed(i, "shutdown", &e),
         }
@@ -638,7 +671,7 @@ impl<'a> Worker<'a> {
             match stream.read(&mut self.read_buf) {
                 Ok(0) => {
                     if c.state == State::Open {
-                        self.report.closed_by_server += 1;
+                        self.report.counts.closed_by_server += 1;
                         self.note_error(|| "server closed a connection".to_owned());
                     }
                     self.close(i);
@@ -682,7 +715,7 @@ impl<'a> Worker<'a> {
     // ---- ending ------------------------------------------------------------------------
 
     fn io_failed(&mut self, i: usize, what: &str, e: &io::Error) {
-        self.report.io_errors += 1;
+        self.report.counts.io_errors += 1;
         self.note_error(|| format!("{what}: {e}"));
         self.close(i);
     }
@@ -698,7 +731,7 @@ impl<'a> Worker<'a> {
         // rustls took count as written: a connection lost, or cut at the end of the drain,
         // may have had up to one write of them still queued in rustls.
         if c.lines > 0 {
-            self.report.lines_sent -= unsent_lines(&c.out[c.out_pos..]);
+            self.report.counts.lines_sent -= unsent_lines(&c.out[c.out_pos..]);
         }
         c.out = Vec::new();
         c.out_pos = 0;
@@ -714,8 +747,8 @@ impl<'a> Worker<'a> {
     }
 
     fn note_error(&mut self, message: impl FnOnce() -> String) {
-        if self.report.first_error.is_none() {
-            self.report.first_error = Some(message());
+        if self.report.counts.first_error.is_none() {
+            self.report.counts.first_error = Some(message());
         }
     }
 
@@ -823,20 +856,21 @@ impl<'a> Worker<'a> {
     fn publish(&self) {
         let r = &self.report;
         let live = self.live;
-        live.connected.store(r.connected, Ordering::Relaxed);
+        live.connected.store(r.counts.connected, Ordering::Relaxed);
         live.open.store(self.open, Ordering::Relaxed);
-        live.lines.store(r.lines_sent, Ordering::Relaxed);
-        live.bytes.store(r.bytes_sent, Ordering::Relaxed);
-        live.blocked.store(r.blocked_writes, Ordering::Relaxed);
+        live.lines.store(r.counts.lines_sent, Ordering::Relaxed);
+        live.bytes.store(r.counts.bytes_sent, Ordering::Relaxed);
+        live.blocked
+            .store(r.counts.blocked_writes, Ordering::Relaxed);
         live.errors
-            .store(r.error_replies.values().sum(), Ordering::Relaxed);
+            .store(r.counts.error_replies.values().sum(), Ordering::Relaxed);
     }
 
     /// Closes what is left when the drain ends.
     fn finish(&mut self) {
         for i in 0..self.conns.len() {
             if matches!(self.conns[i].state, State::Open | State::ShutDown) {
-                self.report.drain_timeouts += 1;
+                self.report.counts.drain_timeouts += 1;
                 self.close(i);
             }
         }
@@ -919,24 +953,29 @@ fn count_reply(report: &mut WorkerReport, unanswered: &mut Unanswered, line: &[u
         // A newer server's code is still counted under its own name.
         Ok(Reply::OtherError { code, .. }) => String::from(code).into(),
         Ok(Reply::Ack { seq: last } | Reply::AckUpto { upto: last }) => {
-            report.ack_replies += 1;
-            report.acked_lines += unanswered.answer(last, now, Some(&mut report.ack_latency));
+            report.counts.ack_replies += 1;
+            report.counts.acked_lines +=
+                unanswered.answer(last, now, Some(&mut report.ack_latency));
             return;
         }
         Ok(Reply::Nack { seq, .. } | Reply::OtherNack { seq, .. }) => {
-            report.nacks += 1;
+            report.counts.nacks += 1;
             unanswered.answer(seq, now, None);
             return;
         }
         Ok(Reply::Reconnect) => {
-            report.reconnects += 1;
+            report.counts.reconnects += 1;
             return;
         }
         Err(_) => "unrecognized_reply".into(),
     };
-    *report.error_replies.entry(code.into_owned()).or_default() += 1;
-    if report.first_error.is_none() {
-        report.first_error = Some(String::from_utf8_lossy(line).into_owned());
+    *report
+        .counts
+        .error_replies
+        .entry(code.into_owned())
+        .or_default() += 1;
+    if report.counts.first_error.is_none() {
+        report.counts.first_error = Some(String::from_utf8_lossy(line).into_owned());
     }
 }
 
@@ -956,11 +995,16 @@ mod tests {
         ] {
             count_reply(&mut r, &mut Unanswered::default(), line, Instant::now());
         }
-        assert_eq!(r.error_replies["from_a_newer_server"], 1);
-        assert_eq!(r.error_replies["malformed_json"], 2);
-        assert_eq!(r.error_replies["line_too_long"], 1);
-        assert_eq!(r.error_replies["unrecognized_reply"], 1);
-        assert!(r.first_error.unwrap().contains("line is not valid JSON"));
+        assert_eq!(r.counts.error_replies["from_a_newer_server"], 1);
+        assert_eq!(r.counts.error_replies["malformed_json"], 2);
+        assert_eq!(r.counts.error_replies["line_too_long"], 1);
+        assert_eq!(r.counts.error_replies["unrecognized_reply"], 1);
+        assert!(
+            r.counts
+                .first_error
+                .unwrap()
+                .contains("line is not valid JSON")
+        );
     }
 
     #[test]
@@ -973,10 +1017,10 @@ mod tests {
         for line in [&br#"{"type":"reconnect"}"#[..], br#"{"type":"reconnect"}"#] {
             count_reply(&mut r, &mut unanswered, line, Instant::now());
         }
-        assert_eq!(r.reconnects, 2);
+        assert_eq!(r.counts.reconnects, 2);
         assert_eq!(unanswered.next, 3, "a reconnect answers no line");
-        assert!(r.error_replies.is_empty());
-        assert_eq!(r.first_error, None);
+        assert!(r.counts.error_replies.is_empty());
+        assert_eq!(r.counts.first_error, None);
     }
 
     #[test]
@@ -991,9 +1035,12 @@ mod tests {
         ] {
             count_reply(&mut r, &mut unanswered, line, Instant::now());
         }
-        assert_eq!((r.acked_lines, r.ack_replies, r.nacks), (14, 3, 1));
+        assert_eq!(
+            (r.counts.acked_lines, r.counts.ack_replies, r.counts.nacks),
+            (14, 3, 1)
+        );
         assert_eq!(unanswered.next, 15);
-        assert!(r.error_replies.is_empty());
+        assert!(r.counts.error_replies.is_empty());
     }
 
     #[test]
