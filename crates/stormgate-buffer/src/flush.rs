@@ -125,6 +125,9 @@ pub(crate) async fn flusher(weak: Weak<Inner>) {
             Some(inner) => (inner.io.clone(), inner.stats.clone()),
             None => return,
         };
+        if let Some(oldest) = batch.oldest {
+            stats.flush_wait_latency.record(oldest.elapsed());
+        }
         let result = write_and_sync(&io, &stats, &writes).await;
         let Some(inner) = weak.upgrade() else {
             return;
@@ -197,6 +200,7 @@ async fn resolve_files(weak: &Weak<Inner>, batch: &FlushBatch) -> Option<Writes>
 /// the later one must land last), then fdatasyncs every file written.
 async fn write_and_sync(io: &FileIo, stats: &LogStats, writes: &Writes) -> io::Result<()> {
     let mut files: Vec<(u64, &Rc<DmaFile>)> = Vec::new();
+    let started = Instant::now();
     for (segment, file, offset, buf) in writes {
         io.write_at(file, buf.clone(), *offset).await?;
         stats.bytes_written.add(buf.len() as u64);
@@ -204,6 +208,7 @@ async fn write_and_sync(io: &FileIo, stats: &LogStats, writes: &Writes) -> io::R
             files.push((*segment, file));
         }
     }
+    stats.write_latency.record(started.elapsed());
     for (_, file) in files {
         let started = Instant::now();
         io.fdatasync(file).await?;

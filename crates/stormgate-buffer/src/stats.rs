@@ -36,6 +36,11 @@ pub struct LogStats {
     /// Time from a flush's oldest record's append to its durability (the group-commit wait
     /// plus the flush).
     pub durable_latency: LatencyHistogram,
+    /// Time from a flush's oldest record's append to the flush's first write: the
+    /// group-commit window, a wait for the next segment file, and the executor's delays.
+    pub flush_wait_latency: LatencyHistogram,
+    /// Time of each flush's writes, from the first submitted to the last completed.
+    pub write_latency: LatencyHistogram,
 
     /// Records handed to the reader from memory.
     pub read_memory_records: Counter,

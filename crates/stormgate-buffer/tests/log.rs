@@ -43,6 +43,17 @@ fn appended_records_become_durable_and_read_back_in_order_across_segments() {
         assert_eq!(stats.appended_records.get(), n);
         assert!(stats.fsyncs.get() > 0 && stats.flushes.get() > 0);
         assert!(stats.segments_removed.get() >= 4);
+        // Each flush times its oldest record's wait, its writes and its whole way to
+        // durable once; its fdatasyncs (a segment's each, a checkpoint's) at least as often.
+        let flushes = stats.flushes.get();
+        for (name, h) in [
+            ("durable", &stats.durable_latency),
+            ("flush wait", &stats.flush_wait_latency),
+            ("write", &stats.write_latency),
+        ] {
+            assert_eq!(h.snapshot().count(), flushes, "{name}");
+        }
+        assert!(stats.fsync_latency.snapshot().count() >= flushes);
         log.close().await;
     });
     run(|| async {

@@ -321,7 +321,7 @@ const BUFFER_COUNTERS: [(MetricDesc, BufferCounter); 12] = [
 ];
 
 /// The disk buffer's histograms.
-const BUFFER_HISTOGRAMS: [(MetricDesc, BufferHistogram); 2] = [
+const BUFFER_HISTOGRAMS: [(MetricDesc, BufferHistogram); 4] = [
     (
         desc(
             MetricKind::Histogram,
@@ -339,6 +339,24 @@ const BUFFER_HISTOGRAMS: [(MetricDesc, BufferHistogram); 2] = [
             "Append to durable: the group-commit wait plus the flush, per flush's oldest record.",
         ),
         |b| &b.durable_latency,
+    ),
+    (
+        desc(
+            MetricKind::Histogram,
+            "stormgate_buffer_flush_wait_seconds",
+            SHARD,
+            "Append to the flush's first write, per flush's oldest record: the group-commit window, a wait for a segment file, executor delays.",
+        ),
+        |b| &b.flush_wait_latency,
+    ),
+    (
+        desc(
+            MetricKind::Histogram,
+            "stormgate_buffer_write_seconds",
+            SHARD,
+            "Duration of each flush's writes, from the first submitted to the last completed.",
+        ),
+        |b| &b.write_latency,
     ),
 ];
 
