@@ -661,6 +661,9 @@ def buffer_figures(before, after, seconds, records):
         # Per group commit: its oldest record's wait from append to the end of the
         # fdatasync, the longest any record in it waited before its ack could be sent.
         "durable_ms": histogram_ms(before, after, "stormgate_buffer_durable_seconds"),
+        # Per record: its line read to durable (its ack due), the server's part of the
+        # station's send → ack.
+        "read_to_durable_ms": histogram_ms(before, after, "stormgate_durable_latency_seconds"),
         # Its three parts: append to the flush's first write (the window, a segment file,
         # the executor), the writes, the fdatasync.
         "flush_wait_ms": histogram_ms(before, after, "stormgate_buffer_flush_wait_seconds"),

@@ -247,7 +247,11 @@ impl Ledger {
         let m = &self.metrics;
         match (outcome, p.dead_letter) {
             // Durable in the disk buffer: delivery is counted after it.
-            (Outcome::Delivered, _) if matches!(self.stage, Stage::Durable) => {}
+            (Outcome::Delivered, dead_letter) if matches!(self.stage, Stage::Durable) => {
+                if !dead_letter {
+                    m.durable_latency.record(p.read_at.elapsed());
+                }
+            }
             (Outcome::Delivered, false) => {
                 m.delivery_latency.record(p.read_at.elapsed());
                 m.records_delivered.incr();

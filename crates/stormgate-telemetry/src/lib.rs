@@ -31,7 +31,7 @@ pub use histogram::{HistogramSnapshot, LatencyHistogram};
 pub use hll::{DistinctCounter, DistinctSnapshot};
 pub use limiter::LogLimiter;
 pub use metrics::{
-    Counter, DELIVERY_LATENCY, Gauge, HEARTBEAT_AGE, LINE_ERROR_CODES, LINE_ERRORS, MetricDesc,
-    MetricKind, PRODUCER_IN_FLIGHT_RECORDS, SHARD_SCALARS, ShardMetrics, ShardRead, ShardScalar,
-    Total, Totals, UNIQUE_ZIPCODES, shard_catalogue,
+    Counter, DELIVERY_LATENCY, DURABLE_LATENCY, Gauge, HEARTBEAT_AGE, LINE_ERROR_CODES,
+    LINE_ERRORS, MetricDesc, MetricKind, PRODUCER_IN_FLIGHT_RECORDS, SHARD_SCALARS, ShardMetrics,
+    ShardRead, ShardScalar, Total, Totals, UNIQUE_ZIPCODES, shard_catalogue,
 };

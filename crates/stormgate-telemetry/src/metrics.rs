@@ -159,6 +159,9 @@ macro_rules! shard_metrics {
             pub line_errors: [Counter; LINE_ERROR_CODES],
             /// Line read → delivery report, in microseconds.
             pub delivery_latency: LatencyHistogram,
+            /// With the disk buffer: line read → its record durable (its acknowledgement
+            /// due), in microseconds.
+            pub durable_latency: LatencyHistogram,
             /// Zipcodes of the stations that identified on this shard, as a HyperLogLog
             /// sketch; merged across shards when read (see [`DistinctCounter`]).
             pub zipcodes: DistinctCounter,
@@ -341,6 +344,14 @@ pub const DELIVERY_LATENCY: MetricDesc = MetricDesc {
     labels: &["shard"],
 };
 
+/// `stormgate_durable_latency_seconds`: [`ShardMetrics::durable_latency`].
+pub const DURABLE_LATENCY: MetricDesc = MetricDesc {
+    name: "stormgate_durable_latency_seconds",
+    help: "With the disk buffer: line read to its record durable (its acknowledgement due), per metrics record.",
+    kind: MetricKind::Histogram,
+    labels: &["shard"],
+};
+
 /// `stormgate_unique_zipcodes`: [`Totals::unique_zipcodes`], all shards together.
 pub const UNIQUE_ZIPCODES: MetricDesc = MetricDesc {
     name: "stormgate_unique_zipcodes",
@@ -355,6 +366,7 @@ pub fn shard_catalogue() -> impl Iterator<Item = &'static MetricDesc> {
         &PRODUCER_IN_FLIGHT_RECORDS,
         &LINE_ERRORS,
         &DELIVERY_LATENCY,
+        &DURABLE_LATENCY,
         &UNIQUE_ZIPCODES,
         &HEARTBEAT_AGE,
     ])

@@ -190,6 +190,11 @@ fn acknowledged_lines_survive_kill_9_and_arrive_once_the_broker_is_back() {
             "station {i}: every line acknowledged while the broker is unreachable"
         );
     }
+    // Each line's way from its read to durable was timed once, none to delivery yet.
+    let m = scrape(first.metrics_addr());
+    let lines = (STATIONS as u64 * LINES) as f64;
+    assert_eq!(m["stormgate_durable_latency_seconds_count"], lines);
+    assert_eq!(m["stormgate_delivery_latency_seconds_count"], 0.0);
     // SAFETY: kill(2) on our own child.
     assert_eq!(
         unsafe { libc::kill(first.child.id() as i32, libc::SIGKILL) },

@@ -30,9 +30,9 @@ use stormgate_buffer::LogStats;
 use stormgate_kafka::sink::ProducerStatsSnapshot;
 use stormgate_protocol::ErrorCode;
 use stormgate_telemetry::{
-    DELIVERY_LATENCY, HEARTBEAT_AGE, HistogramSnapshot, LINE_ERRORS, LatencyHistogram, MetricDesc,
-    MetricKind, PRODUCER_IN_FLIGHT_RECORDS, Pulse, SHARD_SCALARS, ShardRead, UNIQUE_ZIPCODES,
-    shard_catalogue,
+    DELIVERY_LATENCY, DURABLE_LATENCY, HEARTBEAT_AGE, HistogramSnapshot, LINE_ERRORS,
+    LatencyHistogram, MetricDesc, MetricKind, PRODUCER_IN_FLIGHT_RECORDS, Pulse, SHARD_SCALARS,
+    ShardRead, UNIQUE_ZIPCODES, shard_catalogue,
 };
 
 use super::OpsState;
@@ -493,6 +493,8 @@ impl Collector for OpsCollector {
         }
         let latency = shards().map(|(m, l)| (l, m.delivery_latency.snapshot()));
         per_shard(enc, &DELIVERY_LATENCY, latency, histogram)?;
+        let durable = shards().map(|(m, l)| (l, m.durable_latency.snapshot()));
+        per_shard(enc, &DURABLE_LATENCY, durable, histogram)?;
 
         let unique_zipcodes = state.totals().unique_zipcodes();
         gauge(&mut family(enc, &UNIQUE_ZIPCODES)?, unique_zipcodes)?;
