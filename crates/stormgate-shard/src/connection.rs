@@ -500,9 +500,9 @@ const LINGER_MAX_BYTES: usize = 1024 * 1024;
 /// silent ones — most of tens of thousands — cost no system call until their station
 /// sends or closes (polling them every 10 ms took both cores of the 2-core VM for the
 /// whole second with 15,000 of them), while one still sending is paced as the bound
-/// assumes (dropping its bytes at every event let a flat-out loopback station pass 1 MiB
-/// within milliseconds, and be reset). Plain non-blocking `recv`s, off the hot path: this
-/// runs once per connection, at shutdown.
+/// assumes. (Dropping its bytes at every event instead failed one CI run: a flat-out TLS
+/// station was reset before it read `reconnect`, most likely past the bound.) Plain
+/// non-blocking `recv`s, off the hot path: this runs once per connection, at shutdown.
 async fn linger(socket: &Socket, deadline: Option<Instant>) {
     let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
     let until = earliest(after(Instant::now(), Some(FAREWELL_TIMEOUT)), deadline)
