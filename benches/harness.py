@@ -1612,8 +1612,9 @@ def scenario_buffer():
         "drain": (outage["drain_over_incoming"] or 0) >= targets["drain_over_incoming_min"],
     }
     log(f"buffer: disk/memory {throughput:.2f}× records/s, {cpu:.2f}× CPU per record; "
-        f"durable p99 {p99} ms at {half['records_per_s']:,}/s "
-        f"({alone['ack_latency_ms']['p99']} ms with the broker paused); outage drain "
+        f"durable p99 {p99} ms at {half['records_per_s']:,}/s (server read → durable "
+        f"{half['buffer']['read_to_durable_ms'].get('p99')} ms; "
+        f"{alone['ack_latency_ms']['p99']} ms with the broker paused); outage drain "
         f"{outage['drain_over_incoming']}× incoming, empty after {outage['time_to_empty_s']} s; "
         f"targets met: {met}")
     return {
@@ -1624,12 +1625,14 @@ def scenario_buffer():
                              "cpu_s_per_million_records": round(cpu, 2)},
         "durable_ack_ms": {"at_records_per_s": half["records_per_s"],
                            "station_send_to_ack": half["ack_latency_ms"],
+                           "server_read_to_durable": half["buffer"]["read_to_durable_ms"],
                            "server_append_to_durable": half["buffer"]["durable_ms"],
                            "fdatasync": half["buffer"]["fsync_ms"]},
         # The same load with the broker paused (the server's durable path alone).
         "durable_ack_broker_paused_ms": {
             "at_lines_per_s": (SMOKE_RATE if SMOKE else half_rate) * conns,
             "station_send_to_ack": alone["ack_latency_ms"],
+            "server_read_to_durable": alone["buffer"]["read_to_durable_ms"],
             "server_append_to_durable": alone["buffer"]["durable_ms"],
             "fdatasync": alone["buffer"]["fsync_ms"]},
         "outage": outage,
