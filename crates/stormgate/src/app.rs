@@ -19,7 +19,7 @@ use stormgate_telemetry::Totals;
 use tracing::{info, warn};
 
 use crate::cli::{Cli, SinkKind, StationAuthMode};
-use crate::ops::{Ops, OpsState};
+use crate::ops::{Ops, OpsState, ServiceManager};
 use crate::registry;
 use crate::reload::{RELOAD_INTERVAL, Watcher};
 use crate::report::{Report, ShardReport};
@@ -31,7 +31,9 @@ const EMBEDDED_PARTITIONS: i32 = 6;
 /// A running Stormgate: the shards, the operations threads, and the embedded cluster when
 /// there is one.
 pub struct App {
-    /// Declared first so that, on drop, it stops before the shards it reads.
+    /// Declared first so that, on drop, its watchdog stops before the shards it judges.
+    service: ServiceManager,
+    /// Declared before the server so that, on drop, it stops before the shards it reads.
     ops: Ops,
     server: ServerHandle,
     brokers: Option<String>,
@@ -77,6 +79,7 @@ impl App {
         info!("shutting down: no new connections; delivering what was read");
         // The endpoint keeps serving during the drain (with /readyz 503) and stops last.
         self.ops.state().set_draining();
+        self.service.stopping();
         self.server.shutdown();
         let metrics = self.server.metrics().to_vec();
         let shards = self.server.shards().to_vec();
@@ -109,6 +112,9 @@ impl App {
 /// Starts Stormgate as `cli` describes and returns once every shard is listening (and the
 /// operations endpoint, unless it is off).
 pub fn start(cli: &Cli) -> anyhow::Result<App> {
+    // First: with a systemd watchdog, the pings must cover the start (the disk buffer's
+    // recovery included).
+    let service = ServiceManager::start();
     let mut runtime = cli.runtime_config();
     let mut watchers = Vec::new();
     if let Some(files) = cli.tls_files() {
@@ -225,7 +231,9 @@ pub fn start(cli: &Cli) -> anyhow::Result<App> {
     .with_buffers(server.buffer_stats());
     let ops = Ops::start(ops_state, ops_listener, cli.stats_interval)
         .context("starting the operations threads")?;
+    service.ready(ops.shared_state());
     Ok(App {
+        service,
         ops,
         server,
         brokers,

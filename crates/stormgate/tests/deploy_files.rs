@@ -449,6 +449,23 @@ fn the_systemd_unit_lets_io_uring_through_and_outlasts_the_drain() {
         stop > drain,
         "TimeoutStopSec {stop:?} <= SHUTDOWN_TIMEOUT {drain:?}"
     );
+    // The watchdog fires for a stalled shard, not a busy one: its period is longer than
+    // the liveness rule's bound, with room for a ping every half period on top.
+    for settings in [
+        &unit,
+        &unit_file_settings("deploy/systemd/stormgate@.service"),
+    ] {
+        let watchdog = humantime::parse_duration(&unit_value(settings, "WatchdogSec")).unwrap();
+        assert!(
+            watchdog >= 2 * stormgate::ops::HEARTBEAT_STALE,
+            "WatchdogSec {watchdog:?} < 2 x {:?}",
+            stormgate::ops::HEARTBEAT_STALE
+        );
+        assert!(
+            unit_value(settings, "Restart") == "on-failure",
+            "a watchdog timeout must restart"
+        );
+    }
     // Spill files go to the state directory, the one place ProtectSystem=strict leaves writable.
     assert_eq!(unit_value(&unit, "StateDirectory"), "stormgate");
     assert!(

@@ -537,3 +537,55 @@ fn check_config_reports_each_source_and_fails_on_invalid_settings() {
     assert!(err.contains("no.such.property"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Under systemd (`NOTIFY_SOCKET`, `WatchdogSec=`): the watchdog is pinged from the start,
+/// `READY=1` comes once the server listens, pings go on while it runs, and `STOPPING=1`
+/// comes at SIGTERM. Each message is a datagram to the socket systemd would listen on.
+#[test]
+fn systemd_hears_ready_the_watchdog_and_stopping() {
+    let dir = std::env::temp_dir().join(format!("stormgate-notify-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut p = Process::spawn(&[
+        ("SINK", "null"),
+        ("NOTIFY_SOCKET", path.to_str().unwrap()),
+        // 200 ms: a ping every 100 ms.
+        ("WATCHDOG_USEC", "200000"),
+    ]);
+    let mut heard: Vec<String> = Vec::new();
+    let until = |heard: &mut Vec<String>, done: &dyn Fn(&[String]) -> bool| {
+        let mut buf = [0u8; 512];
+        while !done(heard) {
+            let n = socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("{e}; heard so far: {heard:?}"));
+            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    let ready_at = |h: &[String]| h.iter().position(|m| m.lines().any(|l| l == "READY=1"));
+    // Three pings after READY=1: the watchdog judges the running server and finds it alive.
+    until(&mut heard, &|h| {
+        ready_at(h).is_some_and(|r| h[r..].iter().filter(|m| *m == "WATCHDOG=1\n").count() >= 3)
+    });
+    let ready = ready_at(&heard).unwrap();
+    assert!(
+        heard[ready].contains("STATUS=listening"),
+        "{:?}",
+        heard[ready]
+    );
+    assert!(
+        heard[..ready].iter().all(|m| m == "WATCHDOG=1\n"),
+        "only pings before READY=1: {heard:?}"
+    );
+    p.signal(libc::SIGTERM);
+    until(&mut heard, &|h| {
+        h.last()
+            .is_some_and(|m| m.lines().any(|l| l == "STOPPING=1"))
+    });
+    assert!(exited(&mut p).success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

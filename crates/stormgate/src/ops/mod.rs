@@ -23,12 +23,14 @@
 //!
 //! Submodules by job: `http` (server, routing), `metrics` (the exposition, through
 //! prometheus-client, and the catalogue of what is not a shard metric), `ready` (the
-//! readiness rules), `stats` (the statistics block). docs/OBSERVABILITY.md lists every metric
-//! (a test holds it to [`catalogue`]) and the readiness rules.
+//! liveness and readiness rules), `service` (systemd's notifications, and its watchdog on
+//! the liveness rule), `stats` (the statistics block). docs/OBSERVABILITY.md lists every
+//! metric (a test holds it to [`catalogue`]) and the liveness and readiness rules.
 
 mod http;
 mod metrics;
 mod ready;
+mod service;
 mod stats;
 
 use std::io;
@@ -47,6 +49,7 @@ use tracing::info;
 pub use http::{CONNECTION_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, MAX_REQUEST_BYTES};
 pub use metrics::{Format, LATENCY_BUCKETS_SECONDS, catalogue, render_metrics};
 pub use ready::{HEARTBEAT_STALE, STALE_AFTER, STALE_INTERVALS};
+pub use service::ServiceManager;
 pub use stats::{BufferRates, BufferSample, StatsBlock, StatsSample};
 
 /// What the operations threads read: fixed at startup, then only atomics.
@@ -176,6 +179,11 @@ impl Ops {
     /// What the threads read.
     pub fn state(&self) -> &OpsState {
         &self.state
+    }
+
+    /// The same, shared (for the service manager's watchdog).
+    pub fn shared_state(&self) -> Arc<OpsState> {
+        Arc::clone(&self.state)
     }
 
     /// Stops both threads and waits for them.
