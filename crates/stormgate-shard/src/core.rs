@@ -26,8 +26,8 @@ use crate::readiness::{self, Readiness};
 use crate::signal::Signal;
 
 /// How often a shard checks the process's stop flag and its connections' read deadlines,
-/// and refreshes its gauges.
-pub(crate) const TICK: Duration = Duration::from_millis(20);
+/// refreshes its gauges and beats its heartbeat (what `/healthz` judges).
+pub const TICK: Duration = Duration::from_millis(20);
 /// Leftover buffers: 1 KiB to start (a partial line plus parse padding), at most 1024 kept
 /// per shard. One that grew past 4 KiB (a blocked connection keeping a read's worth of lines)
 /// is freed when emptied, not pooled: a pooled 64 KiB buffer would later hold some busy

@@ -63,6 +63,7 @@ mod readiness;
 mod shard;
 mod signal;
 
+pub use crate::core::TICK;
 pub use auth::{Credentials, StationAuth};
 pub use config::{AckAfter, DiskBuffer, RuntimeConfig, WhenFull};
 pub use contract::{DeliveryFailure, Outcome, Record, ShardInfo, StartServerError, Ticket};

@@ -43,9 +43,10 @@ impl OpsState {
             .zip(&self.metrics)
             .filter_map(|(shard, m)| match m.heartbeat.pulse(now) {
                 Pulse::Since(age) if age > HEARTBEAT_STALE => Some(format!(
-                    "shard {}: no progress for {:.1} s (its tick is due every 20 ms)",
+                    "shard {}: no progress for {:.1} s (its tick is due every {} ms)",
                     shard.id,
-                    age.as_secs_f64()
+                    age.as_secs_f64(),
+                    stormgate_shard::TICK.as_millis()
                 )),
                 _ => None,
             })
