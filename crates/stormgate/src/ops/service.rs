@@ -38,7 +38,10 @@ impl ServiceManager {
     /// and `WATCHDOG_PID` unset or this process); call it first thing, before the shards
     /// start.
     pub fn start() -> ServiceManager {
-        let watchdog = sd_notify::watchdog_enabled().and_then(|period| {
+        // A zero period (set by hand; systemd unsets the variable instead) would ping in a
+        // loop: taken as no watchdog.
+        let period = sd_notify::watchdog_enabled().filter(|p| !p.is_zero());
+        let watchdog = period.and_then(|period| {
             let interval = period / 2;
             let (tx, rx) = mpsc::channel();
             match std::thread::Builder::new()
